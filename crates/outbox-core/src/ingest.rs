@@ -1,0 +1,376 @@
+//! Turning a request body into a validated [`NewBatch`].
+//!
+//! Validation happens before anything is written: a batch that fails here
+//! changes nothing in the store.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::model::{BatchId, Idempotency, ItemId, ItemSequence, NewBatch, NewItem, VendorCounts};
+
+/// The vendor items without a vendor field are counted under.
+pub const UNKNOWN_VENDOR: &str = "unknown";
+
+/// MongoDB's document size limit. An item's stored document holds the
+/// request object plus about 300 bytes of bookkeeping, kept as headroom.
+pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+const ITEM_OVERHEAD_BYTES: usize = 1024;
+
+/// The longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// How request objects are read.
+#[derive(Clone, Debug)]
+pub struct IngestRules {
+    /// Field holding each object's request id.
+    pub request_id_field: String,
+    /// Field holding each object's vendor name.
+    pub vendor_field: String,
+    /// Most items one batch may hold.
+    pub max_items: usize,
+}
+
+impl Default for IngestRules {
+    fn default() -> Self {
+        Self {
+            request_id_field: "request_id".to_owned(),
+            vendor_field: "vendor_name".to_owned(),
+            max_items: 10_000,
+        }
+    }
+}
+
+/// Why a request body is not a valid batch. Each variant is a client error.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IngestError {
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidBatch(String),
+    #[error("item {index} is not a JSON object (found {found})")]
+    ItemNotObject { index: usize, found: &'static str },
+    #[error("batch is empty: send at least one object")]
+    EmptyBatch,
+    #[error("batch has {count} items, more than the limit of {max}")]
+    TooManyItems { count: usize, max: usize },
+    #[error("item {index} is {bytes} bytes, more than MongoDB's document limit of {max} bytes")]
+    ItemTooLarge {
+        index: usize,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("idempotency key must be 1 to 255 visible ASCII characters")]
+    InvalidIdempotencyKey,
+}
+
+/// The body formats the writer accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// A JSON array of objects, or `{"requests": [ ... ]}`.
+    Json,
+    /// One JSON object per line; blank lines are skipped.
+    NdJson,
+}
+
+/// Parses a body into its request objects (not yet checked to be objects).
+///
+/// # Errors
+/// [`IngestError::InvalidJson`] for malformed JSON and
+/// [`IngestError::InvalidBatch`] for JSON of the wrong shape.
+pub fn parse_body(body: &[u8], format: BodyFormat) -> Result<Vec<Value>, IngestError> {
+    match format {
+        BodyFormat::Json => parse_json(body),
+        BodyFormat::NdJson => parse_ndjson(body),
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<Vec<Value>, IngestError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
+    match value {
+        Value::Array(items) => Ok(items),
+        Value::Object(mut object) => match object.remove("requests") {
+            Some(Value::Array(items)) => Ok(items),
+            Some(other) => Err(IngestError::InvalidBatch(format!(
+                "\"requests\" must be an array, found {}",
+                kind(&other)
+            ))),
+            None => Err(IngestError::InvalidBatch(
+                "body must be a JSON array of objects or an object with a \"requests\" array"
+                    .to_owned(),
+            )),
+        },
+        other => Err(IngestError::InvalidBatch(format!(
+            "body must be a JSON array of objects or an object with a \"requests\" array, found {}",
+            kind(&other)
+        ))),
+    }
+}
+
+fn parse_ndjson(body: &[u8]) -> Result<Vec<Value>, IngestError> {
+    body.split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
+        .map(|(number, line)| {
+            serde_json::from_slice(line)
+                .map_err(|e| IngestError::InvalidJson(format!("line {}: {e}", number + 1)))
+        })
+        .collect()
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Checks an idempotency key: 1 to 255 visible ASCII characters.
+///
+/// # Errors
+/// [`IngestError::InvalidIdempotencyKey`] otherwise.
+pub fn validate_idempotency_key(key: &str) -> Result<(), IngestError> {
+    let valid = !key.is_empty()
+        && key.len() <= MAX_IDEMPOTENCY_KEY_LEN
+        && key.bytes().all(|b| b.is_ascii_graphic());
+    if valid {
+        Ok(())
+    } else {
+        Err(IngestError::InvalidIdempotencyKey)
+    }
+}
+
+/// SHA-256 of a request body, lowercase hex.
+pub fn request_hash(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
+}
+
+/// Builds a batch from parsed request objects.
+///
+/// # Errors
+/// Every [`IngestError`] that concerns the items: empty, too many, an element
+/// that is not an object, or an object too large to store.
+pub fn build_batch(
+    values: Vec<Value>,
+    rules: &IngestRules,
+    idempotency: Option<Idempotency>,
+    now: DateTime<Utc>,
+) -> Result<NewBatch, IngestError> {
+    if values.is_empty() {
+        return Err(IngestError::EmptyBatch);
+    }
+    if values.len() > rules.max_items {
+        return Err(IngestError::TooManyItems {
+            count: values.len(),
+            max: rules.max_items,
+        });
+    }
+    let mut vendor_counts = VendorCounts::new();
+    let mut items = Vec::with_capacity(values.len());
+    for (index, value) in values.into_iter().enumerate() {
+        let object = match value {
+            Value::Object(object) => object,
+            other => {
+                return Err(IngestError::ItemNotObject {
+                    index,
+                    found: kind(&other),
+                });
+            }
+        };
+        check_size(index, &object)?;
+        let request_id = scalar_text(object.get(&rules.request_id_field));
+        let vendor_name = scalar_text(object.get(&rules.vendor_field))
+            .unwrap_or_else(|| UNKNOWN_VENDOR.to_owned());
+        *vendor_counts.entry(vendor_name.clone()).or_default() += 1;
+        items.push(NewItem {
+            item_id: ItemId::random(),
+            item_sequence: ItemSequence(u32::try_from(index + 1).unwrap_or(u32::MAX)),
+            request_id,
+            vendor_name,
+            request_data: object,
+        });
+    }
+    Ok(NewBatch {
+        batch_id: BatchId::random(),
+        created_at: now,
+        items,
+        vendor_counts,
+        idempotency,
+    })
+}
+
+/// A string or number field as text; anything else (absent, null, objects)
+/// as `None`.
+fn scalar_text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn check_size(index: usize, object: &Map<String, Value>) -> Result<(), IngestError> {
+    let max = MAX_DOCUMENT_BYTES - ITEM_OVERHEAD_BYTES;
+    // Cheap upper-bound pre-check before serializing: the JSON length is a
+    // close estimate of the BSON size for the objects seen here.
+    let bytes = serde_json::to_vec(object)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if bytes > max {
+        return Err(IngestError::ItemTooLarge {
+            index,
+            bytes,
+            max: MAX_DOCUMENT_BYTES,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn build(values: Vec<Value>) -> Result<NewBatch, IngestError> {
+        build_batch(values, &IngestRules::default(), None, Utc::now())
+    }
+
+    #[test]
+    fn array_and_requests_wrapper_parse_alike() {
+        let array = parse_body(br#"[{"a":1},{"b":2}]"#, BodyFormat::Json).unwrap();
+        let wrapped = parse_body(br#"{"requests":[{"a":1},{"b":2}]}"#, BodyFormat::Json).unwrap();
+        assert_eq!(array, wrapped);
+        assert_eq!(array.len(), 2);
+    }
+
+    #[test]
+    fn ndjson_skips_blank_lines_and_names_the_bad_line() {
+        let ok = parse_body(b"{\"a\":1}\n\n{\"b\":2}\n", BodyFormat::NdJson).unwrap();
+        assert_eq!(ok.len(), 2);
+        let err = parse_body(b"{\"a\":1}\n{oops}\n", BodyFormat::NdJson).unwrap_err();
+        assert!(
+            matches!(err, IngestError::InvalidJson(ref m) if m.starts_with("line 2:")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_shapes_are_invalid_batches() {
+        for body in [&br#"{"x":[]}"#[..], br#"{"requests":{}}"#, b"42", br#""s""#] {
+            let err = parse_body(body, BodyFormat::Json).unwrap_err();
+            assert!(matches!(err, IngestError::InvalidBatch(_)), "{err}");
+        }
+        assert!(matches!(
+            parse_body(b"[{", BodyFormat::Json),
+            Err(IngestError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn extracts_request_ids_and_counts_vendors() {
+        let batch = build(vec![
+            json!({"request_id": "r-1", "vendor_name": "acme"}),
+            json!({"request_id": 42, "vendor_name": "acme"}),
+            json!({"vendor_name": "globex"}),
+            json!({"request_id": null}),
+        ])
+        .unwrap();
+        let ids: Vec<_> = batch
+            .items
+            .iter()
+            .map(|i| i.request_id.as_deref())
+            .collect();
+        assert_eq!(ids, [Some("r-1"), Some("42"), None, None]);
+        let sequences: Vec<_> = batch.items.iter().map(|i| i.item_sequence.0).collect();
+        assert_eq!(sequences, [1, 2, 3, 4]);
+        let counts: Vec<_> = batch
+            .vendor_counts
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(counts, [("acme", 2), ("globex", 1), ("unknown", 1)]);
+        assert_eq!(
+            batch.items[0].request_data,
+            json!({"request_id": "r-1", "vendor_name": "acme"})
+                .as_object()
+                .unwrap()
+                .clone()
+        );
+    }
+
+    #[test]
+    fn configured_field_names_are_used() {
+        let rules = IngestRules {
+            request_id_field: "rid".into(),
+            vendor_field: "v".into(),
+            max_items: 10,
+        };
+        let batch = build_batch(
+            vec![json!({"rid": "x", "v": "y"})],
+            &rules,
+            None,
+            Utc::now(),
+        )
+        .unwrap();
+        assert_eq!(batch.items[0].request_id.as_deref(), Some("x"));
+        assert_eq!(batch.items[0].vendor_name, "y");
+    }
+
+    #[test]
+    fn rejects_empty_too_many_and_non_objects() {
+        assert_eq!(build(vec![]), Err(IngestError::EmptyBatch));
+        let rules = IngestRules {
+            max_items: 2,
+            ..IngestRules::default()
+        };
+        assert_eq!(
+            build_batch(vec![json!({}); 3], &rules, None, Utc::now()),
+            Err(IngestError::TooManyItems { count: 3, max: 2 })
+        );
+        assert_eq!(
+            build(vec![json!({}), json!([1])]),
+            Err(IngestError::ItemNotObject {
+                index: 1,
+                found: "an array"
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_an_item_over_the_document_limit() {
+        let big = "x".repeat(MAX_DOCUMENT_BYTES);
+        let err = build(vec![json!({}), json!({"blob": big})]).unwrap_err();
+        assert!(
+            matches!(err, IngestError::ItemTooLarge { index: 1, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii_up_to_255() {
+        assert!(validate_idempotency_key("abc-123_XYZ:~").is_ok());
+        assert!(validate_idempotency_key(&"k".repeat(255)).is_ok());
+        for bad in ["", "has space", "tab\t", "é", &"k".repeat(256)] {
+            assert_eq!(
+                validate_idempotency_key(bad),
+                Err(IngestError::InvalidIdempotencyKey),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_hash_is_stable_sha256() {
+        assert_eq!(
+            request_hash(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! The domain of batch-outbox: what a batch and its items are, how a request
+//! becomes a batch, and the traits the services are written against.
+//!
+//! Nothing here knows about MongoDB, Pub/Sub or HTTP; the adapters convert at
+//! the edge. That keeps the ordering and fencing rules testable against the
+//! in-memory implementations in [`memory`].
+//!
+//! # Layout
+//! - [`model`]: ids, sequence numbers, statuses, batches and items.
+//! - [`ingest`]: request bodies to a validated [`model::NewBatch`].
+//! - [`store`]: the writer's [`store::BatchStore`], the relay's
+//!   [`store::OutboxStore`] and [`store::LeaseStore`], and their errors.
+//! - [`publish`]: the [`publish::Publisher`] the relay sends items through.
+//! - [`memory`]: in-memory implementations of the store traits, used by tests
+//!   to show properties the MongoDB stand-in cannot (conflicting transactions).
+
+pub mod ingest;
+pub mod memory;
+pub mod model;
+pub mod publish;
+pub mod store;
+
+pub use model::{
+    BatchId, BatchStatus, BatchSummary, ItemId, ItemSequence, ItemStatus, NewBatch, NewItem,
+    Sequence,
+};

@@ -1,0 +1,282 @@
+//! Ids, sequence numbers, statuses and the shape of a batch.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A batch id: 16 lowercase hexadecimal characters (64 random bits).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BatchId(String);
+
+/// A string that is not a valid [`BatchId`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("batch id must be 16 lowercase hexadecimal characters, got {0:?}")]
+pub struct InvalidBatchId(pub String);
+
+impl BatchId {
+    pub const LEN: usize = 16;
+
+    /// A new random id.
+    pub fn random() -> Self {
+        let value: u64 = rand::rng().random();
+        Self(format!("{value:016x}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for BatchId {
+    type Err = InvalidBatchId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let valid = s.len() == Self::LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if valid {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidBatchId(s.chars().take(64).collect()))
+        }
+    }
+}
+
+impl TryFrom<String> for BatchId {
+    type Error = InvalidBatchId;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<BatchId> for String {
+    fn from(id: BatchId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for BatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An item id: a random UUID, the key consumers deduplicate on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ItemId(pub Uuid);
+
+impl ItemId {
+    pub fn random() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl fmt::Display for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A batch's position in the stream: gap-free, starting at 1, and equal to
+/// the order in which batches committed.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(transparent)]
+pub struct Sequence(pub u64);
+
+impl Sequence {
+    pub fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Sequence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An item's position within its batch: 1..=n in request order.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(transparent)]
+pub struct ItemSequence(pub u32);
+
+impl fmt::Display for ItemSequence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a batch is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchStatus {
+    /// Stored by the writer; the relay has not started it.
+    Pending,
+    /// The relay is publishing its items.
+    Processing,
+    /// Every item was acknowledged by Pub/Sub (or dead-lettered).
+    Committed,
+    /// Halted on an item Pub/Sub rejected for good; an operator retries it.
+    Failed,
+}
+
+impl BatchStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Committed => "committed",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Where an item is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemStatus {
+    Pending,
+    Sent,
+    Failed,
+}
+
+impl ItemStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Vendor name to number of items, sorted by name for stable output.
+pub type VendorCounts = BTreeMap<String, u64>;
+
+/// One item of a batch as validated, before it is stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewItem {
+    pub item_id: ItemId,
+    pub item_sequence: ItemSequence,
+    /// The object's request id, kept as a string; `None` when absent.
+    pub request_id: Option<String>,
+    /// The object's vendor; [`crate::ingest::UNKNOWN_VENDOR`] when absent.
+    pub vendor_name: String,
+    /// The request object exactly as received.
+    pub request_data: Map<String, Value>,
+}
+
+/// A validated batch, ready for one atomic write. The store assigns the
+/// [`Sequence`] inside the transaction that writes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewBatch {
+    pub batch_id: BatchId,
+    pub created_at: DateTime<Utc>,
+    pub items: Vec<NewItem>,
+    pub vendor_counts: VendorCounts,
+    pub idempotency: Option<Idempotency>,
+}
+
+/// An idempotency key with the hash of the request body it was first used with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    /// SHA-256 of the request body, lowercase hex: the same key with another
+    /// body is a client error, not a replay.
+    pub request_hash: String,
+}
+
+/// What the writer reports about a stored batch; also what a replay returns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchSummary {
+    pub batch_id: BatchId,
+    pub batch_sequence: Sequence,
+    pub created_at: DateTime<Utc>,
+    pub total_items: u64,
+    pub vendor_counts: VendorCounts,
+    pub processing_time_ms: u64,
+}
+
+/// Item counts of a batch by status, for status endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ItemCounts {
+    pub total: u64,
+    pub sent: u64,
+    pub failed: u64,
+    pub pending: u64,
+}
+
+impl ItemCounts {
+    /// Share of items no longer pending, in percent, rounded to two decimals.
+    pub fn progress_percentage(&self) -> f64 {
+        if self.total == 0 {
+            return 100.0;
+        }
+        let done = (self.sent + self.failed) as f64;
+        (done * 10_000.0 / self.total as f64).round() / 100.0
+    }
+}
+
+/// The client-facing state of a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchProgress {
+    pub batch_id: BatchId,
+    pub batch_sequence: Sequence,
+    pub status: BatchStatus,
+    pub counts: ItemCounts,
+    pub created_at: DateTime<Utc>,
+    pub committed_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_batch_ids_parse_back() {
+        for _ in 0..100 {
+            let id = BatchId::random();
+            assert_eq!(id.as_str().len(), 16);
+            assert_eq!(id.as_str().parse::<BatchId>(), Ok(id.clone()));
+        }
+    }
+
+    #[test]
+    fn malformed_batch_ids_are_rejected() {
+        for bad in [
+            "",
+            "abc",
+            "0123456789ABCDEF",
+            "0123456789abcdeg",
+            "0123456789abcdef0",
+        ] {
+            assert!(bad.parse::<BatchId>().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn progress_counts_sent_and_failed_as_done() {
+        let counts = ItemCounts {
+            total: 3,
+            sent: 1,
+            failed: 1,
+            pending: 1,
+        };
+        assert_eq!(counts.progress_percentage(), 66.67);
+        assert_eq!(ItemCounts::default().progress_percentage(), 100.0);
+    }
+}

@@ -1,0 +1,228 @@
+//! What the relay sends to Pub/Sub, and the trait it sends it through.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use futures_core::future::BoxFuture;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::model::{BatchId, ItemId};
+use crate::store::OutboxItem;
+
+/// How messages are grouped for Pub/Sub's per-key ordering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OrderingKeyMode {
+    /// One key for the whole stream: a subscriber with message ordering
+    /// receives everything in order. Pub/Sub caps one key at about 1 MB/s.
+    #[default]
+    Global,
+    /// The batch id: order within a batch; batches are still published one
+    /// after another, but a subscriber may see two batches interleave on
+    /// redelivery.
+    Batch,
+    /// No key: no ordering promise from Pub/Sub at all.
+    None,
+}
+
+impl OrderingKeyMode {
+    /// The key used for the whole stream in [`OrderingKeyMode::Global`].
+    pub const GLOBAL_KEY: &'static str = "batch-outbox";
+
+    pub fn key_for(self, batch_id: &BatchId) -> Option<String> {
+        match self {
+            Self::Global => Some(Self::GLOBAL_KEY.to_owned()),
+            Self::Batch => Some(batch_id.to_string()),
+            Self::None => None,
+        }
+    }
+}
+
+impl FromStr for OrderingKeyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "global" => Ok(Self::Global),
+            "batch" => Ok(Self::Batch),
+            "none" => Ok(Self::None),
+            other => Err(format!(
+                "unknown ordering key mode {other:?} (global, batch or none)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for OrderingKeyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Global => "global",
+            Self::Batch => "batch",
+            Self::None => "none",
+        })
+    }
+}
+
+/// One Pub/Sub message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxMessage {
+    pub data: Vec<u8>,
+    pub attributes: BTreeMap<String, String>,
+    pub ordering_key: Option<String>,
+}
+
+#[derive(Serialize)]
+struct MessageBody<'a> {
+    batch_id: &'a BatchId,
+    item_id: &'a ItemId,
+    request_id: &'a Option<String>,
+    vendor_name: &'a str,
+    payload: &'a Map<String, Value>,
+}
+
+impl OutboxMessage {
+    /// The message for one item of a batch of `batch_total_items`.
+    pub fn for_item(item: &OutboxItem, batch_total_items: u64, mode: OrderingKeyMode) -> Self {
+        let body = MessageBody {
+            batch_id: &item.batch_id,
+            item_id: &item.item_id,
+            request_id: &item.request_id,
+            vendor_name: &item.vendor_name,
+            payload: &item.request_data,
+        };
+        // Serializing a map of JSON values cannot fail.
+        let data = serde_json::to_vec(&body).unwrap_or_default();
+        let mut attributes = BTreeMap::from([
+            ("batch_id".to_owned(), item.batch_id.to_string()),
+            ("batch_sequence".to_owned(), item.batch_sequence.to_string()),
+            ("item_sequence".to_owned(), item.item_sequence.to_string()),
+            ("item_id".to_owned(), item.item_id.to_string()),
+            ("vendor_name".to_owned(), item.vendor_name.clone()),
+            (
+                "batch_total_items".to_owned(),
+                batch_total_items.to_string(),
+            ),
+        ]);
+        if let Some(request_id) = &item.request_id {
+            attributes.insert("request_id".to_owned(), request_id.clone());
+        }
+        if u64::from(item.item_sequence.0) == batch_total_items {
+            attributes.insert("batch_last".to_owned(), "true".to_owned());
+        }
+        Self {
+            data,
+            attributes,
+            ordering_key: mode.key_for(&item.batch_id),
+        }
+    }
+
+    /// Approximate size Pub/Sub counts against its 10 MB message limit.
+    pub fn size(&self) -> usize {
+        self.data.len()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + self.ordering_key.as_ref().map_or(0, String::len)
+    }
+}
+
+/// Why a publish failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    /// Worth retrying: the service is unreachable, overloaded, or the
+    /// ordering key is paused after an earlier failure.
+    #[error("transient publish error: {0}")]
+    Transient(String),
+    /// Pub/Sub will never accept this message (too large, invalid).
+    #[error("permanent publish error: {0}")]
+    Permanent(String),
+}
+
+/// Pub/Sub's answer to one publish: the message id once acknowledged.
+pub type PublishFuture = BoxFuture<'static, Result<String, PublishError>>;
+
+/// Sends messages to Pub/Sub.
+///
+/// `publish` only starts a publish and returns at once, so many can be in
+/// flight; messages with the same ordering key are delivered in the order
+/// `publish` was called. After a failure the implementation pauses that key
+/// (every later publish on it fails) until [`Publisher::resume`].
+pub trait Publisher: Send + Sync + 'static {
+    fn publish(&self, message: OutboxMessage) -> PublishFuture;
+
+    /// Lets publishing on `ordering_key` continue after a failure.
+    fn resume(&self, ordering_key: &str);
+
+    /// Waits until everything published so far has an answer.
+    fn flush(&self) -> BoxFuture<'_, ()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{ItemSequence, Sequence};
+
+    fn item(seq: u32, request_id: Option<&str>) -> OutboxItem {
+        OutboxItem {
+            item_id: ItemId::random(),
+            batch_id: "00000000000000aa".parse().unwrap(),
+            batch_sequence: Sequence(7),
+            item_sequence: ItemSequence(seq),
+            request_id: request_id.map(str::to_owned),
+            vendor_name: "acme".into(),
+            request_data: json!({"x": [1, 2], "request_id": request_id})
+                .as_object()
+                .unwrap()
+                .clone(),
+        }
+    }
+
+    #[test]
+    fn message_carries_the_payload_and_attributes() {
+        let item = item(2, Some("r-2"));
+        let message = OutboxMessage::for_item(&item, 2, OrderingKeyMode::Global);
+        let body: Value = serde_json::from_slice(&message.data).unwrap();
+        assert_eq!(body["batch_id"], "00000000000000aa");
+        assert_eq!(body["item_id"], item.item_id.to_string());
+        assert_eq!(body["request_id"], "r-2");
+        assert_eq!(body["vendor_name"], "acme");
+        assert_eq!(body["payload"], Value::Object(item.request_data.clone()));
+        let attr = |k: &str| message.attributes.get(k).map(String::as_str);
+        assert_eq!(attr("batch_sequence"), Some("7"));
+        assert_eq!(attr("item_sequence"), Some("2"));
+        assert_eq!(attr("batch_total_items"), Some("2"));
+        assert_eq!(attr("batch_last"), Some("true"));
+        assert_eq!(attr("request_id"), Some("r-2"));
+        assert_eq!(
+            message.ordering_key.as_deref(),
+            Some(OrderingKeyMode::GLOBAL_KEY)
+        );
+    }
+
+    #[test]
+    fn only_the_last_item_is_marked_last_and_absent_request_ids_are_left_out() {
+        let message = OutboxMessage::for_item(&item(1, None), 2, OrderingKeyMode::Batch);
+        assert!(!message.attributes.contains_key("batch_last"));
+        assert!(!message.attributes.contains_key("request_id"));
+        assert_eq!(message.ordering_key.as_deref(), Some("00000000000000aa"));
+        let none = OutboxMessage::for_item(&item(1, None), 2, OrderingKeyMode::None);
+        assert_eq!(none.ordering_key, None);
+    }
+
+    #[test]
+    fn ordering_modes_parse_and_print() {
+        for mode in [
+            OrderingKeyMode::Global,
+            OrderingKeyMode::Batch,
+            OrderingKeyMode::None,
+        ] {
+            assert_eq!(mode.to_string().parse::<OrderingKeyMode>(), Ok(mode));
+        }
+        assert!("sometimes".parse::<OrderingKeyMode>().is_err());
+    }
+}

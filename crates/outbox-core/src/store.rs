@@ -1,0 +1,286 @@
+//! The storage traits the writer and the relay are written against, and the
+//! errors they return. Adapters (MongoDB, the in-memory model) implement them.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::model::{
+    BatchId, BatchProgress, BatchStatus, BatchSummary, ItemId, ItemSequence, ItemStatus, NewBatch,
+    Sequence,
+};
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// The database cannot be reached (or answered with a transient error):
+    /// retry later. The writer answers 503.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A transaction conflicted with another one and was rolled back; retrying
+    /// it from the start is safe.
+    #[error("transaction conflict: {0}")]
+    Conflict(String),
+    /// Another request stored a batch under the same idempotency key first.
+    #[error("idempotency key already used")]
+    DuplicateIdempotencyKey,
+    /// The caller's lease epoch is no longer current: it is not the leader
+    /// any more, and nothing was changed.
+    #[error("fenced: lease epoch {epoch} is no longer current")]
+    Fenced { epoch: u64 },
+    /// The named batch does not exist.
+    #[error("batch {0} not found")]
+    NotFound(BatchId),
+    /// Stored data or a reply did not have the expected shape.
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Conflict(_))
+    }
+}
+
+/// How many times a conflicting transaction is run before giving up.
+pub const DEFAULT_TRANSACTION_ATTEMPTS: u32 = 8;
+
+/// Runs `attempt` until it succeeds, fails with anything but
+/// [`StoreError::Conflict`], or has been tried `max_attempts` times, with a
+/// short jittered pause between tries so competing writers spread out.
+///
+/// This is the one retry loop for whole transactions, shared by every store
+/// adapter so the in-memory model exercises the same policy as MongoDB.
+///
+/// # Errors
+/// The last error when attempts run out, or the first non-conflict error.
+pub async fn retry_conflicts<T, F, Fut>(max_attempts: u32, mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt(tries).await {
+            Err(StoreError::Conflict(_)) if tries < max_attempts => {
+                let cap_ms = (2u64 << tries.min(6)).min(100);
+                tokio::time::sleep(Duration::from_millis(rand::random_range(0..=cap_ms))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The writer's view of the store.
+#[async_trait]
+pub trait BatchStore: Send + Sync + 'static {
+    /// Stores the batch and all its items atomically, taking the next
+    /// [`Sequence`] inside the same transaction, and records the batch's
+    /// idempotency key when it has one.
+    ///
+    /// # Errors
+    /// [`StoreError::DuplicateIdempotencyKey`] when the key was used first by
+    /// another request (nothing is stored); [`StoreError::Unavailable`] when
+    /// the database is down; [`StoreError::Conflict`] when retries ran out.
+    async fn insert_batch(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError>;
+
+    /// The batch stored under an idempotency key, with the body hash it was
+    /// stored with, if the key is known and not expired.
+    async fn find_idempotent(
+        &self,
+        key: &str,
+    ) -> Result<Option<(String, BatchSummary)>, StoreError>;
+
+    /// The client-facing progress of a batch.
+    async fn batch_progress(&self, batch_id: &BatchId)
+    -> Result<Option<BatchProgress>, StoreError>;
+
+    /// Checks that the store answers and supports what the service needs.
+    async fn ready(&self) -> Result<(), StoreError>;
+}
+
+/// A lease on the right to drain the outbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub holder: String,
+    /// Increases on every change of holder; progress writes carry it.
+    pub epoch: u64,
+    /// Unix milliseconds after which another replica may take the lease.
+    pub expires_at_ms: i64,
+}
+
+impl Lease {
+    pub fn fence(&self) -> Fence {
+        Fence {
+            holder: self.holder.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+/// Proof of leadership that every progress write carries: the write fails
+/// with [`StoreError::Fenced`] when the lease has moved on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub holder: String,
+    pub epoch: u64,
+}
+
+/// The leader lease.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + 'static {
+    /// Takes the lease when it is free or expired (a new epoch), or renews it
+    /// when `holder` has it (the same epoch). `None` when another holder has
+    /// a live lease.
+    async fn acquire_or_renew(
+        &self,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<Lease>, StoreError>;
+
+    /// Gives the lease up, if `fence` still holds it, so another replica can
+    /// take over at once.
+    async fn release(&self, fence: &Fence) -> Result<(), StoreError>;
+
+    /// The lease as stored, whoever holds it.
+    async fn current(&self) -> Result<Option<Lease>, StoreError>;
+}
+
+/// A batch the relay has still to finish.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PendingBatch {
+    pub batch_id: BatchId,
+    pub batch_sequence: Sequence,
+    pub status: BatchStatus,
+    pub total_items: u64,
+    pub created_at: DateTime<Utc>,
+    /// Why the batch is failed, when it is.
+    pub last_error: Option<String>,
+}
+
+/// An item as the relay publishes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxItem {
+    pub item_id: ItemId,
+    pub batch_id: BatchId,
+    pub batch_sequence: Sequence,
+    pub item_sequence: ItemSequence,
+    pub request_id: Option<String>,
+    pub vendor_name: String,
+    pub request_data: Map<String, Value>,
+}
+
+/// An item as the admin API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ItemView {
+    pub item_id: ItemId,
+    pub item_sequence: ItemSequence,
+    pub request_id: Option<String>,
+    pub vendor_name: String,
+    pub status: ItemStatus,
+    pub publish_id: Option<String>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+/// Pub/Sub's acknowledgement of one item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentMark {
+    pub item_sequence: ItemSequence,
+    pub publish_id: String,
+}
+
+/// Counts for the relay's lag metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Backlog {
+    pub pending_batches: u64,
+    pub oldest_created_at: Option<DateTime<Utc>>,
+}
+
+/// The relay's view of the store. Every write that records progress takes a
+/// [`Fence`] and fails with [`StoreError::Fenced`] once the lease moved on.
+#[async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
+    /// The first batch, in `batch_sequence` order, that is not committed.
+    async fn head_batch(&self) -> Result<Option<PendingBatch>, StoreError>;
+
+    /// Uncommitted batches in processing order, after `after` when given.
+    async fn pending_batches(
+        &self,
+        after: Option<Sequence>,
+        limit: u32,
+    ) -> Result<Vec<PendingBatch>, StoreError>;
+
+    /// How many batches wait, and since when.
+    async fn backlog(&self) -> Result<Backlog, StoreError>;
+
+    /// Items of a batch not yet sent nor failed, in `item_sequence` order,
+    /// starting after `after`.
+    async fn unsent_items(
+        &self,
+        batch_id: &BatchId,
+        after: ItemSequence,
+        limit: u32,
+    ) -> Result<Vec<OutboxItem>, StoreError>;
+
+    /// Items of a batch for inspection, in `item_sequence` order.
+    async fn items(
+        &self,
+        batch_id: &BatchId,
+        after: ItemSequence,
+        limit: u32,
+    ) -> Result<Vec<ItemView>, StoreError>;
+
+    /// The progress of one batch.
+    async fn batch_progress(&self, batch_id: &BatchId)
+    -> Result<Option<BatchProgress>, StoreError>;
+
+    /// Marks a pending batch as being drained.
+    async fn start_batch(&self, fence: &Fence, batch_id: &BatchId) -> Result<(), StoreError>;
+
+    /// Records Pub/Sub's acknowledgements, all in one write.
+    async fn mark_sent(
+        &self,
+        fence: &Fence,
+        batch_id: &BatchId,
+        marks: &[SentMark],
+    ) -> Result<(), StoreError>;
+
+    /// Marks a batch whose items are all sent or failed as committed.
+    async fn commit_batch(&self, fence: &Fence, batch_id: &BatchId) -> Result<(), StoreError>;
+
+    /// Halts on an item Pub/Sub rejected for good: the batch becomes failed.
+    async fn fail_batch(
+        &self,
+        fence: &Fence,
+        batch_id: &BatchId,
+        item_sequence: ItemSequence,
+        error: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Sets an item Pub/Sub rejected for good aside: it becomes failed and a
+    /// copy with the error goes to the dead letters.
+    async fn dead_letter(
+        &self,
+        fence: &Fence,
+        item: &OutboxItem,
+        error: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Puts a failed batch back to draining from its first unsent item.
+    /// Returns whether the batch was failed.
+    async fn retry_batch(&self, batch_id: &BatchId) -> Result<bool, StoreError>;
+
+    /// Whether draining is paused for the whole cluster.
+    async fn paused(&self) -> Result<bool, StoreError>;
+
+    /// Pauses or resumes draining for the whole cluster.
+    async fn set_paused(&self, paused: bool) -> Result<(), StoreError>;
+}
