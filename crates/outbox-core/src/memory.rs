@@ -3,7 +3,7 @@
 //! They model what matters of MongoDB for the ordering and fencing rules:
 //! batch inserts are optimistic transactions that conflict when another
 //! batch committed in between (and are retried through
-//! [`retry_conflicts`], like the MongoDB adapter), every progress write is
+//! [`ConflictRetry`], like the MongoDB adapter), every progress write is
 //! checked against the lease epoch, and the store can be made unavailable
 //! to show that callers ride out outages.
 
@@ -19,8 +19,8 @@ use crate::model::{
     NewBatch, Sequence,
 };
 use crate::store::{
-    Backlog, BatchStore, DEFAULT_TRANSACTION_ATTEMPTS, Fence, ItemView, Lease, LeaseStore,
-    OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError, retry_conflicts,
+    Backlog, BatchStore, ConflictRetry, DEFAULT_TRANSACTION_ATTEMPTS, Fence, ItemView, Lease,
+    LeaseStore, OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError,
 };
 
 #[derive(Debug)]
@@ -265,7 +265,13 @@ impl StoredBatch {
 #[async_trait]
 impl BatchStore for MemoryStore {
     async fn insert_batch(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
-        retry_conflicts(DEFAULT_TRANSACTION_ATTEMPTS, |_| self.try_insert(batch)).await
+        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_ATTEMPTS);
+        loop {
+            match self.try_insert(batch).await {
+                Err(e) if retry.again(&e).await => {}
+                other => return other,
+            }
+        }
     }
 
     async fn find_idempotent(

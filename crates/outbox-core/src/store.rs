@@ -1,7 +1,6 @@
 //! The storage traits the writer and the relay are written against, and the
 //! errors they return. Adapters (MongoDB, the in-memory model) implement them.
 
-use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -50,30 +49,51 @@ impl StoreError {
 /// How many times a conflicting transaction is run before giving up.
 pub const DEFAULT_TRANSACTION_ATTEMPTS: u32 = 8;
 
-/// Runs `attempt` until it succeeds, fails with anything but
-/// [`StoreError::Conflict`], or has been tried `max_attempts` times, with a
-/// short jittered pause between tries so competing writers spread out.
+/// The retry policy for whole transactions that conflicted: up to
+/// `max_attempts` runs, with a short jittered pause between them so competing
+/// writers spread out. Every store adapter uses it, so the in-memory model
+/// exercises the same policy as MongoDB.
 ///
-/// This is the one retry loop for whole transactions, shared by every store
-/// adapter so the in-memory model exercises the same policy as MongoDB.
-///
-/// # Errors
-/// The last error when attempts run out, or the first non-conflict error.
-pub async fn retry_conflicts<T, F, Fut>(max_attempts: u32, mut attempt: F) -> Result<T, StoreError>
-where
-    F: FnMut(u32) -> Fut,
-    Fut: Future<Output = Result<T, StoreError>>,
-{
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match attempt(tries).await {
-            Err(StoreError::Conflict(_)) if tries < max_attempts => {
-                let cap_ms = (2u64 << tries.min(6)).min(100);
-                tokio::time::sleep(Duration::from_millis(rand::random_range(0..=cap_ms))).await;
-            }
-            other => return other,
+/// ```ignore
+/// let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_ATTEMPTS);
+/// loop {
+///     match run_transaction().await {
+///         Err(e) if retry.again(&e).await => continue,
+///         other => return other,
+///     }
+/// }
+/// ```
+#[derive(Debug)]
+pub struct ConflictRetry {
+    attempts: u32,
+    max_attempts: u32,
+}
+
+impl ConflictRetry {
+    pub fn new(max_attempts: u32) -> Self {
+        Self {
+            attempts: 1,
+            max_attempts,
         }
+    }
+
+    /// After a failed attempt: whether to run again. Only a
+    /// [`StoreError::Conflict`] is retried, and only while attempts remain;
+    /// before returning `true` it waits a random pause of up to
+    /// 2^attempt ms, capped at 100 ms.
+    pub async fn again(&mut self, error: &StoreError) -> bool {
+        if !matches!(error, StoreError::Conflict(_)) || self.attempts >= self.max_attempts {
+            return false;
+        }
+        let cap_ms = (2u64 << self.attempts.min(6)).min(100);
+        self.attempts += 1;
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..=cap_ms))).await;
+        true
+    }
+
+    /// How many attempts have been started.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 }
 

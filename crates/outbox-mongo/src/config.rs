@@ -1,0 +1,44 @@
+//! Connection settings and collection names.
+
+use std::time::Duration;
+
+/// Where the data lives. Collection names are configurable so several
+/// deployments can share a database.
+#[derive(Clone, Debug)]
+pub struct MongoConfig {
+    pub url: String,
+    pub database: String,
+    pub batches_collection: String,
+    pub items_collection: String,
+    pub counters_collection: String,
+    pub idempotency_collection: String,
+    pub lease_collection: String,
+    pub control_collection: String,
+    pub dead_letter_collection: String,
+    /// How long an operation waits for a usable server before failing.
+    /// Short, so clients get a 503 quickly instead of hanging for the
+    /// driver's default 30 s.
+    pub server_selection_timeout: Duration,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl: Duration,
+    pub app_name: String,
+}
+
+impl MongoConfig {
+    pub fn new(url: impl Into<String>, database: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            database: database.into(),
+            batches_collection: "batches".to_owned(),
+            items_collection: "batch_items".to_owned(),
+            counters_collection: "outbox_counters".to_owned(),
+            idempotency_collection: "idempotency_keys".to_owned(),
+            lease_collection: "relay_lease".to_owned(),
+            control_collection: "relay_control".to_owned(),
+            dead_letter_collection: "dead_letters".to_owned(),
+            server_selection_timeout: Duration::from_secs(2),
+            idempotency_ttl: Duration::from_secs(24 * 60 * 60),
+            app_name: "batch-outbox".to_owned(),
+        }
+    }
+}

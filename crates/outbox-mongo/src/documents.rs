@@ -1,0 +1,234 @@
+//! The stored document shapes, built with `doc!` and read field by field.
+//!
+//! Reading is lenient about integer widths (an `Int32` where an `Int64` was
+//! written) and accepts dates stored as RFC 3339 strings, so documents
+//! written by other tools (or MongoDB-compatible servers) still load.
+
+use chrono::{DateTime, Utc};
+use mongodb::bson::{self, Bson, Document, doc};
+use outbox_core::model::{
+    BatchId, BatchProgress, BatchStatus, BatchSummary, ItemCounts, ItemId, ItemSequence,
+    ItemStatus, NewBatch, NewItem, Sequence, VendorCounts,
+};
+use outbox_core::store::{ItemView, OutboxItem, PendingBatch, StoreError};
+use serde_json::{Map, Value};
+
+fn malformed(field: &str, doc: &Document) -> StoreError {
+    let id = doc
+        .get("batch_id")
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    StoreError::Other(format!(
+        "stored document {id} has a missing or malformed {field:?}"
+    ))
+}
+
+pub(crate) fn get_u64(doc: &Document, field: &str) -> Result<u64, StoreError> {
+    let value = match doc.get(field) {
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Double(v)) if v.fract() == 0.0 => *v as i64,
+        _ => return Err(malformed(field, doc)),
+    };
+    u64::try_from(value).map_err(|_| malformed(field, doc))
+}
+
+fn get_string(doc: &Document, field: &str) -> Result<String, StoreError> {
+    doc.get_str(field)
+        .map(str::to_owned)
+        .map_err(|_| malformed(field, doc))
+}
+
+fn get_opt_string(doc: &Document, field: &str) -> Option<String> {
+    doc.get_str(field).ok().map(str::to_owned)
+}
+
+pub(crate) fn get_datetime(doc: &Document, field: &str) -> Result<DateTime<Utc>, StoreError> {
+    get_opt_datetime(doc, field).ok_or_else(|| malformed(field, doc))
+}
+
+pub(crate) fn get_opt_datetime(doc: &Document, field: &str) -> Option<DateTime<Utc>> {
+    match doc.get(field)? {
+        Bson::DateTime(d) => Some(d.to_chrono()),
+        Bson::String(s) => DateTime::parse_from_rfc3339(s)
+            .map(|d| d.with_timezone(&Utc))
+            .or_else(|_| s.parse::<DateTime<Utc>>())
+            .ok(),
+        _ => None,
+    }
+}
+
+fn get_batch_id(doc: &Document) -> Result<BatchId, StoreError> {
+    get_string(doc, "batch_id")?
+        .parse()
+        .map_err(|_| malformed("batch_id", doc))
+}
+
+fn parse_status<T: serde::de::DeserializeOwned>(
+    doc: &Document,
+    field: &str,
+) -> Result<T, StoreError> {
+    let text = get_string(doc, field)?;
+    serde_json::from_value(Value::String(text)).map_err(|_| malformed(field, doc))
+}
+
+pub(crate) fn bson_datetime(at: DateTime<Utc>) -> Bson {
+    Bson::DateTime(bson::DateTime::from_chrono(at))
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The batch document, without its sequence (set inside the transaction).
+pub(crate) fn batch_document(
+    batch: &NewBatch,
+    sequence: Sequence,
+    processing_time_ms: u64,
+) -> Document {
+    let vendor_counts: Document = batch
+        .vendor_counts
+        .iter()
+        .map(|(k, v)| (k.clone(), Bson::Int64(to_i64(*v))))
+        .collect();
+    let mut document = doc! {
+        "batch_id": batch.batch_id.as_str(),
+        "batch_sequence": to_i64(sequence.0),
+        "created_at": bson_datetime(batch.created_at),
+        "total_items": to_i64(batch.items.len() as u64),
+        "vendor_counts": vendor_counts,
+        "status": BatchStatus::Pending.as_str(),
+        "processing_time_ms": to_i64(processing_time_ms),
+        "committed_at": Bson::Null,
+    };
+    if let Some(idem) = &batch.idempotency {
+        document.insert("idempotency_key", idem.key.as_str());
+        document.insert("request_hash", idem.request_hash.as_str());
+    }
+    document
+}
+
+/// An item document; `batch_sequence` is filled in per attempt.
+///
+/// # Errors
+/// When the request object holds a number BSON cannot represent.
+pub(crate) fn item_document(batch: &NewBatch, item: &NewItem) -> Result<Document, StoreError> {
+    let request_data = bson::to_document(&item.request_data).map_err(|e| {
+        StoreError::Other(format!("item {} cannot be stored: {e}", item.item_sequence))
+    })?;
+    Ok(doc! {
+        "item_id": item.item_id.0.to_string(),
+        "batch_id": batch.batch_id.as_str(),
+        "batch_sequence": Bson::Null,
+        "item_sequence": i64::from(item.item_sequence.0),
+        "request_id": item.request_id.as_deref().map_or(Bson::Null, Bson::from),
+        "vendor_name": item.vendor_name.as_str(),
+        "request_data": request_data,
+        "status": ItemStatus::Pending.as_str(),
+        "sent": false,
+        "publish_id": Bson::Null,
+        "created_at": bson_datetime(batch.created_at),
+        "sent_at": Bson::Null,
+    })
+}
+
+pub(crate) fn batch_summary(doc: &Document) -> Result<BatchSummary, StoreError> {
+    let mut vendor_counts = VendorCounts::new();
+    if let Ok(counts) = doc.get_document("vendor_counts") {
+        for (vendor, count) in counts {
+            let count = match count {
+                Bson::Int32(v) => u64::try_from(*v).unwrap_or(0),
+                Bson::Int64(v) => u64::try_from(*v).unwrap_or(0),
+                _ => return Err(malformed("vendor_counts", doc)),
+            };
+            vendor_counts.insert(vendor.clone(), count);
+        }
+    }
+    Ok(BatchSummary {
+        batch_id: get_batch_id(doc)?,
+        batch_sequence: Sequence(get_u64(doc, "batch_sequence")?),
+        created_at: get_datetime(doc, "created_at")?,
+        total_items: get_u64(doc, "total_items")?,
+        vendor_counts,
+        processing_time_ms: get_u64(doc, "processing_time_ms")?,
+    })
+}
+
+pub(crate) fn pending_batch(doc: &Document) -> Result<PendingBatch, StoreError> {
+    Ok(PendingBatch {
+        batch_id: get_batch_id(doc)?,
+        batch_sequence: Sequence(get_u64(doc, "batch_sequence")?),
+        status: parse_status(doc, "status")?,
+        total_items: get_u64(doc, "total_items")?,
+        created_at: get_datetime(doc, "created_at")?,
+        last_error: get_opt_string(doc, "last_error"),
+    })
+}
+
+pub(crate) fn batch_progress(
+    doc: &Document,
+    sent: u64,
+    failed: u64,
+) -> Result<BatchProgress, StoreError> {
+    let total = get_u64(doc, "total_items")?;
+    Ok(BatchProgress {
+        batch_id: get_batch_id(doc)?,
+        batch_sequence: Sequence(get_u64(doc, "batch_sequence")?),
+        status: parse_status(doc, "status")?,
+        counts: ItemCounts {
+            total,
+            sent,
+            failed,
+            pending: total.saturating_sub(sent + failed),
+        },
+        created_at: get_datetime(doc, "created_at")?,
+        committed_at: get_opt_datetime(doc, "committed_at"),
+        last_error: get_opt_string(doc, "last_error"),
+    })
+}
+
+fn item_id(doc: &Document) -> Result<ItemId, StoreError> {
+    get_string(doc, "item_id")?
+        .parse()
+        .map(ItemId)
+        .map_err(|_| malformed("item_id", doc))
+}
+
+fn item_sequence(doc: &Document) -> Result<ItemSequence, StoreError> {
+    let value = get_u64(doc, "item_sequence")?;
+    u32::try_from(value)
+        .map(ItemSequence)
+        .map_err(|_| malformed("item_sequence", doc))
+}
+
+pub(crate) fn outbox_item(doc: &Document) -> Result<OutboxItem, StoreError> {
+    let request_data = match doc.get("request_data") {
+        Some(Bson::Document(data)) => match Bson::Document(data.clone()).into_relaxed_extjson() {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        },
+        _ => return Err(malformed("request_data", doc)),
+    };
+    Ok(OutboxItem {
+        item_id: item_id(doc)?,
+        batch_id: get_batch_id(doc)?,
+        batch_sequence: Sequence(get_u64(doc, "batch_sequence")?),
+        item_sequence: item_sequence(doc)?,
+        request_id: get_opt_string(doc, "request_id"),
+        vendor_name: get_string(doc, "vendor_name")?,
+        request_data,
+    })
+}
+
+pub(crate) fn item_view(doc: &Document) -> Result<ItemView, StoreError> {
+    Ok(ItemView {
+        item_id: item_id(doc)?,
+        item_sequence: item_sequence(doc)?,
+        request_id: get_opt_string(doc, "request_id"),
+        vendor_name: get_string(doc, "vendor_name")?,
+        status: parse_status(doc, "status")?,
+        publish_id: get_opt_string(doc, "publish_id"),
+        sent_at: get_opt_datetime(doc, "sent_at"),
+        error: get_opt_string(doc, "error"),
+    })
+}

@@ -1,0 +1,401 @@
+//! The relay's reads and its fenced progress writes.
+//!
+//! Every progress write runs in a transaction that first updates the lease
+//! document on a filter holding the writer's epoch. When another replica has
+//! taken the lease the filter matches nothing and the transaction is aborted
+//! with [`StoreError::Fenced`]; when the takeover races the write, MongoDB's
+//! write conflict on the lease document aborts one of the two.
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::TryStreamExt;
+use mongodb::ClientSession;
+use mongodb::bson::{Bson, Document, doc};
+use outbox_core::model::{BatchId, BatchProgress, BatchStatus, ItemSequence, ItemStatus, Sequence};
+use outbox_core::store::{
+    Backlog, ConflictRetry, DEFAULT_TRANSACTION_ATTEMPTS, Fence, ItemView, OutboxItem, OutboxStore,
+    PendingBatch, SentMark, StoreError,
+};
+
+use crate::batches::transaction_options;
+use crate::documents::{bson_datetime, item_view, outbox_item, pending_batch};
+use crate::errors::classify;
+use crate::{CONTROL_ID, LEASE_ID, MongoStore};
+
+const UNFINISHED: [&str; 3] = ["pending", "processing", "failed"];
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn unfinished() -> Document {
+    doc! { "$in": UNFINISHED.to_vec() }
+}
+
+/// One fenced write: the steps it runs inside the transaction.
+enum FencedWrite<'a> {
+    Start(&'a BatchId),
+    Marks(&'a BatchId, &'a [SentMark]),
+    Commit(&'a BatchId),
+    Fail(&'a BatchId, ItemSequence, &'a str),
+    DeadLetter(&'a OutboxItem, &'a str),
+}
+
+impl MongoStore {
+    /// Runs `write` in a transaction fenced by the lease epoch, retrying
+    /// conflicts.
+    async fn fenced(&self, fence: &Fence, write: FencedWrite<'_>) -> Result<(), StoreError> {
+        let mut session = self.client.start_session().await.map_err(classify)?;
+        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_ATTEMPTS);
+        loop {
+            match self.fenced_once(&mut session, fence, &write).await {
+                Err(e) if retry.again(&e).await => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn fenced_once(
+        &self,
+        session: &mut ClientSession,
+        fence: &Fence,
+        write: &FencedWrite<'_>,
+    ) -> Result<(), StoreError> {
+        session
+            .start_transaction()
+            .with_options(transaction_options())
+            .await
+            .map_err(classify)?;
+        let result = async {
+            let claimed = self
+                .lease()
+                .update_one(
+                    doc! { "_id": LEASE_ID, "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
+                    doc! { "$inc": { "fenced_writes": 1_i64 } },
+                )
+                .session(&mut *session)
+                .await
+                .map_err(classify)?;
+            if claimed.matched_count != 1 {
+                return Err(StoreError::Fenced { epoch: fence.epoch });
+            }
+            self.apply(session, write).await
+        }
+        .await;
+        match result {
+            Ok(()) => Self::commit(session).await,
+            Err(e) => {
+                Self::abort(session).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn apply(
+        &self,
+        session: &mut ClientSession,
+        write: &FencedWrite<'_>,
+    ) -> Result<(), StoreError> {
+        let now = bson_datetime(Utc::now());
+        match *write {
+            FencedWrite::Start(batch_id) => {
+                self.batches()
+                    .update_one(
+                        doc! { "batch_id": batch_id.as_str(), "status": BatchStatus::Pending.as_str() },
+                        doc! { "$set": { "status": BatchStatus::Processing.as_str(), "started_at": now } },
+                    )
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+            }
+            FencedWrite::Marks(batch_id, marks) => {
+                // One `update` command with a statement per item: one round
+                // trip for the whole page (MongoDB 6 has no client bulkWrite).
+                let updates: Vec<Document> = marks
+                    .iter()
+                    .map(|mark| {
+                        doc! {
+                            "q": { "batch_id": batch_id.as_str(), "item_sequence": i64::from(mark.item_sequence.0) },
+                            "u": { "$set": {
+                                "status": ItemStatus::Sent.as_str(),
+                                "sent": true,
+                                "publish_id": &mark.publish_id,
+                                "sent_at": now.clone(),
+                            } },
+                        }
+                    })
+                    .collect();
+                let reply = self
+                    .db
+                    .run_command(doc! {
+                        "update": &self.config.items_collection,
+                        "updates": updates,
+                        "ordered": true,
+                    })
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+                let matched = reply
+                    .get("n")
+                    .and_then(Bson::as_i64)
+                    .or_else(|| reply.get("n").and_then(Bson::as_i32).map(i64::from));
+                if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty())
+                    || matched != Some(marks.len() as i64)
+                {
+                    return Err(StoreError::Other(format!(
+                        "marking {} items of batch {batch_id} sent matched {matched:?}: {reply}",
+                        marks.len()
+                    )));
+                }
+            }
+            FencedWrite::Commit(batch_id) => {
+                let filter = doc! { "batch_id": batch_id.as_str() };
+                let items = self.items();
+                let unsent = items
+                    .count_documents(doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Pending.as_str() })
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+                if unsent > 0 {
+                    return Err(StoreError::Other(format!(
+                        "batch {batch_id} still has {unsent} unsent items"
+                    )));
+                }
+                let failed = items
+                    .count_documents(doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Failed.as_str() })
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+                self.batches()
+                    .update_one(
+                        filter,
+                        doc! { "$set": {
+                            "status": BatchStatus::Committed.as_str(),
+                            "committed_at": now,
+                            "failed_items": to_i64(failed),
+                        } },
+                    )
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+            }
+            FencedWrite::Fail(batch_id, item_sequence, error) => {
+                self.batches()
+                    .update_one(
+                        doc! { "batch_id": batch_id.as_str() },
+                        doc! { "$set": {
+                            "status": BatchStatus::Failed.as_str(),
+                            "last_error": format!("item {item_sequence}: {error}"),
+                            "failed_item_sequence": i64::from(item_sequence.0),
+                            "failed_at": now,
+                        } },
+                    )
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+                self.items()
+                    .update_one(
+                        doc! { "batch_id": batch_id.as_str(), "item_sequence": i64::from(item_sequence.0) },
+                        doc! { "$set": { "error": error } },
+                    )
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+            }
+            FencedWrite::DeadLetter(item, error) => {
+                self.items()
+                    .update_one(
+                        doc! { "batch_id": item.batch_id.as_str(), "item_sequence": i64::from(item.item_sequence.0) },
+                        doc! { "$set": { "status": ItemStatus::Failed.as_str(), "error": error, "failed_at": now.clone() } },
+                    )
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+                let request_data = mongodb::bson::to_document(&item.request_data)
+                    .map_err(|e| StoreError::Other(e.to_string()))?;
+                self.dead_letters()
+                    .insert_one(doc! {
+                        "item_id": item.item_id.to_string(),
+                        "batch_id": item.batch_id.as_str(),
+                        "batch_sequence": to_i64(item.batch_sequence.0),
+                        "item_sequence": i64::from(item.item_sequence.0),
+                        "request_id": item.request_id.as_deref().map_or(Bson::Null, Bson::from),
+                        "vendor_name": &item.vendor_name,
+                        "request_data": request_data,
+                        "error": error,
+                        "dead_lettered_at": now,
+                    })
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn collect<T>(
+        &self,
+        cursor: mongodb::Cursor<Document>,
+        convert: fn(&Document) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let documents: Vec<Document> = cursor.try_collect().await.map_err(classify)?;
+        documents.iter().map(convert).collect()
+    }
+}
+
+#[async_trait]
+impl OutboxStore for MongoStore {
+    async fn head_batch(&self) -> Result<Option<PendingBatch>, StoreError> {
+        Ok(self.pending_batches(None, 1).await?.into_iter().next())
+    }
+
+    async fn pending_batches(
+        &self,
+        after: Option<Sequence>,
+        limit: u32,
+    ) -> Result<Vec<PendingBatch>, StoreError> {
+        let after = after.map_or(0, |s| to_i64(s.0));
+        let cursor = self
+            .batches()
+            .find(doc! { "status": unfinished(), "batch_sequence": { "$gt": after } })
+            .sort(doc! { "batch_sequence": 1 })
+            .limit(i64::from(limit))
+            .projection(doc! { "vendor_counts": 0 })
+            .await
+            .map_err(classify)?;
+        self.collect(cursor, pending_batch).await
+    }
+
+    async fn backlog(&self) -> Result<Backlog, StoreError> {
+        let pending = self
+            .batches()
+            .count_documents(doc! { "status": unfinished() })
+            .await
+            .map_err(classify)?;
+        let head = self.head_batch().await?;
+        Ok(Backlog {
+            pending_batches: pending,
+            oldest_created_at: head.map(|b| b.created_at),
+        })
+    }
+
+    async fn unsent_items(
+        &self,
+        batch_id: &BatchId,
+        after: ItemSequence,
+        limit: u32,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let cursor = self
+            .items()
+            .find(doc! {
+                "batch_id": batch_id.as_str(),
+                "status": ItemStatus::Pending.as_str(),
+                "item_sequence": { "$gt": i64::from(after.0) },
+            })
+            .sort(doc! { "item_sequence": 1 })
+            .limit(i64::from(limit))
+            .batch_size(limit)
+            .await
+            .map_err(classify)?;
+        self.collect(cursor, outbox_item).await
+    }
+
+    async fn items(
+        &self,
+        batch_id: &BatchId,
+        after: ItemSequence,
+        limit: u32,
+    ) -> Result<Vec<ItemView>, StoreError> {
+        let cursor = self
+            .items()
+            .find(doc! { "batch_id": batch_id.as_str(), "item_sequence": { "$gt": i64::from(after.0) } })
+            .sort(doc! { "item_sequence": 1 })
+            .limit(i64::from(limit))
+            .projection(doc! { "request_data": 0 })
+            .await
+            .map_err(classify)?;
+        self.collect(cursor, item_view).await
+    }
+
+    async fn batch_progress(
+        &self,
+        batch_id: &BatchId,
+    ) -> Result<Option<BatchProgress>, StoreError> {
+        self.progress_of(batch_id).await
+    }
+
+    async fn start_batch(&self, fence: &Fence, batch_id: &BatchId) -> Result<(), StoreError> {
+        self.fenced(fence, FencedWrite::Start(batch_id)).await
+    }
+
+    async fn mark_sent(
+        &self,
+        fence: &Fence,
+        batch_id: &BatchId,
+        marks: &[SentMark],
+    ) -> Result<(), StoreError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        self.fenced(fence, FencedWrite::Marks(batch_id, marks))
+            .await
+    }
+
+    async fn commit_batch(&self, fence: &Fence, batch_id: &BatchId) -> Result<(), StoreError> {
+        self.fenced(fence, FencedWrite::Commit(batch_id)).await
+    }
+
+    async fn fail_batch(
+        &self,
+        fence: &Fence,
+        batch_id: &BatchId,
+        item_sequence: ItemSequence,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.fenced(fence, FencedWrite::Fail(batch_id, item_sequence, error))
+            .await
+    }
+
+    async fn dead_letter(
+        &self,
+        fence: &Fence,
+        item: &OutboxItem,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.fenced(fence, FencedWrite::DeadLetter(item, error))
+            .await
+    }
+
+    async fn retry_batch(&self, batch_id: &BatchId) -> Result<bool, StoreError> {
+        let result = self
+            .batches()
+            .update_one(
+                doc! { "batch_id": batch_id.as_str(), "status": BatchStatus::Failed.as_str() },
+                doc! { "$set": { "status": BatchStatus::Processing.as_str(), "last_error": Bson::Null } },
+            )
+            .await
+            .map_err(classify)?;
+        Ok(result.matched_count == 1)
+    }
+
+    async fn paused(&self) -> Result<bool, StoreError> {
+        let control = self
+            .control()
+            .find_one(doc! { "_id": CONTROL_ID })
+            .await
+            .map_err(classify)?;
+        Ok(control.is_some_and(|c| c.get_bool("paused").unwrap_or(false)))
+    }
+
+    async fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+        self.control()
+            .update_one(
+                doc! { "_id": CONTROL_ID },
+                doc! { "$set": { "paused": paused } },
+            )
+            .upsert(true)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+}

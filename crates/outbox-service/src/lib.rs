@@ -1,0 +1,13 @@
+//! What the writer and the relay binaries share.
+//!
+//! # Layout
+//! - [`cli`]: the MongoDB and logging options both binaries take, and the
+//!   exit-64-on-bad-configuration rule.
+//! - [`telemetry`]: tracing subscriber and the Prometheus recorder.
+//! - [`problem`]: `application/problem+json` errors with stable codes.
+//! - [`shutdown`]: SIGTERM / SIGINT as a future.
+
+pub mod cli;
+pub mod problem;
+pub mod shutdown;
+pub mod telemetry;

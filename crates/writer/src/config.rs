@@ -1,0 +1,71 @@
+//! The writer's configuration: flags with environment fallbacks.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use outbox_core::ingest::IngestRules;
+use outbox_service::cli::{LogArgs, MongoArgs};
+
+/// Accepts batches of JSON requests over HTTP and stores each one atomically
+/// in MongoDB for the relay to publish.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "outbox-writer", version)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "WRITER_BIND", default_value = "0.0.0.0:8000")]
+    pub bind: SocketAddr,
+    #[command(flatten)]
+    pub mongo: MongoArgs,
+    /// Most items one batch may hold.
+    #[arg(long, env = "MAX_BATCH_ITEMS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_batch_items: u64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 31))]
+    pub max_body_bytes: u64,
+    /// Field of each object holding its request id.
+    #[arg(long, env = "REQUEST_ID_FIELD", default_value = "request_id")]
+    pub request_id_field: String,
+    /// Field of each object holding its vendor name.
+    #[arg(long, env = "VENDOR_FIELD", default_value = "vendor_name")]
+    pub vendor_field: String,
+    /// How long idempotency keys are remembered, in seconds.
+    #[arg(long, env = "IDEMPOTENCY_TTL_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idempotency_ttl_seconds: u64,
+    /// How long in-flight requests may take to finish after SIGTERM, in seconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "WRITER_WORKERS")]
+    pub workers: Option<usize>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Config {
+    pub fn ingest_rules(&self) -> IngestRules {
+        IngestRules {
+            request_id_field: self.request_id_field.clone(),
+            vendor_field: self.vendor_field.clone(),
+            max_items: usize::try_from(self.max_batch_items).unwrap_or(usize::MAX),
+        }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_seconds)
+    }
+
+    /// Checks what clap cannot.
+    ///
+    /// # Errors
+    /// A one-line description of the first problem.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.request_id_field.is_empty() || self.vendor_field.is_empty() {
+            return Err("REQUEST_ID_FIELD and VENDOR_FIELD must not be empty".to_owned());
+        }
+        if self.workers == Some(0) {
+            return Err("WRITER_WORKERS must be at least 1".to_owned());
+        }
+        self.mongo.to_config("outbox-writer").map(drop)
+    }
+}

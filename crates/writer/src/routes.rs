@@ -1,0 +1,369 @@
+//! HTTP handlers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, ContentType};
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{SecondsFormat, Utc};
+use futures::StreamExt;
+use metrics_exporter_prometheus::PrometheusHandle;
+use outbox_core::ingest::{self, BodyFormat, IngestError, IngestRules};
+use outbox_core::model::{BatchId, BatchSummary, Idempotency, NewBatch};
+use outbox_core::store::{BatchStore, StoreError};
+use outbox_service::problem::Problem;
+use serde_json::json;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::metrics::{BATCHES_ACCEPTED, ERRORS, IDEMPOTENT_REPLAYS, ITEMS_ACCEPTED};
+
+/// Bodies larger than this are parsed off the HTTP worker thread.
+const BLOCKING_PARSE_BYTES: usize = 1 << 20;
+/// Readiness waits this long for MongoDB before answering 503.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+pub const IDEMPOTENT_REPLAYED: &str = "Idempotent-Replayed";
+
+/// What the handlers share.
+pub struct AppState {
+    pub store: Arc<dyn BatchStore>,
+    pub rules: IngestRules,
+    pub max_body_bytes: usize,
+    /// Set once indexes and the sequence counter exist.
+    pub schema_ready: Arc<AtomicBool>,
+    pub prometheus: PrometheusHandle,
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/api/v1/batch/process", web::post().to(process_batch))
+        .route(
+            "/api/v1/batch/{batch_id}/status",
+            web::get().to(batch_status),
+        )
+        .route("/health/live", web::get().to(live))
+        .route("/health/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// Counts an error response by its code.
+fn counted(problem: Problem) -> Problem {
+    metrics::counter!(ERRORS, "code" => problem.code).increment(1);
+    problem
+}
+
+fn ingest_problem(error: IngestError) -> Problem {
+    let detail = error.to_string();
+    match error {
+        IngestError::InvalidJson(_) => Problem::bad_request("invalid_json", detail),
+        IngestError::InvalidBatch(_) => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_batch", detail)
+        }
+        IngestError::ItemNotObject { index, .. } => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "item_not_object", detail)
+                .with("index", index)
+        }
+        IngestError::EmptyBatch => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "empty_batch", detail)
+        }
+        IngestError::TooManyItems { max, .. } => {
+            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", detail)
+                .with("max_items", max)
+        }
+        IngestError::ItemTooLarge { index, .. } => {
+            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "item_too_large", detail)
+                .with("index", index)
+        }
+        IngestError::InvalidIdempotencyKey => {
+            Problem::bad_request("invalid_idempotency_key", detail)
+        }
+    }
+}
+
+fn store_problem(error: &StoreError) -> Problem {
+    match error {
+        StoreError::Unavailable(_) | StoreError::Conflict(_) => {
+            warn!(message = "store unavailable", %error);
+            Problem::store_unavailable()
+        }
+        _ => {
+            error!(message = "store error", %error);
+            Problem::internal()
+        }
+    }
+}
+
+fn body_format(req: &HttpRequest) -> Result<BodyFormat, Problem> {
+    let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
+        return Ok(BodyFormat::Json);
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Ok(BodyFormat::Json),
+        e if e.starts_with("application/") && e.ends_with("+json") => Ok(BodyFormat::Json),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+            Ok(BodyFormat::NdJson)
+        }
+        other => Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "content type {other:?} is not supported; send application/json or application/x-ndjson"
+            ),
+        )),
+    }
+}
+
+fn too_large(max: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "batch_too_large",
+        format!("request body is larger than the limit of {max} bytes"),
+    )
+    .with("max_body_bytes", max)
+}
+
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    max: usize,
+) -> Result<Vec<u8>, Problem> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(too_large(max));
+    }
+    let mut body = Vec::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| Problem::bad_request("invalid_body", format!("reading the body: {e}")))?;
+        if body.len() + chunk.len() > max {
+            return Err(too_large(max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, Problem> {
+    let Some(value) = req.headers().get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| ingest_problem(IngestError::InvalidIdempotencyKey))?;
+    ingest::validate_idempotency_key(key).map_err(ingest_problem)?;
+    Ok(Some(key.to_owned()))
+}
+
+fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
+    let location = format!("/api/v1/batch/{}/status", summary.batch_id);
+    let body = json!({
+        "status": "success",
+        "message": format!("batch of {} items stored", summary.total_items),
+        "data": {
+            "batch_id": summary.batch_id,
+            "batch_sequence": summary.batch_sequence,
+            "timestamp": summary.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            "total_json_objects": summary.total_items,
+            "vendor_counts": summary.vendor_counts,
+            "unique_vendors": summary.vendor_counts.len(),
+            "processing_time_ms": summary.processing_time_ms,
+        }
+    });
+    let mut response = HttpResponse::Created();
+    response.insert_header((header::LOCATION, location));
+    if replayed {
+        response.insert_header((IDEMPOTENT_REPLAYED, "true"));
+    }
+    response.json(body)
+}
+
+/// The stored batch for a key, or a 422 when the key came with another body.
+async fn replay(
+    store: &dyn BatchStore,
+    idem: &Idempotency,
+) -> Result<Option<HttpResponse>, Problem> {
+    let Some((hash, summary)) = store
+        .find_idempotent(&idem.key)
+        .await
+        .map_err(|e| store_problem(&e))?
+    else {
+        return Ok(None);
+    };
+    if hash != idem.request_hash {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this idempotency key was used with a different request body",
+        ));
+    }
+    metrics::counter!(IDEMPOTENT_REPLAYS).increment(1);
+    info!(message = "idempotent replay", batch_id = %summary.batch_id);
+    Ok(Some(accepted_response(&summary, true)))
+}
+
+fn parse_batch(
+    body: &[u8],
+    format: BodyFormat,
+    rules: &IngestRules,
+    idempotency: Option<Idempotency>,
+) -> Result<NewBatch, IngestError> {
+    let received = Utc::now();
+    let values = ingest::parse_body(body, format)?;
+    ingest::build_batch(values, rules, idempotency, received)
+}
+
+async fn process_batch(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, Problem> {
+    process(&state, &req, payload).await.map_err(counted)
+}
+
+async fn process(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, Problem> {
+    let format = body_format(req)?;
+    let key = idempotency_key(req)?;
+    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let idempotency = key.map(|key| Idempotency {
+        key,
+        request_hash: ingest::request_hash(&body),
+    });
+    if let Some(idem) = &idempotency
+        && let Some(response) = replay(state.store.as_ref(), idem).await?
+    {
+        return Ok(response);
+    }
+    let batch = if body.len() > BLOCKING_PARSE_BYTES {
+        let rules = state.rules.clone();
+        web::block(move || parse_batch(&body, format, &rules, idempotency))
+            .await
+            .map_err(|_| Problem::internal())?
+    } else {
+        parse_batch(&body, format, &state.rules, idempotency)
+    }
+    .map_err(ingest_problem)?;
+
+    let span = info_span!("store_batch", batch_id = %batch.batch_id, items = batch.items.len());
+    match state
+        .store
+        .insert_batch(&batch)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(summary) => {
+            metrics::counter!(BATCHES_ACCEPTED).increment(1);
+            metrics::counter!(ITEMS_ACCEPTED).increment(summary.total_items);
+            span.in_scope(|| {
+                info!(
+                    message = "batch stored",
+                    batch_sequence = summary.batch_sequence.0,
+                    processing_time_ms = summary.processing_time_ms
+                );
+            });
+            Ok(accepted_response(&summary, false))
+        }
+        Err(StoreError::DuplicateIdempotencyKey) => {
+            // A concurrent request with the same key won: answer with its batch.
+            let idem = batch.idempotency.as_ref().ok_or_else(Problem::internal)?;
+            replay(state.store.as_ref(), idem)
+                .await?
+                .ok_or_else(Problem::store_unavailable)
+        }
+        Err(e) => Err(span.in_scope(|| store_problem(&e))),
+    }
+}
+
+async fn batch_status(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let raw = path.into_inner();
+    let result = async {
+        let batch_id: BatchId = raw.parse().map_err(|e: outbox_core::model::InvalidBatchId| {
+            Problem::bad_request("invalid_batch_id", e.to_string())
+        })?;
+        let progress = state
+            .store
+            .batch_progress(&batch_id)
+            .await
+            .map_err(|e| store_problem(&e))?
+            .ok_or_else(|| Problem::not_found("batch_not_found", format!("no batch {batch_id}")))?;
+        Ok(HttpResponse::Ok().json(json!({
+            "batch_id": progress.batch_id,
+            "batch_sequence": progress.batch_sequence,
+            "status": progress.status,
+            "total": progress.counts.total,
+            "sent": progress.counts.sent,
+            "failed": progress.counts.failed,
+            "pending": progress.counts.pending,
+            "progress_percentage": progress.counts.progress_percentage(),
+            "created_at": progress.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            "committed_at": progress.committed_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true)),
+            "last_error": progress.last_error,
+        })))
+    }
+    .await;
+    result.map_err(counted)
+}
+
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let problem = if !state.schema_ready.load(Ordering::Acquire) {
+        Some("indexes and sequence counter not created yet".to_owned())
+    } else {
+        match tokio::time::timeout(READY_TIMEOUT, state.store.ready()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("MongoDB did not answer in time".to_owned()),
+        }
+    };
+    match problem {
+        None => HttpResponse::Ok().json(json!({ "status": "ready" })),
+        Some(reason) => HttpResponse::ServiceUnavailable()
+            .insert_header((header::RETRY_AFTER, "2"))
+            .json(json!({ "status": "unavailable", "reason": reason })),
+    }
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header(ContentType(mime_text_plain()))
+        .body(state.prometheus.render())
+}
+
+fn mime_text_plain() -> actix_web::mime::Mime {
+    "text/plain; version=0.0.4; charset=utf-8"
+        .parse()
+        .unwrap_or(actix_web::mime::TEXT_PLAIN)
+}
+
+/// Unknown routes get a problem+json 404 too.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    use actix_web::ResponseError;
+    counted(Problem::not_found(
+        "route_not_found",
+        format!("no route for {} {}", req.method(), req.path()),
+    ))
+    .error_response()
+}

@@ -1,0 +1,10 @@
+//! The writer over HTTP: the real app in-process on port 0, against the
+//! MongoDB that `scripts/test.sh` provides (a fresh database per test), or
+//! against the in-memory model of the store where that shows more.
+
+mod availability;
+mod batches;
+mod concurrency;
+mod errors;
+mod helpers;
+mod idempotency;

@@ -1,0 +1,145 @@
+# Shared by scripts/dev-up.sh and scripts/test.sh: start what batch-outbox
+# needs, record what we started, stop it again. Source it; don't run it.
+#
+#   start_mongo      exports MONGODB_URL and MONGODB_FLAVOR (mongod|external|standin)
+#   start_pubsub     exports PUBSUB_EMULATOR_HOST
+#   stop_services    stops everything started here
+#
+# MongoDB, in order of preference:
+#   1. MONGODB_URL already set: used as it is (it must be a replica set).
+#   2. `mongod` on PATH: a single-node replica set rs0 in a temporary directory.
+#   3. The nx-27017 stand-in, installed into a venv under the cache directory
+#      and started through scripts/mongo-standin/standin.py.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+CACHE_DIR="${BATCH_OUTBOX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/batch-outbox}"
+RUN_DIR="${BATCH_OUTBOX_RUN:-$ROOT/.cache/run}"
+STANDIN_VERSION="0.8.1"
+PUBSUB_EMULATOR="${PUBSUB_EMULATOR_BIN:-/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator}"
+STARTED_PIDS=()
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Is something listening on 127.0.0.1:PORT?
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# First free port at or above $1.
+free_port() {
+  local port=$1
+  while port_busy "$port"; do port=$((port + 1)); done
+  echo "$port"
+}
+
+# wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.1 s.
+wait_until() {
+  local limit=$1 what=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || { log "timed out after ${limit}s waiting for $what"; return 1; }
+    sleep 0.1
+  done
+}
+
+remember_pid() { STARTED_PIDS+=("$1"); }
+
+stop_services() {
+  local pid
+  for pid in "${STARTED_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${STARTED_PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  STARTED_PIDS=()
+}
+
+standin_python() { echo "$CACHE_DIR/standin-venv-$STANDIN_VERSION/bin/python"; }
+
+ensure_standin() {
+  local venv="$CACHE_DIR/standin-venv-$STANDIN_VERSION"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import nx_27017' 2>/dev/null; then
+    return
+  fi
+  log "installing the MongoDB stand-in (nx-27017 $STANDIN_VERSION) into $venv"
+  mkdir -p "$CACHE_DIR"
+  rm -rf "$venv"
+  python3 -m venv "$venv" || die "python3 -m venv failed"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "nx-27017==$STANDIN_VERSION" \
+    || die "pip install nx-27017 failed"
+}
+
+mongo_answers() {
+  "$(standin_python)" - "$1" <<'PY'
+import sys
+from pymongo import MongoClient
+MongoClient(sys.argv[1], serverSelectionTimeoutMS=500).admin.command("ping")
+PY
+}
+
+start_mongo() {
+  mkdir -p "$RUN_DIR"
+  if [ -n "${MONGODB_URL:-}" ]; then
+    export MONGODB_FLAVOR="${MONGODB_FLAVOR:-external}"
+    log "using MongoDB at MONGODB_URL"
+    return
+  fi
+  local port; port=$(free_port "${MONGODB_PORT:-27017}")
+  if command -v mongod >/dev/null 2>&1; then
+    local dbpath="$RUN_DIR/mongod-$port"
+    rm -rf "$dbpath"; mkdir -p "$dbpath"
+    log "starting mongod (replica set rs0) on 127.0.0.1:$port"
+    mongod --replSet rs0 --bind_ip 127.0.0.1 --port "$port" --dbpath "$dbpath" \
+      --quiet >"$RUN_DIR/mongod-$port.log" 2>&1 &
+    remember_pid $!
+    wait_until 30 "mongod" port_busy "$port" || die "mongod did not start; see $RUN_DIR/mongod-$port.log"
+    if command -v mongosh >/dev/null 2>&1; then
+      mongosh --quiet --port "$port" --eval \
+        "rs.initiate({_id:'rs0',members:[{_id:0,host:'127.0.0.1:$port'}]})" >/dev/null
+    else
+      ensure_standin
+      "$(standin_python)" - "$port" <<'PY'
+import sys
+from pymongo import MongoClient
+port = sys.argv[1]
+MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true").admin.command(
+    "replSetInitiate", {"_id": "rs0", "members": [{"_id": 0, "host": f"127.0.0.1:{port}"}]})
+PY
+    fi
+    export MONGODB_URL="mongodb://127.0.0.1:$port/?replicaSet=rs0"
+    export MONGODB_FLAVOR=mongod
+  else
+    ensure_standin
+    local data="${STANDIN_DATA_DIR:-memory}"
+    log "no mongod on PATH: starting the nx-27017 stand-in as replica set rs0 on 127.0.0.1:$port (data: $data)"
+    "$(standin_python)" "$ROOT/scripts/mongo-standin/standin.py" --port "$port" --data-dir "$data" \
+      >"$RUN_DIR/standin-$port.log" 2>&1 &
+    remember_pid $!
+    export MONGODB_URL="mongodb://127.0.0.1:$port/?replicaSet=rs0"
+    export MONGODB_FLAVOR=standin
+  fi
+  wait_until 60 "MongoDB to answer" mongo_answers "$MONGODB_URL" \
+    || die "MongoDB did not answer; see $RUN_DIR"
+  log "MongoDB ready at $MONGODB_URL ($MONGODB_FLAVOR)"
+}
+
+emulator_answers() { curl -fsS "http://$1/" 2>/dev/null | grep -q Ok; }
+
+start_pubsub() {
+  if [ -n "${PUBSUB_EMULATOR_HOST:-}" ]; then
+    log "using the Pub/Sub emulator at PUBSUB_EMULATOR_HOST=$PUBSUB_EMULATOR_HOST"
+    return
+  fi
+  [ -x "$PUBSUB_EMULATOR" ] || die "Pub/Sub emulator not found at $PUBSUB_EMULATOR (set PUBSUB_EMULATOR_HOST or PUBSUB_EMULATOR_BIN)"
+  mkdir -p "$RUN_DIR"
+  local port; port=$(free_port "${PUBSUB_PORT:-8085}")
+  log "starting the Pub/Sub emulator on 127.0.0.1:$port"
+  JAVA_OPTS="${JAVA_OPTS:--Xmx256m}" "$PUBSUB_EMULATOR" --host=127.0.0.1 --port="$port" \
+    >"$RUN_DIR/pubsub-$port.log" 2>&1 &
+  remember_pid $!
+  export PUBSUB_EMULATOR_HOST="127.0.0.1:$port"
+  wait_until 60 "the Pub/Sub emulator" emulator_answers "$PUBSUB_EMULATOR_HOST" \
+    || die "the Pub/Sub emulator did not start; see $RUN_DIR/pubsub-$port.log"
+  log "Pub/Sub emulator ready at $PUBSUB_EMULATOR_HOST"
+}

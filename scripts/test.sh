@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test: starts MongoDB (or its stand-in) and the Pub/Sub emulator,
+# runs the workspace's tests, stops what it started. Extra arguments go to the
+# test runner (cargo nextest when installed, cargo test otherwise).
+set -euo pipefail
+source "$(dirname "$0")/lib/services.sh"
+trap stop_services EXIT
+cd "$ROOT"
+
+log "building the tests"
+cargo build --workspace --all-targets --locked 2>&1 | tail -n 3
+start_mongo
+start_pubsub
+export MONGODB_URL MONGODB_FLAVOR PUBSUB_EMULATOR_HOST
+export OUTBOX_BIN_DIR="$ROOT/target/debug"
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast --test-threads 2 "$@"
+else
+  cargo test --workspace --all-targets --locked --no-fail-fast "$@"
+fi
