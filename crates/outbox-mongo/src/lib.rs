@@ -185,3 +185,19 @@ impl MongoStore {
         self.db.collection(&self.config.dead_letter_collection)
     }
 }
+
+impl MongoStore {
+    /// A change stream on the batches collection: one `()` per change, so
+    /// the relay wakes within milliseconds instead of at its next poll.
+    ///
+    /// # Errors
+    /// When the server does not support change streams or cannot be reached.
+    pub async fn watch_batches(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<(), StoreError>> + Send + use<>, StoreError>
+    {
+        use futures::StreamExt;
+        let stream = self.batches().watch().await.map_err(classify)?;
+        Ok(stream.map(|event| event.map(drop).map_err(classify)))
+    }
+}

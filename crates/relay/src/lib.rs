@@ -1,1 +1,272 @@
+//! The relay: drains the batches the writer stored, strictly in order, to
+//! Google Cloud Pub/Sub, while holding a fenced leader lease in MongoDB.
+//!
+//! # Layout
+//! - [`config`]: flags and environment variables.
+//! - [`drain`]: one pass over the head batch: read, publish, mark, commit.
+//! - [`lease`]: acquiring and renewing the lease; local validity.
+//! - [`runner`]: the loop that ties lease, pause, wake-ups and passes together.
+//! - [`pubsub`]: Google's Pub/Sub client behind the core `Publisher` trait.
+//! - [`admin`]: the admin HTTP port.
+//! - [`status`], [`metrics`], [`backoff`]: what the replica reports, and how it waits.
 
+pub mod admin;
+pub mod backoff;
+pub mod config;
+pub mod drain;
+pub mod lease;
+pub mod metrics;
+pub mod pubsub;
+pub mod runner;
+pub mod status;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context;
+use futures::StreamExt;
+use outbox_core::publish::Publisher;
+use outbox_core::store::{LeaseStore, OutboxStore};
+use outbox_mongo::MongoStore;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::{Cli, Command, Config};
+use drain::DrainSettings;
+use lease::LeaseSettings;
+use runner::{Runner, RunnerSettings};
+use status::StatusBoard;
+
+/// A bound, not yet running, relay replica.
+pub struct Application {
+    admin: Server,
+    admin_addr: SocketAddr,
+    runner: Runner,
+    mongo: Option<MongoStore>,
+    wake: Arc<Notify>,
+    start_paused: bool,
+    store: Arc<dyn OutboxStore>,
+}
+
+impl Application {
+    /// Connects to MongoDB (lazily) and Pub/Sub, and binds the admin port.
+    ///
+    /// # Errors
+    /// When a client cannot be configured or the port cannot be bound.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let mongo_config = config
+            .mongo
+            .to_config("outbox-relay")
+            .map_err(anyhow::Error::msg)?;
+        let mongo = MongoStore::connect(mongo_config)
+            .await
+            .context("configuring the MongoDB client")?;
+        let pubsub = config.pubsub_config().map_err(anyhow::Error::msg)?;
+        if config.create_topic {
+            create_topic_with_retries(&pubsub).await?;
+        }
+        let publisher = pubsub::PubSubPublisher::connect(&pubsub)
+            .await
+            .context("building the Pub/Sub publisher")?;
+        let store = Arc::new(mongo.clone());
+        let mut app = Self::with_parts(&config, store.clone(), store, Arc::new(publisher))?;
+        app.mongo = Some(mongo);
+        Ok(app)
+    }
+
+    /// Binds a replica over any store and publisher.
+    ///
+    /// # Errors
+    /// When the admin port cannot be bound.
+    pub fn with_parts(
+        config: &Config,
+        store: Arc<dyn OutboxStore>,
+        lease_store: Arc<dyn LeaseStore>,
+        publisher: Arc<dyn Publisher>,
+    ) -> anyhow::Result<Self> {
+        metrics::describe();
+        let status = Arc::new(StatusBoard::default());
+        let wake = Arc::new(Notify::new());
+        let settings = RunnerSettings {
+            drain: DrainSettings {
+                page_size: config.page_size,
+                ordering: config.ordering,
+                on_poison: config.on_poison,
+            },
+            lease: LeaseSettings {
+                holder: config.relay_id.clone(),
+                ttl: config.lease_ttl(),
+                standby_poll: config.poll_interval(),
+            },
+            poll_interval: config.poll_interval(),
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs_f64(config.max_backoff_seconds),
+        };
+        let runner = Runner::new(
+            Arc::clone(&store),
+            Arc::clone(&lease_store),
+            publisher,
+            settings,
+            Arc::clone(&status),
+            Arc::clone(&wake),
+        );
+        let state = web::Data::new(admin::AdminState {
+            store: Arc::clone(&store),
+            lease_store,
+            leadership: runner.leadership(),
+            status,
+            wake: Arc::clone(&wake),
+            relay_id: config.relay_id.clone(),
+            admin_token: config.admin_token.clone(),
+            prometheus: outbox_service::telemetry::prometheus(),
+        });
+        let listener = TcpListener::bind(config.admin_bind)
+            .with_context(|| format!("binding {}", config.admin_bind))?;
+        let admin_addr = listener.local_addr().context("reading the bound address")?;
+        let admin = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(admin::configure)
+                .default_service(web::to(admin::not_found))
+        })
+        .listen(listener)
+        .context("listening")?
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .run();
+        Ok(Self {
+            admin,
+            admin_addr,
+            runner,
+            mongo: None,
+            wake,
+            start_paused: !config.enable_processor,
+            store,
+        })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Runs until `shutdown` resolves: finishes the page in flight, releases
+    /// the lease, stops the admin port.
+    ///
+    /// # Errors
+    /// When the admin server fails.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let token = CancellationToken::new();
+        let trigger = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            info!(message = "stopping: finishing the page in flight");
+            trigger.cancel();
+        });
+        let admin_handle = self.admin.handle();
+        let admin = tokio::spawn(self.admin);
+        if let Some(mongo) = &self.mongo {
+            tokio::spawn(watch_batches(
+                mongo.clone(),
+                Arc::clone(&self.wake),
+                token.clone(),
+            ));
+            tokio::select! {
+                () = prepare(mongo, self.start_paused, self.store.as_ref()) => {}
+                () = token.cancelled() => {}
+            }
+        } else if self.start_paused {
+            let _ = self.store.set_paused(true).await;
+        }
+        if !token.is_cancelled() {
+            self.runner.run(token).await;
+        }
+        admin_handle.stop(true).await;
+        admin.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Creates indexes (and pauses the cluster when configured to start paused),
+/// retrying until MongoDB answers.
+async fn prepare(mongo: &MongoStore, start_paused: bool, store: &dyn OutboxStore) {
+    let mut backoff = backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let result = async {
+            mongo.ensure_schema().await?;
+            if start_paused {
+                store.set_paused(true).await?;
+                info!(message = "ENABLE_OUTBOX_PROCESSOR=false: draining paused cluster-wide");
+            }
+            Ok::<_, outbox_core::store::StoreError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                warn!(message = "MongoDB not ready; retrying", %error, retry_in_ms = delay.as_millis() as u64);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn create_topic_with_retries(pubsub: &pubsub::PubSubConfig) -> anyhow::Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match pubsub::ensure_topic(pubsub).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 10 => {
+                warn!(message = "cannot create the topic yet; retrying", error = %e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Wakes the runner on every change to the batches collection. Where the
+/// server has no change streams the runner still polls; we retry the watch
+/// now and then.
+async fn watch_batches(mongo: MongoStore, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let mut backoff = backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut warned = false;
+    while !shutdown.is_cancelled() {
+        match mongo.watch_batches().await {
+            Ok(stream) => {
+                info!(message = "watching the batches collection for changes");
+                backoff.reset();
+                let mut stream = std::pin::pin!(stream);
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        event = stream.next() => match event {
+                            Some(Ok(())) => wake.notify_one(),
+                            Some(Err(error)) => { warn!(message = "change stream failed", %error); break; }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                if !warned {
+                    warn!(message = "no change stream; relying on polling", %error);
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The relay's configuration: flags with environment fallbacks.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use outbox_core::publish::OrderingKeyMode;
+use outbox_service::cli::{LogArgs, MongoArgs};
+
+use crate::drain::PoisonPolicy;
+use crate::pubsub::PubSubConfig;
+
+/// Publishes the batches the writer stored in MongoDB to Google Cloud
+/// Pub/Sub, strictly in order, under a fenced leader lease.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "outbox-relay", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Subcommand, Clone, Debug)]
+pub enum Command {
+    /// Print the messages arriving on a subscription, in order, one JSON object per line.
+    Tail(TailArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub pubsub: PubSubArgs,
+    /// Subscription to read (created with message ordering if missing).
+    #[arg(long, env = "PUBSUB_SUBSCRIPTION", default_value = "batch-outbox-tail")]
+    pub subscription: String,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Where Pub/Sub is.
+#[derive(Args, Clone, Debug)]
+pub struct PubSubArgs {
+    /// Google Cloud project of the topic.
+    #[arg(long, env = "PUBSUB_PROJECT_ID", default_value = "local-project")]
+    pub project_id: String,
+    /// Topic to publish to.
+    #[arg(long, env = "PUBSUB_TOPIC", default_value = "batch-outbox")]
+    pub topic: String,
+    /// HOST:PORT of Google's Pub/Sub emulator (plain HTTP, no credentials), as Google's own tools take it.
+    #[arg(long, env = "PUBSUB_EMULATOR_HOST")]
+    pub emulator_host: Option<String>,
+}
+
+impl PubSubArgs {
+    pub fn to_config(
+        &self,
+        publish_retry_limit: Duration,
+        batch_delay: Duration,
+    ) -> Result<PubSubConfig, String> {
+        let valid_name = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~+%".contains(&b))
+        };
+        if !valid_name(&self.project_id) || !valid_name(&self.topic) {
+            return Err(format!(
+                "invalid PUBSUB_PROJECT_ID {:?} or PUBSUB_TOPIC {:?}",
+                self.project_id, self.topic
+            ));
+        }
+        if let Some(host) = &self.emulator_host
+            && (host.contains("://") || !host.contains(':'))
+        {
+            return Err(format!(
+                "PUBSUB_EMULATOR_HOST must be HOST:PORT, got {host:?}"
+            ));
+        }
+        Ok(PubSubConfig {
+            project_id: self.project_id.clone(),
+            topic: self.topic.clone(),
+            emulator_host: self.emulator_host.clone(),
+            publish_retry_limit,
+            batch_delay,
+        })
+    }
+}
+
+fn default_relay_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct Config {
+    #[command(flatten)]
+    pub mongo: MongoArgs,
+    #[command(flatten)]
+    pub pubsub: PubSubArgs,
+    /// Ordering key per message: one key for the whole stream (global), the batch id (batch), or none.
+    #[arg(
+        long = "ordering-key",
+        env = "PUBSUB_ORDERING_KEY_MODE",
+        default_value = "global"
+    )]
+    pub ordering: OrderingKeyMode,
+    /// What to do with an item Pub/Sub rejects for good.
+    #[arg(long, env = "OUTBOX_ON_POISON", value_enum, default_value = "halt")]
+    pub on_poison: PoisonPolicy,
+    /// Items read, published and marked per round trip.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub page_size: u32,
+    /// Seconds between checks for new batches when no change stream wakes us.
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL_SECONDS", default_value_t = 1.0)]
+    pub poll_interval_seconds: f64,
+    /// Lease time to live in seconds; renewed about every third of it.
+    #[arg(long, env = "LEASE_TTL_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
+    pub lease_ttl_seconds: u64,
+    /// This replica's name in the lease (default: host name and process id).
+    #[arg(long, env = "RELAY_ID", default_value_t = default_relay_id())]
+    pub relay_id: String,
+    /// Start the cluster paused when false (stored in MongoDB; POST /api/v1/outbox/start resumes it).
+    #[arg(long, env = "ENABLE_OUTBOX_PROCESSOR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_processor: bool,
+    /// Admin HTTP address.
+    #[arg(long, env = "RELAY_ADMIN_BIND", default_value = "0.0.0.0:9090")]
+    pub admin_bind: SocketAddr,
+    /// Bearer token required by the admin POST endpoints when set.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Create the topic at start (development).
+    #[arg(long, env = "PUBSUB_CREATE_TOPIC")]
+    pub create_topic: bool,
+    /// How long the Pub/Sub client retries one publish before the relay sees it fail, in seconds.
+    #[arg(long, env = "PUBLISH_RETRY_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub publish_retry_seconds: u64,
+    /// How long the Pub/Sub client waits to fill a request, in milliseconds.
+    #[arg(long, env = "PUBLISH_BATCH_DELAY_MS", default_value_t = 1)]
+    pub publish_batch_delay_ms: u64,
+    /// Longest backoff between failed passes, in seconds.
+    #[arg(long, env = "OUTBOX_MAX_BACKOFF_SECONDS", default_value_t = 30.0)]
+    pub max_backoff_seconds: f64,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Config {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.poll_interval_seconds)
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_seconds)
+    }
+
+    pub fn pubsub_config(&self) -> Result<PubSubConfig, String> {
+        self.pubsub.to_config(
+            Duration::from_secs(self.publish_retry_seconds),
+            Duration::from_millis(self.publish_batch_delay_ms),
+        )
+    }
+
+    /// Checks what clap cannot.
+    ///
+    /// # Errors
+    /// A one-line description of the first problem.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.01..=3600.0).contains(&self.poll_interval_seconds) {
+            return Err("OUTBOX_POLL_INTERVAL_SECONDS must be between 0.01 and 3600".to_owned());
+        }
+        if !(0.1..=3600.0).contains(&self.max_backoff_seconds) {
+            return Err("OUTBOX_MAX_BACKOFF_SECONDS must be between 0.1 and 3600".to_owned());
+        }
+        if self.relay_id.trim().is_empty() {
+            return Err("RELAY_ID must not be empty".to_owned());
+        }
+        if self.admin_token.as_deref().is_some_and(str::is_empty) {
+            return Err("ADMIN_TOKEN must not be empty when set".to_owned());
+        }
+        self.pubsub_config()?;
+        self.mongo.to_config("outbox-relay").map(drop)
+    }
+}

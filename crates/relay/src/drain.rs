@@ -1,0 +1,401 @@
+//! Draining the outbox: one batch at a time, in `batch_sequence` order, each
+//! batch's items in `item_sequence` order, many publishes in flight.
+//!
+//! The rules this module enforces:
+//! - Only the head batch (the lowest uncommitted `batch_sequence`) is ever
+//!   published, and it is committed only after every item was acknowledged
+//!   (or dead-lettered); so every item of batch N is acknowledged before any
+//!   item of batch N+1 is published.
+//! - Items are read from MongoDB in `item_sequence` order and handed to the
+//!   client in that order; the client keeps their order on the ordering key.
+//! - An item is marked sent only with the message id Pub/Sub returned.
+//! - After any failure the pass ends; the next pass re-reads from MongoDB
+//!   which items are still unsent and only then resumes the ordering key and
+//!   publishes again, from the first unsent item. Nothing is skipped and
+//!   nothing acknowledged out of order.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::FutureExt;
+use outbox_core::model::{BatchId, BatchStatus, ItemSequence};
+use outbox_core::publish::{OrderingKeyMode, OutboxMessage, PublishError, Publisher};
+use outbox_core::store::{Fence, OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::lease::Leadership;
+use crate::metrics;
+use crate::status::{CurrentBatch, Halt, StatusBoard};
+
+/// Pub/Sub's limit on one message (data, attributes and ordering key).
+pub const MAX_MESSAGE_BYTES: usize = 10 * 1000 * 1000;
+
+/// What to do with an item Pub/Sub will never accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoisonPolicy {
+    /// Mark the batch failed and stop advancing until an operator retries it.
+    Halt,
+    /// Set the item aside in the dead-letter collection and go on.
+    DeadLetter,
+}
+
+#[derive(Clone, Debug)]
+pub struct DrainSettings {
+    /// Items read, published and marked per round trip.
+    pub page_size: u32,
+    pub ordering: OrderingKeyMode,
+    pub on_poison: PoisonPolicy,
+}
+
+/// How a pass ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// No uncommitted batch.
+    Idle,
+    /// A batch was committed; there may be more.
+    Committed(BatchId),
+    /// The head batch is failed: nothing moves until it is retried.
+    Halted(BatchId),
+    /// Shutdown was requested between pages.
+    Interrupted,
+}
+
+/// Why a pass stopped early. All of these are retried by the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("not the leader (lease lost or not renewed in time)")]
+    NotLeader,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("publish failed: {0}")]
+    Publish(String),
+}
+
+impl DrainError {
+    fn from_store(error: StoreError) -> Self {
+        match error {
+            StoreError::Fenced { .. } => Self::NotLeader,
+            other => Self::Store(other),
+        }
+    }
+}
+
+pub struct Drainer {
+    store: Arc<dyn OutboxStore>,
+    publisher: Arc<dyn Publisher>,
+    settings: DrainSettings,
+    status: Arc<StatusBoard>,
+}
+
+impl Drainer {
+    pub fn new(
+        store: Arc<dyn OutboxStore>,
+        publisher: Arc<dyn Publisher>,
+        settings: DrainSettings,
+        status: Arc<StatusBoard>,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            settings,
+            status,
+        }
+    }
+
+    /// Works on the head batch: publishes its unsent items and commits it.
+    ///
+    /// # Errors
+    /// [`DrainError`] when the pass could not finish; nothing is lost, the
+    /// next pass resumes from what MongoDB says is unsent.
+    pub async fn pass(
+        &self,
+        leadership: &Leadership,
+        shutdown: &CancellationToken,
+    ) -> Result<Pass, DrainError> {
+        let Some(batch) = self.store.head_batch().await? else {
+            self.status.update(|s| {
+                s.current_batch = None;
+                s.halted = None;
+            });
+            ::metrics::gauge!(metrics::HALTED).set(0.0);
+            return Ok(Pass::Idle);
+        };
+        if batch.status == BatchStatus::Failed {
+            self.status.update(|s| {
+                s.current_batch = None;
+                s.halted = Some(Halt {
+                    batch_id: batch.batch_id.clone(),
+                    batch_sequence: batch.batch_sequence,
+                    error: batch.last_error.clone(),
+                });
+            });
+            ::metrics::gauge!(metrics::HALTED).set(1.0);
+            return Ok(Pass::Halted(batch.batch_id));
+        }
+        ::metrics::gauge!(metrics::HALTED).set(0.0);
+        self.status.update(|s| {
+            s.halted = None;
+            s.current_batch = Some(CurrentBatch {
+                batch_id: batch.batch_id.clone(),
+                batch_sequence: batch.batch_sequence,
+                total_items: batch.total_items,
+                published: 0,
+            });
+        });
+        let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
+        if batch.status == BatchStatus::Pending {
+            self.store
+                .start_batch(&fence, &batch.batch_id)
+                .await
+                .map_err(DrainError::from_store)?;
+        }
+        match self.publish_batch(&batch, leadership, shutdown).await? {
+            BatchEnd::Published => {}
+            BatchEnd::Halted => return Ok(Pass::Halted(batch.batch_id)),
+            BatchEnd::Interrupted => return Ok(Pass::Interrupted),
+        }
+        let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
+        self.store
+            .commit_batch(&fence, &batch.batch_id)
+            .await
+            .map_err(DrainError::from_store)?;
+        let age = (chrono::Utc::now() - batch.created_at)
+            .num_milliseconds()
+            .max(0) as f64
+            / 1000.0;
+        ::metrics::histogram!(metrics::END_TO_END_LATENCY).record(age);
+        ::metrics::counter!(metrics::BATCHES_COMMITTED).increment(1);
+        self.status.update(|s| {
+            s.batches_committed_total += 1;
+            s.current_batch = None;
+        });
+        info!(
+            message = "batch committed",
+            batch_id = %batch.batch_id,
+            batch_sequence = batch.batch_sequence.0,
+            items = batch.total_items,
+            end_to_end_seconds = age
+        );
+        Ok(Pass::Committed(batch.batch_id))
+    }
+
+    async fn publish_batch(
+        &self,
+        batch: &PendingBatch,
+        leadership: &Leadership,
+        shutdown: &CancellationToken,
+    ) -> Result<BatchEnd, DrainError> {
+        let key = self.settings.ordering.key_for(&batch.batch_id);
+        // Whatever paused the key before, MongoDB has just told us (below)
+        // what is unsent; publishing again from there keeps the order.
+        let resume = || {
+            if let Some(key) = &key {
+                self.publisher.resume(key);
+            }
+        };
+        resume();
+        let mut after = ItemSequence(0);
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(BatchEnd::Interrupted);
+            }
+            let items = self
+                .store
+                .unsent_items(&batch.batch_id, after, self.settings.page_size)
+                .await?;
+            let Some(last) = items.last() else {
+                return Ok(BatchEnd::Published);
+            };
+            let last = last.item_sequence;
+            // Checked right before publishing: a replica whose lease lapsed
+            // publishes nothing more.
+            let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
+            let page = self.publish_page(batch, &items).await;
+            self.store
+                .mark_sent(&fence, &batch.batch_id, &page.marks)
+                .await
+                .map_err(DrainError::from_store)?;
+            let published = page.marks.len() as u64;
+            ::metrics::counter!(metrics::PUBLISHED).increment(published);
+            self.status.update(|s| {
+                s.published_total += published;
+                if let Some(current) = s.current_batch.as_mut() {
+                    current.published += published;
+                }
+            });
+            match page.failure {
+                None => after = last,
+                Some((index, PublishError::Transient(error))) => {
+                    ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "transient")
+                        .increment(1);
+                    warn!(
+                        message = "publish failed; will retry from the first unsent item",
+                        batch_id = %batch.batch_id,
+                        item_sequence = items[index].item_sequence.0,
+                        %error
+                    );
+                    return Err(DrainError::Publish(error));
+                }
+                Some((index, PublishError::Permanent(error))) => {
+                    let item = &items[index];
+                    if let Some(message_id) = self.confirm_poison(batch, item).await? {
+                        // Alone it went through: another message of the
+                        // failed request was the problem. Mark and go on.
+                        let mark = SentMark {
+                            item_sequence: item.item_sequence,
+                            publish_id: message_id,
+                        };
+                        self.store
+                            .mark_sent(&fence, &batch.batch_id, &[mark])
+                            .await
+                            .map_err(DrainError::from_store)?;
+                    } else {
+                        ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "permanent")
+                            .increment(1);
+                        if self.poisoned(&fence, batch, item, &error).await? == BatchEnd::Halted {
+                            return Ok(BatchEnd::Halted);
+                        }
+                    }
+                    resume();
+                    after = ItemSequence(0);
+                }
+            }
+        }
+    }
+
+    /// Publishes a page with every message in flight at once and waits for
+    /// all answers. Stops handing messages to the client at the first one
+    /// that is too large to send, so nothing after it goes out first.
+    async fn publish_page(&self, batch: &PendingBatch, items: &[OutboxItem]) -> PageResult {
+        let messages: Vec<OutboxMessage> = items
+            .iter()
+            .map(|item| OutboxMessage::for_item(item, batch.total_items, self.settings.ordering))
+            .collect();
+        let oversized = messages.iter().position(|m| m.size() > MAX_MESSAGE_BYTES);
+        let sendable = oversized.unwrap_or(messages.len());
+        let oversize_error = oversized.map(|index| {
+            (
+                index,
+                PublishError::Permanent(format!(
+                    "message is {} bytes, over Pub/Sub's limit of {MAX_MESSAGE_BYTES} bytes",
+                    messages[index].size()
+                )),
+            )
+        });
+        let started = Instant::now();
+        let in_flight: Vec<_> = messages
+            .into_iter()
+            .take(sendable)
+            .map(|message| {
+                self.publisher
+                    .publish(message)
+                    .map(move |result| (result, started.elapsed()))
+            })
+            .collect();
+        let results = futures::future::join_all(in_flight).await;
+        let mut marks = Vec::with_capacity(results.len());
+        let mut failure = None;
+        for (index, (result, latency)) in results.into_iter().enumerate() {
+            match result {
+                Ok(message_id) => {
+                    ::metrics::histogram!(metrics::PUBLISH_LATENCY).record(latency.as_secs_f64());
+                    marks.push(SentMark {
+                        item_sequence: items[index].item_sequence,
+                        publish_id: message_id,
+                    });
+                }
+                Err(error) => {
+                    failure.get_or_insert((index, error));
+                }
+            }
+        }
+        PageResult {
+            marks,
+            failure: failure.or(oversize_error),
+        }
+    }
+
+    /// Publishes a rejected item on its own: `Some(message id)` if it goes
+    /// through after all, `None` if Pub/Sub rejects it for good.
+    async fn confirm_poison(
+        &self,
+        batch: &PendingBatch,
+        item: &OutboxItem,
+    ) -> Result<Option<String>, DrainError> {
+        let message = OutboxMessage::for_item(item, batch.total_items, self.settings.ordering);
+        if message.size() > MAX_MESSAGE_BYTES {
+            return Ok(None);
+        }
+        if let Some(key) = &message.ordering_key {
+            self.publisher.resume(key);
+        }
+        match self.publisher.publish(message).await {
+            Ok(message_id) => Ok(Some(message_id)),
+            Err(PublishError::Permanent(_)) => Ok(None),
+            Err(PublishError::Transient(error)) => Err(DrainError::Publish(error)),
+        }
+    }
+
+    async fn poisoned(
+        &self,
+        fence: &Fence,
+        batch: &PendingBatch,
+        item: &OutboxItem,
+        error: &str,
+    ) -> Result<BatchEnd, DrainError> {
+        match self.settings.on_poison {
+            PoisonPolicy::Halt => {
+                warn!(
+                    message = "item rejected for good; halting on this batch until it is retried",
+                    batch_id = %batch.batch_id,
+                    item_sequence = item.item_sequence.0,
+                    %error
+                );
+                self.store
+                    .fail_batch(fence, &batch.batch_id, item.item_sequence, error)
+                    .await
+                    .map_err(DrainError::from_store)?;
+                self.status.update(|s| {
+                    s.current_batch = None;
+                    s.halted = Some(Halt {
+                        batch_id: batch.batch_id.clone(),
+                        batch_sequence: batch.batch_sequence,
+                        error: Some(format!("item {}: {error}", item.item_sequence)),
+                    });
+                });
+                self.status
+                    .record_error(format!("batch {} halted: {error}", batch.batch_id));
+                ::metrics::gauge!(metrics::HALTED).set(1.0);
+                Ok(BatchEnd::Halted)
+            }
+            PoisonPolicy::DeadLetter => {
+                warn!(
+                    message = "item rejected for good; dead-lettered",
+                    batch_id = %batch.batch_id,
+                    item_sequence = item.item_sequence.0,
+                    %error
+                );
+                self.store
+                    .dead_letter(fence, item, error)
+                    .await
+                    .map_err(DrainError::from_store)?;
+                ::metrics::counter!(metrics::DEAD_LETTERED).increment(1);
+                Ok(BatchEnd::Published)
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum BatchEnd {
+    Published,
+    Halted,
+    Interrupted,
+}
+
+struct PageResult {
+    marks: Vec<SentMark>,
+    /// The first failed item's index in the page, and why.
+    failure: Option<(usize, PublishError)>,
+}

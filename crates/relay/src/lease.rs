@@ -1,0 +1,190 @@
+//! Keeping the leader lease: acquire, renew about every TTL/3, and stop
+//! calling ourselves leader *before* the lease can expire in the store.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use outbox_core::store::{Fence, Lease, LeaseStore};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Wall-clock milliseconds as the lease stores them: the wall clock read
+/// once at start, advanced by the monotonic (tokio) clock. Tests pause tokio's
+/// clock to expire leases without sleeping; in production this equals the
+/// wall clock but never jumps when it is stepped.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    base_ms: i64,
+    base: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let base_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Self {
+            base_ms,
+            base: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.base_ms + i64::try_from(self.base.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A lease this replica holds, and until when it may act on it.
+#[derive(Clone, Debug)]
+pub struct Held {
+    pub lease: Lease,
+    /// Renewal request start + TTL - safety margin: past this instant we stop
+    /// publishing even if nobody has taken over yet.
+    pub valid_until: Instant,
+}
+
+/// This replica's view of its leadership.
+#[derive(Clone)]
+pub struct Leadership {
+    rx: watch::Receiver<Option<Held>>,
+}
+
+impl Leadership {
+    /// A fence to write with, while the lease is held and locally valid.
+    pub fn fence(&self) -> Option<Fence> {
+        self.rx
+            .borrow()
+            .as_ref()
+            .filter(|held| Instant::now() < held.valid_until)
+            .map(|held| held.lease.fence())
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.fence().is_some()
+    }
+
+    /// The lease we hold, even if it lapsed locally.
+    pub fn held(&self) -> Option<Held> {
+        self.rx.borrow().clone()
+    }
+
+    /// Resolves when leadership may have changed.
+    pub async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub holder: String,
+    pub ttl: Duration,
+    /// How often a standby tries to take the lease.
+    pub standby_poll: Duration,
+}
+
+impl LeaseSettings {
+    fn renew_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Stop acting on a lease this long before it expires in the store:
+    /// a fifth of the TTL, covering clock skew between replicas and the time
+    /// an in-flight page takes.
+    fn safety_margin(&self) -> Duration {
+        self.ttl / 5
+    }
+}
+
+/// Runs the lease loop until `shutdown`, then releases the lease (after the
+/// caller has stopped draining, see [`LeaseKeeper::release`]).
+pub struct LeaseKeeper {
+    store: Arc<dyn LeaseStore>,
+    settings: LeaseSettings,
+    clock: Clock,
+    tx: watch::Sender<Option<Held>>,
+}
+
+impl LeaseKeeper {
+    pub fn new(
+        store: Arc<dyn LeaseStore>,
+        settings: LeaseSettings,
+        clock: Clock,
+    ) -> (Self, Leadership) {
+        let (tx, rx) = watch::channel(None);
+        (
+            Self {
+                store,
+                settings,
+                clock,
+                tx,
+            },
+            Leadership { rx },
+        )
+    }
+
+    /// One acquire-or-renew round; returns how long to wait for the next.
+    pub async fn round(&self) -> Duration {
+        let started = Instant::now();
+        let ttl_ms = i64::try_from(self.settings.ttl.as_millis()).unwrap_or(i64::MAX);
+        let was = self.tx.borrow().as_ref().map(|h| h.lease.epoch);
+        match self
+            .store
+            .acquire_or_renew(&self.settings.holder, self.clock.now_ms(), ttl_ms)
+            .await
+        {
+            Ok(Some(lease)) => {
+                if was != Some(lease.epoch) {
+                    info!(message = "became leader", holder = %lease.holder, epoch = lease.epoch);
+                }
+                let valid_until = started + self.settings.ttl - self.settings.safety_margin();
+                self.tx.send_replace(Some(Held { lease, valid_until }));
+                self.settings.renew_every()
+            }
+            Ok(None) => {
+                if was.is_some() {
+                    warn!(message = "lost the lease to another replica");
+                }
+                self.tx.send_replace(None);
+                self.settings.standby_poll.min(self.settings.renew_every())
+            }
+            Err(error) => {
+                // Keep what we had: it lapses by itself at valid_until.
+                warn!(message = "cannot renew the lease", %error);
+                self.tx.send_modify(|_| {});
+                self.settings.standby_poll.min(self.settings.renew_every())
+            }
+        }
+    }
+
+    /// Renews until `shutdown` is cancelled.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        loop {
+            let wait = self.round().await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Gives the lease up so a standby takes over at once.
+    pub async fn release(&self) {
+        let held = self.tx.send_replace(None);
+        if let Some(held) = held {
+            match self.store.release(&held.lease.fence()).await {
+                Ok(()) => info!(message = "released the lease", epoch = held.lease.epoch),
+                Err(error) => warn!(message = "cannot release the lease; it will expire", %error),
+            }
+        }
+    }
+}

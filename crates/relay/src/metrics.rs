@@ -1,0 +1,50 @@
+//! The relay's metric names. Labels are bounded (error kinds), never ids.
+
+pub const PUBLISHED: &str = "outbox_relay_published_total";
+pub const PUBLISH_LATENCY: &str = "outbox_relay_publish_latency_seconds";
+pub const PUBLISH_ERRORS: &str = "outbox_relay_publish_errors_total";
+pub const STORE_ERRORS: &str = "outbox_relay_store_errors_total";
+pub const BATCHES_COMMITTED: &str = "outbox_relay_batches_committed_total";
+pub const DEAD_LETTERED: &str = "outbox_relay_items_dead_lettered_total";
+pub const PENDING_BATCHES: &str = "outbox_relay_pending_batches";
+pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
+pub const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
+pub const IS_LEADER: &str = "outbox_relay_is_leader";
+pub const LEASE_EPOCH: &str = "outbox_relay_lease_epoch";
+pub const HALTED: &str = "outbox_relay_halted";
+pub const PAUSED: &str = "outbox_relay_paused";
+
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(PUBLISHED, "Items acknowledged by Pub/Sub and marked sent");
+    describe_histogram!(
+        PUBLISH_LATENCY,
+        Unit::Seconds,
+        "Time from publish to Pub/Sub acknowledgement"
+    );
+    describe_counter!(
+        PUBLISH_ERRORS,
+        "Failed publishes by kind (transient, permanent)"
+    );
+    describe_counter!(STORE_ERRORS, "Failed MongoDB operations by kind");
+    describe_counter!(BATCHES_COMMITTED, "Batches whose items were all published");
+    describe_counter!(
+        DEAD_LETTERED,
+        "Items set aside after a permanent publish failure"
+    );
+    describe_gauge!(PENDING_BATCHES, "Batches not yet committed");
+    describe_gauge!(
+        OLDEST_PENDING_AGE,
+        Unit::Seconds,
+        "Age of the oldest uncommitted batch"
+    );
+    describe_histogram!(
+        END_TO_END_LATENCY,
+        Unit::Seconds,
+        "Writer commit to acknowledgement of the batch's last item"
+    );
+    describe_gauge!(IS_LEADER, "1 while this replica holds the lease");
+    describe_gauge!(LEASE_EPOCH, "Fencing epoch of the lease this replica holds");
+    describe_gauge!(HALTED, "1 while draining is halted on a failed batch");
+    describe_gauge!(PAUSED, "1 while draining is paused cluster-wide");
+}

@@ -1,0 +1,187 @@
+//! The relay's main loop: keep the lease, honour pause, drain when leader,
+//! sleep until woken (change stream or poll interval), back off on errors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_core::publish::Publisher;
+use outbox_core::store::{LeaseStore, OutboxStore};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::backoff::Backoff;
+use crate::drain::{DrainError, DrainSettings, Drainer, Pass};
+use crate::lease::{Clock, Leadership, LeaseKeeper, LeaseSettings};
+use crate::metrics;
+use crate::status::StatusBoard;
+
+#[derive(Clone, Debug)]
+pub struct RunnerSettings {
+    pub drain: DrainSettings,
+    pub lease: LeaseSettings,
+    pub poll_interval: Duration,
+    /// Bounds for the backoff after failed passes.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+/// Everything one relay replica runs.
+pub struct Runner {
+    store: Arc<dyn OutboxStore>,
+    drainer: Drainer,
+    keeper: LeaseKeeper,
+    leadership: Leadership,
+    settings: RunnerSettings,
+    status: Arc<StatusBoard>,
+    wake: Arc<Notify>,
+}
+
+impl Runner {
+    pub fn new(
+        store: Arc<dyn OutboxStore>,
+        lease_store: Arc<dyn LeaseStore>,
+        publisher: Arc<dyn Publisher>,
+        settings: RunnerSettings,
+        status: Arc<StatusBoard>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let (keeper, leadership) =
+            LeaseKeeper::new(lease_store, settings.lease.clone(), Clock::new());
+        let drainer = Drainer::new(
+            Arc::clone(&store),
+            publisher,
+            settings.drain.clone(),
+            Arc::clone(&status),
+        );
+        Self {
+            store,
+            drainer,
+            keeper,
+            leadership,
+            settings,
+            status,
+            wake,
+        }
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        self.leadership.clone()
+    }
+
+    /// Runs until `shutdown`: the page in flight is finished and marked, then
+    /// the lease is released so a standby takes over at once.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let keeper_stop = CancellationToken::new();
+        let keeper = async {
+            self.keeper.run(keeper_stop.clone()).await;
+        };
+        let drain = async {
+            self.drain_loop(&shutdown).await;
+            keeper_stop.cancel();
+        };
+        tokio::join!(
+            keeper.instrument(info_span!("lease")),
+            drain.instrument(info_span!("drain"))
+        );
+        self.keeper.release().await;
+        ::metrics::gauge!(metrics::IS_LEADER).set(0.0);
+        info!(message = "relay stopped");
+    }
+
+    async fn drain_loop(&self, shutdown: &CancellationToken) {
+        let mut backoff = Backoff::new(self.settings.backoff_base, self.settings.backoff_cap);
+        let mut leadership = self.leadership.clone();
+        let mut last_backlog = None::<tokio::time::Instant>;
+        while !shutdown.is_cancelled() {
+            let wait = match self.tick(shutdown, &mut last_backlog).await {
+                Ok(()) => {
+                    backoff.reset();
+                    self.settings.poll_interval
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    warn!(message = "drain pass failed; backing off", %error, retry_in_ms = delay.as_millis() as u64);
+                    self.status.record_error(&error);
+                    let kind = match error {
+                        DrainError::Publish(_) => None,
+                        DrainError::NotLeader => Some("fenced"),
+                        DrainError::Store(_) => Some("store"),
+                    };
+                    if let Some(kind) = kind {
+                        ::metrics::counter!(metrics::STORE_ERRORS, "kind" => kind).increment(1);
+                    }
+                    delay
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = self.wake.notified() => {}
+                () = leadership.changed() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One wake-up: drain batch after batch while leader and not paused.
+    async fn tick(
+        &self,
+        shutdown: &CancellationToken,
+        last_backlog: &mut Option<tokio::time::Instant>,
+    ) -> Result<(), DrainError> {
+        let held = self.leadership.held();
+        ::metrics::gauge!(metrics::IS_LEADER).set(if self.leadership.is_leader() {
+            1.0
+        } else {
+            0.0
+        });
+        if let Some(held) = &held {
+            ::metrics::gauge!(metrics::LEASE_EPOCH).set(held.lease.epoch as f64);
+        }
+        let paused = self.store.paused().await?;
+        self.status.update(|s| s.paused = paused);
+        ::metrics::gauge!(metrics::PAUSED).set(if paused { 1.0 } else { 0.0 });
+        // Every replica reports the backlog, at most once a second.
+        if last_backlog.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            self.refresh_backlog().await?;
+            *last_backlog = Some(tokio::time::Instant::now());
+        }
+        if paused || !self.leadership.is_leader() {
+            return Ok(());
+        }
+        loop {
+            match self.drainer.pass(&self.leadership, shutdown).await? {
+                Pass::Committed(_) if !shutdown.is_cancelled() => {
+                    if last_backlog.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        self.refresh_backlog().await?;
+                        *last_backlog = Some(tokio::time::Instant::now());
+                    }
+                    // A stop request is honoured between batches.
+                    if self.store.paused().await? {
+                        self.status.update(|s| s.paused = true);
+                        return Ok(());
+                    }
+                }
+                Pass::Idle => {
+                    self.refresh_backlog().await?;
+                    return Ok(());
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    async fn refresh_backlog(&self) -> Result<(), DrainError> {
+        let backlog = self.store.backlog().await?;
+        let age = backlog
+            .oldest_created_at
+            .map(|at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0);
+        ::metrics::gauge!(metrics::PENDING_BATCHES).set(backlog.pending_batches as f64);
+        ::metrics::gauge!(metrics::OLDEST_PENDING_AGE).set(age.unwrap_or(0.0));
+        self.status.update(|s| {
+            s.pending_batches = Some(backlog.pending_batches);
+            s.oldest_pending_age_seconds = age;
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! A Pub/Sub stand-in with Pub/Sub's ordering-key behaviour: after a failed
+//! publish on a key, every publish on that key fails until `resume`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use outbox_core::memory::MemoryStore;
+use outbox_core::model::NewBatch;
+use outbox_core::publish::{
+    OrderingKeyMode, OutboxMessage, PublishError, PublishFuture, Publisher,
+};
+use outbox_core::store::BatchStore;
+use relay::drain::{DrainSettings, PoisonPolicy};
+use relay::lease::LeaseSettings;
+use relay::runner::{Runner, RunnerSettings};
+use relay::status::StatusBoard;
+use tokio::sync::Notify;
+
+/// One acknowledged message: (batch_sequence, item_sequence, who published it).
+pub type Delivery = (u64, u32, String);
+
+#[derive(Default)]
+struct State {
+    delivered: Vec<Delivery>,
+    /// Publishes that fail once each (by (batch_sequence, item_sequence)).
+    fail_once: HashSet<(u64, u32)>,
+    /// Items Pub/Sub always rejects.
+    poison: HashSet<(u64, u32)>,
+    paused_keys: HashSet<String>,
+    /// When set, every publish fails (an outage).
+    down: bool,
+    next_id: u64,
+    attempts: HashMap<(u64, u32), u32>,
+    /// Switches this store off once the given item is acknowledged: the
+    /// publish succeeded but its mark cannot be written (a crash between
+    /// the two).
+    break_store_after: Option<((u64, u32), MemoryStore)>,
+}
+
+#[derive(Clone)]
+pub struct FakePublisher {
+    name: String,
+    state: Arc<Mutex<State>>,
+}
+
+fn position(message: &OutboxMessage) -> (u64, u32) {
+    let number = |key: &str| message.attributes[key].parse::<u64>().unwrap();
+    (number("batch_sequence"), number("item_sequence") as u32)
+}
+
+impl FakePublisher {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            state: Arc::default(),
+        }
+    }
+
+    /// Another replica's client, recording into the same log.
+    pub fn replica(&self, name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    pub fn fail_once(&self, batch_sequence: u64, item_sequence: u32) {
+        self.state
+            .lock()
+            .unwrap()
+            .fail_once
+            .insert((batch_sequence, item_sequence));
+    }
+
+    pub fn poison(&self, batch_sequence: u64, item_sequence: u32) {
+        self.state
+            .lock()
+            .unwrap()
+            .poison
+            .insert((batch_sequence, item_sequence));
+    }
+
+    pub fn break_store_after(&self, batch_sequence: u64, item_sequence: u32, store: &MemoryStore) {
+        self.state.lock().unwrap().break_store_after =
+            Some(((batch_sequence, item_sequence), store.clone()));
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn clear_poison(&mut self) {
+        self.state.lock().unwrap().poison.clear();
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().down = down;
+    }
+
+    pub fn delivered(&self) -> Vec<Delivery> {
+        self.state.lock().unwrap().delivered.clone()
+    }
+
+    pub fn attempts(&self, batch_sequence: u64, item_sequence: u32) -> u32 {
+        self.state
+            .lock()
+            .unwrap()
+            .attempts
+            .get(&(batch_sequence, item_sequence))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Publisher for FakePublisher {
+    fn publish(&self, message: OutboxMessage) -> PublishFuture {
+        let mut state = self.state.lock().unwrap();
+        let at = position(&message);
+        *state.attempts.entry(at).or_default() += 1;
+        let key = message.ordering_key.clone();
+        let paused = key.as_ref().is_some_and(|k| state.paused_keys.contains(k));
+        let result = if paused {
+            Err(PublishError::Transient("ordering key paused".into()))
+        } else if state.poison.contains(&at) {
+            Err(PublishError::Permanent("invalid argument".into()))
+        } else if state.down || state.fail_once.remove(&at) {
+            Err(PublishError::Transient("unavailable".into()))
+        } else {
+            state.next_id += 1;
+            state.delivered.push((at.0, at.1, self.name.clone()));
+            if let Some((_, store)) = state.break_store_after.take_if(|(when, _)| *when == at) {
+                store.set_unavailable(true);
+            }
+            Ok(format!("m-{}", state.next_id))
+        };
+        if result.is_err()
+            && let Some(key) = key
+        {
+            state.paused_keys.insert(key);
+        }
+        futures::future::ready(result).boxed()
+    }
+
+    fn resume(&self, ordering_key: &str) {
+        self.state.lock().unwrap().paused_keys.remove(ordering_key);
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        futures::future::ready(()).boxed()
+    }
+}
+
+pub fn settings(holder: &str, page_size: u32, on_poison: PoisonPolicy) -> RunnerSettings {
+    RunnerSettings {
+        drain: DrainSettings {
+            page_size,
+            ordering: OrderingKeyMode::Global,
+            on_poison,
+        },
+        lease: LeaseSettings {
+            holder: holder.to_owned(),
+            ttl: Duration::from_secs(10),
+            standby_poll: Duration::from_secs(1),
+        },
+        poll_interval: Duration::from_secs(1),
+        backoff_base: Duration::from_millis(100),
+        backoff_cap: Duration::from_secs(5),
+    }
+}
+
+pub struct Replica {
+    pub runner: Runner,
+    pub status: Arc<StatusBoard>,
+}
+
+pub fn replica(
+    store: &MemoryStore,
+    publisher: &FakePublisher,
+    settings: RunnerSettings,
+) -> Replica {
+    let status = Arc::new(StatusBoard::default());
+    let runner = Runner::new(
+        Arc::new(store.clone()),
+        Arc::new(store.clone()),
+        Arc::new(publisher.clone()),
+        settings,
+        Arc::clone(&status),
+        Arc::new(Notify::new()),
+    );
+    Replica { runner, status }
+}
+
+/// Stores batches of the given sizes through the writer's store trait.
+pub async fn store_batches(store: &MemoryStore, sizes: &[usize]) -> Vec<NewBatch> {
+    let mut batches = Vec::new();
+    for &size in sizes {
+        let objects = (0..size).map(|i| serde_json::json!({ "i": i })).collect();
+        let batch = outbox_core::ingest::build_batch(
+            objects,
+            &outbox_core::ingest::IngestRules::default(),
+            None,
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        store.insert_batch(&batch).await.unwrap();
+        batches.push(batch);
+    }
+    batches
+}
+
+/// Every (batch_sequence, item_sequence) of the given batch sizes, in order.
+pub fn expected_order(sizes: &[usize]) -> Vec<(u64, u32)> {
+    sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(b, &n)| (1..=n as u32).map(move |i| (b as u64 + 1, i)))
+        .collect()
+}
+
+/// First deliveries in the order they happened, and how many duplicates.
+pub fn first_deliveries(delivered: &[Delivery]) -> (Vec<(u64, u32)>, usize) {
+    let mut seen = BTreeMap::new();
+    let mut firsts = Vec::new();
+    for (b, i, _) in delivered {
+        if seen.insert((*b, *i), ()).is_none() {
+            firsts.push((*b, *i));
+        }
+    }
+    (firsts.clone(), delivered.len() - firsts.len())
+}

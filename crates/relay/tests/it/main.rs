@@ -1,0 +1,11 @@
+//! The relay. `drain` and `lease` run the real drain loop against the
+//! in-memory store and a publisher that injects failures (tokio's paused
+//! clock stands in for time); `admin` talks to the admin port; `e2e` runs the
+//! real binaries against MongoDB (or its stand-in) and Google's Pub/Sub
+//! emulator, as started by `scripts/test.sh`.
+
+mod admin;
+mod drain;
+mod e2e;
+mod fakes;
+mod lease;
