@@ -125,6 +125,9 @@ pub struct Config {
     /// Seconds between checks for new batches when no change stream wakes us.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL_SECONDS", default_value_t = 1.0)]
     pub poll_interval_seconds: f64,
+    /// Wake on a MongoDB change stream on the batches collection, on top of polling.
+    #[arg(long, env = "OUTBOX_CHANGE_STREAM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub change_stream: bool,
     /// Lease time to live in seconds; renewed about every third of it.
     #[arg(long, env = "LEASE_TTL_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
     pub lease_ttl_seconds: u64,

@@ -50,6 +50,7 @@ pub struct Application {
     mongo: Option<MongoStore>,
     wake: Arc<Notify>,
     start_paused: bool,
+    change_stream: bool,
     store: Arc<dyn OutboxStore>,
 }
 
@@ -76,6 +77,7 @@ impl Application {
         let store = Arc::new(mongo.clone());
         let mut app = Self::with_parts(&config, store.clone(), store, Arc::new(publisher))?;
         app.mongo = Some(mongo);
+        app.change_stream = config.change_stream;
         Ok(app)
     }
 
@@ -147,6 +149,7 @@ impl Application {
             mongo: None,
             wake,
             start_paused: !config.enable_processor,
+            change_stream: false,
             store,
         })
     }

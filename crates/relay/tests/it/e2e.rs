@@ -1,1 +1,439 @@
+//! The real binaries against MongoDB (or its stand-in) and Google's Pub/Sub
+//! emulator: a subscriber with message ordering must receive every item in
+//! (batch_sequence, item_sequence) order, also across a leader crash.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
+use relay::pubsub::{self, PubSubConfig};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run scripts/test.sh, which starts MongoDB and the Pub/Sub emulator"
+        )
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let relay = PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"));
+    let path = relay.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed when dropped, its output in a log file.
+struct Process {
+    child: Child,
+    name: String,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(name: &str, program: PathBuf, vars: &[(&str, String)]) -> Self {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let log = dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(program);
+        command
+            .env("LOG_FORMAT", "pretty")
+            .env("RUST_LOG", "info")
+            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true);
+        let child = command.spawn().unwrap();
+        Self {
+            child,
+            name: name.to_owned(),
+            log,
+        }
+    }
+
+    fn kill_hard(&mut self) {
+        let pid = self.child.id().expect("running") as i32;
+        // SIGKILL: no lease release, no flush, nothing.
+        let status = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<_> = text.lines().rev().take(30).collect();
+        format!(
+            "--- last lines of {} ({}) ---\n{}",
+            self.name,
+            self.log.display(),
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+}
+
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Stack {
+    database: String,
+    pubsub: PubSubConfig,
+    subscription: String,
+    writer: Process,
+    writer_url: String,
+    http: reqwest::Client,
+    db: mongodb::Database,
+}
+
+async fn start_stack() -> Stack {
+    let mongo_url = env("MONGODB_URL");
+    let emulator = env("PUBSUB_EMULATOR_HOST");
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let database = format!("e2e_{suffix}");
+    let pubsub = PubSubConfig {
+        project_id: "e2e-project".to_owned(),
+        topic: format!("outbox-{suffix}"),
+        emulator_host: Some(emulator),
+        publish_retry_limit: Duration::from_secs(30),
+        batch_delay: Duration::from_millis(1),
+    };
+    let subscription = format!("ordered-{suffix}");
+    pubsub::ensure_topic(&pubsub).await.expect("topic");
+    pubsub::ensure_subscription(&pubsub, &subscription, true)
+        .await
+        .expect("subscription");
+
+    let port = free_port();
+    let writer = Process::spawn(
+        "writer",
+        binary("outbox-writer"),
+        &[
+            ("WRITER_BIND", format!("127.0.0.1:{port}")),
+            ("MONGODB_URL", mongo_url.clone()),
+            ("MONGODB_DATABASE", database.clone()),
+        ],
+    );
+    let writer_url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let ready = format!("{writer_url}/health/ready");
+    eventually(Duration::from_secs(60), "the writer to be ready", || {
+        let request = http.get(&ready).send();
+        async move { request.await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    let db = mongodb::Client::with_uri_str(&mongo_url)
+        .await
+        .unwrap()
+        .database(&database);
+    Stack {
+        database,
+        pubsub,
+        subscription,
+        writer,
+        writer_url,
+        http,
+        db,
+    }
+}
+
+impl Stack {
+    fn relay(&self, id: &str, extra: &[(&str, &str)]) -> (Process, String) {
+        let port = free_port();
+        let mut vars = vec![
+            ("MONGODB_URL", env("MONGODB_URL")),
+            ("MONGODB_DATABASE", self.database.clone()),
+            (
+                "PUBSUB_EMULATOR_HOST",
+                self.pubsub.emulator_host.clone().unwrap(),
+            ),
+            ("PUBSUB_PROJECT_ID", self.pubsub.project_id.clone()),
+            ("PUBSUB_TOPIC", self.pubsub.topic.clone()),
+            ("RELAY_ID", id.to_owned()),
+            ("RELAY_ADMIN_BIND", format!("127.0.0.1:{port}")),
+            // The stand-in's change-stream getMore blocks other commands on
+            // the database; the relay polls there instead.
+            (
+                "OUTBOX_CHANGE_STREAM",
+                (std::env::var("MONGODB_FLAVOR").as_deref() != Ok("standin")).to_string(),
+            ),
+        ];
+        vars.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        (
+            Process::spawn(id, binary("outbox-relay"), &vars),
+            format!("http://127.0.0.1:{port}"),
+        )
+    }
+
+    /// Submits batches of the given sizes, all at once.
+    async fn submit(&self, sizes: &[usize]) {
+        let requests = sizes.iter().enumerate().map(|(b, &n)| {
+            let body: Vec<Value> = (0..n)
+                .map(|i| json!({"request_id": format!("b{b}-i{i}"), "vendor_name": "acme", "i": i}))
+                .collect();
+            let request = self
+                .http
+                .post(format!("{}/api/v1/batch/process", self.writer_url))
+                .json(&body)
+                .send();
+            async move {
+                let response = request.await.expect("writer answers");
+                assert_eq!(response.status(), 201);
+            }
+        });
+        futures::future::join_all(requests).await;
+    }
+
+    async fn items(&self) -> Vec<Document> {
+        self.db
+            .collection::<Document>("batch_items")
+            .find(doc! {})
+            .sort(doc! { "batch_sequence": 1, "item_sequence": 1 })
+            .projection(doc! { "request_data": 0 })
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    }
+}
+
+/// One received message.
+#[derive(Debug, Clone)]
+struct Received {
+    message_id: String,
+    item_id: String,
+    position: (u64, u64),
+    last: bool,
+}
+
+/// Receives until `expected` distinct items arrived; returns every delivery
+/// in arrival order (duplicates included).
+async fn receive(
+    stack: &Stack,
+    expected: usize,
+    limit: Duration,
+    on_message: impl Fn(usize),
+) -> Vec<Received> {
+    let client = pubsub::subscriber(&stack.pubsub).await.unwrap();
+    let mut stream = client
+        .subscribe(stack.pubsub.subscription_path(&stack.subscription))
+        .build();
+    let mut received = Vec::new();
+    let mut distinct = std::collections::HashSet::new();
+    let deadline = Instant::now() + limit;
+    while distinct.len() < expected {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let next = tokio::time::timeout(remaining, stream.next()).await;
+        let Ok(Some(Ok((message, handler)))) = next else {
+            panic!(
+                "received {} of {expected} items before giving up ({next:?})",
+                distinct.len()
+            );
+        };
+        let number = |key: &str| message.attributes[key].parse::<u64>().unwrap();
+        let data: Value = serde_json::from_slice(&message.data).unwrap();
+        assert_eq!(data["item_id"], message.attributes["item_id"].as_str());
+        received.push(Received {
+            message_id: message.message_id.clone(),
+            item_id: message.attributes["item_id"].clone(),
+            position: (number("batch_sequence"), number("item_sequence")),
+            last: message
+                .attributes
+                .get("batch_last")
+                .is_some_and(|v| v == "true"),
+        });
+        distinct.insert(message.attributes["item_id"].clone());
+        handler.ack();
+        on_message(distinct.len());
+    }
+    received
+}
+
+/// First deliveries in arrival order, and the number of duplicates.
+fn firsts(received: &[Received]) -> (Vec<Received>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let firsts: Vec<_> = received
+        .iter()
+        .filter(|r| seen.insert(r.item_id.clone()))
+        .cloned()
+        .collect();
+    let duplicates = received.len() - firsts.len();
+    (firsts, duplicates)
+}
+
+fn assert_in_order(firsts: &[Received], sizes_by_sequence: &BTreeMap<u64, u64>) {
+    let expected: Vec<(u64, u64)> = sizes_by_sequence
+        .iter()
+        .flat_map(|(b, n)| (1..=*n).map(move |i| (*b, i)))
+        .collect();
+    let got: Vec<_> = firsts.iter().map(|r| r.position).collect();
+    assert_eq!(got.len(), expected.len());
+    if let Some(at) = got.iter().zip(&expected).position(|(g, e)| g != e) {
+        panic!(
+            "first deliveries out of order at {at}: got {:?}, expected {:?}",
+            &got[at..(at + 5).min(got.len())],
+            &expected[at..(at + 5).min(expected.len())]
+        );
+    }
+    for r in firsts {
+        assert_eq!(
+            r.last,
+            sizes_by_sequence[&r.position.0] == r.position.1,
+            "batch_last wrong on {:?}",
+            r.position
+        );
+    }
+}
+
+fn sizes_by_sequence(items: &[Document]) -> BTreeMap<u64, u64> {
+    let mut sizes = BTreeMap::new();
+    for item in items {
+        let seq = match item.get("batch_sequence") {
+            Some(mongodb::bson::Bson::Int32(v)) => *v as u64,
+            Some(mongodb::bson::Bson::Int64(v)) => *v as u64,
+            other => panic!("batch_sequence {other:?}"),
+        };
+        *sizes.entry(seq).or_insert(0) += 1;
+    }
+    sizes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_batches_arrive_in_order_with_their_publish_ids() {
+    let stack = start_stack().await;
+    let (relay, _admin) = stack.relay("relay-e2e", &[("OUTBOX_POLL_INTERVAL_SECONDS", "0.2")]);
+    let sizes: Vec<usize> = (0..50).map(|b| 1 + (b * 7) % 20).collect();
+    let total: usize = sizes.iter().sum();
+    stack.submit(&sizes).await;
+
+    let received = receive(&stack, total, Duration::from_secs(120), |_| {}).await;
+    let (firsts, duplicates) = firsts(&received);
+    let items = stack.items().await;
+    assert_eq!(items.len(), total);
+    assert_in_order(&firsts, &sizes_by_sequence(&items));
+    eprintln!(
+        "e2e: {total} items in 50 batches received in order; {duplicates} duplicate deliveries"
+    );
+
+    // The marks land right after the acknowledgements: wait for them, then
+    // every stored publish_id must be the message id the subscriber saw.
+    let received_ids: HashMap<_, _> = firsts
+        .iter()
+        .map(|r| (r.item_id.clone(), r.message_id.clone()))
+        .collect();
+    let batches = stack.db.collection::<Document>("batches");
+    eventually(
+        Duration::from_secs(30),
+        "every batch to be committed",
+        || {
+            let count = batches.count_documents(doc! { "status": "committed" });
+            async move { count.await.unwrap() == 50 }
+        },
+    )
+    .await;
+    for item in stack.items().await {
+        let item_id = item.get_str("item_id").unwrap();
+        assert_eq!(item.get_str("status").unwrap(), "sent");
+        assert_eq!(item.get_bool("sent").unwrap(), true);
+        assert_eq!(
+            Some(item.get_str("publish_id").unwrap()),
+            received_ids.get(item_id).map(String::as_str),
+            "{}",
+            relay.tail()
+        );
+    }
+    drop(relay);
+    drop(stack.writer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_mid_batch_loses_nothing_and_keeps_first_deliveries_in_order() {
+    let stack = start_stack().await;
+    let fast = [
+        ("LEASE_TTL_SECONDS", "2"),
+        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+        // Small pages so a batch takes several round trips and the kill lands mid-batch.
+        ("OUTBOX_BATCH_SIZE", "10"),
+    ];
+    let (mut a, admin_a) = stack.relay("relay-a", &fast);
+    let http = stack.http.clone();
+    let status_a = format!("{admin_a}/api/v1/outbox/status");
+    eventually(Duration::from_secs(30), "relay-a to lead", || {
+        let request = http.get(&status_a).send();
+        async move {
+            match request.await {
+                Ok(r) => r.json::<Value>().await.is_ok_and(|s| s["role"] == "leader"),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let (b, admin_b) = stack.relay("relay-b", &fast);
+
+    let sizes = vec![100; 20];
+    let total: usize = sizes.iter().sum();
+    stack.submit(&sizes).await;
+
+    // Kill the leader once a few hundred items are out: it is mid-batch.
+    let kill_at = 250;
+    let killed = std::sync::atomic::AtomicBool::new(false);
+    let a_cell = std::sync::Mutex::new(&mut a);
+    let received = receive(&stack, total, Duration::from_secs(240), |distinct| {
+        if distinct >= kill_at && !killed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            a_cell.lock().unwrap().kill_hard();
+        }
+    })
+    .await;
+    assert!(killed.load(std::sync::atomic::Ordering::SeqCst));
+    let (firsts, duplicates) = firsts(&received);
+    let items = stack.items().await;
+    assert_eq!(firsts.len(), total, "every item arrived");
+    assert_in_order(&firsts, &sizes_by_sequence(&items));
+    eprintln!(
+        "e2e failover: {total} items, leader SIGKILLed after {kill_at}; first deliveries in order; {duplicates} duplicate deliveries (at-least-once)"
+    );
+
+    let status: Value = stack
+        .http
+        .get(format!("{admin_b}/api/v1/outbox/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["lease"]["holder"], "relay-b", "{}", b.tail());
+    assert!(status["lease"]["epoch"].as_u64().unwrap() >= 2);
+    drop(b);
+}
