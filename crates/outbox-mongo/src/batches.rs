@@ -188,6 +188,13 @@ impl BatchStore for MongoStore {
             .iter()
             .map(|item| item_document(batch, item))
             .collect::<Result<Vec<_>, _>>()?;
+        // Waiting here, not inside MongoDB, keeps pooled connections free for
+        // the transactions that are running.
+        let _slot = self
+            .ingest_slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Other("store is shutting down".to_owned()))?;
         let mut session = self.client.start_session().await.map_err(classify)?;
         let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_ATTEMPTS);
         loop {

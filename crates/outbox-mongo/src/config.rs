@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+/// See [`MongoConfig::transaction_concurrency`].
+pub const DEFAULT_TRANSACTION_CONCURRENCY: usize = 4;
+
 /// Where the data lives. Collection names are configurable so several
 /// deployments can share a database.
 #[derive(Clone, Debug)]
@@ -21,6 +24,12 @@ pub struct MongoConfig {
     pub server_selection_timeout: Duration,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// How many ingest transactions one process runs at once; the rest
+    /// queue in memory. Every ingest transaction writes the one sequence
+    /// counter, so MongoDB runs them one after another anyway: more in
+    /// flight only means more write conflicts and retries. Keep it below the
+    /// driver's connection pool size (`maxPoolSize`, default 10).
+    pub transaction_concurrency: usize,
     pub app_name: String,
 }
 
@@ -38,6 +47,7 @@ impl MongoConfig {
             dead_letter_collection: "dead_letters".to_owned(),
             server_selection_timeout: Duration::from_secs(2),
             idempotency_ttl: Duration::from_secs(24 * 60 * 60),
+            transaction_concurrency: DEFAULT_TRANSACTION_CONCURRENCY,
             app_name: "batch-outbox".to_owned(),
         }
     }

@@ -21,10 +21,13 @@ mod errors;
 mod lease;
 mod outbox;
 
+use std::sync::Arc;
+
 use mongodb::bson::{Document, doc};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 use outbox_core::store::StoreError;
+use tokio::sync::Semaphore;
 
 pub use config::MongoConfig;
 use errors::classify;
@@ -42,6 +45,9 @@ pub struct MongoStore {
     client: Client,
     db: Database,
     config: MongoConfig,
+    /// Bounds the ingest transactions in flight (see
+    /// [`MongoConfig::transaction_concurrency`]).
+    ingest_slots: Arc<Semaphore>,
 }
 
 impl MongoStore {
@@ -62,7 +68,13 @@ impl MongoStore {
         let client = Client::with_options(options)
             .map_err(|e| StoreError::Other(format!("invalid MongoDB options: {e}")))?;
         let db = client.database(&config.database);
-        Ok(Self { client, db, config })
+        let ingest_slots = Arc::new(Semaphore::new(config.transaction_concurrency.max(1)));
+        Ok(Self {
+            client,
+            db,
+            config,
+            ingest_slots,
+        })
     }
 
     pub fn config(&self) -> &MongoConfig {

@@ -45,6 +45,11 @@ pub struct MongoArgs {
     /// How long to wait for a usable MongoDB server before answering 503, in milliseconds.
     #[arg(long, env = "MONGODB_SERVER_SELECTION_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub server_selection_timeout_ms: u64,
+    /// Ingest transactions run at once by this process; more queue in memory.
+    /// They all write the sequence counter, so MongoDB serializes them
+    /// anyway. Keep it below the connection pool size (maxPoolSize, default 10).
+    #[arg(long, env = "MONGODB_TRANSACTION_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub transaction_concurrency: u16,
 }
 
 impl MongoArgs {
@@ -71,6 +76,7 @@ impl MongoArgs {
             .idempotency_collection
             .clone_from(&self.idempotency_collection);
         config.server_selection_timeout = Duration::from_millis(self.server_selection_timeout_ms);
+        config.transaction_concurrency = usize::from(self.transaction_concurrency);
         config.app_name = app_name.to_owned();
         Ok(config)
     }

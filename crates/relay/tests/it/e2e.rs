@@ -316,6 +316,17 @@ fn assert_in_order(firsts: &[Received], sizes_by_sequence: &BTreeMap<u64, u64>) 
     }
 }
 
+/// `sent: true`. The stand-in stores a boolean written with `$set` as the
+/// integer 1 (a gap like its DateTime-as-string one); MongoDB keeps the bool.
+fn is_true(value: Option<&mongodb::bson::Bson>) -> bool {
+    use mongodb::bson::Bson;
+    match value {
+        Some(Bson::Boolean(b)) => *b,
+        Some(Bson::Int32(1)) => std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin"),
+        _ => false,
+    }
+}
+
 fn sizes_by_sequence(items: &[Document]) -> BTreeMap<u64, u64> {
     let mut sizes = BTreeMap::new();
     for item in items {
@@ -365,7 +376,7 @@ async fn fifty_concurrent_batches_arrive_in_order_with_their_publish_ids() {
     for item in stack.items().await {
         let item_id = item.get_str("item_id").unwrap();
         assert_eq!(item.get_str("status").unwrap(), "sent");
-        assert_eq!(item.get_bool("sent").unwrap(), true);
+        assert!(is_true(item.get("sent")), "sent: {:?}", item.get("sent"));
         assert_eq!(
             Some(item.get_str("publish_id").unwrap()),
             received_ids.get(item_id).map(String::as_str),
