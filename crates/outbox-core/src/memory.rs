@@ -459,12 +459,16 @@ impl OutboxStore for MemoryStore {
         let now = Utc::now();
         for mark in marks {
             let index = mark.item_sequence.0 as usize - 1;
-            let item = batch.items.get_mut(index).ok_or_else(|| {
-                StoreError::Other(format!(
-                    "batch {batch_id} has no item {}",
-                    mark.item_sequence
-                ))
-            })?;
+            let item = batch
+                .items
+                .get_mut(index)
+                .filter(|i| i.item.item_id == mark.item_id)
+                .ok_or_else(|| {
+                    StoreError::Other(format!(
+                        "batch {batch_id} has no item {} with id {}",
+                        mark.item_sequence, mark.item_id
+                    ))
+                })?;
             item.status = ItemStatus::Sent;
             item.publish_id = Some(mark.publish_id.clone());
             item.sent_at = Some(now);

@@ -213,6 +213,7 @@ pub struct ItemView {
 /// Pub/Sub's acknowledgement of one item.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SentMark {
+    pub item_id: ItemId,
     pub item_sequence: ItemSequence,
     pub publish_id: String,
 }

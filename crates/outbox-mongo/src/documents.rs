@@ -81,7 +81,7 @@ fn to_i64(n: u64) -> i64 {
 }
 
 /// The batch document, without its sequence (set inside the transaction).
-pub(crate) fn batch_document(
+pub fn batch_document(
     batch: &NewBatch,
     sequence: Sequence,
     processing_time_ms: u64,
@@ -112,12 +112,16 @@ pub(crate) fn batch_document(
 ///
 /// # Errors
 /// When the request object holds a number BSON cannot represent.
-pub(crate) fn item_document(batch: &NewBatch, item: &NewItem) -> Result<Document, StoreError> {
+pub fn item_document(batch: &NewBatch, item: &NewItem) -> Result<Document, StoreError> {
     let request_data = bson::to_document(&item.request_data).map_err(|e| {
         StoreError::Other(format!("item {} cannot be stored: {e}", item.item_sequence))
     })?;
+    let item_id = item.item_id.0.to_string();
     Ok(doc! {
-        "item_id": item.item_id.0.to_string(),
+        // The item id is the primary key too, so the relay's marks are
+        // primary-key updates.
+        "_id": &item_id,
+        "item_id": item_id,
         "batch_id": batch.batch_id.as_str(),
         "batch_sequence": Bson::Null,
         "item_sequence": i64::from(item.item_sequence.0),

@@ -16,7 +16,7 @@
 
 mod batches;
 pub mod config;
-mod documents;
+pub mod documents;
 mod errors;
 mod lease;
 mod outbox;

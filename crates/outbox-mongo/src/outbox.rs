@@ -115,7 +115,7 @@ impl MongoStore {
                     .iter()
                     .map(|mark| {
                         doc! {
-                            "q": { "batch_id": batch_id.as_str(), "item_sequence": i64::from(mark.item_sequence.0) },
+                            "q": { "_id": mark.item_id.to_string(), "batch_id": batch_id.as_str() },
                             "u": { "$set": {
                                 "status": ItemStatus::Sent.as_str(),
                                 "sent": true,

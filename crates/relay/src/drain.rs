@@ -243,6 +243,7 @@ impl Drainer {
                         // Alone it went through: another message of the
                         // failed request was the problem. Mark and go on.
                         let mark = SentMark {
+                            item_id: item.item_id,
                             item_sequence: item.item_sequence,
                             publish_id: message_id,
                         };
@@ -301,6 +302,7 @@ impl Drainer {
                 Ok(message_id) => {
                     ::metrics::histogram!(metrics::PUBLISH_LATENCY).record(latency.as_secs_f64());
                     marks.push(SentMark {
+                        item_id: items[index].item_id,
                         item_sequence: items[index].item_sequence,
                         publish_id: message_id,
                     });

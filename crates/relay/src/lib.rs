@@ -177,11 +177,15 @@ impl Application {
         let admin_handle = self.admin.handle();
         let admin = tokio::spawn(self.admin);
         if let Some(mongo) = &self.mongo {
-            tokio::spawn(watch_batches(
-                mongo.clone(),
-                Arc::clone(&self.wake),
-                token.clone(),
-            ));
+            if self.change_stream {
+                tokio::spawn(watch_batches(
+                    mongo.clone(),
+                    Arc::clone(&self.wake),
+                    token.clone(),
+                ));
+            } else {
+                info!(message = "change stream disabled; polling only");
+            }
             tokio::select! {
                 () = prepare(mongo, self.start_paused, self.store.as_ref()) => {}
                 () = token.cancelled() => {}

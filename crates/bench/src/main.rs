@@ -1,0 +1,64 @@
+//! `outbox-bench`: the numbers in docs/BENCHMARKS.md. Each subcommand starts
+//! the release binaries it measures against a fresh database, measures the
+//! raw ceiling in the same run, and prints a table. `scripts/bench.sh` starts
+//! MongoDB (or its stand-in) and the Pub/Sub emulator and runs all three.
+
+mod latency;
+mod process;
+mod relay_drain;
+mod stats;
+mod writer;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Writer items/s and latency per batch size and client count, beside
+    /// the same documents inserted in a transaction straight through the driver.
+    Writer(writer::WriterArgs),
+    /// Relay drain rate for a backlog, beside raw pipelined publishing and
+    /// raw bulk marking of the same items.
+    Relay(relay_drain::RelayArgs),
+    /// Writer commit to Pub/Sub acknowledgement of each batch's last item,
+    /// at a steady rate.
+    Latency(latency::LatencyArgs),
+}
+
+/// Where the services and binaries are.
+#[derive(Args, Clone, Debug)]
+pub struct Env {
+    #[arg(long, env = "MONGODB_URL")]
+    pub mongodb_url: String,
+    /// `standin` when MongoDB is the nx-27017 stand-in (no change streams).
+    #[arg(long, env = "MONGODB_FLAVOR", default_value = "external")]
+    pub mongodb_flavor: String,
+    #[arg(long, env = "PUBSUB_EMULATOR_HOST", default_value = "127.0.0.1:8085")]
+    pub pubsub_emulator_host: String,
+    /// Directory of outbox-writer and outbox-relay.
+    #[arg(long, env = "OUTBOX_BIN_DIR", default_value = "target/release")]
+    pub bin_dir: PathBuf,
+}
+
+impl Env {
+    pub fn change_stream(&self) -> bool {
+        self.mongodb_flavor != "standin"
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Writer(args) => writer::run(args).await,
+        Command::Relay(args) => relay_drain::run(args).await,
+        Command::Latency(args) => latency::run(args).await,
+    }
+}

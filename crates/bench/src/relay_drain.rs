@@ -1,0 +1,162 @@
+//! Relay drain rate for a stored backlog, beside its two ceilings measured
+//! in the same run: pipelined publishing of the same messages with the same
+//! client and ordering mode, and bulk marking of the same items in MongoDB.
+
+use std::time::Duration;
+
+use anyhow::ensure;
+use clap::Args;
+use mongodb::bson::{Document, doc};
+use outbox_core::ingest::{IngestRules, build_batch};
+use outbox_core::model::{BatchId, ItemSequence};
+use outbox_core::publish::{OrderingKeyMode, OutboxMessage, Publisher};
+use outbox_core::store::{BatchStore, OutboxStore};
+use outbox_mongo::{MongoConfig, MongoStore};
+use relay::pubsub::{self, PubSubConfig, PubSubPublisher};
+use tokio::time::Instant;
+
+use crate::Env;
+use crate::stats::per_second;
+use crate::writer::sample_items;
+
+pub const PROJECT: &str = "bench-project";
+
+#[derive(Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    env: Env,
+    /// Items in the backlog.
+    #[arg(long, default_value_t = 100_000)]
+    items: usize,
+    /// Items per batch.
+    #[arg(long, default_value_t = 1_000)]
+    batch_size: usize,
+    /// Ordering key mode of the relay and of the raw publisher.
+    #[arg(long, default_value = "global")]
+    ordering: OrderingKeyMode,
+}
+
+pub fn pubsub_config(env: &Env, topic: &str) -> PubSubConfig {
+    PubSubConfig {
+        project_id: PROJECT.to_owned(),
+        topic: topic.to_owned(),
+        emulator_host: Some(env.pubsub_emulator_host.clone()),
+        publish_retry_limit: Duration::from_secs(30),
+        // The relay's default (PUBLISH_BATCH_DELAY_MS).
+        batch_delay: Duration::from_millis(1),
+    }
+}
+
+pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
+    let env = &args.env;
+    let http = reqwest::Client::new();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let database = format!("bench_relay_{suffix}");
+    let store = MongoStore::connect(MongoConfig::new(&env.mongodb_url, &database)).await?;
+    store.ensure_schema().await?;
+    let batches = args.items / args.batch_size;
+    ensure!(batches > 0, "--items must be at least --batch-size");
+    let items = batches * args.batch_size;
+
+    // The backlog, stored through the writer's store code.
+    let started = Instant::now();
+    let values = sample_items(args.batch_size, "relay");
+    let mut ids: Vec<BatchId> = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let batch = build_batch(values.clone(), &IngestRules::default(), None, chrono::Utc::now())?;
+        ids.push(store.insert_batch(&batch).await?.batch_id);
+    }
+    let load = started.elapsed();
+    println!(
+        "relay benchmark: backlog of {items} items in {batches} batches of {} (stored in {:.1} s, {:.0} items/s), ordering key {}",
+        args.batch_size,
+        load.as_secs_f64(),
+        per_second(items, load),
+        args.ordering
+    );
+
+    // Ceiling 1: the same messages, pipelined through the same client.
+    let mut messages = Vec::with_capacity(items);
+    let mut item_ids: Vec<Vec<String>> = Vec::with_capacity(batches);
+    for id in &ids {
+        let page = store
+            .unsent_items(id, ItemSequence(0), u32::try_from(args.batch_size)?)
+            .await?;
+        let total = page.len() as u64;
+        item_ids.push(page.iter().map(|item| item.item_id.to_string()).collect());
+        messages.extend(
+            page.iter()
+                .map(|item| OutboxMessage::for_item(item, total, args.ordering)),
+        );
+    }
+    let raw_topic = format!("bench-raw-{suffix}");
+    let raw_config = pubsub_config(env, &raw_topic);
+    pubsub::ensure_topic(&raw_config).await?;
+    let publisher = PubSubPublisher::connect(&raw_config).await?;
+    let started = Instant::now();
+    let pending: Vec<_> = messages.into_iter().map(|m| publisher.publish(m)).collect();
+    for result in futures::future::join_all(pending).await {
+        result.map_err(|e| anyhow::anyhow!("raw publish: {e:?}"))?;
+    }
+    let publish_ceiling = per_second(items, started.elapsed());
+
+    // The relay itself, from the moment it leads until every batch is committed.
+    let topic = format!("bench-relay-{suffix}");
+    pubsub::ensure_topic(&pubsub_config(env, &topic)).await?;
+    let spawned = Instant::now();
+    let (relay, _admin) =
+        crate::process::relay(env, &database, &topic, &args.ordering.to_string(), &http).await?;
+    let leading = Instant::now();
+    let batches_collection = mongodb::Client::with_uri_str(&env.mongodb_url)
+        .await?
+        .database(&database)
+        .collection::<Document>("batches");
+    crate::process::wait_for(Duration::from_secs(3600), "the backlog to drain", || {
+        let count = batches_collection.count_documents(doc! { "status": "committed" });
+        async move { count.await.is_ok_and(|n| n == batches as u64) }
+    })
+    .await?;
+    let drained = leading.elapsed();
+    drop(relay);
+    let relay_rate = per_second(items, drained);
+
+    // Ceiling 2: the same marks, one `update` command per page, no transaction.
+    let db = mongodb::Client::with_uri_str(&env.mongodb_url)
+        .await?
+        .database(&database);
+    let started = Instant::now();
+    let mut n = 0_u64;
+    for (id, item_ids) in ids.iter().zip(&item_ids) {
+        let updates: Vec<Document> = item_ids
+            .iter()
+            .map(|item_id| {
+                n += 1;
+                doc! {
+                    "q": { "_id": item_id, "batch_id": id.as_str() },
+                    "u": { "$set": {
+                        "status": "sent", "sent": true, "publish_id": format!("raw-{n}"),
+                        "sent_at": mongodb::bson::DateTime::now(),
+                    } },
+                }
+            })
+            .collect();
+        db.run_command(doc! { "update": "batch_items", "updates": updates, "ordered": true })
+            .await?;
+    }
+    let mark_ceiling = per_second(items, started.elapsed());
+    store.drop_database().await?;
+
+    let ceiling = publish_ceiling.min(mark_ceiling);
+    println!("{:<34} {:>12}", "", "items/s");
+    println!("{:<34} {:>12.0}", "raw pipelined publish (ceiling)", publish_ceiling);
+    println!("{:<34} {:>12.0}", "raw bulk marking (ceiling)", mark_ceiling);
+    println!(
+        "{:<34} {:>12.0}   ({:.1} s to drain; {:.1} s from start to leading)",
+        "relay drain",
+        relay_rate,
+        drained.as_secs_f64(),
+        (leading - spawned).as_secs_f64()
+    );
+    println!("relay/min(ceilings) = {:.2}", relay_rate / ceiling);
+    Ok(())
+}

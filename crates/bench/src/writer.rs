@@ -1,0 +1,233 @@
+//! Writer throughput and latency beside the raw driver ceiling.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use clap::Args;
+use mongodb::bson::{Bson, Document};
+use mongodb::options::{Acknowledgment, ClientOptions, TransactionOptions, WriteConcern};
+use outbox_core::ingest::{IngestRules, build_batch};
+use outbox_core::model::Sequence;
+use outbox_mongo::documents::{batch_document, item_document};
+use outbox_mongo::{MongoConfig, MongoStore};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::Env;
+use crate::stats::{Percentiles, per_second};
+
+#[derive(Args)]
+pub struct WriterArgs {
+    #[command(flatten)]
+    env: Env,
+    /// Items per batch, one table row group each.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    sizes: Vec<usize>,
+    /// Concurrent clients.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    clients: Vec<usize>,
+    /// Items stored per measurement (at least two batches per client).
+    #[arg(long, default_value_t = 20_000)]
+    items_per_cell: usize,
+}
+
+/// `n` request objects of about 150 bytes of JSON each, like a typical client's.
+pub fn sample_items(n: usize, tag: &str) -> Vec<Value> {
+    const VENDORS: [&str; 3] = ["acme", "globex", "initech"];
+    (0..n)
+        .map(|i| {
+            json!({
+                "request_id": format!("{tag}-{i}"),
+                "vendor_name": VENDORS[i % VENDORS.len()],
+                "amount": i * 7 % 1000,
+                "currency": "EUR",
+                "customer": {"id": i % 97, "tier": "gold"},
+                "note": "benchmark payload of a typical size",
+            })
+        })
+        .collect()
+}
+
+struct Cell {
+    items: usize,
+    elapsed: Duration,
+    latency: Percentiles,
+}
+
+impl Cell {
+    fn items_per_second(&self) -> f64 {
+        per_second(self.items, self.elapsed)
+    }
+}
+
+/// Runs `batches` operations over `clients` tasks; `op(n)` does the n-th.
+async fn measure<F, Fut>(clients: usize, batches: usize, size: usize, op: F) -> anyhow::Result<Cell>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (op, next) = (op.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= batches {
+                        return Ok::<_, anyhow::Error>(latencies);
+                    }
+                    let at = Instant::now();
+                    op(n).await?;
+                    latencies.push(at.elapsed());
+                }
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(batches);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    Ok(Cell {
+        items: batches * size,
+        elapsed: started.elapsed(),
+        latency: Percentiles::of(latencies),
+    })
+}
+
+async fn writer_cell(
+    http: &reqwest::Client,
+    url: &str,
+    size: usize,
+    clients: usize,
+    batches: usize,
+) -> anyhow::Result<Cell> {
+    let body = Arc::new(serde_json::to_vec(&sample_items(size, "w"))?);
+    let endpoint = Arc::new(format!("{url}/api/v1/batch/process"));
+    let http = http.clone();
+    measure(clients, batches, size, move |_| {
+        let request = http
+            .post(endpoint.as_str())
+            .header("content-type", "application/json")
+            .body(body.as_ref().clone())
+            .send();
+        async move {
+            let response = request.await?;
+            let status = response.status();
+            ensure!(status == 201, "writer answered {status}: {}", response.text().await?);
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// The ceiling: the same documents (built by the same code, so the same
+/// shape and size) inserted with `insert_one` + `insert_many` in one
+/// transaction per batch, straight through the driver, into collections with
+/// the same indexes. No HTTP, no validation, no sequence counter.
+async fn raw_cell(
+    env: &Env,
+    size: usize,
+    clients: usize,
+    batches: usize,
+) -> anyhow::Result<Cell> {
+    let database = format!("bench_raw_{}", uuid::Uuid::new_v4().simple());
+    let store = MongoStore::connect(MongoConfig::new(&env.mongodb_url, &database)).await?;
+    store.ensure_schema().await?;
+    let mut options = ClientOptions::parse(&env.mongodb_url).await?;
+    // One pooled connection per client and more, so a client never waits for one.
+    options.max_pool_size = Some(u32::try_from(clients * 2 + 4)?);
+    let client = mongodb::Client::with_options(options)?;
+    let db = client.database(&database);
+
+    let values = sample_items(size, "raw");
+    let rules = IngestRules::default();
+    let sequence = AtomicU64::new(0);
+    let prepared: Vec<(Document, Vec<Document>)> = (0..batches)
+        .map(|_| {
+            let batch = build_batch(values.clone(), &rules, None, chrono::Utc::now())?;
+            let seq = Sequence(sequence.fetch_add(1, Ordering::Relaxed) + 1);
+            let items = batch
+                .items
+                .iter()
+                .map(|item| {
+                    let mut doc = item_document(&batch, item)?;
+                    doc.insert("batch_sequence", Bson::Int64(i64::try_from(seq.0)?));
+                    Ok(doc)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((batch_document(&batch, seq, 0), items))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let prepared = Arc::new(std::sync::Mutex::new(
+        prepared.into_iter().map(Some).collect::<Vec<_>>(),
+    ));
+    let options = TransactionOptions::builder()
+        .write_concern(WriteConcern::builder().w(Acknowledgment::Majority).build())
+        .build();
+    let cell = measure(clients, batches, size, move |n| {
+        let (client, db, options) = (client.clone(), db.clone(), options.clone());
+        let taken = prepared.lock().ok().and_then(|mut p| p[n].take());
+        async move {
+            let (batch, items) = taken.context("each prepared batch is inserted once")?;
+            let mut session = client.start_session().await?;
+            session.start_transaction().with_options(options).await?;
+            db.collection::<Document>("batches")
+                .insert_one(batch)
+                .session(&mut session)
+                .await?;
+            db.collection::<Document>("batch_items")
+                .insert_many(items)
+                .session(&mut session)
+                .await?;
+            session.commit_transaction().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    store.drop_database().await?;
+    Ok(cell)
+}
+
+pub async fn run(args: WriterArgs) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    println!(
+        "writer benchmark: items/s and per-batch latency (ms); raw = the same documents \
+         inserted in a transaction through the driver"
+    );
+    println!(
+        "{:>6} {:>7} {:>8} | {:>10} {:>7} {:>7} {:>7} | {:>10} {:>7} {:>7} | {:>10}",
+        "items", "clients", "batches", "writer/s", "p50", "p95", "p99", "raw/s", "p50", "p95",
+        "writer/raw"
+    );
+    for &size in &args.sizes {
+        for &clients in &args.clients {
+            let batches = (args.items_per_cell / size).max(clients * 2);
+            let database = format!("bench_writer_{}", uuid::Uuid::new_v4().simple());
+            let (writer, url) = crate::process::writer(&args.env, &database, &http).await?;
+            let ours = writer_cell(&http, &url, size, clients, batches).await?;
+            drop(writer);
+            MongoStore::connect(MongoConfig::new(&args.env.mongodb_url, &database))
+                .await?
+                .drop_database()
+                .await?;
+            let raw = raw_cell(&args.env, size, clients, batches).await?;
+            println!(
+                "{size:>6} {clients:>7} {batches:>8} | {:>10.0} {:>7.1} {:>7.1} {:>7.1} | {:>10.0} {:>7.1} {:>7.1} | {:>10.2}",
+                ours.items_per_second(),
+                ours.latency.p50,
+                ours.latency.p95,
+                ours.latency.p99,
+                raw.items_per_second(),
+                raw.latency.p50,
+                raw.latency.p95,
+                ours.items_per_second() / raw.items_per_second(),
+            );
+        }
+    }
+    Ok(())
+}
