@@ -9,6 +9,8 @@ cd "$ROOT"
 
 log "building the tests"
 cargo build --workspace --all-targets --locked 2>&1 | tail -n 3
+log "checking docker-compose.yml and deploy/ against the binaries"
+"$(yaml_python)" scripts/check-deploy.py "$ROOT" "$ROOT/target/debug"
 start_mongo
 start_pubsub
 export MONGODB_URL MONGODB_FLAVOR PUBSUB_EMULATOR_HOST

@@ -143,3 +143,20 @@ start_pubsub() {
     || die "the Pub/Sub emulator did not start; see $RUN_DIR/pubsub-$port.log"
   log "Pub/Sub emulator ready at $PUBSUB_EMULATOR_HOST"
 }
+
+# A python3 with PyYAML for scripts/check-deploy.py: the system one when it
+# has it, else a small venv under the cache directory.
+yaml_python() {
+  if python3 -c 'import yaml' 2>/dev/null; then
+    echo python3
+    return
+  fi
+  local venv="$CACHE_DIR/tools-venv"
+  if ! "$venv/bin/python" -c 'import yaml' 2>/dev/null; then
+    log "installing PyYAML into $venv"
+    python3 -m venv "$venv" >&2 || die "python3 -m venv failed"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "PyYAML==6.0.2" >&2 \
+      || die "pip install PyYAML failed"
+  fi
+  echo "$venv/bin/python"
+}
