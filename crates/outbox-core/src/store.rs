@@ -277,6 +277,20 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Marks a batch whose items are all sent or failed as committed.
     async fn commit_batch(&self, fence: &Fence, batch_id: &BatchId) -> Result<(), StoreError>;
 
+    /// The last page's marks and the commit together. Stores that can do
+    /// both in one transaction should; the result must be the same as
+    /// [`mark_sent`](Self::mark_sent) followed by
+    /// [`commit_batch`](Self::commit_batch).
+    async fn finish_batch(
+        &self,
+        fence: &Fence,
+        batch_id: &BatchId,
+        marks: &[SentMark],
+    ) -> Result<(), StoreError> {
+        self.mark_sent(fence, batch_id, marks).await?;
+        self.commit_batch(fence, batch_id).await
+    }
+
     /// Halts on an item Pub/Sub rejected for good: the batch becomes failed.
     async fn fail_batch(
         &self,

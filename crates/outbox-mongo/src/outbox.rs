@@ -18,7 +18,7 @@ use outbox_core::store::{
 };
 
 use crate::batches::transaction_options;
-use crate::documents::{bson_datetime, item_view, outbox_item, pending_batch};
+use crate::documents::{bson_datetime, get_u64, item_view, outbox_item, pending_batch};
 use crate::errors::classify;
 use crate::{CONTROL_ID, LEASE_ID, MongoStore};
 
@@ -37,6 +37,8 @@ enum FencedWrite<'a> {
     Start(&'a BatchId),
     Marks(&'a BatchId, &'a [SentMark]),
     Commit(&'a BatchId),
+    /// The last page's marks and the commit in one transaction.
+    Finish(&'a BatchId, &'a [SentMark]),
     Fail(&'a BatchId, ItemSequence, &'a str),
     DeadLetter(&'a OutboxItem, &'a str),
 }
@@ -91,6 +93,103 @@ impl MongoStore {
         }
     }
 
+    /// The sent marks of one page: one `update` command with a statement
+    /// per item, one round trip for the whole page (MongoDB 6 has no
+    /// client bulkWrite).
+    async fn write_marks(
+        &self,
+        session: &mut ClientSession,
+        batch_id: &BatchId,
+        marks: &[SentMark],
+        now: &Bson,
+    ) -> Result<(), StoreError> {
+        let updates: Vec<Document> = marks
+            .iter()
+            .map(|mark| {
+                doc! {
+                    "q": { "_id": mark.item_id.to_string(), "batch_id": batch_id.as_str() },
+                    "u": { "$set": {
+                        "status": ItemStatus::Sent.as_str(),
+                        "sent": true,
+                        "publish_id": &mark.publish_id,
+                        "sent_at": now.clone(),
+                    } },
+                }
+            })
+            .collect();
+        let reply = self
+            .db
+            .run_command(doc! {
+                "update": &self.config.items_collection,
+                "updates": updates,
+                "ordered": true,
+            })
+            .session(&mut *session)
+            .await
+            .map_err(classify)?;
+        let matched = reply
+            .get("n")
+            .and_then(Bson::as_i64)
+            .or_else(|| reply.get("n").and_then(Bson::as_i32).map(i64::from));
+        if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty())
+            || matched != Some(marks.len() as i64)
+        {
+            return Err(StoreError::Other(format!(
+                "marking {} items of batch {batch_id} sent matched {matched:?}: {reply}",
+                marks.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Commits a batch after checking, inside the transaction, that no item
+    /// is still pending.
+    async fn write_commit(
+        &self,
+        session: &mut ClientSession,
+        batch_id: &BatchId,
+        now: &Bson,
+    ) -> Result<(), StoreError> {
+        // One pass over the batch's unsent items: how many are pending
+        // (must be none) and how many failed (dead-lettered).
+        let mut cursor = self
+            .items()
+            .aggregate([
+                doc! { "$match": { "batch_id": batch_id.as_str(), "status": { "$ne": ItemStatus::Sent.as_str() } } },
+                doc! { "$group": { "_id": "$status", "n": { "$sum": 1 } } },
+            ])
+            .session(&mut *session)
+            .await
+            .map_err(classify)?;
+        let (mut unsent, mut failed) = (0, 0);
+        while let Some(group) = cursor.next(&mut *session).await {
+            let group = group.map_err(classify)?;
+            let n = get_u64(&group, "n")?;
+            match group.get_str("_id") {
+                Ok(status) if status == ItemStatus::Failed.as_str() => failed += n,
+                _ => unsent += n,
+            }
+        }
+        if unsent > 0 {
+            return Err(StoreError::Other(format!(
+                "batch {batch_id} still has {unsent} unsent items"
+            )));
+        }
+        self.batches()
+            .update_one(
+                doc! { "batch_id": batch_id.as_str() },
+                doc! { "$set": {
+                    "status": BatchStatus::Committed.as_str(),
+                    "committed_at": now.clone(),
+                    "failed_items": to_i64(failed),
+                } },
+            )
+            .session(&mut *session)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
     async fn apply(
         &self,
         session: &mut ClientSession,
@@ -109,75 +208,14 @@ impl MongoStore {
                     .map_err(classify)?;
             }
             FencedWrite::Marks(batch_id, marks) => {
-                // One `update` command with a statement per item: one round
-                // trip for the whole page (MongoDB 6 has no client bulkWrite).
-                let updates: Vec<Document> = marks
-                    .iter()
-                    .map(|mark| {
-                        doc! {
-                            "q": { "_id": mark.item_id.to_string(), "batch_id": batch_id.as_str() },
-                            "u": { "$set": {
-                                "status": ItemStatus::Sent.as_str(),
-                                "sent": true,
-                                "publish_id": &mark.publish_id,
-                                "sent_at": now.clone(),
-                            } },
-                        }
-                    })
-                    .collect();
-                let reply = self
-                    .db
-                    .run_command(doc! {
-                        "update": &self.config.items_collection,
-                        "updates": updates,
-                        "ordered": true,
-                    })
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
-                let matched = reply
-                    .get("n")
-                    .and_then(Bson::as_i64)
-                    .or_else(|| reply.get("n").and_then(Bson::as_i32).map(i64::from));
-                if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty())
-                    || matched != Some(marks.len() as i64)
-                {
-                    return Err(StoreError::Other(format!(
-                        "marking {} items of batch {batch_id} sent matched {matched:?}: {reply}",
-                        marks.len()
-                    )));
-                }
+                self.write_marks(session, batch_id, marks, &now).await?;
             }
             FencedWrite::Commit(batch_id) => {
-                let filter = doc! { "batch_id": batch_id.as_str() };
-                let items = self.items();
-                let unsent = items
-                    .count_documents(doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Pending.as_str() })
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
-                if unsent > 0 {
-                    return Err(StoreError::Other(format!(
-                        "batch {batch_id} still has {unsent} unsent items"
-                    )));
-                }
-                let failed = items
-                    .count_documents(doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Failed.as_str() })
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
-                self.batches()
-                    .update_one(
-                        filter,
-                        doc! { "$set": {
-                            "status": BatchStatus::Committed.as_str(),
-                            "committed_at": now,
-                            "failed_items": to_i64(failed),
-                        } },
-                    )
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
+                self.write_commit(session, batch_id, &now).await?;
+            }
+            FencedWrite::Finish(batch_id, marks) => {
+                self.write_marks(session, batch_id, marks, &now).await?;
+                self.write_commit(session, batch_id, &now).await?;
             }
             FencedWrite::Fail(batch_id, item_sequence, error) => {
                 self.batches()
@@ -343,6 +381,16 @@ impl OutboxStore for MongoStore {
 
     async fn commit_batch(&self, fence: &Fence, batch_id: &BatchId) -> Result<(), StoreError> {
         self.fenced(fence, FencedWrite::Commit(batch_id)).await
+    }
+
+    async fn finish_batch(
+        &self,
+        fence: &Fence,
+        batch_id: &BatchId,
+        marks: &[SentMark],
+    ) -> Result<(), StoreError> {
+        self.fenced(fence, FencedWrite::Finish(batch_id, marks))
+            .await
     }
 
     async fn fail_batch(

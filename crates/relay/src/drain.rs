@@ -151,15 +151,17 @@ impl Drainer {
                 .map_err(DrainError::from_store)?;
         }
         match self.publish_batch(&batch, leadership, shutdown).await? {
-            BatchEnd::Published => {}
+            BatchEnd::Published => {
+                let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
+                self.store
+                    .commit_batch(&fence, &batch.batch_id)
+                    .await
+                    .map_err(DrainError::from_store)?;
+            }
+            BatchEnd::Committed => {}
             BatchEnd::Halted => return Ok(Pass::Halted(batch.batch_id)),
             BatchEnd::Interrupted => return Ok(Pass::Interrupted),
         }
-        let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
-        self.store
-            .commit_batch(&fence, &batch.batch_id)
-            .await
-            .map_err(DrainError::from_store)?;
         let age = (chrono::Utc::now() - batch.created_at)
             .num_milliseconds()
             .max(0) as f64
@@ -212,10 +214,21 @@ impl Drainer {
             // publishes nothing more.
             let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
             let page = self.publish_page(batch, &items).await;
-            self.store
-                .mark_sent(&fence, &batch.batch_id, &page.marks)
-                .await
-                .map_err(DrainError::from_store)?;
+            // Items are numbered 1..=total: a page that ends with the last
+            // one and had no failure leaves nothing pending (earlier pages
+            // were all marked), so its marks and the commit go together.
+            let finishes = page.failure.is_none() && u64::from(last.0) == batch.total_items;
+            if finishes {
+                self.store
+                    .finish_batch(&fence, &batch.batch_id, &page.marks)
+                    .await
+                    .map_err(DrainError::from_store)?;
+            } else {
+                self.store
+                    .mark_sent(&fence, &batch.batch_id, &page.marks)
+                    .await
+                    .map_err(DrainError::from_store)?;
+            }
             let published = page.marks.len() as u64;
             ::metrics::counter!(metrics::PUBLISHED).increment(published);
             self.status.update(|s| {
@@ -225,6 +238,7 @@ impl Drainer {
                 }
             });
             match page.failure {
+                None if finishes => return Ok(BatchEnd::Committed),
                 None => after = last,
                 Some((index, PublishError::Transient(error))) => {
                     ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "transient")
@@ -391,7 +405,10 @@ impl Drainer {
 
 #[derive(Debug, PartialEq, Eq)]
 enum BatchEnd {
+    /// Every item is sent or failed; the batch still needs its commit.
     Published,
+    /// The last page's marks and the commit went in one write.
+    Committed,
     Halted,
     Interrupted,
 }
