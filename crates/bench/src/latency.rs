@@ -58,8 +58,12 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
     let mut requests = Vec::with_capacity(total);
     for _ in 0..total {
         ticks.tick().await;
-        let (http, body, endpoint, answered) =
-            (http.clone(), body.clone(), endpoint.clone(), answered.clone());
+        let (http, body, endpoint, answered) = (
+            http.clone(),
+            body.clone(),
+            endpoint.clone(),
+            answered.clone(),
+        );
         requests.push(tokio::spawn(async move {
             let response = http
                 .post(endpoint.as_str())
@@ -68,10 +72,20 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
                 .send()
                 .await?;
             let at = Utc::now();
-            ensure!(response.status() == 201, "writer answered {}", response.status());
+            ensure!(
+                response.status() == 201,
+                "writer answered {}",
+                response.status()
+            );
             let reply: Value = response.json().await?;
-            let id = reply["data"]["batch_id"].as_str().context("batch_id")?.to_owned();
-            answered.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(id, at);
+            let id = reply["data"]["batch_id"]
+                .as_str()
+                .context("batch_id")?
+                .to_owned();
+            answered
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .insert(id, at);
             Ok(())
         }));
     }
@@ -84,10 +98,14 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
         .await?
         .database(&database)
         .collection::<Document>("batches");
-    crate::process::wait_for(Duration::from_secs(120), "every batch to be committed", || {
-        let count = batches.count_documents(doc! { "status": "committed" });
-        async move { count.await.is_ok_and(|n| n == total as u64) }
-    })
+    crate::process::wait_for(
+        Duration::from_secs(120),
+        "every batch to be committed",
+        || {
+            let count = batches.count_documents(doc! { "status": "committed" });
+            async move { count.await.is_ok_and(|n| n == total as u64) }
+        },
+    )
     .await?;
     drop(relay);
     drop(writer);
@@ -109,8 +127,15 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
         args.batch_size,
         batches_per_second * args.batch_size,
         args.seconds,
-        if env.change_stream() { "change stream" } else { "polling every 50 ms (no change stream)" }
+        if env.change_stream() {
+            "change stream"
+        } else {
+            "polling every 50 ms (no change stream)"
+        }
     );
-    println!("writer commit -> last item acknowledged and batch committed (ms): p50 {:.0}  p95 {:.0}  p99 {:.0}", p.p50, p.p95, p.p99);
+    println!(
+        "writer commit -> last item acknowledged and batch committed (ms): p50 {:.0}  p95 {:.0}  p99 {:.0}",
+        p.p50, p.p95, p.p99
+    );
     Ok(())
 }

@@ -22,13 +22,21 @@ pub fn spawn(bin_dir: &Path, name: &str, vars: &[(&str, String)]) -> anyhow::Res
     let file = std::fs::File::create(&log)?;
     Command::new(&program)
         .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".to_owned()))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::from(file.try_clone()?))
         .stderr(Stdio::from(file))
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("starting {} (build it with cargo build --release)", program.display()))
+        .with_context(|| {
+            format!(
+                "starting {} (build it with cargo build --release)",
+                program.display()
+            )
+        })
 }
 
 /// Polls `check` every 20 ms until it holds, for at most `limit`.

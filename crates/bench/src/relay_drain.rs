@@ -63,7 +63,12 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let values = sample_items(args.batch_size, "relay");
     let mut ids: Vec<BatchId> = Vec::with_capacity(batches);
     for _ in 0..batches {
-        let batch = build_batch(values.clone(), &IngestRules::default(), None, chrono::Utc::now())?;
+        let batch = build_batch(
+            values.clone(),
+            &IngestRules::default(),
+            None,
+            chrono::Utc::now(),
+        )?;
         ids.push(store.insert_batch(&batch).await?.batch_id);
     }
     let load = started.elapsed();
@@ -148,8 +153,14 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
 
     let ceiling = publish_ceiling.min(mark_ceiling);
     println!("{:<34} {:>12}", "", "items/s");
-    println!("{:<34} {:>12.0}", "raw pipelined publish (ceiling)", publish_ceiling);
-    println!("{:<34} {:>12.0}", "raw bulk marking (ceiling)", mark_ceiling);
+    println!(
+        "{:<34} {:>12.0}",
+        "raw pipelined publish (ceiling)", publish_ceiling
+    );
+    println!(
+        "{:<34} {:>12.0}",
+        "raw bulk marking (ceiling)", mark_ceiling
+    );
     println!(
         "{:<34} {:>12.0}   ({:.1} s to drain; {:.1} s from start to leading)",
         "relay drain",

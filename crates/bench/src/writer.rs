@@ -118,7 +118,11 @@ async fn writer_cell(
         async move {
             let response = request.await?;
             let status = response.status();
-            ensure!(status == 201, "writer answered {status}: {}", response.text().await?);
+            ensure!(
+                status == 201,
+                "writer answered {status}: {}",
+                response.text().await?
+            );
             Ok(())
         }
     })
@@ -129,12 +133,7 @@ async fn writer_cell(
 /// shape and size) inserted with `insert_one` + `insert_many` in one
 /// transaction per batch, straight through the driver, into collections with
 /// the same indexes. No HTTP, no validation, no sequence counter.
-async fn raw_cell(
-    env: &Env,
-    size: usize,
-    clients: usize,
-    batches: usize,
-) -> anyhow::Result<Cell> {
+async fn raw_cell(env: &Env, size: usize, clients: usize, batches: usize) -> anyhow::Result<Cell> {
     let database = format!("bench_raw_{}", uuid::Uuid::new_v4().simple());
     let store = MongoStore::connect(MongoConfig::new(&env.mongodb_url, &database)).await?;
     store.ensure_schema().await?;
@@ -201,7 +200,16 @@ pub async fn run(args: WriterArgs) -> anyhow::Result<()> {
     );
     println!(
         "{:>6} {:>7} {:>8} | {:>10} {:>7} {:>7} {:>7} | {:>10} {:>7} {:>7} | {:>10}",
-        "items", "clients", "batches", "writer/s", "p50", "p95", "p99", "raw/s", "p50", "p95",
+        "items",
+        "clients",
+        "batches",
+        "writer/s",
+        "p50",
+        "p95",
+        "p99",
+        "raw/s",
+        "p50",
+        "p95",
         "writer/raw"
     );
     for &size in &args.sizes {

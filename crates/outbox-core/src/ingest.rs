@@ -60,6 +60,15 @@ pub enum IngestError {
         bytes: usize,
         max: usize,
     },
+    #[error(
+        "item {index} has the integer {number} at {path}, outside the signed 64-bit range MongoDB stores"
+    )]
+    NumberOutOfRange {
+        index: usize,
+        /// JSON Pointer to the number inside the item.
+        path: String,
+        number: String,
+    },
     #[error("idempotency key must be 1 to 255 visible ASCII characters")]
     InvalidIdempotencyKey,
 }
@@ -183,6 +192,7 @@ pub fn build_batch(
             }
         };
         check_size(index, &object)?;
+        check_numbers(index, &object)?;
         let request_id = scalar_text(object.get(&rules.request_id_field));
         let vendor_name = scalar_text(object.get(&rules.vendor_field))
             .unwrap_or_else(|| UNKNOWN_VENDOR.to_owned());
@@ -213,6 +223,46 @@ fn scalar_text(value: Option<&Value>) -> Option<String> {
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
+}
+
+/// BSON has no unsigned 64-bit integer: an integer above `i64::MAX` cannot be
+/// stored unchanged, so it is refused rather than silently altered.
+fn check_numbers(index: usize, object: &Map<String, Value>) -> Result<(), IngestError> {
+    fn walk(value: &Value, path: &mut String) -> Option<(String, String)> {
+        match value {
+            Value::Number(n) if n.is_u64() && !n.is_i64() => Some((path.clone(), n.to_string())),
+            Value::Array(values) => values.iter().enumerate().find_map(|(i, v)| {
+                let len = path.len();
+                path.push_str(&format!("/{i}"));
+                let found = walk(v, path);
+                path.truncate(len);
+                found
+            }),
+            Value::Object(map) => map.iter().find_map(|(k, v)| {
+                let len = path.len();
+                path.push('/');
+                path.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                let found = walk(v, path);
+                path.truncate(len);
+                found
+            }),
+            _ => None,
+        }
+    }
+    let mut path = String::new();
+    for (key, value) in object {
+        path.clear();
+        path.push('/');
+        path.push_str(&key.replace('~', "~0").replace('/', "~1"));
+        if let Some((path, number)) = walk(value, &mut path) {
+            return Err(IngestError::NumberOutOfRange {
+                index,
+                path,
+                number,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn check_size(index: usize, object: &Map<String, Value>) -> Result<(), IngestError> {
@@ -340,6 +390,33 @@ mod tests {
                 index: 1,
                 found: "an array"
             })
+        );
+    }
+
+    #[test]
+    fn rejects_integers_bson_cannot_hold_and_names_where() {
+        let rules = IngestRules::default();
+        let values = vec![
+            json!({"ok": i64::MAX, "neg": i64::MIN}),
+            json!({"a": {"b/c": [1, u64::MAX]}}),
+        ];
+        let err = build_batch(values, &rules, None, Utc::now()).unwrap_err();
+        assert_eq!(
+            err,
+            IngestError::NumberOutOfRange {
+                index: 1,
+                path: "/a/b~1c/1".into(),
+                number: u64::MAX.to_string(),
+            }
+        );
+        assert!(
+            build_batch(
+                vec![json!({"x": i64::MAX, "f": 1.5e300})],
+                &rules,
+                None,
+                Utc::now()
+            )
+            .is_ok()
         );
     }
 

@@ -81,11 +81,7 @@ fn to_i64(n: u64) -> i64 {
 }
 
 /// The batch document, without its sequence (set inside the transaction).
-pub fn batch_document(
-    batch: &NewBatch,
-    sequence: Sequence,
-    processing_time_ms: u64,
-) -> Document {
+pub fn batch_document(batch: &NewBatch, sequence: Sequence, processing_time_ms: u64) -> Document {
     let vendor_counts: Document = batch
         .vendor_counts
         .iter()

@@ -76,6 +76,13 @@ fn ingest_problem(error: IngestError) -> Problem {
             Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "item_too_large", detail)
                 .with("index", index)
         }
+        IngestError::NumberOutOfRange { index, path, .. } => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "number_out_of_range",
+            detail,
+        )
+        .with("index", index)
+        .with("path", path),
         IngestError::InvalidIdempotencyKey => {
             Problem::bad_request("invalid_idempotency_key", detail)
         }

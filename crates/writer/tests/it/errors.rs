@@ -61,6 +61,16 @@ async fn bad_bodies_are_rejected_and_store_nothing() {
     )
     .await;
     assert_eq!(body["index"], 2);
+    let body = assert_problem(
+        post(&app, "[{}, {\"id\": 18446744073709551615}]", json_type).await,
+        422,
+        "number_out_of_range",
+    )
+    .await;
+    assert_eq!(
+        (body["index"].as_u64(), body["path"].as_str()),
+        (Some(1), Some("/id"))
+    );
     assert_problem(post(&app, "[]", json_type).await, 422, "empty_batch").await;
     assert_problem(
         post(&app, "{\"requests\": []}", json_type).await,
