@@ -15,8 +15,9 @@ pub struct Problem {
     pub detail: String,
     /// Seconds after which a retry may succeed (sent as `Retry-After`).
     pub retry_after: Option<u32>,
-    /// Extra members, such as the index of a bad item.
-    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Extra members, such as the index of a bad item. Boxed: problems
+    /// travel in `Result`s and should stay small.
+    pub extra: Box<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Serialize)]
@@ -38,7 +39,7 @@ impl Problem {
             code,
             detail: detail.into(),
             retry_after: None,
-            extra: serde_json::Map::new(),
+            extra: Box::default(),
         }
     }
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 //! The relay. `drain` and `lease` run the real drain loop against the
 //! in-memory store and a publisher that injects failures (tokio's paused
 //! clock stands in for time); `admin` talks to the admin port; `e2e` runs the

@@ -55,7 +55,7 @@ async fn a_batch_is_stored_whole_and_reported() {
         assert_eq!(get_i64(item, "item_sequence"), index as i64 + 1);
         assert_eq!(get_i64(item, "batch_sequence"), 1);
         assert_eq!(item.get_str("status").unwrap(), "pending");
-        assert_eq!(item.get_bool("sent").unwrap(), false);
+        assert!(!item.get_bool("sent").unwrap());
         assert_eq!(item.get("publish_id"), Some(&Bson::Null));
         assert!(uuid::Uuid::parse_str(item.get_str("item_id").unwrap()).is_ok());
         let stored: serde_json::Value =
