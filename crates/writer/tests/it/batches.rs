@@ -128,15 +128,7 @@ async fn health_and_metrics_answer() {
     let live = app.http.get(app.url("/health/live")).send().await.unwrap();
     assert_eq!(live.status(), 200);
     assert_eq!(app.post_json(&objects(2)).await.status(), 201);
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for name in [
         "outbox_writer_batches_accepted_total",
         "outbox_writer_items_accepted_total",

@@ -103,15 +103,7 @@ async fn real_mongodb_retries_write_conflicts() {
     }
     let app = spawn_app().await;
     submit_concurrently(&app).await;
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let retries: f64 = metrics
         .lines()
         .find(|l| l.starts_with("outbox_writer_transaction_retries_total"))

@@ -144,15 +144,7 @@ async fn batch_status_errors() {
 async fn error_codes_are_counted_in_metrics() {
     let app = spawn_app().await;
     post(&app, "[]", "application/json").await;
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics
             .lines()

@@ -125,6 +125,12 @@ impl TestApp {
         .await;
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     pub async fn post_json(&self, body: &Value) -> reqwest::Response {
         self.post_raw(serde_json::to_vec(body).unwrap(), "application/json", None)
             .await
