@@ -18,7 +18,7 @@ use outbox_core::store::{
 };
 
 use crate::batches::transaction_options;
-use crate::documents::{bson_datetime, get_u64, item_view, outbox_item, pending_batch};
+use crate::documents::{bson_datetime, item_view, outbox_item, pending_batch};
 use crate::errors::classify;
 use crate::{CONTROL_ID, LEASE_ID, MongoStore};
 
@@ -143,36 +143,25 @@ impl MongoStore {
     }
 
     /// Commits a batch after checking, inside the transaction, that no item
-    /// is still pending.
+    /// is still pending. (Dead-lettered items were counted into the batch's
+    /// `failed_items` when they were set aside.)
     async fn write_commit(
         &self,
         session: &mut ClientSession,
         batch_id: &BatchId,
         now: &Bson,
     ) -> Result<(), StoreError> {
-        // One pass over the batch's unsent items: how many are pending
-        // (must be none) and how many failed (dead-lettered).
-        let mut cursor = self
+        let pending = self
             .items()
-            .aggregate([
-                doc! { "$match": { "batch_id": batch_id.as_str(), "status": { "$ne": ItemStatus::Sent.as_str() } } },
-                doc! { "$group": { "_id": "$status", "n": { "$sum": 1 } } },
-            ])
+            .find_one(doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Pending.as_str() })
+            .projection(doc! { "item_sequence": 1 })
             .session(&mut *session)
             .await
             .map_err(classify)?;
-        let (mut unsent, mut failed) = (0, 0);
-        while let Some(group) = cursor.next(&mut *session).await {
-            let group = group.map_err(classify)?;
-            let n = get_u64(&group, "n")?;
-            match group.get_str("_id") {
-                Ok(status) if status == ItemStatus::Failed.as_str() => failed += n,
-                _ => unsent += n,
-            }
-        }
-        if unsent > 0 {
+        if let Some(item) = pending {
             return Err(StoreError::Other(format!(
-                "batch {batch_id} still has {unsent} unsent items"
+                "batch {batch_id} still has unsent items (item {:?})",
+                item.get("item_sequence")
             )));
         }
         self.batches()
@@ -181,7 +170,6 @@ impl MongoStore {
                 doc! { "$set": {
                     "status": BatchStatus::Committed.as_str(),
                     "committed_at": now.clone(),
-                    "failed_items": to_i64(failed),
                 } },
             )
             .session(&mut *session)
@@ -243,8 +231,16 @@ impl MongoStore {
             FencedWrite::DeadLetter(item, error) => {
                 self.items()
                     .update_one(
-                        doc! { "batch_id": item.batch_id.as_str(), "item_sequence": i64::from(item.item_sequence.0) },
+                        doc! { "_id": item.item_id.to_string(), "batch_id": item.batch_id.as_str() },
                         doc! { "$set": { "status": ItemStatus::Failed.as_str(), "error": error, "failed_at": now.clone() } },
+                    )
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+                self.batches()
+                    .update_one(
+                        doc! { "batch_id": item.batch_id.as_str() },
+                        doc! { "$inc": { "failed_items": 1_i64 } },
                     )
                     .session(&mut *session)
                     .await
