@@ -53,6 +53,11 @@ pub(crate) fn get_opt_datetime(doc: &Document, field: &str) -> Option<DateTime<U
         Bson::String(s) => DateTime::parse_from_rfc3339(s)
             .map(|d| d.with_timezone(&Utc))
             .or_else(|_| s.parse::<DateTime<Utc>>())
+            // Naive UTC, as Python's str() of a BSON date (the stand-in).
+            .or_else(|_| {
+                chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
+                    .map(|naive| naive.and_utc())
+            })
             .ok(),
         _ => None,
     }
@@ -231,4 +236,29 @@ pub(crate) fn item_view(doc: &Document) -> Result<ItemView, StoreError> {
         sent_at: get_opt_datetime(doc, "sent_at"),
         error: get_opt_string(doc, "error"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_read_from_bson_and_from_strings() {
+        let at = DateTime::parse_from_rfc3339("2026-11-22T23:54:14.571Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        for value in [
+            bson_datetime(at),
+            Bson::String("2026-11-22T23:54:14.571Z".into()),
+            Bson::String("2026-11-22 23:54:14.571000".into()),
+        ] {
+            assert_eq!(
+                get_opt_datetime(&doc! { "t": value.clone() }, "t"),
+                Some(at),
+                "{value}"
+            );
+        }
+        assert_eq!(get_opt_datetime(&doc! { "t": "yesterday" }, "t"), None);
+        assert_eq!(get_opt_datetime(&doc! { "t": Bson::Null }, "t"), None);
+    }
 }

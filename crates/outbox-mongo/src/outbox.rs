@@ -153,7 +153,9 @@ impl MongoStore {
     ) -> Result<(), StoreError> {
         let pending = self
             .items()
-            .find_one(doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Pending.as_str() })
+            .find_one(
+                doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Pending.as_str() },
+            )
             .projection(doc! { "item_sequence": 1 })
             .session(&mut *session)
             .await
