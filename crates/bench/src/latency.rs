@@ -12,8 +12,8 @@ use anyhow::{Context, ensure};
 use chrono::{DateTime, Utc};
 use clap::Args;
 use mongodb::bson::{Document, doc};
-use outbox_core::model::BatchId;
-use outbox_core::store::BatchStore;
+use futures::TryStreamExt;
+use outbox_mongo::documents::get_opt_datetime;
 use outbox_mongo::{MongoConfig, MongoStore};
 use relay::pubsub;
 use serde_json::Value;
@@ -111,14 +111,21 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
     drop(writer);
 
     let answered = std::mem::take(&mut *answered.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    // One read of every batch: committed_at is the relay's clock reading
+    // right after the last acknowledgement and the marks.
+    let mut committed = HashMap::with_capacity(total);
+    let mut cursor = batches
+        .find(doc! {})
+        .projection(doc! { "batch_id": 1, "committed_at": 1 })
+        .await?;
+    while let Some(batch) = cursor.try_next().await? {
+        let at = get_opt_datetime(&batch, "committed_at").context("batch committed")?;
+        committed.insert(batch.get_str("batch_id")?.to_owned(), at);
+    }
     let mut latencies = Vec::with_capacity(total);
     for (id, at) in answered {
-        let id: BatchId = id.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let progress = BatchStore::batch_progress(&store, &id)
-            .await?
-            .context("batch stored")?;
-        let committed = progress.committed_at.context("batch committed")?;
-        latencies.push((committed - at).to_std().unwrap_or(Duration::ZERO));
+        let done = committed.get(&id).context("answered batch stored")?;
+        latencies.push((*done - at).to_std().unwrap_or(Duration::ZERO));
     }
     store.drop_database().await?;
     let p = Percentiles::of(latencies);

@@ -111,7 +111,7 @@ pub async fn relay(
     )?;
     let admin = format!("http://127.0.0.1:{port}");
     let status = format!("{admin}/api/v1/outbox/status");
-    wait_for(Duration::from_secs(60), "the relay to lead", || {
+    wait_for(Duration::from_secs(300), "the relay to lead", || {
         let request = http.get(&status).send();
         async move {
             match request.await {

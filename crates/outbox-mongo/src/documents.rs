@@ -47,7 +47,7 @@ pub(crate) fn get_datetime(doc: &Document, field: &str) -> Result<DateTime<Utc>,
     get_opt_datetime(doc, field).ok_or_else(|| malformed(field, doc))
 }
 
-pub(crate) fn get_opt_datetime(doc: &Document, field: &str) -> Option<DateTime<Utc>> {
+pub fn get_opt_datetime(doc: &Document, field: &str) -> Option<DateTime<Utc>> {
     match doc.get(field)? {
         Bson::DateTime(d) => Some(d.to_chrono()),
         Bson::String(s) => DateTime::parse_from_rfc3339(s)
