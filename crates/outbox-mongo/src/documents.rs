@@ -101,6 +101,8 @@ pub fn batch_document(batch: &NewBatch, sequence: Sequence, processing_time_ms: 
         "status": BatchStatus::Pending.as_str(),
         "processing_time_ms": to_i64(processing_time_ms),
         "committed_at": Bson::Null,
+        // Items dead-lettered by the relay; the batch commits with this count.
+        "failed_items": 0_i64,
     };
     if let Some(idem) = &batch.idempotency {
         document.insert("idempotency_key", idem.key.as_str());
