@@ -448,3 +448,65 @@ async fn a_leader_killed_mid_batch_loses_nothing_and_keeps_first_deliveries_in_o
     assert!(status["lease"]["epoch"].as_u64().unwrap() >= 2);
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_pubsub_limit_is_dead_lettered_and_the_rest_goes_on() {
+    let stack = start_stack().await;
+    let (relay, _admin) = stack.relay(
+        "relay-poison",
+        &[
+            ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+            ("OUTBOX_ON_POISON", "dead-letter"),
+        ],
+    );
+    // 11 MB: storable in MongoDB (16 MiB), over Pub/Sub's 10 MB message limit.
+    let body = json!([
+        {"request_id": "first", "vendor_name": "acme"},
+        {"request_id": "huge", "vendor_name": "acme", "blob": "x".repeat(11_000_000)},
+        {"request_id": "last", "vendor_name": "acme"},
+    ]);
+    let response = stack
+        .http
+        .post(format!("{}/api/v1/batch/process", stack.writer_url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    let received = receive(&stack, 2, Duration::from_secs(120), |_| {}).await;
+    let (firsts, _) = firsts(&received);
+    let positions: Vec<_> = firsts.iter().map(|r| r.position).collect();
+    assert_eq!(positions, [(1, 1), (1, 3)], "{}", relay.tail());
+
+    let batches = stack.db.collection::<Document>("batches");
+    eventually(Duration::from_secs(30), "the batch to be committed", || {
+        let batch = batches.find_one(doc! { "status": "committed" });
+        async move { batch.await.unwrap().is_some() }
+    })
+    .await;
+    let batch = batches.find_one(doc! {}).await.unwrap().unwrap();
+    let failed = match batch.get("failed_items") {
+        Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
+        Some(mongodb::bson::Bson::Int64(n)) => *n,
+        other => panic!("failed_items {other:?}"),
+    };
+    assert_eq!(failed, 1);
+    let items = stack.items().await;
+    let statuses: Vec<_> = items.iter().map(|i| i.get_str("status").unwrap()).collect();
+    assert_eq!(statuses, ["sent", "failed", "sent"]);
+    let dead: Vec<Document> = stack
+        .db
+        .collection::<Document>("dead_letters")
+        .find(doc! {})
+        .projection(doc! { "request_data": 0 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].get_str("request_id").unwrap(), "huge");
+    assert!(dead[0].get_str("error").unwrap().contains("limit"));
+    drop(relay);
+}
