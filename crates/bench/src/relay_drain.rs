@@ -122,6 +122,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     })
     .await?;
     let drained = leading.elapsed();
+    let rss = crate::process::peak_rss(&relay);
     drop(relay);
     let relay_rate = per_second(items, drained);
 
@@ -168,6 +169,6 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         drained.as_secs_f64(),
         (leading - spawned).as_secs_f64()
     );
-    println!("relay/min(ceilings) = {:.2}", relay_rate / ceiling);
+    println!("relay/min(ceilings) = {:.2}; relay peak RSS {rss}", relay_rate / ceiling);
     Ok(())
 }

@@ -199,7 +199,7 @@ pub async fn run(args: WriterArgs) -> anyhow::Result<()> {
          inserted in a transaction through the driver"
     );
     println!(
-        "{:>6} {:>7} {:>8} | {:>10} {:>7} {:>7} {:>7} | {:>10} {:>7} {:>7} | {:>10}",
+        "{:>6} {:>7} {:>8} | {:>10} {:>7} {:>7} {:>7} | {:>10} {:>7} {:>7} | {:>10} | {:>12}",
         "items",
         "clients",
         "batches",
@@ -210,7 +210,8 @@ pub async fn run(args: WriterArgs) -> anyhow::Result<()> {
         "raw/s",
         "p50",
         "p95",
-        "writer/raw"
+        "writer/raw",
+        "writer peak"
     );
     for &size in &args.sizes {
         for &clients in &args.clients {
@@ -218,6 +219,7 @@ pub async fn run(args: WriterArgs) -> anyhow::Result<()> {
             let database = format!("bench_writer_{}", uuid::Uuid::new_v4().simple());
             let (writer, url) = crate::process::writer(&args.env, &database, &http).await?;
             let ours = writer_cell(&http, &url, size, clients, batches).await?;
+            let rss = crate::process::peak_rss(&writer);
             drop(writer);
             MongoStore::connect(MongoConfig::new(&args.env.mongodb_url, &database))
                 .await?
@@ -225,7 +227,7 @@ pub async fn run(args: WriterArgs) -> anyhow::Result<()> {
                 .await?;
             let raw = raw_cell(&args.env, size, clients, batches).await?;
             println!(
-                "{size:>6} {clients:>7} {batches:>8} | {:>10.0} {:>7.1} {:>7.1} {:>7.1} | {:>10.0} {:>7.1} {:>7.1} | {:>10.2}",
+                "{size:>6} {clients:>7} {batches:>8} | {:>10.0} {:>7.1} {:>7.1} {:>7.1} | {:>10.0} {:>7.1} {:>7.1} | {:>10.2} | {rss:>12}",
                 ours.items_per_second(),
                 ours.latency.p50,
                 ours.latency.p95,
