@@ -5,6 +5,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"
 trap stop_services EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 cd "$ROOT"
 
 log "building"
