@@ -169,6 +169,9 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         drained.as_secs_f64(),
         (leading - spawned).as_secs_f64()
     );
-    println!("relay/min(ceilings) = {:.2}; relay peak RSS {rss}", relay_rate / ceiling);
+    println!(
+        "relay/min(ceilings) = {:.2}; relay peak RSS {rss}",
+        relay_rate / ceiling
+    );
     Ok(())
 }

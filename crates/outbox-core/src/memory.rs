@@ -19,7 +19,7 @@ use crate::model::{
     NewBatch, Sequence,
 };
 use crate::store::{
-    Backlog, BatchStore, ConflictRetry, DEFAULT_TRANSACTION_ATTEMPTS, Fence, ItemView, Lease,
+    Backlog, BatchStore, ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, Fence, ItemView, Lease,
     LeaseStore, OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError,
 };
 
@@ -265,7 +265,7 @@ impl StoredBatch {
 #[async_trait]
 impl BatchStore for MemoryStore {
     async fn insert_batch(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
-        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_ATTEMPTS);
+        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
         loop {
             match self.try_insert(batch).await {
                 Err(e) if retry.again(&e).await => {}

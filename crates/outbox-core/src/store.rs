@@ -46,16 +46,19 @@ impl StoreError {
     }
 }
 
-/// How many times a conflicting transaction is run before giving up.
-pub const DEFAULT_TRANSACTION_ATTEMPTS: u32 = 8;
+/// How long a conflicting transaction is run again before giving up.
+/// Every conflict means a competitor committed, so the system as a whole
+/// progresses; the budget bounds how long one unlucky request can lose.
+/// (MongoDB's drivers give their convenient transaction API 120 s.)
+pub const DEFAULT_TRANSACTION_RETRY_TIME: Duration = Duration::from_secs(10);
 
-/// The retry policy for whole transactions that conflicted: up to
-/// `max_attempts` runs, with a short jittered pause between them so competing
-/// writers spread out. Every store adapter uses it, so the in-memory model
-/// exercises the same policy as MongoDB.
+/// The retry policy for whole transactions that conflicted: run again while
+/// the time budget lasts, with a short jittered pause between runs so
+/// competing writers spread out. Every store adapter uses it, so the
+/// in-memory model exercises the same policy as MongoDB.
 ///
 /// ```ignore
-/// let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_ATTEMPTS);
+/// let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
 /// loop {
 ///     match run_transaction().await {
 ///         Err(e) if retry.again(&e).await => continue,
@@ -66,23 +69,25 @@ pub const DEFAULT_TRANSACTION_ATTEMPTS: u32 = 8;
 #[derive(Debug)]
 pub struct ConflictRetry {
     attempts: u32,
-    max_attempts: u32,
+    deadline: tokio::time::Instant,
 }
 
 impl ConflictRetry {
-    pub fn new(max_attempts: u32) -> Self {
+    /// Starts the budget now, before the first attempt.
+    pub fn new(budget: Duration) -> Self {
         Self {
             attempts: 1,
-            max_attempts,
+            deadline: tokio::time::Instant::now() + budget,
         }
     }
 
     /// After a failed attempt: whether to run again. Only a
-    /// [`StoreError::Conflict`] is retried, and only while attempts remain;
+    /// [`StoreError::Conflict`] is retried, and only within the budget;
     /// before returning `true` it waits a random pause of up to
     /// 2^attempt ms, capped at 100 ms.
     pub async fn again(&mut self, error: &StoreError) -> bool {
-        if !matches!(error, StoreError::Conflict(_)) || self.attempts >= self.max_attempts {
+        if !matches!(error, StoreError::Conflict(_)) || tokio::time::Instant::now() >= self.deadline
+        {
             return false;
         }
         let cap_ms = (2u64 << self.attempts.min(6)).min(100);
@@ -318,4 +323,23 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// Pauses or resumes draining for the whole cluster.
     async fn set_paused(&self, paused: bool) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn conflicts_are_retried_within_the_budget_and_nothing_else_is() {
+        let conflict = StoreError::Conflict("write conflict".into());
+        let mut retry = ConflictRetry::new(Duration::from_secs(1));
+        let started = tokio::time::Instant::now();
+        while retry.again(&conflict).await {}
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        assert!(retry.attempts() > 10, "{} attempts", retry.attempts());
+
+        let mut retry = ConflictRetry::new(Duration::from_secs(1));
+        assert!(!retry.again(&StoreError::Unavailable("down".into())).await);
+        assert_eq!(retry.attempts(), 1);
+    }
 }

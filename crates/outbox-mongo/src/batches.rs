@@ -10,7 +10,7 @@ use mongodb::bson::{Bson, Document, doc};
 use mongodb::options::{Acknowledgment, ReturnDocument, TransactionOptions, WriteConcern};
 use outbox_core::memory::elapsed_ms;
 use outbox_core::model::{BatchId, BatchProgress, BatchSummary, NewBatch, Sequence};
-use outbox_core::store::{BatchStore, ConflictRetry, DEFAULT_TRANSACTION_ATTEMPTS, StoreError};
+use outbox_core::store::{BatchStore, ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, StoreError};
 use tracing::{debug, instrument};
 
 use crate::documents::{
@@ -196,7 +196,7 @@ impl BatchStore for MongoStore {
             .await
             .map_err(|_| StoreError::Other("store is shutting down".to_owned()))?;
         let mut session = self.client.start_session().await.map_err(classify)?;
-        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_ATTEMPTS);
+        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
         loop {
             match self.insert_once(&mut session, batch, &mut items).await {
                 Err(e) if retry.again(&e).await => {

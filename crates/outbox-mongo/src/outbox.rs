@@ -13,8 +13,8 @@ use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
 use outbox_core::model::{BatchId, BatchProgress, BatchStatus, ItemSequence, ItemStatus, Sequence};
 use outbox_core::store::{
-    Backlog, ConflictRetry, DEFAULT_TRANSACTION_ATTEMPTS, Fence, ItemView, OutboxItem, OutboxStore,
-    PendingBatch, SentMark, StoreError,
+    Backlog, ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, Fence, ItemView, OutboxItem,
+    OutboxStore, PendingBatch, SentMark, StoreError,
 };
 
 use crate::batches::transaction_options;
@@ -48,7 +48,7 @@ impl MongoStore {
     /// conflicts.
     async fn fenced(&self, fence: &Fence, write: FencedWrite<'_>) -> Result<(), StoreError> {
         let mut session = self.client.start_session().await.map_err(classify)?;
-        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_ATTEMPTS);
+        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
         loop {
             match self.fenced_once(&mut session, fence, &write).await {
                 Err(e) if retry.again(&e).await => {}
