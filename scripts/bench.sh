@@ -6,9 +6,7 @@
 #   scripts/bench.sh writer --sizes 100 --clients 4   one, with options (see outbox-bench --help)
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"
-trap stop_services EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+stop_services_on_exit
 cd "$ROOT"
 
 log "building the release binaries"

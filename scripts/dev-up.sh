@@ -4,9 +4,7 @@
 # relays. Ctrl-C stops everything it started.
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"
-trap stop_services EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+stop_services_on_exit
 cd "$ROOT"
 
 log "building"

@@ -1,9 +1,10 @@
-# Shared by scripts/dev-up.sh and scripts/test.sh: start what batch-outbox
+# Shared by scripts/dev-up.sh, test.sh and bench.sh: start what batch-outbox
 # needs, record what we started, stop it again. Source it; don't run it.
 #
 #   start_mongo      exports MONGODB_URL and MONGODB_FLAVOR (mongod|external|standin)
 #   start_pubsub     exports PUBSUB_EMULATOR_HOST
 #   stop_services    stops everything started here
+#   stop_services_on_exit  installs the traps that call it
 #
 # MongoDB, in order of preference:
 #   1. MONGODB_URL already set: used as it is (it must be a replica set).
@@ -42,6 +43,14 @@ wait_until() {
 }
 
 remember_pid() { STARTED_PIDS+=("$1"); }
+
+# Stop what was started however the script ends: normally, on error, on
+# Ctrl-C or on SIGTERM. Call once, right after sourcing this file.
+stop_services_on_exit() {
+  trap stop_services EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
 
 stop_services() {
   local pid

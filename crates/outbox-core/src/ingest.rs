@@ -226,43 +226,39 @@ fn scalar_text(value: Option<&Value>) -> Option<String> {
 }
 
 /// BSON has no unsigned 64-bit integer: an integer above `i64::MAX` cannot be
-/// stored unchanged, so it is refused rather than silently altered.
+/// stored unchanged, so it is refused rather than silently altered. The
+/// JSON Pointer to it is built only when one is found.
 fn check_numbers(index: usize, object: &Map<String, Value>) -> Result<(), IngestError> {
-    fn walk(value: &Value, path: &mut String) -> Option<(String, String)> {
+    /// The first such integer: its path segments, innermost first, and its text.
+    fn find(value: &Value) -> Option<(Vec<String>, String)> {
         match value {
-            Value::Number(n) if n.is_u64() && !n.is_i64() => Some((path.clone(), n.to_string())),
+            Value::Number(n) if n.is_u64() && !n.is_i64() => Some((Vec::new(), n.to_string())),
             Value::Array(values) => values.iter().enumerate().find_map(|(i, v)| {
-                let len = path.len();
-                path.push_str(&format!("/{i}"));
-                let found = walk(v, path);
-                path.truncate(len);
-                found
+                find(v).map(|(mut path, n)| {
+                    path.push(i.to_string());
+                    (path, n)
+                })
             }),
-            Value::Object(map) => map.iter().find_map(|(k, v)| {
-                let len = path.len();
-                path.push('/');
-                path.push_str(&k.replace('~', "~0").replace('/', "~1"));
-                let found = walk(v, path);
-                path.truncate(len);
-                found
-            }),
+            Value::Object(map) => find_in(map),
             _ => None,
         }
     }
-    let mut path = String::new();
-    for (key, value) in object {
-        path.clear();
-        path.push('/');
-        path.push_str(&key.replace('~', "~0").replace('/', "~1"));
-        if let Some((path, number)) = walk(value, &mut path) {
-            return Err(IngestError::NumberOutOfRange {
-                index,
-                path,
-                number,
-            });
-        }
+    fn find_in(map: &Map<String, Value>) -> Option<(Vec<String>, String)> {
+        map.iter().find_map(|(key, v)| {
+            find(v).map(|(mut path, n)| {
+                path.push(key.replace('~', "~0").replace('/', "~1"));
+                (path, n)
+            })
+        })
     }
-    Ok(())
+    match find_in(object) {
+        None => Ok(()),
+        Some((segments, number)) => Err(IngestError::NumberOutOfRange {
+            index,
+            path: segments.iter().rev().map(|s| format!("/{s}")).collect(),
+            number,
+        }),
+    }
 }
 
 fn check_size(index: usize, object: &Map<String, Value>) -> Result<(), IngestError> {

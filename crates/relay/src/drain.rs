@@ -218,17 +218,13 @@ impl Drainer {
             // one and had no failure leaves nothing pending (earlier pages
             // were all marked), so its marks and the commit go together.
             let finishes = page.failure.is_none() && u64::from(last.0) == batch.total_items;
-            if finishes {
+            let write = if finishes {
                 self.store
                     .finish_batch(&fence, &batch.batch_id, &page.marks)
-                    .await
-                    .map_err(DrainError::from_store)?;
             } else {
-                self.store
-                    .mark_sent(&fence, &batch.batch_id, &page.marks)
-                    .await
-                    .map_err(DrainError::from_store)?;
-            }
+                self.store.mark_sent(&fence, &batch.batch_id, &page.marks)
+            };
+            write.await.map_err(DrainError::from_store)?;
             let published = page.marks.len() as u64;
             ::metrics::counter!(metrics::PUBLISHED).increment(published);
             self.status.update(|s| {
