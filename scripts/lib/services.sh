@@ -16,6 +16,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE_DIR="${BATCH_OUTBOX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/batch-outbox}"
 RUN_DIR="${BATCH_OUTBOX_RUN:-$ROOT/.cache/run}"
 STANDIN_VERSION="0.8.1"
+# MongoDB's transactionLifetimeLimitSeconds for the servers started here (the
+# default is 60): how long a process killed inside a transaction can block
+# the others. docs/OPERATIONS.md explains the choice.
+TRANSACTION_LIFETIME_SECONDS="${TRANSACTION_LIFETIME_SECONDS:-15}"
 PUBSUB_EMULATOR="${PUBSUB_EMULATOR_BIN:-/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator}"
 STARTED_PIDS=()
 
@@ -99,7 +103,11 @@ start_mongo() {
     local dbpath="$RUN_DIR/mongod-$port"
     rm -rf "$dbpath"; mkdir -p "$dbpath"
     log "starting mongod (replica set rs0) on 127.0.0.1:$port"
+    # Test commands give the tests MongoDB's fail points; a short
+    # transaction lifetime bounds how long a killed writer blocks the others.
     mongod --replSet rs0 --bind_ip 127.0.0.1 --port "$port" --dbpath "$dbpath" \
+      --setParameter enableTestCommands=1 \
+      --setParameter "transactionLifetimeLimitSeconds=$TRANSACTION_LIFETIME_SECONDS" \
       --quiet >"$RUN_DIR/mongod-$port.log" 2>&1 &
     remember_pid $!
     wait_until 30 "mongod" port_busy "$port" || die "mongod did not start; see $RUN_DIR/mongod-$port.log"
@@ -123,10 +131,17 @@ PY
     local data="${STANDIN_DATA_DIR:-memory}"
     log "no mongod on PATH: starting the nx-27017 stand-in as replica set rs0 on 127.0.0.1:$port (data: $data)"
     "$(standin_python)" "$ROOT/scripts/mongo-standin/standin.py" --port "$port" --data-dir "$data" \
+      --setParameter "transactionLifetimeLimitSeconds=$TRANSACTION_LIFETIME_SECONDS" \
       >"$RUN_DIR/standin-$port.log" 2>&1 &
     remember_pid $!
     export MONGODB_URL="mongodb://127.0.0.1:$port/?replicaSet=rs0"
     export MONGODB_FLAVOR=standin
+  fi
+  # Tests start private stand-ins of their own for fault injection.
+  if [ -x "$(standin_python)" ]; then
+    STANDIN_PYTHON="$(standin_python)"
+    STANDIN_SCRIPT="$ROOT/scripts/mongo-standin/standin.py"
+    export STANDIN_PYTHON STANDIN_SCRIPT
   fi
   wait_until 60 "MongoDB to answer" mongo_answers "$MONGODB_URL" \
     || die "MongoDB did not answer; see $RUN_DIR"

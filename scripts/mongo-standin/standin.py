@@ -15,11 +15,24 @@ server over SQLite) through this launcher. It subclasses the package's handler
 * transactions are serialized by a gate: while one session's transaction is
   open, other sessions' data commands wait. SQLite has one connection per
   database here and nested SAVEPOINTs of two sessions would commit each
-  other's writes. A transaction idle for longer than 60 s is aborted, as
-  MongoDB's `transactionLifetimeLimitSeconds` does.
+  other's writes. A transaction idle for longer than
+  `transactionLifetimeLimitSeconds` (60 s by default, as on MongoDB) is
+  aborted; a command with `maxTimeMS` waits for the gate at most that long and
+  then fails with MaxTimeMSExpired (50), as it would waiting for a lock;
+* MongoDB's own test commands, with MongoDB's syntax, so the same fault
+  injection runs against a real `mongod --setParameter enableTestCommands=1`:
+  `configureFailPoint` for the `failCommand` fail point (`mode` alwaysOn, off,
+  {times: n}, {skip: n}; `data.failCommands`, `errorCode`, `errorLabels`,
+  `closeConnection`, `blockConnection` + `blockTimeMS`, `writeConcernError`,
+  `appName`), `waitForFailPoint`, `killSessions` (aborts the session's open
+  transaction and frees the gate), and `setParameter` / `getParameter` for
+  `transactionLifetimeLimitSeconds` (also `--setParameter NAME=VALUE`);
+* a retried `commitTransaction` of a transaction that already committed
+  answers ok, as MongoDB's does.
 
 Known gaps that stay (tests that depend on them are skipped with the reason):
-no WriteConflict / TransientTransactionError is ever raised, a write error does
+no WriteConflict / TransientTransactionError is ever raised on its own (a
+fail point can inject one), a write error does
 not abort the transaction, DateTime written with `$set` reads back as a string,
 Int64 reads back as Int32, and a contended findAndModify upsert returns null
 instead of E11000.
@@ -35,6 +48,7 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 
 from bson import Int64, ObjectId, Timestamp
 
@@ -45,7 +59,16 @@ from nx_27017.wire_protocol import _extract_session_id
 logger = logging.getLogger("standin")
 
 REPLICA_SET = "rs0"
-TRANSACTION_LIFETIME_SECONDS = 60.0
+DEFAULT_TRANSACTION_LIFETIME_SECONDS = 60
+
+# Commands the failCommand fail point never applies to (they drive it).
+NOT_FAILABLE = frozenset(
+    {
+        "hello", "Hello", "ismaster", "isMaster", "configureFailPoint",
+        "waitForFailPoint", "killSessions", "setParameter", "getParameter",
+        "endSessions",
+    }
+)
 
 # Commands that never touch data and so never wait for the gate. The driver's
 # monitors and connection handshakes must not block behind a transaction.
@@ -55,6 +78,7 @@ UNGATED = frozenset(
         "whatsmyuri", "endSessions", "startSession", "getMore", "killCursors",
         "serverStatus", "listDatabases", "getParameter", "saslStart",
         "saslContinue", "getLog", "hostInfo", "connectionStatus",
+        "configureFailPoint", "waitForFailPoint", "killSessions", "setParameter",
     }
 )
 
@@ -64,6 +88,15 @@ CODES_BY_MESSAGE = (
     ("unique constraint", 11000, "DuplicateKey"),
     ("not found", 26, "NamespaceNotFound"),
 )
+
+
+def _session_id(lsid: dict) -> str | None:
+    """The session's id as hex. The package stores a UUID (binary subtype 4)
+    and reads it back as plain bytes (subtype 0): both name one session."""
+    value = lsid.get("id") if isinstance(lsid, dict) else None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    return _extract_session_id(lsid)
 
 
 def _command_name(doc: dict) -> str:
@@ -92,26 +125,60 @@ class TransactionGate:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
+        self.lifetime_seconds = float(DEFAULT_TRANSACTION_LIFETIME_SECONDS)
         self._owner: tuple[str, int] | None = None
         self._owner_lsid: dict | None = None
         self._owner_seen = 0.0
         self._plain_active = 0
         self._txn_waiting = 0
 
-    def enter_transaction(self, key: tuple[str, int], lsid: dict, abort) -> None:
+    def enter_transaction(
+        self, key: tuple[str, int], lsid: dict, abort, deadline: float | None = None
+    ) -> bool:
+        """False when `deadline` (monotonic) passed before the gate was free."""
         with self._cond:
             if self._owner == key:
                 self._owner_seen = time.monotonic()
-                return
+                return True
+            if self._owner is not None and self._owner[0] == key[0] and self._owner[1] < key[1]:
+                # A higher txnNumber on the same session aborts the open
+                # transaction, as on MongoDB (a client that lost its
+                # connection mid-transaction starts the next one).
+                stale, stale_lsid = self._owner, self._owner_lsid
+                self._owner, self._owner_lsid = None, None
+                self._cond.notify_all()
+                abort(stale_lsid, stale)
             self._txn_waiting += 1
             try:
                 while self._owner is not None or self._plain_active:
                     self._expire_abandoned(abort)
-                    self._cond.wait(timeout=1.0)
+                    if not self._wait(deadline, 1.0):
+                        return False
             finally:
                 self._txn_waiting -= 1
             self._owner, self._owner_lsid = key, lsid
             self._owner_seen = time.monotonic()
+            return True
+
+    def _wait(self, deadline: float | None, step: float) -> bool:
+        if deadline is None:
+            self._cond.wait(timeout=step)
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        self._cond.wait(timeout=min(step, left))
+        return True
+
+    def kill(self, session_id: str) -> tuple[str, int] | None:
+        """Frees the gate when `session_id` owns it; returns the freed key."""
+        with self._cond:
+            if self._owner is not None and self._owner[0] == session_id:
+                key = self._owner
+                self._owner, self._owner_lsid = None, None
+                self._cond.notify_all()
+                return key
+            return None
 
     def touch(self, key: tuple[str, int]) -> None:
         with self._cond:
@@ -124,18 +191,22 @@ class TransactionGate:
                 self._owner, self._owner_lsid = None, None
                 self._cond.notify_all()
 
-    def enter_plain(self, abort) -> None:
+    def enter_plain(self, abort, deadline: float | None = None) -> bool:
+        """False when `deadline` (monotonic) passed before the gate was free."""
         with self._cond:
             while self._owner is not None or self._txn_waiting:
                 self._expire_abandoned(abort)
                 if self._owner is None and self._txn_waiting:
                     # Let the waiting transaction in first, then follow it.
-                    self._cond.wait(timeout=0.05)
+                    if not self._wait(deadline, 0.05):
+                        return False
                     if self._owner is None and not self._plain_active:
                         break
                     continue
-                self._cond.wait(timeout=1.0)
+                if not self._wait(deadline, 1.0):
+                    return False
             self._plain_active += 1
+            return True
 
     def leave_plain(self) -> None:
         with self._cond:
@@ -146,14 +217,104 @@ class TransactionGate:
         """Abort a transaction idle past the lifetime limit (holds the lock)."""
         if self._owner is None:
             return
-        if time.monotonic() - self._owner_seen < TRANSACTION_LIFETIME_SECONDS:
+        if time.monotonic() - self._owner_seen < self.lifetime_seconds:
             return
         logger.warning("aborting abandoned transaction %s", self._owner)
-        lsid = self._owner_lsid
+        key, lsid = self._owner, self._owner_lsid
         self._owner, self._owner_lsid = None, None
         self._cond.notify_all()
         if lsid is not None:
-            abort(lsid)
+            abort(lsid, key)
+
+class CloseConnection(BaseException):
+    """Raised through the package's server loop to drop the connection
+    without a reply (BaseException, so its `except Exception` lets it pass)."""
+
+
+def _ignore_close(args) -> None:
+    if not issubclass(args.exc_type, CloseConnection):
+        threading.__excepthook__(args)
+
+
+class FailCommand:
+    """MongoDB's `failCommand` fail point, configured with its own syntax."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._mode: object = "off"
+        self._data: dict = {}
+        self._times_entered = 0
+
+    def configure(self, body: dict) -> dict:
+        mode = body.get("mode", "off")
+        data = body.get("data", {}) or {}
+        if not (mode in ("alwaysOn", "off") or (isinstance(mode, dict) and (
+                "times" in mode or "skip" in mode))):
+            return {"ok": 0, "code": 2, "codeName": "BadValue",
+                    "errmsg": f"unsupported fail point mode {mode!r}"}
+        if mode != "off" and not isinstance(data.get("failCommands"), list):
+            return {"ok": 0, "code": 2, "codeName": "BadValue",
+                    "errmsg": "failCommand needs data.failCommands"}
+        with self._cond:
+            count = self._times_entered
+            self._mode = dict(mode) if isinstance(mode, dict) else mode
+            self._data = dict(data)
+        return {"count": count, "ok": 1.0}
+
+    def wait(self, times_entered: int, max_time_ms: int | None) -> dict:
+        deadline = None if max_time_ms is None else time.monotonic() + max_time_ms / 1000
+        with self._cond:
+            while self._times_entered < times_entered:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return {"ok": 0, "code": 50, "codeName": "MaxTimeMSExpired",
+                            "errmsg": "waitForFailPoint timed out"}
+                self._cond.wait(timeout=1.0 if left is None else min(1.0, left))
+        return {"ok": 1.0}
+
+    def take(self, command: str, app_name: str | None) -> dict | None:
+        """The fail point's data when it fires for this command, else None."""
+        with self._cond:
+            mode, data = self._mode, self._data
+            if mode == "off" or command not in data.get("failCommands", ()):
+                return None
+            wanted_app = data.get("appName")
+            if wanted_app is not None and wanted_app != app_name:
+                return None
+            if isinstance(mode, dict) and "skip" in mode:
+                if mode["skip"] > 0:
+                    mode["skip"] -= 1
+                    return None
+            elif isinstance(mode, dict) and "times" in mode:
+                if mode["times"] <= 0:
+                    self._mode = "off"
+                    return None
+                mode["times"] -= 1
+                if mode["times"] == 0:
+                    self._mode = "off"
+            self._times_entered += 1
+            self._cond.notify_all()
+            return data
+
+
+def _failure(data: dict) -> dict:
+    reply = {
+        "ok": 0.0,
+        "code": int(data["errorCode"]),
+        "codeName": CODE_NAMES.get(int(data["errorCode"]), "FailPointError"),
+        "errmsg": "Failing command via 'failCommand' failpoint",
+    }
+    if "errorLabels" in data:
+        reply["errorLabels"] = list(data["errorLabels"])
+    return reply
+
+
+CODE_NAMES = {
+    50: "MaxTimeMSExpired", 64: "WriteConcernFailed", 91: "ShutdownInProgress",
+    112: "WriteConflict", 189: "PrimarySteppedDown", 251: "NoSuchTransaction",
+    10107: "NotWritablePrimary", 11600: "InterruptedAtShutdown",
+    11602: "InterruptedDueToReplStateChange", 13435: "NotPrimaryNoSecondaryOk",
+}
 
 
 class ReplicaSetHandler(NeoSQLiteHandler):
@@ -164,6 +325,17 @@ class ReplicaSetHandler(NeoSQLiteHandler):
         self._me = me
         self._election_id = ObjectId()
         self._gate = TransactionGate()
+        self._fail = FailCommand()
+        self._state_lock = threading.Lock()
+        # Connection id -> the client's appName from its handshake.
+        self._app_names: dict[str, str] = {}
+        # Transactions killed by killSessions, and the last committed
+        # transaction of each session (for commit retries); both bounded.
+        self._killed: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._committed: OrderedDict[str, int] = OrderedDict()
+
+    def set_lifetime(self, seconds: float) -> None:
+        self._gate.lifetime_seconds = float(seconds)
 
     # -- entry points -------------------------------------------------------
 
@@ -178,19 +350,69 @@ class ReplicaSetHandler(NeoSQLiteHandler):
         if body is None:
             return run(msg)
         name = _command_name(body)
+        conn_id = msg.get("_conn_id")
         if name in ("hello", "Hello", "ismaster", "isMaster"):
+            app = (body.get("client") or {}).get("application") or {}
+            if conn_id is not None and isinstance(app.get("name"), str):
+                with self._state_lock:
+                    self._app_names[conn_id] = app["name"]
             return msg["request_id"], self._hello()
+        admin = self._admin_command(name, body)
+        if admin is not None:
+            return msg["request_id"], admin
 
+        write_concern_error = None
+        if name not in NOT_FAILABLE:
+            with self._state_lock:
+                app_name = self._app_names.get(conn_id)
+            fail = self._fail.take(name, app_name)
+            if fail is not None:
+                if fail.get("blockConnection"):
+                    time.sleep(int(fail.get("blockTimeMS", 0)) / 1000)
+                if fail.get("closeConnection"):
+                    raise CloseConnection()
+                if "errorCode" in fail:
+                    return msg["request_id"], _failure(fail)
+                write_concern_error = fail.get("writeConcernError")
+
+        request_id, reply = self._dispatch_gated(msg, run, body, name)
+        if write_concern_error is not None and reply.get("ok") == 1:
+            reply["writeConcernError"] = dict(write_concern_error)
+        return request_id, reply
+
+    def _dispatch_gated(self, msg, run, body, name):
+        max_time_ms = body.get("maxTimeMS")
+        deadline = (
+            time.monotonic() + int(max_time_ms) / 1000 if max_time_ms else None
+        )
         lsid = body.get("lsid")
         in_txn = body.get("autocommit") is False and lsid is not None
         if in_txn:
-            key = (_extract_session_id(lsid), int(body.get("txnNumber", 0)))
-            self._gate.enter_transaction(key, lsid, self._abort_session)
+            key = (_session_id(lsid), int(body.get("txnNumber", 0)))
+            with self._state_lock:
+                killed = key in self._killed
+                committed = self._committed.get(key[0]) == key[1]
+            if killed and name != "abortTransaction":
+                return msg["request_id"], {
+                    "ok": 0.0, "code": 251, "codeName": "NoSuchTransaction",
+                    "errmsg": "transaction was aborted by killSessions",
+                    "errorLabels": ["TransientTransactionError"],
+                }
+            if killed or (committed and name == "commitTransaction"):
+                return msg["request_id"], {"ok": 1.0}
+            if not self._gate.enter_transaction(key, lsid, self._end_transaction, deadline):
+                return msg["request_id"], _max_time_expired()
             finishing = name in ("commitTransaction", "abortTransaction")
             try:
                 if body.get("startTransaction"):
                     self._open_transaction(body)
                 request_id, reply = self._run(msg, run)
+                if name == "commitTransaction" and reply.get("ok") == 1:
+                    with self._state_lock:
+                        self._committed[key[0]] = key[1]
+                        self._committed.move_to_end(key[0])
+                        while len(self._committed) > 10_000:
+                            self._committed.popitem(last=False)
                 if name == "commitTransaction" and reply.get("ok") != 1:
                     self._abort_session(lsid)
                 if name == "abortTransaction" and reply.get("ok") != 1:
@@ -206,7 +428,8 @@ class ReplicaSetHandler(NeoSQLiteHandler):
 
         if name in UNGATED:
             return self._run(msg, run)
-        self._gate.enter_plain(self._abort_session)
+        if not self._gate.enter_plain(self._end_transaction, deadline):
+            return msg["request_id"], _max_time_expired()
         try:
             return self._run(msg, run)
         finally:
@@ -220,6 +443,55 @@ class ReplicaSetHandler(NeoSQLiteHandler):
             request_id, reply = msg.get("request_id", 0), {"ok": 0, "errmsg": str(exc)}
         return request_id, _repair(reply)
 
+    # -- MongoDB's test and administration commands -------------------------
+
+    def _admin_command(self, name: str, body: dict) -> dict | None:
+        """Answers the commands this launcher implements itself, else None."""
+        if name == "configureFailPoint":
+            if body["configureFailPoint"] != "failCommand":
+                return {"ok": 0, "code": 2, "codeName": "BadValue",
+                        "errmsg": "only the failCommand fail point exists here"}
+            return self._fail.configure(body)
+        if name == "waitForFailPoint":
+            return self._fail.wait(int(body.get("timesEntered", 1)), body.get("maxTimeMS"))
+        if name == "killSessions":
+            for lsid in body.get("killSessions") or []:
+                self._kill_session(lsid)
+            return {"ok": 1.0}
+        if name == "setParameter" and "transactionLifetimeLimitSeconds" in body:
+            was = self._gate.lifetime_seconds
+            value = body["transactionLifetimeLimitSeconds"]
+            if not isinstance(value, (int, float)) or value < 1:
+                return {"ok": 0, "code": 2, "codeName": "BadValue",
+                        "errmsg": "transactionLifetimeLimitSeconds must be >= 1"}
+            self.set_lifetime(value)
+            return {"was": int(was), "ok": 1.0}
+        if name == "getParameter" and "transactionLifetimeLimitSeconds" in body:
+            return {
+                "transactionLifetimeLimitSeconds": int(self._gate.lifetime_seconds),
+                "ok": 1.0,
+            }
+        return None
+
+    def _kill_session(self, lsid: dict) -> None:
+        """Aborts the session's open transaction, as MongoDB's killSessions."""
+        session_id = _session_id(lsid)
+        freed = self._gate.kill(session_id)
+        if freed is not None:
+            logger.warning("killSessions: aborting the transaction of %s", freed)
+            self._end_transaction(lsid, freed)
+        else:
+            self._abort_session(lsid)
+
+    def _end_transaction(self, lsid: dict, key: tuple[str, int]) -> None:
+        """Aborts a transaction the gate let go of (killed, reaped or
+        superseded); later commands of it fail with NoSuchTransaction."""
+        with self._state_lock:
+            self._killed[key] = None
+            while len(self._killed) > 10_000:
+                self._killed.popitem(last=False)
+        self._abort_session(lsid)
+
     # -- transactions -------------------------------------------------------
 
     def _open_transaction(self, body: dict) -> None:
@@ -227,14 +499,14 @@ class ReplicaSetHandler(NeoSQLiteHandler):
         db_name = body.get("$db", "test")
         db = self.get_database(db_name)
         with self._lock_for(db_name):
-            session = self._find_session(_extract_session_id(body["lsid"]), db_name)
+            session = self._find_session(_session_id(body["lsid"]), db_name)
             if session is not None and session.in_transaction:
                 # A leftover from a transaction the client gave up on.
                 session.abort_transaction()
             self._get_or_create_session(body, db, db_name)
 
     def _abort_session(self, lsid: dict) -> None:
-        session_id = _extract_session_id(lsid)
+        session_id = _session_id(lsid)
         with self._sessions_lock:
             open_sessions = [
                 (scope, sess)
@@ -282,6 +554,15 @@ class ReplicaSetHandler(NeoSQLiteHandler):
         return reply
 
 
+def _max_time_expired() -> dict:
+    return {
+        "ok": 0.0,
+        "code": 50,
+        "codeName": "MaxTimeMSExpired",
+        "errmsg": "operation exceeded time limit (waiting for a transaction)",
+    }
+
+
 def _repair(reply: dict) -> dict:
     if not isinstance(reply, dict):
         return reply
@@ -319,15 +600,28 @@ def main() -> int:
         help="directory for one SQLite file per database, or 'memory'",
     )
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--setParameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="as mongod's; only transactionLifetimeLimitSeconds is known",
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    threading.excepthook = _ignore_close
     handler = ReplicaSetHandler(
         ":memory:", data_dir=args.data_dir, me=f"{args.host}:{args.port}"
     )
+    for setting in args.setParameter:
+        name, _, value = setting.partition("=")
+        if name != "transactionLifetimeLimitSeconds" or not value.isdigit():
+            parser.error(f"unsupported --setParameter {setting!r}")
+        handler.set_lifetime(int(value))
     print(f"stand-in replica set {REPLICA_SET} on {args.host}:{args.port}", flush=True)
     run_server_threaded(args.host, args.port, handler, use_threading=True)
     return 0

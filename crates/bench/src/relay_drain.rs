@@ -69,7 +69,8 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
             None,
             chrono::Utc::now(),
         )?;
-        ids.push(store.insert_batch(&batch).await?.batch_id);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        ids.push(store.insert_batch(&batch, deadline).await?.batch_id);
     }
     let load = started.elapsed();
     println!(

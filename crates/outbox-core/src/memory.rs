@@ -19,7 +19,7 @@ use crate::model::{
     NewBatch, Sequence,
 };
 use crate::store::{
-    Backlog, BatchStore, ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, Fence, ItemView, Lease,
+    Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease,
     LeaseStore, OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError,
 };
 
@@ -264,8 +264,12 @@ impl StoredBatch {
 
 #[async_trait]
 impl BatchStore for MemoryStore {
-    async fn insert_batch(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
-        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
+    async fn insert_batch(
+        &self,
+        batch: &NewBatch,
+        deadline: tokio::time::Instant,
+    ) -> Result<BatchSummary, StoreError> {
+        let mut retry = ConflictRetry::until(deadline);
         loop {
             match self.try_insert(batch).await {
                 Err(e) if retry.again(&e).await => {}
@@ -553,6 +557,10 @@ mod tests {
     use super::*;
     use crate::ingest::{IngestRules, build_batch};
 
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + std::time::Duration::from_secs(60)
+    }
+
     fn batch(n: usize) -> NewBatch {
         build_batch(
             vec![json!({"k": 1}); n],
@@ -574,7 +582,7 @@ mod tests {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 for _ in 0..50 {
-                    store.insert_batch(&batch(3)).await.unwrap();
+                    store.insert_batch(&batch(3), far()).await.unwrap();
                 }
             }));
         }
@@ -599,7 +607,7 @@ mod tests {
     #[tokio::test]
     async fn a_stale_epoch_cannot_write() {
         let store = MemoryStore::new();
-        let summary = store.insert_batch(&batch(1)).await.unwrap();
+        let summary = store.insert_batch(&batch(1), far()).await.unwrap();
         let first = store.acquire_or_renew("a", 0, 100).await.unwrap().unwrap();
         assert_eq!(store.acquire_or_renew("b", 50, 100).await.unwrap(), None);
         let second = store

@@ -34,6 +34,19 @@ pub enum StoreError {
     /// The named batch does not exist.
     #[error("batch {0} not found")]
     NotFound(BatchId),
+    /// The commit was sent but whether it took effect could not be learned
+    /// before the deadline (the store went away mid-commit). The client
+    /// must look the batch up, or retry with its idempotency key.
+    #[error("commit outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    /// One item is larger than the store can hold once encoded (MongoDB:
+    /// 16 MiB of BSON per document). Nothing was stored.
+    #[error("item {index} is {bytes} bytes as stored, over the store's limit of {limit} bytes")]
+    ItemTooLarge {
+        index: usize,
+        bytes: usize,
+        limit: usize,
+    },
     /// Stored data or a reply did not have the expected shape.
     #[error("store error: {0}")]
     Other(String),
@@ -53,8 +66,9 @@ impl StoreError {
 pub const DEFAULT_TRANSACTION_RETRY_TIME: Duration = Duration::from_secs(10);
 
 /// The retry policy for whole transactions that conflicted: run again while
-/// the time budget lasts, with a short jittered pause between runs so
-/// competing writers spread out. Every store adapter uses it, so the
+/// the time budget lasts, with an exponentially growing, fully jittered
+/// pause between runs (1 ms doubling up to 100 ms) so competing writers
+/// spread out. Every store adapter uses it, so the
 /// in-memory model exercises the same policy as MongoDB.
 ///
 /// ```ignore
@@ -75,25 +89,31 @@ pub struct ConflictRetry {
 impl ConflictRetry {
     /// Starts the budget now, before the first attempt.
     pub fn new(budget: Duration) -> Self {
+        Self::until(tokio::time::Instant::now() + budget)
+    }
+
+    /// Retries until `deadline` (a request's deadline, say).
+    pub fn until(deadline: tokio::time::Instant) -> Self {
         Self {
             attempts: 1,
-            deadline: tokio::time::Instant::now() + budget,
+            deadline,
         }
     }
 
     /// After a failed attempt: whether to run again. Only a
     /// [`StoreError::Conflict`] is retried, and only within the budget;
     /// before returning `true` it waits a random pause of up to
-    /// 2^attempt ms, capped at 100 ms.
+    /// 2^attempt ms, capped at 100 ms and at what is left of the budget.
     pub async fn again(&mut self, error: &StoreError) -> bool {
-        if !matches!(error, StoreError::Conflict(_)) || tokio::time::Instant::now() >= self.deadline
-        {
+        let now = tokio::time::Instant::now();
+        if !matches!(error, StoreError::Conflict(_)) || now >= self.deadline {
             return false;
         }
         let cap_ms = (2u64 << self.attempts.min(6)).min(100);
         self.attempts += 1;
-        tokio::time::sleep(Duration::from_millis(rand::random_range(0..=cap_ms))).await;
-        true
+        let pause = Duration::from_millis(rand::random_range(0..=cap_ms));
+        tokio::time::sleep(pause.min(self.deadline - now)).await;
+        tokio::time::Instant::now() < self.deadline
     }
 
     /// How many attempts have been started.
@@ -112,8 +132,16 @@ pub trait BatchStore: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::DuplicateIdempotencyKey`] when the key was used first by
     /// another request (nothing is stored); [`StoreError::Unavailable`] when
-    /// the database is down; [`StoreError::Conflict`] when retries ran out.
-    async fn insert_batch(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError>;
+    /// the database is down or `deadline` passed before the transaction
+    /// could commit (nothing is stored then); [`StoreError::Conflict`]
+    /// when conflict retries ran out at the deadline;
+    /// [`StoreError::OutcomeUnknown`] when the commit was sent but its
+    /// outcome is unknown at the deadline; [`StoreError::ItemTooLarge`].
+    async fn insert_batch(
+        &self,
+        batch: &NewBatch,
+        deadline: tokio::time::Instant,
+    ) -> Result<BatchSummary, StoreError>;
 
     /// The batch stored under an idempotency key, with the body hash it was
     /// stored with, if the key is known and not expired.
@@ -341,5 +369,15 @@ mod tests {
         let mut retry = ConflictRetry::new(Duration::from_secs(1));
         assert!(!retry.again(&StoreError::Unavailable("down".into())).await);
         assert_eq!(retry.attempts(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_never_sleeps_past_the_deadline() {
+        let conflict = StoreError::Conflict("write conflict".into());
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(30);
+        let mut retry = ConflictRetry::until(deadline);
+        while retry.again(&conflict).await {}
+        assert!(tokio::time::Instant::now() <= deadline);
+        assert!(retry.attempts() > 1);
     }
 }

@@ -2,16 +2,21 @@
 //! next sequence number in one transaction.
 
 use std::future::IntoFuture;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
 use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
-use mongodb::options::{Acknowledgment, ReturnDocument, TransactionOptions, WriteConcern};
+use mongodb::options::{
+    Acknowledgment, ReadConcern, ReadPreference, ReturnDocument, SelectionCriteria,
+    TransactionOptions, WriteConcern,
+};
 use outbox_core::memory::elapsed_ms;
 use outbox_core::model::{BatchId, BatchProgress, BatchSummary, NewBatch, Sequence};
-use outbox_core::store::{BatchStore, ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, StoreError};
-use tracing::{debug, instrument};
+use outbox_core::store::{BatchStore, ConflictRetry, StoreError};
+use tokio::time::Instant;
+use tracing::{debug, instrument, warn};
 
 use crate::documents::{
     batch_document, batch_progress, batch_summary, bson_datetime, get_u64, item_document,
@@ -19,37 +24,161 @@ use crate::documents::{
 use crate::errors::{classify, is_duplicate_key, is_unknown_commit_result};
 use crate::{MongoStore, SEQUENCE_COUNTER_ID};
 
-/// How often a commit whose outcome is unknown is retried (it is idempotent).
-const COMMIT_ATTEMPTS: u32 = 5;
+/// MongoDB's limit on one document (`maxBsonObjectSize`).
+pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+/// Taken off the deadline for the server-side limits (`maxTimeMS`), so the
+/// server's answer arrives before the client gives up.
+const SERVER_MARGIN: Duration = Duration::from_millis(100);
 
-pub(crate) fn transaction_options() -> TransactionOptions {
+/// Majority write concern; `timeout` bounds the wait for the majority
+/// (`wtimeout`) and the commit (`maxCommitTimeMS`). Transactions always run
+/// on the primary.
+pub(crate) fn transaction_options(timeout: Duration) -> TransactionOptions {
     TransactionOptions::builder()
-        .write_concern(WriteConcern::builder().w(Acknowledgment::Majority).build())
+        .write_concern(
+            WriteConcern::builder()
+                .w(Acknowledgment::Majority)
+                .w_timeout(timeout)
+                .build(),
+        )
+        .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+        .max_commit_time(timeout)
         .build()
 }
 
+/// What is left until `deadline`, less the margin, at least 1 ms.
+fn server_budget(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .saturating_sub(SERVER_MARGIN)
+        .max(Duration::from_millis(1))
+}
+
+fn deadline_passed(what: &str) -> StoreError {
+    StoreError::Unavailable(format!("MongoDB did not {what} within the request deadline"))
+}
+
+/// Counts bytes written: a document's encoded size without keeping it.
+#[derive(Default)]
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Refuses an item whose BSON is over MongoDB's document limit (BSON of a
+/// numeric array can be several times its JSON text).
+fn check_size(index: usize, document: &Document) -> Result<(), StoreError> {
+    let mut count = ByteCount::default();
+    document
+        .to_writer(&mut count)
+        .map_err(|e| StoreError::Other(format!("item {index} cannot be encoded: {e}")))?;
+    if count.0 > MAX_DOCUMENT_BYTES {
+        return Err(StoreError::ItemTooLarge {
+            index,
+            bytes: count.0,
+            limit: MAX_DOCUMENT_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// How a transaction attempt that did not commit ended.
+enum Attempt {
+    /// Nothing was committed; the error says whether to run again.
+    Failed(StoreError),
+    /// The commit was sent; its outcome is unknown.
+    Unknown(String),
+    /// The deadline cut a step off; the transaction may be open on the
+    /// server.
+    Abandoned,
+}
+
 impl MongoStore {
-    /// Commits, retrying while the outcome is unknown; a transient failure
-    /// of the commit itself means the whole transaction should run again.
-    pub(crate) async fn commit(session: &mut ClientSession) -> Result<(), StoreError> {
-        let mut attempt = 0;
+    /// Commits, retrying while the outcome is unknown, until `deadline`.
+    /// A transient failure of the commit itself means the whole transaction
+    /// should run again; an outcome still unknown at the deadline is
+    /// [`Attempt::Unknown`].
+    async fn commit_until(session: &mut ClientSession, deadline: Instant) -> Result<(), Attempt> {
+        let mut attempt = 0_u32;
         loop {
             attempt += 1;
-            match session.commit_transaction().await {
-                Ok(()) => return Ok(()),
-                Err(e) if is_unknown_commit_result(&e) && attempt < COMMIT_ATTEMPTS => {
+            let result = tokio::time::timeout_at(deadline, session.commit_transaction()).await;
+            match result {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) if is_unknown_commit_result(&e) => {
+                    if Instant::now() >= deadline {
+                        return Err(Attempt::Unknown(e.to_string()));
+                    }
                     debug!(message = "commit outcome unknown, retrying", error = %e, attempt);
+                    let pause = Duration::from_millis(10 << attempt.min(5));
+                    tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now())))
+                        .await;
                 }
-                Err(e) => return Err(classify(e)),
+                Ok(Err(e)) => return Err(Attempt::Failed(classify(e))),
+                Err(_) => {
+                    return Err(Attempt::Unknown(
+                        "no answer to commitTransaction before the deadline".to_owned(),
+                    ));
+                }
             }
+        }
+    }
+
+    /// Commits with the relay's commit timeout (fenced writes).
+    pub(crate) async fn commit(&self, session: &mut ClientSession) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.config.commit_timeout;
+        match Self::commit_until(session, deadline).await {
+            Ok(()) => Ok(()),
+            Err(Attempt::Failed(e)) => Err(e),
+            Err(Attempt::Unknown(message)) => Err(StoreError::OutcomeUnknown(message)),
+            Err(Attempt::Abandoned) => Err(deadline_passed("commit")),
         }
     }
 
     /// Aborts after a failed step. The step's error is what matters; an
     /// abort failure only means the server will time the transaction out.
     pub(crate) async fn abort(session: &mut ClientSession) {
-        if let Err(e) = session.abort_transaction().await {
-            debug!(message = "abort failed", error = %e);
+        let abort = tokio::time::timeout(Duration::from_secs(1), session.abort_transaction());
+        match abort.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(message = "abort failed", error = %e),
+            Err(_) => debug!(message = "abort timed out"),
+        }
+    }
+
+    /// Ends whatever the session may still have open on the server: after a
+    /// step or a commit was given up on, the transaction may be running
+    /// there, holding the sequence counter. Best effort, briefly.
+    /// Ends the session's transaction in the background, so the client's
+    /// answer does not wait for it: abort, then kill (the abort cannot end
+    /// a transaction whose commit was sent).
+    fn end_in_background(&self, mut session: ClientSession) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            Self::abort(&mut session).await;
+            store.kill_own(&session).await;
+        });
+    }
+
+    async fn kill_own(&self, session: &ClientSession) {
+        let id = session.id().clone();
+        match tokio::time::timeout(Duration::from_secs(2), self.kill_session(&id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(
+                message = "cannot end our abandoned transaction; MongoDB aborts it after transactionLifetimeLimitSeconds",
+                %error
+            ),
+            Err(_) => warn!(
+                message = "cannot end our abandoned transaction (timed out); MongoDB aborts it after transactionLifetimeLimitSeconds"
+            ),
         }
     }
 
@@ -58,23 +187,28 @@ impl MongoStore {
         session: &mut ClientSession,
         batch: &NewBatch,
         items: &mut [Document],
-    ) -> Result<BatchSummary, StoreError> {
+        deadline: Instant,
+    ) -> Result<BatchSummary, Attempt> {
+        let options = transaction_options(server_budget(deadline));
         session
             .start_transaction()
-            .with_options(transaction_options())
+            .with_options(options)
             .await
-            .map_err(classify)?;
-        let result = self.insert_steps(session, batch, items).await;
-        match result {
-            Ok(summary) => {
-                Self::commit(session).await?;
-                Ok(summary)
-            }
-            Err(e) => {
+            .map_err(|e| Attempt::Failed(classify(e)))?;
+        let steps = tokio::time::timeout_at(deadline, self.insert_steps(session, batch, items, deadline));
+        let summary = match steps.await {
+            Ok(Ok(summary)) => summary,
+            Ok(Err(e)) => {
                 Self::abort(session).await;
-                Err(e)
+                return Err(Attempt::Failed(e));
             }
-        }
+            Err(_) => {
+                // A step was cut off mid-flight: the server may still run it.
+                return Err(Attempt::Abandoned);
+            }
+        };
+        Self::commit_until(session, deadline).await?;
+        Ok(summary)
     }
 
     async fn insert_steps(
@@ -82,7 +216,28 @@ impl MongoStore {
         session: &mut ClientSession,
         batch: &NewBatch,
         items: &mut [Document],
+        deadline: Instant,
     ) -> Result<BatchSummary, StoreError> {
+        // Incrementing the counter inside the transaction is what makes the
+        // sequence gap-free and equal to commit order: a competing writer
+        // conflicts on this document and retries after we commit. It is the
+        // first statement so that its `maxTimeMS` bounds any wait for the
+        // counter (a store that serializes transactions makes the first
+        // statement wait).
+        let counter = self
+            .counters()
+            .find_one_and_update(
+                doc! { "_id": SEQUENCE_COUNTER_ID },
+                doc! { "$inc": { "value": 1_i64 } },
+            )
+            .return_document(ReturnDocument::After)
+            .max_time(server_budget(deadline))
+            .session(&mut *session)
+            .await
+            .map_err(classify)?
+            .ok_or_else(|| {
+                StoreError::Unavailable("sequence counter missing: the schema is not ready yet".to_owned())
+            })?;
         if let Some(idem) = &batch.idempotency {
             let now = Utc::now();
             // The TTL monitor runs once a minute: clear an expired key first.
@@ -111,22 +266,6 @@ impl MongoStore {
                 Err(e) => return Err(classify(e)),
             }
         }
-        // Incrementing the counter inside the transaction is what makes the
-        // sequence gap-free and equal to commit order: a competing writer
-        // conflicts on this document and retries after we commit.
-        let counter = self
-            .counters()
-            .find_one_and_update(
-                doc! { "_id": SEQUENCE_COUNTER_ID },
-                doc! { "$inc": { "value": 1_i64 } },
-            )
-            .return_document(ReturnDocument::After)
-            .session(&mut *session)
-            .await
-            .map_err(classify)?
-            .ok_or_else(|| {
-                StoreError::Other("sequence counter missing; run ensure_schema".to_owned())
-            })?;
         let sequence = Sequence(get_u64(&counter, "value")?);
         let sequence_bson = Bson::Int64(i64::try_from(sequence.0).unwrap_or(i64::MAX));
         for item in items.iter_mut() {
@@ -154,9 +293,13 @@ impl MongoStore {
         })
     }
 
+    /// A batch as a majority of the replica set has it: a batch a cut-off
+    /// primary committed alone may still roll back, and must not be shown
+    /// (or replayed) as stored.
     async fn find_batch(&self, batch_id: &BatchId) -> Result<Option<Document>, StoreError> {
         self.batches()
             .find_one(doc! { "batch_id": batch_id.as_str() })
+            .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)
     }
@@ -182,31 +325,55 @@ impl MongoStore {
 #[async_trait]
 impl BatchStore for MongoStore {
     #[instrument(skip_all, fields(batch_id = %batch.batch_id, items = batch.items.len()))]
-    async fn insert_batch(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
-        let mut items = batch
-            .items
-            .iter()
-            .map(|item| item_document(batch, item))
-            .collect::<Result<Vec<_>, _>>()?;
+    async fn insert_batch(
+        &self,
+        batch: &NewBatch,
+        deadline: Instant,
+    ) -> Result<BatchSummary, StoreError> {
+        let mut items = Vec::with_capacity(batch.items.len());
+        for (index, item) in batch.items.iter().enumerate() {
+            let document = item_document(batch, item)?;
+            check_size(index, &document)?;
+            items.push(document);
+        }
         // Waiting here, not inside MongoDB, keeps pooled connections free for
         // the transactions that are running.
-        let _slot = self
-            .ingest_slots
-            .acquire()
+        let _slot = tokio::time::timeout_at(deadline, self.ingest_slots.acquire())
             .await
+            .map_err(|_| deadline_passed("take the batch (all ingest slots busy)"))?
             .map_err(|_| StoreError::Other("store is shutting down".to_owned()))?;
-        let mut session = self.client.start_session().await.map_err(classify)?;
-        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
+        let mut session = tokio::time::timeout_at(deadline, self.client.start_session())
+            .await
+            .map_err(|_| deadline_passed("answer"))?
+            .map_err(classify)?;
+        let mut retry = ConflictRetry::until(deadline);
         loop {
-            match self.insert_once(&mut session, batch, &mut items).await {
-                Err(e) if retry.again(&e).await => {
+            match self.insert_once(&mut session, batch, &mut items, deadline).await {
+                Ok(summary) => return Ok(summary),
+                Err(Attempt::Unknown(message)) => {
+                    // Make sure it cannot commit later; say we don't know.
+                    self.end_in_background(session);
+                    return Err(StoreError::OutcomeUnknown(message));
+                }
+                Err(Attempt::Abandoned) => {
+                    self.end_in_background(session);
+                    return Err(deadline_passed("store the batch"));
+                }
+                Err(Attempt::Failed(e)) if retry.again(&e).await => {
                     debug!(
                         message = "retrying conflicting batch transaction",
                         attempt = retry.attempts()
                     );
                     metrics::counter!("outbox_writer_transaction_retries_total").increment(1);
                 }
-                other => return other,
+                Err(Attempt::Failed(StoreError::Conflict(message))) => {
+                    // Conflicts until the deadline: the store is too busy (or a
+                    // dead writer's transaction still holds the counter).
+                    return Err(StoreError::Unavailable(format!(
+                        "the batch kept conflicting until the request deadline: {message}"
+                    )));
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
             }
         }
     }
@@ -218,6 +385,7 @@ impl BatchStore for MongoStore {
         let record = self
             .idempotency()
             .find_one(doc! { "_id": key, "expires_at": { "$gt": bson_datetime(Utc::now()) } })
+            .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)?;
         let Some(record) = record else {

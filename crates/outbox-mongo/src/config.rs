@@ -30,6 +30,15 @@ pub struct MongoConfig {
     /// flight only means more write conflicts and retries. Keep it below the
     /// driver's connection pool size (`maxPoolSize`, default 10).
     pub transaction_concurrency: usize,
+    /// Server-side time limit (`maxTimeMS`, and `wtimeout` of the majority
+    /// write concern) of each lease read and write: a lease operation that
+    /// waits on a document another transaction holds fails after this long
+    /// instead of hanging past the lease's expiry. The relay sets it from
+    /// its TTL.
+    pub lease_timeout: Duration,
+    /// Server-side limit on how long a fenced transaction's commit may wait
+    /// for a majority (`wtimeout`, `maxCommitTimeMS`).
+    pub commit_timeout: Duration,
     pub app_name: String,
 }
 
@@ -48,6 +57,8 @@ impl MongoConfig {
             server_selection_timeout: Duration::from_secs(2),
             idempotency_ttl: Duration::from_secs(24 * 60 * 60),
             transaction_concurrency: DEFAULT_TRANSACTION_CONCURRENCY,
+            lease_timeout: Duration::from_secs(1),
+            commit_timeout: Duration::from_secs(10),
             app_name: "batch-outbox".to_owned(),
         }
     }

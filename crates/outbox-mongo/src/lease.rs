@@ -1,33 +1,163 @@
 //! The leader lease: one document, changed only by compare-and-swap on its
-//! holder and epoch, so two replicas can never both believe they took it.
+//! holder, epoch and expiry as read, so two replicas can never both believe
+//! they took it, and a renewal between a standby's read and its write makes
+//! the standby's write match nothing.
+//!
+//! Lease reads are majority reads and lease writes wait for a majority
+//! (with `wtimeout`): a takeover acknowledged by a primary alone could roll
+//! back and leave two leaders. Every lease operation carries `maxTimeMS`
+//! ([`MongoConfig::lease_timeout`](crate::MongoConfig)), so it fails instead
+//! of hanging on a lease document a transaction holds.
+//!
+//! A leader that dies inside a fenced transaction leaves that transaction
+//! open, holding the lease document, until MongoDB reaps it
+//! (`transactionLifetimeLimitSeconds`, 60 s by default). So the leader runs
+//! its fenced transactions on one session whose id is recorded in the lease
+//! document (`txn_session`), and a replica that takes over an expired lease
+//! first kills that session (`killSessions`), which aborts the orphan at once.
 
 use async_trait::async_trait;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::options::ReadConcern;
 use outbox_core::store::{Fence, Lease, LeaseStore, StoreError};
+use tracing::{info, warn};
 
-use crate::documents::get_u64;
-use crate::errors::{classify, is_duplicate_key};
+use crate::errors::{MAX_TIME_MS_EXPIRED, classify, code, is_duplicate_key};
 use crate::{LEASE_ID, MongoStore};
 
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-fn lease_from(doc: &Document) -> Result<Lease, StoreError> {
-    let expires_at_ms = match doc.get("expires_at_ms") {
-        Some(mongodb::bson::Bson::Int64(v)) => *v,
-        Some(mongodb::bson::Bson::Int32(v)) => i64::from(*v),
-        _ => {
-            return Err(StoreError::Other(
-                "lease document without expires_at_ms".to_owned(),
-            ));
-        }
-    };
-    Ok(Lease {
+/// A number however it was stored (a hand edit may leave a double or a
+/// string); anything unreadable is 0, which for an expiry means "expired".
+fn lenient_i64(value: Option<&Bson>) -> i64 {
+    match value {
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Double(v)) if v.is_finite() => *v as i64,
+        Some(Bson::String(s)) => s.trim().parse::<f64>().map_or(0, |v| v as i64),
+        _ => 0,
+    }
+}
+
+fn lease_from(doc: &Document) -> Lease {
+    Lease {
         holder: doc.get_str("holder").unwrap_or_default().to_owned(),
-        epoch: get_u64(doc, "epoch")?,
-        expires_at_ms,
-    })
+        epoch: u64::try_from(lenient_i64(doc.get("epoch"))).unwrap_or(0),
+        expires_at_ms: lenient_i64(doc.get("expires_at_ms")),
+    }
+}
+
+/// A filter matching the lease document exactly as it was read: the stored
+/// values themselves, whatever their types, or their absence.
+fn as_read(doc: &Document) -> Document {
+    let mut filter = doc! { "_id": LEASE_ID };
+    for field in ["holder", "epoch", "expires_at_ms"] {
+        match doc.get(field) {
+            Some(value) => filter.insert(field, value.clone()),
+            None => filter.insert(field, doc! { "$exists": false }),
+        };
+    }
+    filter
+}
+
+impl MongoStore {
+    fn lease_timeout_ms(&self) -> i64 {
+        i64::try_from(self.config.lease_timeout.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+
+    /// One `update` of the lease document, waiting for a majority, with the
+    /// lease time limit. Returns how many documents matched.
+    async fn lease_update(&self, filter: Document, update: Document) -> Result<u64, StoreError> {
+        let ms = self.lease_timeout_ms();
+        let reply = self
+            .db
+            .run_command(doc! {
+                "update": &self.config.lease_collection,
+                "updates": [{ "q": filter, "u": update }],
+                "maxTimeMS": ms,
+                "writeConcern": { "w": "majority", "wtimeout": ms },
+            })
+            .await
+            .map_err(classify)?;
+        if let Ok(errors) = reply.get_array("writeErrors")
+            && let Some(Bson::Document(error)) = errors.first()
+        {
+            return Err(StoreError::Other(format!("lease write failed: {error}")));
+        }
+        if let Ok(error) = reply.get_document("writeConcernError") {
+            // Applied on the primary, not confirmed by a majority: it may
+            // roll back, so it does not count.
+            return Err(StoreError::Unavailable(format!(
+                "lease write not confirmed by a majority: {error}"
+            )));
+        }
+        Ok(u64::try_from(lenient_i64(reply.get("n"))).unwrap_or(0))
+    }
+
+    /// The lease document as a majority has it. `Err(None)` when the read
+    /// hit its time limit: a transaction holds the document.
+    async fn read_lease(&self) -> Result<Option<Document>, Option<StoreError>> {
+        let result = self
+            .lease()
+            .find_one(doc! { "_id": LEASE_ID })
+            .read_concern(ReadConcern::majority())
+            .max_time(self.config.lease_timeout)
+            .await;
+        match result {
+            Ok(document) => {
+                *self.last_lease.lock().unwrap_or_else(|e| e.into_inner()) = document.clone();
+                Ok(document)
+            }
+            Err(e) if code(&e) == Some(MAX_TIME_MS_EXPIRED) => Err(None),
+            Err(e) => Err(Some(classify(e))),
+        }
+    }
+
+    /// Kills the fenced-transaction session recorded in an expired lease of
+    /// another holder, so its open transaction (if any) stops holding the
+    /// lease document. Failures are logged: the takeover's own write will
+    /// tell whether the document is free.
+    async fn kill_orphan(&self, lease: &Document, holder: &str, now_ms: i64) {
+        let current = lease_from(lease);
+        if current.holder == holder || current.expires_at_ms > now_ms {
+            return;
+        }
+        let Ok(session) = lease.get_document("txn_session") else {
+            return;
+        };
+        match self.kill_session(session).await {
+            Ok(()) => info!(
+                message = "killed the expired leader's transaction session",
+                holder = %current.holder,
+                epoch = current.epoch
+            ),
+            Err(error) => warn!(message = "cannot kill the expired leader's session", %error),
+        }
+    }
+
+    /// Records the session fenced transactions run on in the lease document
+    /// (filtered by `fence`), before its first transaction.
+    pub(crate) async fn record_fenced_session(
+        &self,
+        fence: &Fence,
+        session_id: &Document,
+    ) -> Result<(), StoreError> {
+        let matched = self
+            .lease_update(
+                doc! { "_id": LEASE_ID, "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
+                doc! { "$set": { "txn_session": session_id.clone() } },
+            )
+            .await?;
+        if matched == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced { epoch: fence.epoch })
+        }
+    }
 }
 
 #[async_trait]
@@ -39,21 +169,65 @@ impl LeaseStore for MongoStore {
         ttl_ms: i64,
     ) -> Result<Option<Lease>, StoreError> {
         let expires_at_ms = now_ms + ttl_ms;
-        let Some(current) = self.current().await? else {
+        // Recorded with every acquisition and renewal, so a successor knows
+        // which session to kill even if it never saw a fenced write.
+        let session = match self.fenced.ensure_id().await {
+            Ok(id) => id.map_or(Bson::Null, Bson::Document),
+            Err(error) => return Err(error),
+        };
+        let document = match self.read_lease().await {
+            Ok(document) => document,
+            Err(None) => {
+                // Only a transaction blocks a read (on a server that makes
+                // reads wait for transactions): if the lease we saw last has
+                // expired, that transaction is most likely its dead holder's.
+                let seen = self
+                    .last_lease
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(seen) = seen {
+                    self.kill_orphan(&seen, holder, now_ms).await;
+                }
+                return Err(StoreError::Unavailable(
+                    "the lease document is held by a transaction".to_owned(),
+                ));
+            }
+            Err(Some(error)) => return Err(error),
+        };
+        let Some(document) = document else {
             let lease = Lease {
                 holder: holder.to_owned(),
                 epoch: 1,
                 expires_at_ms,
             };
-            let document = doc! {
-                "_id": LEASE_ID, "holder": holder, "epoch": 1_i64, "expires_at_ms": expires_at_ms,
-            };
-            return match self.lease().insert_one(document).await {
+            let ms = self.lease_timeout_ms();
+            let insert = self
+                .db
+                .run_command(doc! {
+                    "insert": &self.config.lease_collection,
+                    "documents": [{
+                        "_id": LEASE_ID, "holder": holder, "epoch": 1_i64,
+                        "expires_at_ms": expires_at_ms, "txn_session": session,
+                    }],
+                    "maxTimeMS": ms,
+                    "writeConcern": { "w": "majority", "wtimeout": ms },
+                })
+                .await;
+            return match insert {
+                Ok(reply) if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty()) => {
+                    // Another replica inserted it first (E11000).
+                    Ok(None)
+                }
+                Ok(reply) if reply.get_document("writeConcernError").is_ok() => Err(
+                    StoreError::Unavailable("lease insert not confirmed by a majority".to_owned()),
+                ),
                 Ok(_) => Ok(Some(lease)),
                 Err(e) if is_duplicate_key(&e) => Ok(None),
                 Err(e) => Err(classify(e)),
             };
         };
+        let current = lease_from(&document);
         let next = if current.holder == holder {
             Lease {
                 expires_at_ms,
@@ -62,6 +236,7 @@ impl LeaseStore for MongoStore {
         } else if current.expires_at_ms > now_ms {
             return Ok(None);
         } else {
+            self.kill_orphan(&document, holder, now_ms).await;
             Lease {
                 holder: holder.to_owned(),
                 epoch: current.epoch + 1,
@@ -69,38 +244,69 @@ impl LeaseStore for MongoStore {
             }
         };
         // Only if nobody changed the lease since we read it.
-        let result = self
-            .lease()
-            .update_one(
-                doc! { "_id": LEASE_ID, "holder": &current.holder, "epoch": to_i64(current.epoch) },
+        let matched = self
+            .lease_update(
+                as_read(&document),
                 doc! { "$set": {
                     "holder": &next.holder,
                     "epoch": to_i64(next.epoch),
                     "expires_at_ms": next.expires_at_ms,
+                    "txn_session": session,
                 } },
             )
-            .await
-            .map_err(classify)?;
-        Ok((result.matched_count == 1).then_some(next))
+            .await?;
+        Ok((matched == 1).then_some(next))
     }
 
     async fn release(&self, fence: &Fence) -> Result<(), StoreError> {
-        self.lease()
-            .update_one(
-                doc! { "_id": LEASE_ID, "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
-                doc! { "$set": { "expires_at_ms": 0_i64 } },
-            )
-            .await
-            .map_err(classify)?;
+        self.lease_update(
+            doc! { "_id": LEASE_ID, "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
+            doc! { "$set": { "expires_at_ms": 0_i64 } },
+        )
+        .await?;
         Ok(())
     }
 
     async fn current(&self) -> Result<Option<Lease>, StoreError> {
-        let document = self
-            .lease()
-            .find_one(doc! { "_id": LEASE_ID })
-            .await
-            .map_err(classify)?;
-        document.as_ref().map(lease_from).transpose()
+        match self.read_lease().await {
+            Ok(document) => Ok(document.as_ref().map(lease_from)),
+            Err(None) => Err(StoreError::Unavailable(
+                "the lease document is held by a transaction".to_owned(),
+            )),
+            Err(Some(error)) => Err(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hand_edited_lease_still_reads() {
+        let lease = lease_from(&doc! {
+            "holder": "a", "epoch": 3.0, "expires_at_ms": 1_700_000_000_000.5_f64,
+        });
+        assert_eq!(lease.epoch, 3);
+        assert_eq!(lease.expires_at_ms, 1_700_000_000_000);
+        let broken = lease_from(&doc! { "holder": "a", "expires_at_ms": "soon" });
+        assert_eq!((broken.epoch, broken.expires_at_ms), (0, 0));
+    }
+
+    #[test]
+    fn the_compare_and_swap_matches_the_values_as_read() {
+        let read = doc! { "_id": LEASE_ID, "holder": "a", "epoch": 2.0, "expires_at_ms": 5_i32 };
+        assert_eq!(
+            as_read(&read),
+            doc! { "_id": LEASE_ID, "holder": "a", "epoch": 2.0, "expires_at_ms": 5_i32 }
+        );
+        let partial = doc! { "_id": LEASE_ID, "holder": "a" };
+        assert_eq!(
+            as_read(&partial),
+            doc! {
+                "_id": LEASE_ID, "holder": "a",
+                "epoch": { "$exists": false }, "expires_at_ms": { "$exists": false },
+            }
+        );
     }
 }

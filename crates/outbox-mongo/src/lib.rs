@@ -24,10 +24,11 @@ mod outbox;
 use std::sync::Arc;
 
 use mongodb::bson::{Document, doc};
-use mongodb::options::{ClientOptions, IndexOptions};
-use mongodb::{Client, Collection, Database, IndexModel};
+use mongodb::options::{ClientOptions, IndexOptions, ReadPreference, SelectionCriteria};
+use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 use outbox_core::store::StoreError;
 use tokio::sync::Semaphore;
+use tracing::{info, warn};
 
 pub use config::MongoConfig;
 use errors::classify;
@@ -48,6 +49,50 @@ pub struct MongoStore {
     /// Bounds the ingest transactions in flight (see
     /// [`MongoConfig::transaction_concurrency`]).
     ingest_slots: Arc<Semaphore>,
+    /// The one session the relay runs its fenced transactions on; shared
+    /// with the lease handle (see [`MongoStore::lease_handle`]).
+    fenced: Arc<FencedSession>,
+    /// The lease document as last read, for when a read is blocked (see
+    /// `lease.rs`).
+    last_lease: Arc<std::sync::Mutex<Option<Document>>>,
+}
+
+/// The session fenced writes run on, so that its id can be recorded in the
+/// lease document and a successor can kill it (aborting a transaction a
+/// dead leader left open) instead of waiting for MongoDB to reap it.
+struct FencedSession {
+    /// The client the session belongs to (the drain client).
+    client: Client,
+    session: tokio::sync::Mutex<Option<ClientSession>>,
+    /// The session's id, readable while a fenced write holds `session`.
+    id: std::sync::Mutex<Option<Document>>,
+}
+
+impl FencedSession {
+    fn id(&self) -> Option<Document> {
+        self.id.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_id(&self, id: Option<Document>) {
+        *self.id.lock().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+
+    /// The id to record in the lease, starting the session if there is
+    /// none yet (when a fenced write holds it, its id is already known).
+    async fn ensure_id(&self) -> Result<Option<Document>, StoreError> {
+        if let Some(id) = self.id() {
+            return Ok(Some(id));
+        }
+        let Ok(mut slot) = self.session.try_lock() else {
+            return Ok(self.id());
+        };
+        if slot.is_none() {
+            let session = self.client.start_session().await.map_err(classify)?;
+            self.set_id(Some(session.id().clone()));
+            *slot = Some(session);
+        }
+        Ok(self.id())
+    }
 }
 
 impl MongoStore {
@@ -56,25 +101,117 @@ impl MongoStore {
     ///
     /// # Errors
     /// [`StoreError::Other`] when the URL cannot be parsed.
-    pub async fn connect(config: MongoConfig) -> Result<Self, StoreError> {
+    pub async fn connect(mut config: MongoConfig) -> Result<Self, StoreError> {
         let mut options = ClientOptions::parse(&config.url)
             .await
             .map_err(|e| StoreError::Other(format!("invalid MongoDB URL: {e}")))?;
         options.server_selection_timeout = Some(config.server_selection_timeout);
         options.connect_timeout = Some(config.server_selection_timeout);
-        options
+        // Transactions must run on the primary, and the relay must read what
+        // the primary committed: a URL's `readPreference=secondaryPreferred`
+        // would make every transaction fail.
+        options.selection_criteria = Some(SelectionCriteria::ReadPreference(ReadPreference::Primary));
+        // An `appName` in the URL wins (tests use it to aim fail points).
+        config.app_name = options
             .app_name
-            .get_or_insert_with(|| config.app_name.clone());
+            .get_or_insert_with(|| config.app_name.clone())
+            .clone();
         let client = Client::with_options(options)
             .map_err(|e| StoreError::Other(format!("invalid MongoDB options: {e}")))?;
         let db = client.database(&config.database);
         let ingest_slots = Arc::new(Semaphore::new(config.transaction_concurrency.max(1)));
+        let fenced = Arc::new(FencedSession {
+            client: client.clone(),
+            session: tokio::sync::Mutex::new(None),
+            id: std::sync::Mutex::new(None),
+        });
         Ok(Self {
             client,
             db,
             config,
             ingest_slots,
+            fenced,
+            last_lease: Arc::default(),
         })
+    }
+
+    /// A handle for the lease on a client of its own, named
+    /// `<appName>:lease`: renewals never queue behind the drain's
+    /// operations in the connection pool, and a fail point can target them
+    /// alone. It shares the fenced session with `self`.
+    ///
+    /// # Errors
+    /// [`StoreError::Other`] when the URL cannot be parsed.
+    pub async fn lease_handle(&self) -> Result<Self, StoreError> {
+        let mut config = self.config.clone();
+        config.app_name = format!("{}:lease", self.config.app_name);
+        let mut options = ClientOptions::parse(&config.url)
+            .await
+            .map_err(|e| StoreError::Other(format!("invalid MongoDB URL: {e}")))?;
+        options.app_name = Some(config.app_name.clone());
+        options.server_selection_timeout = Some(config.server_selection_timeout);
+        options.connect_timeout = Some(config.server_selection_timeout);
+        options.selection_criteria = Some(SelectionCriteria::ReadPreference(ReadPreference::Primary));
+        let client = Client::with_options(options)
+            .map_err(|e| StoreError::Other(format!("invalid MongoDB options: {e}")))?;
+        Ok(Self {
+            db: client.database(&config.database),
+            client,
+            config,
+            ingest_slots: Arc::clone(&self.ingest_slots),
+            fenced: Arc::clone(&self.fenced),
+            last_lease: Arc::clone(&self.last_lease),
+        })
+    }
+
+    /// Aborts whatever transaction the session with this id has open, on
+    /// any client of the same user (MongoDB's `killSessions`).
+    pub(crate) async fn kill_session(&self, session_id: &Document) -> Result<(), StoreError> {
+        self.client
+            .database("admin")
+            .run_command(doc! { "killSessions": [session_id.clone()] })
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    /// MongoDB's `transactionLifetimeLimitSeconds`: how long a transaction
+    /// left open by a dead process blocks the documents it wrote. `None`
+    /// when the server does not say (no privilege, or no such parameter).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when MongoDB cannot be reached.
+    pub async fn transaction_lifetime_limit(&self) -> Result<Option<u64>, StoreError> {
+        let reply = self
+            .client
+            .database("admin")
+            .run_command(doc! { "getParameter": 1, "transactionLifetimeLimitSeconds": 1 })
+            .await;
+        match reply {
+            Ok(reply) => Ok(documents::get_u64(&reply, "transactionLifetimeLimitSeconds").ok()),
+            Err(e) => match errors::classify(e) {
+                StoreError::Unavailable(m) => Err(StoreError::Unavailable(m)),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    /// Reads `transactionLifetimeLimitSeconds` and warns when a process
+    /// that dies inside a transaction would block others for longer than
+    /// `bound` (the relay's lease TTL, or 15 s for the writer).
+    pub async fn check_transaction_lifetime(&self, bound: std::time::Duration, who: &str) {
+        match self.transaction_lifetime_limit().await {
+            Ok(Some(limit)) if limit > bound.as_secs().max(1) => warn!(
+                message = "MongoDB's transactionLifetimeLimitSeconds is high: a process killed inside a transaction blocks the others until MongoDB aborts it",
+                transaction_lifetime_limit_seconds = limit,
+                recommended_at_most_seconds = bound.as_secs(),
+                affects = who,
+                fix = "setParameter transactionLifetimeLimitSeconds (see docs/OPERATIONS.md)"
+            ),
+            Ok(Some(limit)) => info!(message = "MongoDB transaction lifetime limit", seconds = limit),
+            Ok(None) => info!(message = "cannot read MongoDB's transactionLifetimeLimitSeconds"),
+            Err(error) => warn!(message = "cannot read MongoDB's transactionLifetimeLimitSeconds", %error),
+        }
     }
 
     pub fn config(&self) -> &MongoConfig {
@@ -102,7 +239,6 @@ impl MongoStore {
         self.items()
             .create_indexes([
                 index(doc! { "batch_id": 1, "item_sequence": 1 }, Some(unique())),
-                index(doc! { "item_id": 1 }, Some(unique())),
                 index(
                     doc! { "batch_id": 1, "status": 1, "item_sequence": 1 },
                     None,
@@ -110,6 +246,13 @@ impl MongoStore {
             ])
             .await
             .map_err(classify)?;
+        // Items are keyed by item_id (`_id`); earlier versions also indexed
+        // `item_id`, which only cost every insert a second unique index.
+        if let Err(e) = self.items().drop_index("item_id_1").await
+            && !errors::is_missing_index(&e)
+        {
+            return Err(classify(e));
+        }
         let ttl = IndexOptions::builder()
             .expire_after(std::time::Duration::ZERO)
             .build();
@@ -209,7 +352,13 @@ impl MongoStore {
     ) -> Result<impl futures::Stream<Item = Result<(), StoreError>> + Send + use<>, StoreError>
     {
         use futures::StreamExt;
-        let stream = self.batches().watch().await.map_err(classify)?;
+        // Only new batches wake the relay, not its own status updates.
+        let stream = self
+            .batches()
+            .watch()
+            .pipeline([doc! { "$match": { "operationType": "insert" } }])
+            .await
+            .map_err(classify)?;
         Ok(stream.map(|event| event.map(drop).map_err(classify)))
     }
 }

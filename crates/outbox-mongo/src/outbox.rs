@@ -5,6 +5,13 @@
 //! taken the lease the filter matches nothing and the transaction is aborted
 //! with [`StoreError::Fenced`]; when the takeover races the write, MongoDB's
 //! write conflict on the lease document aborts one of the two.
+//!
+//! All fenced transactions of a process run on one session, recorded in the
+//! lease document before its first transaction (see `lease.rs`), so that a
+//! successor can kill a transaction this process leaves open by dying. Each
+//! mark and commit records the epoch it was written under
+//! (`sent_epoch`, `committed_epoch`), so a fencing failure would be visible
+//! in the data.
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -45,16 +52,46 @@ enum FencedWrite<'a> {
 
 impl MongoStore {
     /// Runs `write` in a transaction fenced by the lease epoch, retrying
-    /// conflicts.
+    /// conflicts, on the process's one fenced session.
     async fn fenced(&self, fence: &Fence, write: FencedWrite<'_>) -> Result<(), StoreError> {
-        let mut session = self.client.start_session().await.map_err(classify)?;
+        let mut slot = self.fenced.session.lock().await;
+        if slot.is_none() {
+            let session = self
+                .fenced
+                .client
+                .start_session()
+                .await
+                .map_err(classify)?;
+            self.record_fenced_session(fence, session.id()).await?;
+            self.fenced.set_id(Some(session.id().clone()));
+            *slot = Some(session);
+        }
+        let Some(session) = slot.as_mut() else {
+            return Err(StoreError::Other("no fenced session".to_owned()));
+        };
         let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
-        loop {
-            match self.fenced_once(&mut session, fence, &write).await {
+        let result = loop {
+            match self.fenced_once(session, fence, &write).await {
                 Err(e) if retry.again(&e).await => {}
-                other => return other,
+                other => break other,
+            }
+        };
+        if let Err(error) = &result
+            && !matches!(error, StoreError::Fenced { .. })
+        {
+            // The session may have been killed by a successor, or may still
+            // have a transaction open on the server that we gave up on: end
+            // it, and start the next write on a fresh, recorded session.
+            if let Some(session) = slot.take() {
+                self.fenced.set_id(None);
+                let id = session.id().clone();
+                let kill = tokio::time::timeout(std::time::Duration::from_secs(1), self.kill_session(&id));
+                if let Ok(Err(kill_error)) = kill.await {
+                    tracing::debug!(message = "cannot kill the failed fenced session", error = %kill_error);
+                }
             }
         }
+        result
     }
 
     async fn fenced_once(
@@ -65,7 +102,7 @@ impl MongoStore {
     ) -> Result<(), StoreError> {
         session
             .start_transaction()
-            .with_options(transaction_options())
+            .with_options(transaction_options(self.config.commit_timeout))
             .await
             .map_err(classify)?;
         let result = async {
@@ -81,11 +118,11 @@ impl MongoStore {
             if claimed.matched_count != 1 {
                 return Err(StoreError::Fenced { epoch: fence.epoch });
             }
-            self.apply(session, write).await
+            self.apply(session, fence, write).await
         }
         .await;
         match result {
-            Ok(()) => Self::commit(session).await,
+            Ok(()) => self.commit(session).await,
             Err(e) => {
                 Self::abort(session).await;
                 Err(e)
@@ -102,6 +139,7 @@ impl MongoStore {
         batch_id: &BatchId,
         marks: &[SentMark],
         now: &Bson,
+        epoch: i64,
     ) -> Result<(), StoreError> {
         let updates: Vec<Document> = marks
             .iter()
@@ -113,6 +151,7 @@ impl MongoStore {
                         "sent": true,
                         "publish_id": &mark.publish_id,
                         "sent_at": now.clone(),
+                        "sent_epoch": epoch,
                     } },
                 }
             })
@@ -150,6 +189,7 @@ impl MongoStore {
         session: &mut ClientSession,
         batch_id: &BatchId,
         now: &Bson,
+        epoch: i64,
     ) -> Result<(), StoreError> {
         let pending = self
             .items()
@@ -172,6 +212,7 @@ impl MongoStore {
                 doc! { "$set": {
                     "status": BatchStatus::Committed.as_str(),
                     "committed_at": now.clone(),
+                    "committed_epoch": epoch,
                 } },
             )
             .session(&mut *session)
@@ -183,9 +224,11 @@ impl MongoStore {
     async fn apply(
         &self,
         session: &mut ClientSession,
+        fence: &Fence,
         write: &FencedWrite<'_>,
     ) -> Result<(), StoreError> {
         let now = bson_datetime(Utc::now());
+        let epoch = to_i64(fence.epoch);
         match *write {
             FencedWrite::Start(batch_id) => {
                 self.batches()
@@ -198,14 +241,14 @@ impl MongoStore {
                     .map_err(classify)?;
             }
             FencedWrite::Marks(batch_id, marks) => {
-                self.write_marks(session, batch_id, marks, &now).await?;
+                self.write_marks(session, batch_id, marks, &now, epoch).await?;
             }
             FencedWrite::Commit(batch_id) => {
-                self.write_commit(session, batch_id, &now).await?;
+                self.write_commit(session, batch_id, &now, epoch).await?;
             }
             FencedWrite::Finish(batch_id, marks) => {
-                self.write_marks(session, batch_id, marks, &now).await?;
-                self.write_commit(session, batch_id, &now).await?;
+                self.write_marks(session, batch_id, marks, &now, epoch).await?;
+                self.write_commit(session, batch_id, &now, epoch).await?;
             }
             FencedWrite::Fail(batch_id, item_sequence, error) => {
                 self.batches()

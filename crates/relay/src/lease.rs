@@ -137,11 +137,19 @@ impl LeaseKeeper {
         let started = Instant::now();
         let ttl_ms = i64::try_from(self.settings.ttl.as_millis()).unwrap_or(i64::MAX);
         let was = self.tx.borrow().as_ref().map(|h| h.lease.epoch);
-        match self
-            .store
-            .acquire_or_renew(&self.settings.holder, self.clock.now_ms(), ttl_ms)
-            .await
-        {
+        // A store that does not answer at all (frozen, partitioned) must not
+        // stall the loop: the round gives up after half the TTL.
+        let round = tokio::time::timeout(
+            self.settings.ttl / 2,
+            self.store
+                .acquire_or_renew(&self.settings.holder, self.clock.now_ms(), ttl_ms),
+        );
+        let result = round.await.unwrap_or_else(|_| {
+            Err(outbox_core::store::StoreError::Unavailable(
+                "the lease operation did not answer within half the TTL".to_owned(),
+            ))
+        });
+        match result {
             Ok(Some(lease)) => {
                 if was != Some(lease.epoch) {
                     info!(message = "became leader", holder = %lease.holder, epoch = lease.epoch);

@@ -51,7 +51,15 @@ pub struct Application {
     wake: Arc<Notify>,
     start_paused: bool,
     change_stream: bool,
+    lease_ttl: Duration,
     store: Arc<dyn OutboxStore>,
+}
+
+/// The server-side time limit of each lease operation: a quarter of the
+/// TTL (within 250 ms and 5 s), so that a renewal blocked by a transaction
+/// fails, and is retried, well before the lease runs out.
+fn lease_operation_timeout(ttl: Duration) -> Duration {
+    (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(5))
 }
 
 impl Application {
@@ -60,13 +68,19 @@ impl Application {
     /// # Errors
     /// When a client cannot be configured or the port cannot be bound.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let mongo_config = config
+        let mut mongo_config = config
             .mongo
-            .to_config("outbox-relay")
+            .to_config(&format!("outbox-relay:{}", config.relay_id))
             .map_err(anyhow::Error::msg)?;
+        mongo_config.lease_timeout = lease_operation_timeout(config.lease_ttl());
         let mongo = MongoStore::connect(mongo_config)
             .await
             .context("configuring the MongoDB client")?;
+        // The lease on a client of its own (appName `<appName>:lease`).
+        let lease_store = mongo
+            .lease_handle()
+            .await
+            .context("configuring the lease's MongoDB client")?;
         let pubsub = config.pubsub_config().map_err(anyhow::Error::msg)?;
         if config.create_topic {
             create_topic_with_retries(&pubsub).await?;
@@ -75,9 +89,10 @@ impl Application {
             .await
             .context("building the Pub/Sub publisher")?;
         let store = Arc::new(mongo.clone());
-        let mut app = Self::with_parts(&config, store.clone(), store, Arc::new(publisher))?;
+        let mut app = Self::with_parts(&config, store, Arc::new(lease_store), Arc::new(publisher))?;
         app.mongo = Some(mongo);
         app.change_stream = config.change_stream;
+        app.lease_ttl = config.lease_ttl();
         Ok(app)
     }
 
@@ -150,6 +165,7 @@ impl Application {
             wake,
             start_paused: !config.enable_processor,
             change_stream: false,
+            lease_ttl: config.lease_ttl(),
             store,
         })
     }
@@ -190,6 +206,12 @@ impl Application {
                 () = prepare(mongo, self.start_paused, self.store.as_ref()) => {}
                 () = token.cancelled() => {}
             }
+            // A leader killed inside a transaction is replaced after the TTL
+            // (its session is killed); MongoDB's own limit matters for the
+            // writers, whose orphans nobody can know.
+            mongo
+                .check_transaction_lifetime(self.lease_ttl.max(Duration::from_secs(15)), "writers and relays")
+                .await;
         } else if self.start_paused {
             let _ = self.store.set_paused(true).await;
         }

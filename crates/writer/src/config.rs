@@ -32,6 +32,14 @@ pub struct Config {
     /// How long idempotency keys are remembered, in seconds.
     #[arg(long, env = "IDEMPOTENCY_TTL_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub idempotency_ttl_seconds: u64,
+    /// How long one request may spend on MongoDB, in seconds: the wait for
+    /// an ingest slot, the idempotency lookup, the transaction and its
+    /// commit. When MongoDB has no primary the answer is 503 within it; a
+    /// batch that cannot commit within it is not stored (503), or, if its
+    /// commit was sent, answered `outcome_unknown`. Raise it for very large
+    /// batches on a slow store.
+    #[arg(long, env = "REQUEST_DEADLINE_SECONDS", default_value_t = 2.0, value_parser = parse_deadline)]
+    pub request_deadline_seconds: f64,
     /// How long in-flight requests may take to finish after SIGTERM, in seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -51,6 +59,10 @@ impl Config {
         }
     }
 
+    pub fn request_deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.request_deadline_seconds)
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_seconds)
     }
@@ -67,5 +79,16 @@ impl Config {
             return Err("WRITER_WORKERS must be at least 1".to_owned());
         }
         self.mongo.to_config("outbox-writer").map(drop)
+    }
+}
+
+fn parse_deadline(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if (0.1..=600.0).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err("must be between 0.1 and 600 seconds".to_owned())
     }
 }

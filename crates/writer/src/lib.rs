@@ -75,6 +75,7 @@ impl Application {
             store,
             rules: config.ingest_rules(),
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
+            request_deadline: config.request_deadline(),
             schema_ready,
             prometheus: outbox_service::telemetry::prometheus(),
         });
@@ -154,6 +155,11 @@ async fn ensure_schema(store: MongoStore, ready: Arc<AtomicBool>) {
             Ok(()) => {
                 ready.store(true, Ordering::Release);
                 info!(message = "schema ready");
+                // A writer killed inside its transaction holds the sequence
+                // counter until MongoDB aborts the transaction.
+                store
+                    .check_transaction_lifetime(Duration::from_secs(15), "writers")
+                    .await;
                 return;
             }
             Err(error) => {

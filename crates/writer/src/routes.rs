@@ -32,6 +32,8 @@ pub struct AppState {
     pub store: Arc<dyn BatchStore>,
     pub rules: IngestRules,
     pub max_body_bytes: usize,
+    /// How long one request may spend on the store.
+    pub request_deadline: Duration,
     /// Set once indexes and the sequence counter exist.
     pub schema_ready: Arc<AtomicBool>,
     pub prometheus: PrometheusHandle,
@@ -95,11 +97,41 @@ fn store_problem(error: &StoreError) -> Problem {
             warn!(message = "store unavailable", %error);
             Problem::store_unavailable()
         }
+        StoreError::OutcomeUnknown(_) => {
+            warn!(message = "commit outcome unknown", %error);
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                "MongoDB went away while the batch was committing: it may or may not be stored. \
+                 Look it up by batch_id, or send the request again with the same Idempotency-Key",
+            )
+            .with_retry_after(2)
+        }
+        StoreError::ItemTooLarge {
+            index,
+            bytes,
+            limit,
+        } => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "item_too_large",
+            format!("item {index} is {bytes} bytes once stored, over MongoDB's limit of {limit} bytes per item"),
+        )
+        .with("index", *index),
         _ => {
             error!(message = "store error", %error);
             Problem::internal()
         }
     }
+}
+
+/// Before the schema exists a POST cannot be stored: 503, like readiness.
+fn schema_not_ready() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the writer is still preparing MongoDB (indexes, sequence counter); retry shortly",
+    )
+    .with_retry_after(1)
 }
 
 fn body_format(req: &HttpRequest) -> Result<BodyFormat, Problem> {
@@ -199,15 +231,21 @@ fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
 }
 
 /// The stored batch for a key, or a 422 when the key came with another body.
+/// Reads what a majority has (a batch that may still roll back is not
+/// replayed), within the request deadline.
 async fn replay(
     store: &dyn BatchStore,
     idem: &Idempotency,
+    deadline: tokio::time::Instant,
 ) -> Result<Option<HttpResponse>, Problem> {
-    let Some((hash, summary)) = store
-        .find_idempotent(&idem.key)
+    let found = tokio::time::timeout_at(deadline, store.find_idempotent(&idem.key))
         .await
-        .map_err(|e| store_problem(&e))?
-    else {
+        .map_err(|_| {
+            store_problem(&StoreError::Unavailable(
+                "idempotency lookup passed the request deadline".to_owned(),
+            ))
+        })?;
+    let Some((hash, summary)) = found.map_err(|e| store_problem(&e))? else {
         return Ok(None);
     };
     if hash != idem.request_hash {
@@ -249,12 +287,17 @@ async fn process(
     let format = body_format(req)?;
     let key = idempotency_key(req)?;
     let body = read_body(req, payload, state.max_body_bytes).await?;
+    if !state.schema_ready.load(Ordering::Acquire) {
+        return Err(schema_not_ready());
+    }
+    // Everything the store does for this request fits in one deadline.
+    let deadline = tokio::time::Instant::now() + state.request_deadline;
     let idempotency = key.map(|key| Idempotency {
         key,
         request_hash: ingest::request_hash(&body),
     });
     if let Some(idem) = &idempotency
-        && let Some(response) = replay(state.store.as_ref(), idem).await?
+        && let Some(response) = replay(state.store.as_ref(), idem, deadline).await?
     {
         return Ok(response);
     }
@@ -269,12 +312,21 @@ async fn process(
     .map_err(ingest_problem)?;
 
     let span = info_span!("store_batch", batch_id = %batch.batch_id, items = batch.items.len());
-    match state
-        .store
-        .insert_batch(&batch)
-        .instrument(span.clone())
-        .await
-    {
+    // Detached from the request: a client that disconnects drops this
+    // handler, and must not cut the transaction off half-way. The task ends
+    // by itself at the deadline.
+    let batch = Arc::new(batch);
+    let store = Arc::clone(&state.store);
+    let task = {
+        let batch = Arc::clone(&batch);
+        tokio::spawn(
+            async move { store.insert_batch(&batch, deadline).await }.instrument(span.clone()),
+        )
+    };
+    let stored = task.await.unwrap_or_else(|e| {
+        Err(StoreError::Other(format!("the store task failed: {e}")))
+    });
+    match stored {
         Ok(summary) => {
             metrics::counter!(BATCHES_ACCEPTED).increment(1);
             metrics::counter!(ITEMS_ACCEPTED).increment(summary.total_items);
@@ -289,11 +341,16 @@ async fn process(
         }
         Err(StoreError::DuplicateIdempotencyKey) => {
             // A concurrent request with the same key won: answer with its batch.
+            // Not found by a majority read yet: its commit is not majority
+            // committed; the client retries shortly.
             let idem = batch.idempotency.as_ref().ok_or_else(Problem::internal)?;
-            replay(state.store.as_ref(), idem)
+            replay(state.store.as_ref(), idem, deadline)
                 .await?
                 .ok_or_else(Problem::store_unavailable)
         }
+        Err(e @ StoreError::OutcomeUnknown(_)) => Err(span.in_scope(|| {
+            store_problem(&e).with("batch_id", batch.batch_id.as_str())
+        })),
         Err(e) => Err(span.in_scope(|| store_problem(&e))),
     }
 }

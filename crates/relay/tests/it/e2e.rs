@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-fn env(name: &str) -> String {
+pub(crate) fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!(
             "{name} is not set: run scripts/test.sh, which starts MongoDB and the Pub/Sub emulator"
@@ -22,7 +22,7 @@ fn env(name: &str) -> String {
     })
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -30,7 +30,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn binary(name: &str) -> PathBuf {
+pub(crate) fn binary(name: &str) -> PathBuf {
     let relay = PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"));
     let path = relay.with_file_name(name);
     assert!(
@@ -42,19 +42,29 @@ fn binary(name: &str) -> PathBuf {
 }
 
 /// A child process killed when dropped, its output in a log file.
-struct Process {
-    child: Child,
+pub(crate) struct Process {
+    pub(crate) child: Child,
     name: String,
     log: PathBuf,
 }
 
 impl Process {
-    fn spawn(name: &str, program: PathBuf, vars: &[(&str, String)]) -> Self {
+    pub(crate) fn spawn(name: &str, program: PathBuf, vars: &[(&str, String)]) -> Self {
+        Self::spawn_args(name, program, &[], vars)
+    }
+
+    pub(crate) fn spawn_args(
+        name: &str,
+        program: PathBuf,
+        args: &[String],
+        vars: &[(&str, String)],
+    ) -> Self {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let log = dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).unwrap();
         let mut command = Command::new(program);
         command
+            .args(args)
             .env("LOG_FORMAT", "pretty")
             .env("RUST_LOG", "info")
             .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
@@ -69,7 +79,7 @@ impl Process {
         }
     }
 
-    fn kill_hard(&mut self) {
+    pub(crate) fn kill_hard(&mut self) {
         let pid = self.child.id().expect("running") as i32;
         // SIGKILL: no lease release, no flush, nothing.
         let status = std::process::Command::new("kill")
@@ -79,7 +89,17 @@ impl Process {
         assert!(status.success());
     }
 
-    fn tail(&self) -> String {
+    /// Sends a signal (`STOP`, `CONT`, `KILL`, ...) with `kill(1)`.
+    pub(crate) fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
+    pub(crate) fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<_> = text.lines().rev().take(30).collect();
         format!(
@@ -91,7 +111,7 @@ impl Process {
     }
 }
 
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+pub(crate) async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -106,18 +126,35 @@ where
     }
 }
 
-struct Stack {
-    database: String,
-    pubsub: PubSubConfig,
-    subscription: String,
-    writer: Process,
-    writer_url: String,
-    http: reqwest::Client,
-    db: mongodb::Database,
+pub(crate) struct Stack {
+    pub(crate) database: String,
+    pub(crate) pubsub: PubSubConfig,
+    pub(crate) subscription: String,
+    pub(crate) writer: Process,
+    pub(crate) writer_url: String,
+    pub(crate) http: reqwest::Client,
+    pub(crate) db: mongodb::Database,
+    /// The MongoDB the stack runs on, and whether it is the stand-in.
+    pub(crate) mongo_url: String,
+    pub(crate) standin: bool,
 }
 
 async fn start_stack() -> Stack {
-    let mongo_url = env("MONGODB_URL");
+    let standin = std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin");
+    // The shared stand-in runs one transaction at a time for every test
+    // running in parallel: give the writer room beyond its 2 s default.
+    let deadline = [("REQUEST_DEADLINE_SECONDS", "30".to_owned())];
+    start_stack_on(&env("MONGODB_URL"), standin, &deadline).await
+}
+
+/// A writer (with `writer_vars` added to its environment) on the MongoDB at
+/// `mongo_url`, a fresh database, topic and ordered subscription.
+pub(crate) async fn start_stack_on(
+    mongo_url: &str,
+    standin: bool,
+    writer_vars: &[(&str, String)],
+) -> Stack {
+    let mongo_url = mongo_url.to_owned();
     let emulator = env("PUBSUB_EMULATOR_HOST");
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let database = format!("e2e_{suffix}");
@@ -135,15 +172,13 @@ async fn start_stack() -> Stack {
         .expect("subscription");
 
     let port = free_port();
-    let writer = Process::spawn(
-        "writer",
-        binary("outbox-writer"),
-        &[
-            ("WRITER_BIND", format!("127.0.0.1:{port}")),
-            ("MONGODB_URL", mongo_url.clone()),
-            ("MONGODB_DATABASE", database.clone()),
-        ],
-    );
+    let mut vars = vec![
+        ("WRITER_BIND", format!("127.0.0.1:{port}")),
+        ("MONGODB_URL", mongo_url.clone()),
+        ("MONGODB_DATABASE", database.clone()),
+    ];
+    vars.extend(writer_vars.iter().map(|(k, v)| (*k, v.clone())));
+    let writer = Process::spawn("writer", binary("outbox-writer"), &vars);
     let writer_url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let ready = format!("{writer_url}/health/ready");
@@ -164,14 +199,16 @@ async fn start_stack() -> Stack {
         writer_url,
         http,
         db,
+        mongo_url,
+        standin,
     }
 }
 
 impl Stack {
-    fn relay(&self, id: &str, extra: &[(&str, &str)]) -> (Process, String) {
+    pub(crate) fn relay(&self, id: &str, extra: &[(&str, &str)]) -> (Process, String) {
         let port = free_port();
         let mut vars = vec![
-            ("MONGODB_URL", env("MONGODB_URL")),
+            ("MONGODB_URL", self.mongo_url.clone()),
             ("MONGODB_DATABASE", self.database.clone()),
             (
                 "PUBSUB_EMULATOR_HOST",
@@ -183,10 +220,7 @@ impl Stack {
             ("RELAY_ADMIN_BIND", format!("127.0.0.1:{port}")),
             // The stand-in's change-stream getMore blocks other commands on
             // the database; the relay polls there instead.
-            (
-                "OUTBOX_CHANGE_STREAM",
-                (std::env::var("MONGODB_FLAVOR").as_deref() != Ok("standin")).to_string(),
-            ),
+            ("OUTBOX_CHANGE_STREAM", (!self.standin).to_string()),
         ];
         vars.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
         (
@@ -196,7 +230,7 @@ impl Stack {
     }
 
     /// Submits batches of the given sizes, all at once.
-    async fn submit(&self, sizes: &[usize]) {
+    pub(crate) async fn submit(&self, sizes: &[usize]) {
         let requests = sizes.iter().enumerate().map(|(b, &n)| {
             let body: Vec<Value> = (0..n)
                 .map(|i| json!({"request_id": format!("b{b}-i{i}"), "vendor_name": "acme", "i": i}))
@@ -214,7 +248,7 @@ impl Stack {
         futures::future::join_all(requests).await;
     }
 
-    async fn items(&self) -> Vec<Document> {
+    pub(crate) async fn items(&self) -> Vec<Document> {
         self.db
             .collection::<Document>("batch_items")
             .find(doc! {})
@@ -230,7 +264,7 @@ impl Stack {
 
 /// One received message.
 #[derive(Debug, Clone)]
-struct Received {
+pub(crate) struct Received {
     message_id: String,
     item_id: String,
     position: (u64, u64),
@@ -239,15 +273,26 @@ struct Received {
 
 /// Receives until `expected` distinct items arrived; returns every delivery
 /// in arrival order (duplicates included).
-async fn receive(
+pub(crate) async fn receive(
     stack: &Stack,
+    expected: usize,
+    limit: Duration,
+    on_message: impl Fn(usize),
+) -> Vec<Received> {
+    receive_on(stack, &stack.subscription, expected, limit, on_message).await
+}
+
+/// [`receive`] from another subscription of the stack's topic.
+pub(crate) async fn receive_on(
+    stack: &Stack,
+    subscription: &str,
     expected: usize,
     limit: Duration,
     on_message: impl Fn(usize),
 ) -> Vec<Received> {
     let client = pubsub::subscriber(&stack.pubsub).await.unwrap();
     let mut stream = client
-        .subscribe(stack.pubsub.subscription_path(&stack.subscription))
+        .subscribe(stack.pubsub.subscription_path(subscription))
         .build();
     let mut received = Vec::new();
     let mut distinct = std::collections::HashSet::new();
@@ -281,7 +326,7 @@ async fn receive(
 }
 
 /// First deliveries in arrival order, and the number of duplicates.
-fn firsts(received: &[Received]) -> (Vec<Received>, usize) {
+pub(crate) fn firsts(received: &[Received]) -> (Vec<Received>, usize) {
     let mut seen = std::collections::HashSet::new();
     let firsts: Vec<_> = received
         .iter()
@@ -292,7 +337,7 @@ fn firsts(received: &[Received]) -> (Vec<Received>, usize) {
     (firsts, duplicates)
 }
 
-fn assert_in_order(firsts: &[Received], sizes_by_sequence: &BTreeMap<u64, u64>) {
+pub(crate) fn assert_in_order(firsts: &[Received], sizes_by_sequence: &BTreeMap<u64, u64>) {
     let expected: Vec<(u64, u64)> = sizes_by_sequence
         .iter()
         .flat_map(|(b, n)| (1..=*n).map(move |i| (*b, i)))
@@ -318,7 +363,7 @@ fn assert_in_order(firsts: &[Received], sizes_by_sequence: &BTreeMap<u64, u64>) 
 
 /// `sent: true`. The stand-in stores a boolean written with `$set` as the
 /// integer 1 (a gap like its DateTime-as-string one); MongoDB keeps the bool.
-fn is_true(value: Option<&mongodb::bson::Bson>) -> bool {
+pub(crate) fn is_true(value: Option<&mongodb::bson::Bson>) -> bool {
     use mongodb::bson::Bson;
     match value {
         Some(Bson::Boolean(b)) => *b,
@@ -327,7 +372,7 @@ fn is_true(value: Option<&mongodb::bson::Bson>) -> bool {
     }
 }
 
-fn sizes_by_sequence(items: &[Document]) -> BTreeMap<u64, u64> {
+pub(crate) fn sizes_by_sequence(items: &[Document]) -> BTreeMap<u64, u64> {
     let mut sizes = BTreeMap::new();
     for item in items {
         let seq = match item.get("batch_sequence") {

@@ -205,7 +205,10 @@ pub async fn store_batches(store: &MemoryStore, sizes: &[usize]) -> Vec<NewBatch
             chrono::Utc::now(),
         )
         .unwrap();
-        store.insert_batch(&batch).await.unwrap();
+        store
+            .insert_batch(&batch, tokio::time::Instant::now() + std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
         batches.push(batch);
     }
     batches

@@ -3,10 +3,13 @@
 //! in-memory store and a publisher that injects failures (tokio's paused
 //! clock stands in for time); `admin` talks to the admin port; `e2e` runs the
 //! real binaries against MongoDB (or its stand-in) and Google's Pub/Sub
-//! emulator, as started by `scripts/test.sh`.
+//! emulator, as started by `scripts/test.sh`; `faults` injects MongoDB
+//! failures over the wire (fail points, killed sessions) into the real
+//! binaries.
 
 mod admin;
 mod drain;
 mod e2e;
 mod fakes;
+mod faults;
 mod lease;

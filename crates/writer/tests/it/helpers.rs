@@ -70,6 +70,11 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let database = format!("writer_test_{}", uuid::Uuid::new_v4().simple());
     let url = mongo_url();
     let mut args = vec!["--mongodb-url", &url, "--mongodb-database", &database];
+    // The shared stand-in runs one transaction at a time for all the tests
+    // running in parallel: room beyond the 2 s default deadline.
+    if !extra.contains(&"--request-deadline-seconds") {
+        args.extend(["--request-deadline-seconds", "30"]);
+    }
     args.extend_from_slice(extra);
     let app = Application::build(config(&args))
         .await

@@ -1,0 +1,810 @@
+//! MongoDB failures injected over the wire, against the real binaries, with
+//! MongoDB's own test commands (`configureFailPoint` with `failCommand`,
+//! `waitForFailPoint`, `killSessions`, `setParameter`). The stand-in
+//! implements them; a real `mongod --setParameter enableTestCommands=1`
+//! named by `MONGODB_URL` runs the same tests.
+//!
+//! Fail points are server-wide and a transaction left open stalls the
+//! stand-in, so each test gets a private stand-in; against a real MongoDB
+//! the tests take a file lock and run one at a time.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mongodb::bson::{Bson, Document, doc};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::e2e::{
+    Process, Stack, assert_in_order, env, eventually, firsts, free_port, receive, receive_on,
+    sizes_by_sequence, start_stack_on,
+};
+
+/// A MongoDB this test may inject faults into.
+struct FaultyMongo {
+    url: String,
+    standin: bool,
+    client: mongodb::Client,
+    process: Option<Process>,
+    _lock: Option<std::fs::File>,
+}
+
+impl FaultyMongo {
+    /// A private stand-in with MongoDB's default transaction lifetime (60 s)
+    /// unless `lifetime` says otherwise, or the `MONGODB_URL` server. `None`
+    /// (after saying SKIPPED) when that server has no test commands.
+    async fn start(test: &str, lifetime: Option<u32>) -> Option<Self> {
+        let standin = std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin");
+        let (url, process, lock) = if standin {
+            let port = free_port();
+            let mut args = vec![
+                env("STANDIN_SCRIPT"),
+                "--port".to_owned(),
+                port.to_string(),
+            ];
+            if let Some(seconds) = lifetime {
+                args.push("--setParameter".to_owned());
+                args.push(format!("transactionLifetimeLimitSeconds={seconds}"));
+            }
+            let process = Process::spawn_args(
+                "standin",
+                env("STANDIN_PYTHON").into(),
+                &args,
+                &[],
+            );
+            (
+                format!("mongodb://127.0.0.1:{port}/?replicaSet=rs0"),
+                Some(process),
+                None,
+            )
+        } else {
+            let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fail-points.lock");
+            let file = std::fs::File::create(path).unwrap();
+            let file = tokio::task::spawn_blocking(move || {
+                file.lock().unwrap();
+                file
+            })
+            .await
+            .unwrap();
+            (env("MONGODB_URL"), None, Some(file))
+        };
+        let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+        let admin = client.database("admin");
+        let started = Instant::now();
+        loop {
+            let probe = admin
+                .run_command(doc! { "configureFailPoint": "failCommand", "mode": "off" })
+                .await;
+            match probe {
+                Ok(_) => break,
+                Err(e) if e.to_string().contains("no such command")
+                    || e.to_string().contains("enableTestCommands") =>
+                {
+                    println!(
+                        "SKIPPED {test}: the MongoDB at MONGODB_URL has no fail points ({e}); start it with --setParameter enableTestCommands=1"
+                    );
+                    return None;
+                }
+                Err(e) => assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "MongoDB did not answer: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mongo = Self {
+            url,
+            standin,
+            client,
+            process,
+            _lock: lock,
+        };
+        if let (false, Some(seconds)) = (standin, lifetime) {
+            mongo.set_lifetime(seconds).await;
+        }
+        Some(mongo)
+    }
+
+    fn url_for(&self, app_name: &str) -> String {
+        format!("{}&appName={app_name}", self.url)
+    }
+
+    async fn set_lifetime(&self, seconds: u32) {
+        self.client
+            .database("admin")
+            .run_command(doc! { "setParameter": 1, "transactionLifetimeLimitSeconds": seconds })
+            .await
+            .unwrap();
+    }
+
+    /// Configures `failCommand`; returns the count `waitForFailPoint` adds to.
+    async fn fail_point(&self, mode: Bson, data: Document) -> i64 {
+        let reply = self
+            .client
+            .database("admin")
+            .run_command(doc! { "configureFailPoint": "failCommand", "mode": mode, "data": data })
+            .await
+            .unwrap();
+        match reply.get("count") {
+            Some(Bson::Int32(n)) => i64::from(*n),
+            Some(Bson::Int64(n)) => *n,
+            _ => 0,
+        }
+    }
+
+    async fn fail_point_off(&self) {
+        self.fail_point(Bson::String("off".into()), doc! {}).await;
+    }
+
+    async fn wait_for_fail_point(&self, times_entered: i64) {
+        self.client
+            .database("admin")
+            .run_command(doc! {
+                "waitForFailPoint": "failCommand",
+                "timesEntered": times_entered,
+                "maxTimeMS": 60_000,
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn stack(&self, writer_app: &str, writer_vars: &[(&str, String)]) -> Stack {
+        let url = self.url_for(writer_app);
+        start_stack_on(&url, self.standin, writer_vars).await
+    }
+
+    /// A relay on this MongoDB, its appName `app`.
+    fn relay(&self, stack: &Stack, id: &str, app: &str, extra: &[(&str, &str)]) -> (Process, String) {
+        let url = self.url_for(app);
+        let mut vars = extra.to_vec();
+        vars.push(("MONGODB_URL", url.as_str()));
+        stack.relay(id, &vars)
+    }
+}
+
+impl Drop for FaultyMongo {
+    fn drop(&mut self) {
+        if let Some(process) = &self.process
+            && let Some(pid) = process.child.id()
+        {
+            // A frozen stand-in must be able to die.
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+fn number(value: Option<&Bson>) -> i64 {
+    match value {
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Double(n)) => *n as i64,
+        other => panic!("not a number: {other:?}"),
+    }
+}
+
+fn items_of(n: usize, tag: &str) -> Value {
+    Value::Array(
+        (0..n)
+            .map(|i| json!({"request_id": format!("{tag}-{i}"), "vendor_name": "acme", "i": i}))
+            .collect(),
+    )
+}
+
+/// POSTs a batch; returns the status and the JSON body.
+async fn post(stack: &Stack, body: &Value, key: Option<&str>) -> (u16, Value, Duration) {
+    let mut request = stack
+        .http
+        .post(format!("{}/api/v1/batch/process", stack.writer_url))
+        .json(body);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let started = Instant::now();
+    let response = request.send().await.expect("writer answers");
+    let took = started.elapsed();
+    let status = response.status().as_u16();
+    if status == 503 {
+        assert!(
+            response.headers().contains_key("retry-after"),
+            "503 without Retry-After"
+        );
+    }
+    (status, response.json().await.unwrap_or(Value::Null), took)
+}
+
+async fn count(stack: &Stack, collection: &str) -> u64 {
+    stack
+        .db
+        .collection::<Document>(collection)
+        .count_documents(doc! {})
+        .await
+        .unwrap()
+}
+
+/// Stored batches' sequences in order, and each batch's stored item count.
+async fn stored_sequences(stack: &Stack) -> Vec<(i64, u64, u64)> {
+    use futures::TryStreamExt;
+    let batches: Vec<Document> = stack
+        .db
+        .collection::<Document>("batches")
+        .find(doc! {})
+        .sort(doc! { "batch_sequence": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for batch in batches {
+        let items = stack
+            .db
+            .collection::<Document>("batch_items")
+            .count_documents(doc! { "batch_id": batch.get_str("batch_id").unwrap() })
+            .await
+            .unwrap();
+        out.push((
+            number(batch.get("batch_sequence")),
+            u64::try_from(number(batch.get("total_items"))).unwrap(),
+            items,
+        ));
+    }
+    out
+}
+
+fn assert_gap_free(stored: &[(i64, u64, u64)]) {
+    for (index, (sequence, total, items)) in stored.iter().enumerate() {
+        assert_eq!(*sequence, index as i64 + 1, "sequences {stored:?}");
+        assert_eq!(total, items, "batch {sequence} is not whole");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_retries_a_transient_write_conflict_on_the_counter() {
+    let Some(mongo) = FaultyMongo::start("writer_retries_a_transient_write_conflict", None).await
+    else {
+        return;
+    };
+    let app = unique("writer");
+    let stack = mongo.stack(&app, &[]).await;
+    let before = mongo
+        .fail_point(
+            Bson::Document(doc! { "times": 3 }),
+            doc! {
+                "failCommands": ["findAndModify"], "appName": &app,
+                "errorCode": 112, "errorLabels": ["TransientTransactionError"],
+            },
+        )
+        .await;
+    for b in 0..3 {
+        let (status, body, _) = post(&stack, &items_of(5, &format!("b{b}")), None).await;
+        assert_eq!(status, 201, "{body} {}", stack.writer.tail());
+    }
+    mongo.wait_for_fail_point(before + 3).await;
+    let stored = stored_sequences(&stack).await;
+    assert_eq!(stored.len(), 3, "each batch stored once: {stored:?}");
+    assert_gap_free(&stored);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_commit_result_is_retried_and_stores_one_batch() {
+    let Some(mongo) = FaultyMongo::start("an_unknown_commit_result_is_retried", None).await else {
+        return;
+    };
+    let app = unique("writer");
+    let stack = mongo.stack(&app, &[]).await;
+    // Twice: the driver's own commit retry fails too, so ours must retry.
+    let before = mongo
+        .fail_point(
+            Bson::Document(doc! { "times": 2 }),
+            doc! {
+                "failCommands": ["commitTransaction"], "appName": &app,
+                "errorCode": 91, "errorLabels": ["RetryableWriteError"],
+            },
+        )
+        .await;
+    let (status, body, _) = post(&stack, &items_of(4, "once"), Some("key-once")).await;
+    assert_eq!(status, 201, "{body} {}", stack.writer.tail());
+    mongo.wait_for_fail_point(before + 2).await;
+    assert_eq!(stored_sequences(&stack).await, [(1, 4, 4)]);
+    assert_eq!(count(&stack, "idempotency_keys").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_writable_primary_on_insert_answers_503_and_stores_nothing() {
+    let Some(mongo) = FaultyMongo::start("not_writable_primary_on_insert", None).await else {
+        return;
+    };
+    let app = unique("writer");
+    let stack = mongo.stack(&app, &[]).await;
+    mongo
+        .fail_point(
+            Bson::String("alwaysOn".into()),
+            doc! { "failCommands": ["insert"], "appName": &app, "errorCode": 10107 },
+        )
+        .await;
+    let (status, body, took) = post(&stack, &items_of(3, "np"), None).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("store_unavailable")), "{body}");
+    assert!(took < Duration::from_secs(4), "503 after {took:?}");
+    assert_eq!(count(&stack, "batches").await, 0);
+    assert_eq!(count(&stack, "batch_items").await, 0);
+    mongo.fail_point_off().await;
+    let (status, body, _) = post(&stack, &items_of(3, "np"), None).await;
+    assert_eq!(status, 201, "{body}");
+    // The failed attempts consumed no sequence number.
+    assert_eq!(stored_sequences(&stack).await, [(1, 3, 3)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_outcome_stays_unknown_answers_outcome_unknown_with_the_batch_id() {
+    let Some(mongo) = FaultyMongo::start("a_commit_whose_outcome_stays_unknown", None).await else {
+        return;
+    };
+    let app = unique("writer");
+    let stack = mongo.stack(&app, &[]).await;
+    mongo
+        .fail_point(
+            Bson::String("alwaysOn".into()),
+            doc! {
+                "failCommands": ["commitTransaction"], "appName": &app,
+                "errorCode": 91, "errorLabels": ["RetryableWriteError"],
+            },
+        )
+        .await;
+    let body = items_of(2, "unknown");
+    let (status, problem, _) = post(&stack, &body, Some("key-unknown")).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(problem["code"], "outcome_unknown", "{problem}");
+    let batch_id = problem["batch_id"].as_str().expect("the problem names the batch");
+    mongo.fail_point_off().await;
+    // The client can look the batch up: here the commit never ran.
+    let lookup = stack
+        .http
+        .get(format!("{}/api/v1/batch/{batch_id}/status", stack.writer_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lookup.status(), 404);
+    assert_eq!(count(&stack, "batches").await, 0);
+    // And retrying with the same key stores it once.
+    let (status, stored, _) = post(&stack, &body, Some("key-unknown")).await;
+    assert_eq!(status, 201, "{stored}");
+    assert_eq!(stored_sequences(&stack).await, [(1, 2, 2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_before_the_schema_exists_answers_503() {
+    let Some(mongo) = FaultyMongo::start("a_post_before_the_schema_exists", None).await else {
+        return;
+    };
+    let app = unique("writer");
+    // Index creation hangs until the fail point is lifted.
+    mongo
+        .fail_point(
+            Bson::String("alwaysOn".into()),
+            doc! {
+                "failCommands": ["createIndexes"], "appName": &app,
+                "blockConnection": true, "blockTimeMS": 500, "errorCode": 91,
+            },
+        )
+        .await;
+    let port = free_port();
+    let database = unique("schema");
+    let writer = Process::spawn(
+        "writer",
+        crate::e2e::binary("outbox-writer"),
+        &[
+            ("WRITER_BIND", format!("127.0.0.1:{port}")),
+            ("MONGODB_URL", mongo.url_for(&app)),
+            ("MONGODB_DATABASE", database),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(30), "the writer to listen", || {
+        let live = http.get(format!("{url}/health/live")).send();
+        async move { live.await.is_ok() }
+    })
+    .await;
+    let response = http
+        .post(format!("{url}/api/v1/batch/process"))
+        .json(&items_of(1, "early"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503, "{}", writer.tail());
+    assert!(response.headers().contains_key("retry-after"));
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "store_unavailable");
+    mongo.fail_point_off().await;
+    eventually(Duration::from_secs(30), "the writer to be ready", || {
+        let ready = http.get(format!("{url}/health/ready")).send();
+        async move { ready.await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    let response = http
+        .post(format!("{url}/api/v1/batch/process"))
+        .json(&items_of(1, "late"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_transaction_leaves_nothing_open() {
+    let Some(mongo) = FaultyMongo::start("a_client_that_disconnects_mid_transaction", None).await
+    else {
+        return;
+    };
+    let app = unique("writer");
+    let stack = mongo.stack(&app, &[]).await;
+    // The batch's inserts take a while; the client gives up meanwhile.
+    let before = mongo
+        .fail_point(
+            Bson::Document(doc! { "times": 1 }),
+            doc! {
+                "failCommands": ["insert"], "appName": &app,
+                "blockConnection": true, "blockTimeMS": 800,
+            },
+        )
+        .await;
+    let impatient = stack
+        .http
+        .post(format!("{}/api/v1/batch/process", stack.writer_url))
+        .timeout(Duration::from_millis(200))
+        .json(&items_of(6, "gone"))
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the client was meant to give up");
+    mongo.wait_for_fail_point(before + 1).await;
+    // The writer finished that transaction without the client: the next
+    // batch is not stuck behind a half-driven one, and both are whole.
+    let (status, body, _) = post(&stack, &items_of(2, "next"), None).await;
+    assert_eq!(status, 201, "{body} {}", stack.writer.tail());
+    let stored = stored_sequences(&stack).await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_gap_free(&stored);
+}
+
+/// Median and maximum, for the figures the tests print.
+fn median_max(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    (samples[samples.len() / 2], samples[samples.len() - 1])
+}
+
+fn runs() -> usize {
+    std::env::var("FAULT_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mongodb_frozen_or_gone_the_writer_answers_503_within_its_deadline() {
+    let Some(mongo) = FaultyMongo::start("with_mongodb_frozen_or_gone", None).await else {
+        return;
+    };
+    let Some(process) = &mongo.process else {
+        println!(
+            "SKIPPED with_mongodb_frozen_or_gone: the MongoDB at MONGODB_URL is not ours to freeze"
+        );
+        return;
+    };
+    let app = unique("writer");
+    let stack = mongo.stack(&app, &[]).await;
+    let (status, _, _) = post(&stack, &items_of(1, "up"), None).await;
+    assert_eq!(status, 201);
+
+    let deadline = Duration::from_secs(2);
+    let mut answers = BTreeMap::new();
+    for (state, signal) in [("frozen", "STOP"), ("gone", "KILL")] {
+        process.signal(signal);
+        let mut times = Vec::new();
+        for i in 0..runs().max(3) {
+            let (status, body, took) = post(&stack, &items_of(1, &format!("{state}{i}")), None).await;
+            assert_eq!(status, 503, "{body}");
+            assert_eq!(body["code"], "store_unavailable", "{body}");
+            // The deadline plus room for a loaded machine; the figures are
+            // printed below.
+            assert!(took < deadline + Duration::from_secs(2), "{state}: 503 after {took:?}");
+            times.push(took);
+        }
+        answers.insert(state, median_max(times));
+    }
+    for (state, (median, max)) in answers {
+        println!("store {state}: 503 store_unavailable after median {median:?}, max {max:?}");
+    }
+}
+
+fn role(status: &Value) -> &str {
+    status["role"].as_str().unwrap_or("")
+}
+
+async fn status_of(http: &reqwest::Client, admin: &str) -> Option<Value> {
+    let response = http
+        .get(format!("{admin}/api/v1/outbox/status"))
+        .send()
+        .await
+        .ok()?;
+    response.json().await.ok()
+}
+
+async fn wait_leader(http: &reqwest::Client, admin: &str, limit: Duration) {
+    eventually(limit, "the relay to lead", || {
+        let status = status_of(http, admin);
+        async move { status.await.is_some_and(|s| role(&s) == "leader") }
+    })
+    .await;
+}
+
+/// POSTs one batch and returns its sequence.
+async fn submit_one(stack: &Stack, n: usize, tag: &str) -> u64 {
+    let (status, body, _) = post(stack, &items_of(n, tag), None).await;
+    assert_eq!(status, 201, "{body}");
+    body["data"]["batch_sequence"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_inside_a_fenced_transaction_is_replaced_within_ttl_and_poll() {
+    let Some(mongo) = FaultyMongo::start("a_leader_killed_inside_a_fenced_transaction", None).await
+    else {
+        return;
+    };
+    let stack = mongo.stack(&unique("writer"), &[]).await;
+    let (ttl, poll) = (Duration::from_secs(3), Duration::from_millis(500));
+    let fast = [
+        ("LEASE_TTL_SECONDS", "3"),
+        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.5"),
+        ("OUTBOX_BATCH_SIZE", "10"),
+    ];
+    let bound = ttl + poll + Duration::from_secs(2);
+    let mut takeovers = Vec::new();
+    for run in 0..runs() {
+        let a_app = unique("relay-a");
+        let (mut a, admin_a) = mongo.relay(&stack, &format!("a{run}"), &a_app, &fast);
+        wait_leader(&stack.http, &admin_a, Duration::from_secs(30)).await;
+        let (b, admin_b) = mongo.relay(&stack, &format!("b{run}"), &unique("relay-b"), &fast);
+        eventually(Duration::from_secs(30), "the standby to start", || {
+            let status = status_of(&stack.http, &admin_b);
+            async move { status.await.is_some() }
+        })
+        .await;
+        // The leader's next commit hangs inside its fenced transaction.
+        let before = mongo
+            .fail_point(
+                Bson::Document(doc! { "times": 1 }),
+                doc! {
+                    "failCommands": ["commitTransaction"], "appName": &a_app,
+                    "blockConnection": true, "blockTimeMS": 60_000,
+                },
+            )
+            .await;
+        // A subscription per run: the last run's unconsumed duplicates
+        // would hold this one's ordering key.
+        let subscription = unique(&format!("run{run}"));
+        relay::pubsub::ensure_subscription(&stack.pubsub, &subscription, true)
+            .await
+            .unwrap();
+        let sequence = submit_one(&stack, 30, &format!("run{run}")).await;
+        mongo.wait_for_fail_point(before + 1).await;
+        a.kill_hard();
+        let killed = Instant::now();
+        wait_leader(&stack.http, &admin_b, Duration::from_secs(120)).await;
+        let took = killed.elapsed();
+        takeovers.push(took);
+        assert!(took <= bound, "run {run}: takeover after {took:?}, over {bound:?}\n{}", b.tail());
+
+        let received = receive_on(&stack, &subscription, 30, Duration::from_secs(60), |_| {}).await;
+        let (firsts, _) = firsts(&received);
+        assert_in_order(&firsts, &BTreeMap::from([(sequence, 30)]));
+        drop(b);
+    }
+    let (median, max) = median_max(takeovers.clone());
+    println!(
+        "leader killed inside a fenced transaction, {} runs: takeover median {median:?}, max {max:?} (bound TTL {ttl:?} + poll {poll:?} + 2 s); all: {takeovers:?}",
+        takeovers.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_killed_inside_its_transaction_blocks_others_for_the_lifetime_limit_only() {
+    let lifetime = 5;
+    let Some(mongo) = FaultyMongo::start("a_writer_killed_inside_its_transaction", Some(lifetime)).await
+    else {
+        return;
+    };
+    let doomed_app = unique("doomed");
+    let mut stack = mongo.stack(&doomed_app, &[]).await;
+    let other_port = free_port();
+    let other = Process::spawn(
+        "writer-2",
+        crate::e2e::binary("outbox-writer"),
+        &[
+            ("WRITER_BIND", format!("127.0.0.1:{other_port}")),
+            ("MONGODB_URL", mongo.url_for(&unique("survivor"))),
+            ("MONGODB_DATABASE", stack.database.clone()),
+        ],
+    );
+    let other_url = format!("http://127.0.0.1:{other_port}");
+    eventually(Duration::from_secs(30), "the second writer", || {
+        let ready = stack.http.get(format!("{other_url}/health/ready")).send();
+        async move { ready.await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    let before = mongo
+        .fail_point(
+            Bson::Document(doc! { "times": 1 }),
+            doc! {
+                "failCommands": ["commitTransaction"], "appName": &doomed_app,
+                "blockConnection": true, "blockTimeMS": 60_000,
+            },
+        )
+        .await;
+    let doomed = stack
+        .http
+        .post(format!("{}/api/v1/batch/process", stack.writer_url))
+        .json(&items_of(3, "doomed"))
+        .send();
+    let doomed = tokio::spawn(doomed);
+    mongo.wait_for_fail_point(before + 1).await;
+    stack.writer.kill_hard();
+    let killed = Instant::now();
+    assert!(doomed.await.unwrap().is_err(), "the killed writer cannot answer");
+
+    // The orphan holds the sequence counter: the other writer answers 503
+    // within its deadline until MongoDB aborts the orphan, then stores.
+    let mut refused = 0;
+    let blocked_for = loop {
+        let response = stack
+            .http
+            .post(format!("{other_url}/api/v1/batch/process"))
+            .json(&items_of(2, "after"))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            201 => break killed.elapsed(),
+            503 => refused += 1,
+            other => panic!("unexpected {other}: {}", response.text().await.unwrap()),
+        }
+        assert!(killed.elapsed() < Duration::from_secs(60), "still blocked after 60 s");
+    };
+    let limit = Duration::from_secs(lifetime.into());
+    assert!(blocked_for >= limit - Duration::from_secs(1), "blocked only {blocked_for:?}?");
+    assert!(blocked_for <= limit + Duration::from_secs(5), "blocked {blocked_for:?}");
+    // The orphan's batch was never stored and took no sequence number.
+    assert_eq!(stored_sequences(&stack).await, [(1, 2, 2)]);
+    println!(
+        "writer killed inside its transaction: others blocked {blocked_for:?} ({refused} requests answered 503) with transactionLifetimeLimitSeconds={lifetime}"
+    );
+    if !mongo.standin {
+        mongo.set_lifetime(60).await;
+    }
+    drop(other);
+}
+
+fn epochs(items: &[Document], field: &str) -> Vec<i64> {
+    items.iter().map(|i| number(i.get(field))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_renewals_hang_stops_and_the_standby_takes_over_fenced() {
+    let Some(mongo) = FaultyMongo::start("a_leader_whose_renewals_hang", None).await else {
+        return;
+    };
+    let stack = mongo.stack(&unique("writer"), &[]).await;
+    let fast = [
+        ("LEASE_TTL_SECONDS", "3"),
+        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+        ("OUTBOX_BATCH_SIZE", "10"),
+    ];
+    let a_app = unique("relay-a");
+    let (a, admin_a) = mongo.relay(&stack, "a", &a_app, &fast);
+    wait_leader(&stack.http, &admin_a, Duration::from_secs(30)).await;
+    let (b, admin_b) = mongo.relay(&stack, "b", &unique("relay-b"), &fast);
+    // Every lease read and write of the leader now hangs for 6 s (2 TTLs).
+    mongo
+        .fail_point(
+            Bson::String("alwaysOn".into()),
+            doc! {
+                "failCommands": ["find", "update", "insert"], "appName": format!("{a_app}:lease"),
+                "blockConnection": true, "blockTimeMS": 6_000,
+            },
+        )
+        .await;
+    let sizes = vec![100; 30];
+    stack.submit(&sizes).await;
+    let received = receive(&stack, 3000, Duration::from_secs(240), |_| {}).await;
+    let (firsts, duplicates) = firsts(&received);
+    let items = stack.items().await;
+    assert_in_order(&firsts, &sizes_by_sequence(&items));
+    wait_leader(&stack.http, &admin_b, Duration::from_secs(30)).await;
+    mongo.fail_point_off().await;
+    eventually(Duration::from_secs(30), "the old leader to step down", || {
+        let status = status_of(&stack.http, &admin_a);
+        async move { status.await.is_some_and(|s| role(&s) != "leader") }
+    })
+    .await;
+
+    // Every mark and commit carries the epoch it was written under. A write
+    // of the old leader after the takeover would show as an old epoch
+    // after a new one.
+    let batches = stack.db.collection::<Document>("batches");
+    eventually(Duration::from_secs(30), "every batch committed", || {
+        let n = batches.count_documents(doc! { "status": "committed" });
+        async move { n.await.unwrap() == 30 }
+    })
+    .await;
+    let items = stack.items().await;
+    let sent = epochs(&items, "sent_epoch");
+    assert!(sent.windows(2).all(|w| w[0] <= w[1]), "mark epochs go back: {sent:?}");
+    assert!(
+        sent.first() < sent.last(),
+        "the old leader finished everything before its lease lapsed: nothing was shown\n{}",
+        a.tail()
+    );
+    println!(
+        "renewals hung: leader epoch {} marked {} items, successor epoch {} marked {}; {duplicates} duplicates",
+        sent[0],
+        sent.iter().filter(|e| **e == sent[0]).count(),
+        sent[sent.len() - 1],
+        sent.iter().filter(|e| **e == sent[sent.len() - 1]).count(),
+    );
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_during_the_marks_lose_nothing_and_keep_order() {
+    let Some(mongo) = FaultyMongo::start("connections_closed_during_the_marks", None).await else {
+        return;
+    };
+    let stack = mongo.stack(&unique("writer"), &[]).await;
+    let app = unique("relay");
+    let (relay, _admin) = mongo.relay(
+        &stack,
+        "r",
+        &app,
+        &[("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"), ("OUTBOX_BATCH_SIZE", "10")],
+    );
+    let sizes = vec![50; 10];
+    stack.submit(&sizes).await;
+    // Once the drain is under way, cut the relay's connection on its next
+    // updates (inside the marks' transactions), twice over.
+    let items = stack.db.collection::<Document>("batch_items");
+    let mut entered = 0;
+    for threshold in [60, 250] {
+        eventually(Duration::from_secs(60), "the drain to progress", || {
+            let n = items.count_documents(doc! { "status": "sent" });
+            async move { n.await.unwrap() >= threshold }
+        })
+        .await;
+        let before = mongo
+            .fail_point(
+                Bson::Document(doc! { "times": 2 }),
+                doc! { "failCommands": ["update"], "appName": &app, "closeConnection": true },
+            )
+            .await;
+        mongo.wait_for_fail_point(before + 2).await;
+        entered += 2;
+    }
+    let received = receive(&stack, 500, Duration::from_secs(120), |_| {}).await;
+    let (firsts, duplicates) = firsts(&received);
+    let stored = stack.items().await;
+    assert_in_order(&firsts, &sizes_by_sequence(&stored));
+    let batches = stack.db.collection::<Document>("batches");
+    eventually(Duration::from_secs(30), "every batch committed", || {
+        let n = batches.count_documents(doc! { "status": "committed" });
+        async move { n.await.unwrap() == 10 }
+    })
+    .await;
+    for item in stack.items().await {
+        assert_eq!(item.get_str("status").unwrap(), "sent", "{}", relay.tail());
+    }
+    println!("{entered} connections closed mid-marks: 500 items in order, {duplicates} duplicates");
+}
