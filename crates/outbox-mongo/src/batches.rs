@@ -146,7 +146,14 @@ impl MongoStore {
     /// Aborts after a failed step. The step's error is what matters; an
     /// abort failure only means the server will time the transaction out.
     pub(crate) async fn abort(session: &mut ClientSession) {
-        let abort = tokio::time::timeout(Duration::from_secs(1), session.abort_transaction());
+        Self::abort_until(session, Instant::now() + Duration::from_secs(1)).await;
+    }
+
+    /// [`abort`](Self::abort), giving up at `until`. A transaction left open
+    /// is aborted by the session's next transaction, or by MongoDB's
+    /// transaction lifetime limit.
+    async fn abort_until(session: &mut ClientSession, until: Instant) {
+        let abort = tokio::time::timeout_at(until, session.abort_transaction());
         match abort.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => debug!(message = "abort failed", error = %e),
@@ -190,16 +197,18 @@ impl MongoStore {
         deadline: Instant,
     ) -> Result<BatchSummary, Attempt> {
         let options = transaction_options(server_budget(deadline));
-        session
-            .start_transaction()
-            .with_options(options)
+        tokio::time::timeout_at(deadline, session.start_transaction().with_options(options))
             .await
+            .map_err(|_| Attempt::Failed(deadline_passed("start a transaction")))?
             .map_err(|e| Attempt::Failed(classify(e)))?;
         let steps = tokio::time::timeout_at(deadline, self.insert_steps(session, batch, items, deadline));
         let summary = match steps.await {
             Ok(Ok(summary)) => summary,
             Ok(Err(e)) => {
-                Self::abort(session).await;
+                // Within the request's deadline: the answer must not wait
+                // for an abort that a store that is down cannot take.
+                let until = deadline.min(Instant::now() + Duration::from_secs(1));
+                Self::abort_until(session, until).await;
                 return Err(Attempt::Failed(e));
             }
             Err(_) => {

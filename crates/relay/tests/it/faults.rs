@@ -377,6 +377,55 @@ async fn a_commit_whose_outcome_stays_unknown_answers_outcome_unknown_with_the_b
     assert_eq!(stored_sequences(&stack).await, [(1, 2, 2)]);
 }
 
+/// The commit ran but a majority never confirmed it in time: the writer
+/// cannot know whether the batch will survive, says so with the batch id,
+/// and the client's lookup and keyed retry settle it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_concern_timeout_on_commit_answers_outcome_unknown_and_the_retry_settles_it() {
+    let Some(mongo) = FaultyMongo::start("a_write_concern_timeout_on_commit", None).await else {
+        return;
+    };
+    let app = unique("writer");
+    let stack = mongo.stack(&app, &[]).await;
+    mongo
+        .fail_point(
+            Bson::String("alwaysOn".into()),
+            doc! {
+                "failCommands": ["commitTransaction"], "appName": &app,
+                "writeConcernError": { "code": 64, "codeName": "WriteConcernFailed", "errmsg": "waiting for replication timed out", "errInfo": { "wtimeout": true } },
+            },
+        )
+        .await;
+    let body = items_of(3, "wtimeout");
+    let (status, problem, _) = post(&stack, &body, Some("key-wtimeout")).await;
+    assert_eq!((status, problem["code"].as_str()), (503, Some("outcome_unknown")), "{problem}");
+    let batch_id = problem["batch_id"].as_str().expect("the problem names the batch");
+    mongo.fail_point_off().await;
+    // Here the commit did take effect: the lookup finds the batch whole...
+    let lookup: Value = stack
+        .http
+        .get(format!("{}/api/v1/batch/{batch_id}/status", stack.writer_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(lookup["total"], 3, "{lookup}");
+    // ...and the keyed retry replays it instead of storing it twice.
+    let response = stack
+        .http
+        .post(format!("{}/api/v1/batch/process", stack.writer_url))
+        .header("Idempotency-Key", "key-wtimeout")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(stored_sequences(&stack).await, [(1, 3, 3)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_before_the_schema_exists_answers_503() {
     let Some(mongo) = FaultyMongo::start("a_post_before_the_schema_exists", None).await else {

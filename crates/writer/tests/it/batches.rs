@@ -140,3 +140,17 @@ async fn health_and_metrics_answer() {
         );
     }
 }
+
+/// A URL asking for secondary reads must not break transactions (which the
+/// driver refuses on anything but the primary) nor the relay's reads: the
+/// writer pins the primary.
+#[tokio::test]
+async fn a_url_preferring_secondaries_still_stores_batches() {
+    let url = crate::helpers::mongo_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{separator}readPreference=secondaryPreferred");
+    let app = crate::helpers::spawn_app_on(&url, &[]).await;
+    let response = app.post_json(&crate::helpers::objects(3)).await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(app.count("batch_items").await, 3);
+}

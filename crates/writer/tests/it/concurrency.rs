@@ -96,8 +96,11 @@ async fn real_mongodb_retries_write_conflicts() {
     if mongo_flavor() == "standin" {
         eprintln!(
             "SKIPPED real_mongodb_retries_write_conflicts: the nx-27017 stand-in serializes \
-             transactions and never raises WriteConflict; covered by \
-             conflicting_transactions_retry_into_a_gap_free_sequence against the in-memory model"
+             transactions, so concurrent writers never conflict on it by themselves; the retry of \
+             an injected WriteConflict is shown on it by relay's \
+             faults::writer_retries_a_transient_write_conflict_on_the_counter, and conflicts \
+             between concurrent writers by conflicting_transactions_retry_into_a_gap_free_sequence \
+             against the in-memory model"
         );
         return;
     }

@@ -152,3 +152,20 @@ async fn error_codes_are_counted_in_metrics() {
         "{metrics}"
     );
 }
+
+/// BSON of a numeric array is several times its JSON text: an item well
+/// under the body limit can be over MongoDB's 16 MiB per document. It is
+/// refused with 413 naming the item, not a 500 from the driver.
+#[tokio::test]
+async fn an_item_over_16_mib_of_bson_is_413_item_too_large() {
+    let app = spawn_app().await;
+    // 2.5 million zeros: 5 MB of JSON, about 30 MB of BSON.
+    let numbers = vec!["0"; 2_500_000].join(",");
+    let body = format!(
+        r#"[{{"request_id":"small","vendor_name":"acme"}},{{"request_id":"big","vendor_name":"acme","n":[{numbers}]}}]"#
+    );
+    let problem = assert_problem(post(&app, &body, "application/json").await, 413, "item_too_large").await;
+    assert_eq!(problem["index"], 1, "{problem}");
+    assert_eq!(app.count("batches").await, 0);
+    assert_eq!(app.count("batch_items").await, 0);
+}

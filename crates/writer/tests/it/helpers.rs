@@ -67,9 +67,14 @@ fn start(app: Application, db: Option<mongodb::Database>) -> TestApp {
 
 /// The writer over MongoDB, in a fresh database, once its schema is ready.
 pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
+    spawn_app_on(&mongo_url(), extra).await
+}
+
+/// The writer over the MongoDB at `url` (the test looks at the data through
+/// the scripts' `MONGODB_URL`, the same server).
+pub async fn spawn_app_on(url: &str, extra: &[&str]) -> TestApp {
     let database = format!("writer_test_{}", uuid::Uuid::new_v4().simple());
-    let url = mongo_url();
-    let mut args = vec!["--mongodb-url", &url, "--mongodb-database", &database];
+    let mut args = vec!["--mongodb-url", url, "--mongodb-database", &database];
     // The shared stand-in runs one transaction at a time for all the tests
     // running in parallel: room beyond the 2 s default deadline.
     if !extra.contains(&"--request-deadline-seconds") {
@@ -79,7 +84,7 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let app = Application::build(config(&args))
         .await
         .expect("writer starts");
-    let client = mongodb::Client::with_uri_str(&url)
+    let client = mongodb::Client::with_uri_str(mongo_url())
         .await
         .expect("test client");
     let app = start(app, Some(client.database(&database)));
