@@ -125,6 +125,8 @@ for name, service in services.items():
             check(env.get("RELAY_ID") not in relay_ids, f"compose: {name} needs its own RELAY_ID")
             relay_ids.add(env.get("RELAY_ID"))
 check(len(relay_ids) >= 2, "compose: two relays with distinct RELAY_IDs")
+mongo_command = " ".join(services.get("mongo", {}).get("command", []))
+check("transactionLifetimeLimitSeconds=15" in mongo_command, "compose: mongod must lower transactionLifetimeLimitSeconds")
 
 # -- Kubernetes ---------------------------------------------------------------
 k8s = ROOT / "deploy/k8s"
@@ -195,6 +197,9 @@ relay = objects.get(("Deployment", "outbox-relay"), {})
 check(relay.get("spec", {}).get("replicas", 1) >= 2, "k8s: the relay needs at least two replicas")
 hpa = objects.get(("HorizontalPodAutoscaler", "outbox-writer"), {})
 check(hpa.get("spec", {}).get("scaleTargetRef", {}).get("name") == "outbox-writer", "k8s: the HPA must scale outbox-writer")
+
+lifetime_job = objects.get(("Job", "mongo-transaction-lifetime"), {})
+check("transactionLifetimeLimitSeconds" in json.dumps(lifetime_job), "k8s: a Job must lower MongoDB's transactionLifetimeLimitSeconds")
 
 # -- Prometheus and Grafana ---------------------------------------------------
 rules = load_all(ROOT / "deploy/prometheus/alerts.yml")[0]

@@ -19,8 +19,8 @@ use crate::model::{
     NewBatch, Sequence,
 };
 use crate::store::{
-    Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease,
-    LeaseStore, OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError,
+    Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease, LeaseStore, OutboxItem,
+    OutboxStore, PendingBatch, SentMark, StoreError,
 };
 
 #[derive(Debug)]

@@ -55,7 +55,9 @@ fn server_budget(deadline: Instant) -> Duration {
 }
 
 fn deadline_passed(what: &str) -> StoreError {
-    StoreError::Unavailable(format!("MongoDB did not {what} within the request deadline"))
+    StoreError::Unavailable(format!(
+        "MongoDB did not {what} within the request deadline"
+    ))
 }
 
 /// Counts bytes written: a document's encoded size without keeping it.
@@ -119,8 +121,10 @@ impl MongoStore {
                     }
                     debug!(message = "commit outcome unknown, retrying", error = %e, attempt);
                     let pause = Duration::from_millis(10 << attempt.min(5));
-                    tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now())))
-                        .await;
+                    tokio::time::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
                 }
                 Ok(Err(e)) => return Err(Attempt::Failed(classify(e))),
                 Err(_) => {
@@ -201,7 +205,8 @@ impl MongoStore {
             .await
             .map_err(|_| Attempt::Failed(deadline_passed("start a transaction")))?
             .map_err(|e| Attempt::Failed(classify(e)))?;
-        let steps = tokio::time::timeout_at(deadline, self.insert_steps(session, batch, items, deadline));
+        let steps =
+            tokio::time::timeout_at(deadline, self.insert_steps(session, batch, items, deadline));
         let summary = match steps.await {
             Ok(Ok(summary)) => summary,
             Ok(Err(e)) => {
@@ -245,7 +250,9 @@ impl MongoStore {
             .await
             .map_err(classify)?
             .ok_or_else(|| {
-                StoreError::Unavailable("sequence counter missing: the schema is not ready yet".to_owned())
+                StoreError::Unavailable(
+                    "sequence counter missing: the schema is not ready yet".to_owned(),
+                )
             })?;
         if let Some(idem) = &batch.idempotency {
             let now = Utc::now();
@@ -357,7 +364,10 @@ impl BatchStore for MongoStore {
             .map_err(classify)?;
         let mut retry = ConflictRetry::until(deadline);
         loop {
-            match self.insert_once(&mut session, batch, &mut items, deadline).await {
+            match self
+                .insert_once(&mut session, batch, &mut items, deadline)
+                .await
+            {
                 Ok(summary) => return Ok(summary),
                 Err(Attempt::Unknown(message)) => {
                     // Make sure it cannot commit later; say we don't know.

@@ -110,7 +110,8 @@ impl MongoStore {
         // Transactions must run on the primary, and the relay must read what
         // the primary committed: a URL's `readPreference=secondaryPreferred`
         // would make every transaction fail.
-        options.selection_criteria = Some(SelectionCriteria::ReadPreference(ReadPreference::Primary));
+        options.selection_criteria =
+            Some(SelectionCriteria::ReadPreference(ReadPreference::Primary));
         // An `appName` in the URL wins (tests use it to aim fail points).
         config.app_name = options
             .app_name
@@ -151,7 +152,8 @@ impl MongoStore {
         options.app_name = Some(config.app_name.clone());
         options.server_selection_timeout = Some(config.server_selection_timeout);
         options.connect_timeout = Some(config.server_selection_timeout);
-        options.selection_criteria = Some(SelectionCriteria::ReadPreference(ReadPreference::Primary));
+        options.selection_criteria =
+            Some(SelectionCriteria::ReadPreference(ReadPreference::Primary));
         let client = Client::with_options(options)
             .map_err(|e| StoreError::Other(format!("invalid MongoDB options: {e}")))?;
         Ok(Self {
@@ -208,9 +210,14 @@ impl MongoStore {
                 affects = who,
                 fix = "setParameter transactionLifetimeLimitSeconds (see docs/OPERATIONS.md)"
             ),
-            Ok(Some(limit)) => info!(message = "MongoDB transaction lifetime limit", seconds = limit),
+            Ok(Some(limit)) => info!(
+                message = "MongoDB transaction lifetime limit",
+                seconds = limit
+            ),
             Ok(None) => info!(message = "cannot read MongoDB's transactionLifetimeLimitSeconds"),
-            Err(error) => warn!(message = "cannot read MongoDB's transactionLifetimeLimitSeconds", %error),
+            Err(error) => {
+                warn!(message = "cannot read MongoDB's transactionLifetimeLimitSeconds", %error)
+            }
         }
     }
 

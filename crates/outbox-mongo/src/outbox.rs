@@ -56,12 +56,7 @@ impl MongoStore {
     async fn fenced(&self, fence: &Fence, write: FencedWrite<'_>) -> Result<(), StoreError> {
         let mut slot = self.fenced.session.lock().await;
         if slot.is_none() {
-            let session = self
-                .fenced
-                .client
-                .start_session()
-                .await
-                .map_err(classify)?;
+            let session = self.fenced.client.start_session().await.map_err(classify)?;
             self.record_fenced_session(fence, session.id()).await?;
             self.fenced.set_id(Some(session.id().clone()));
             *slot = Some(session);
@@ -85,7 +80,8 @@ impl MongoStore {
             if let Some(session) = slot.take() {
                 self.fenced.set_id(None);
                 let id = session.id().clone();
-                let kill = tokio::time::timeout(std::time::Duration::from_secs(1), self.kill_session(&id));
+                let kill =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), self.kill_session(&id));
                 if let Ok(Err(kill_error)) = kill.await {
                     tracing::debug!(message = "cannot kill the failed fenced session", error = %kill_error);
                 }
@@ -241,13 +237,15 @@ impl MongoStore {
                     .map_err(classify)?;
             }
             FencedWrite::Marks(batch_id, marks) => {
-                self.write_marks(session, batch_id, marks, &now, epoch).await?;
+                self.write_marks(session, batch_id, marks, &now, epoch)
+                    .await?;
             }
             FencedWrite::Commit(batch_id) => {
                 self.write_commit(session, batch_id, &now, epoch).await?;
             }
             FencedWrite::Finish(batch_id, marks) => {
-                self.write_marks(session, batch_id, marks, &now, epoch).await?;
+                self.write_marks(session, batch_id, marks, &now, epoch)
+                    .await?;
                 self.write_commit(session, batch_id, &now, epoch).await?;
             }
             FencedWrite::Fail(batch_id, item_sequence, error) => {

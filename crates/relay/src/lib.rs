@@ -210,7 +210,10 @@ impl Application {
             // (its session is killed); MongoDB's own limit matters for the
             // writers, whose orphans nobody can know.
             mongo
-                .check_transaction_lifetime(self.lease_ttl.max(Duration::from_secs(15)), "writers and relays")
+                .check_transaction_lifetime(
+                    self.lease_ttl.max(Duration::from_secs(15)),
+                    "writers and relays",
+                )
                 .await;
         } else if self.start_paused {
             let _ = self.store.set_paused(true).await;

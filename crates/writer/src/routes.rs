@@ -323,9 +323,9 @@ async fn process(
             async move { store.insert_batch(&batch, deadline).await }.instrument(span.clone()),
         )
     };
-    let stored = task.await.unwrap_or_else(|e| {
-        Err(StoreError::Other(format!("the store task failed: {e}")))
-    });
+    let stored = task
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Other(format!("the store task failed: {e}"))));
     match stored {
         Ok(summary) => {
             metrics::counter!(BATCHES_ACCEPTED).increment(1);
@@ -348,9 +348,9 @@ async fn process(
                 .await?
                 .ok_or_else(Problem::store_unavailable)
         }
-        Err(e @ StoreError::OutcomeUnknown(_)) => Err(span.in_scope(|| {
-            store_problem(&e).with("batch_id", batch.batch_id.as_str())
-        })),
+        Err(e @ StoreError::OutcomeUnknown(_)) => {
+            Err(span.in_scope(|| store_problem(&e).with("batch_id", batch.batch_id.as_str())))
+        }
         Err(e) => Err(span.in_scope(|| store_problem(&e))),
     }
 }

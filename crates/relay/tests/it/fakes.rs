@@ -206,7 +206,10 @@ pub async fn store_batches(store: &MemoryStore, sizes: &[usize]) -> Vec<NewBatch
         )
         .unwrap();
         store
-            .insert_batch(&batch, tokio::time::Instant::now() + std::time::Duration::from_secs(60))
+            .insert_batch(
+                &batch,
+                tokio::time::Instant::now() + std::time::Duration::from_secs(60),
+            )
             .await
             .unwrap();
         batches.push(batch);

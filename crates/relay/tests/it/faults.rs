@@ -37,21 +37,12 @@ impl FaultyMongo {
         let standin = std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin");
         let (url, process, lock) = if standin {
             let port = free_port();
-            let mut args = vec![
-                env("STANDIN_SCRIPT"),
-                "--port".to_owned(),
-                port.to_string(),
-            ];
+            let mut args = vec![env("STANDIN_SCRIPT"), "--port".to_owned(), port.to_string()];
             if let Some(seconds) = lifetime {
                 args.push("--setParameter".to_owned());
                 args.push(format!("transactionLifetimeLimitSeconds={seconds}"));
             }
-            let process = Process::spawn_args(
-                "standin",
-                env("STANDIN_PYTHON").into(),
-                &args,
-                &[],
-            );
+            let process = Process::spawn_args("standin", env("STANDIN_PYTHON").into(), &args, &[]);
             (
                 format!("mongodb://127.0.0.1:{port}/?replicaSet=rs0"),
                 Some(process),
@@ -77,8 +68,9 @@ impl FaultyMongo {
                 .await;
             match probe {
                 Ok(_) => break,
-                Err(e) if e.to_string().contains("no such command")
-                    || e.to_string().contains("enableTestCommands") =>
+                Err(e)
+                    if e.to_string().contains("no such command")
+                        || e.to_string().contains("enableTestCommands") =>
                 {
                     println!(
                         "SKIPPED {test}: the MongoDB at MONGODB_URL has no fail points ({e}); start it with --setParameter enableTestCommands=1"
@@ -154,7 +146,13 @@ impl FaultyMongo {
     }
 
     /// A relay on this MongoDB, its appName `app`.
-    fn relay(&self, stack: &Stack, id: &str, app: &str, extra: &[(&str, &str)]) -> (Process, String) {
+    fn relay(
+        &self,
+        stack: &Stack,
+        id: &str,
+        app: &str,
+        extra: &[(&str, &str)],
+    ) -> (Process, String) {
         let url = self.url_for(app);
         let mut vars = extra.to_vec();
         vars.push(("MONGODB_URL", url.as_str()));
@@ -176,7 +174,10 @@ impl Drop for FaultyMongo {
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 fn number(value: Option<&Bson>) -> i64 {
@@ -329,7 +330,11 @@ async fn not_writable_primary_on_insert_answers_503_and_stores_nothing() {
         )
         .await;
     let (status, body, took) = post(&stack, &items_of(3, "np"), None).await;
-    assert_eq!((status, body["code"].as_str()), (503, Some("store_unavailable")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{body}"
+    );
     assert!(took < Duration::from_secs(4), "503 after {took:?}");
     assert_eq!(count(&stack, "batches").await, 0);
     assert_eq!(count(&stack, "batch_items").await, 0);
@@ -360,12 +365,17 @@ async fn a_commit_whose_outcome_stays_unknown_answers_outcome_unknown_with_the_b
     let (status, problem, _) = post(&stack, &body, Some("key-unknown")).await;
     assert_eq!(status, 503, "{problem}");
     assert_eq!(problem["code"], "outcome_unknown", "{problem}");
-    let batch_id = problem["batch_id"].as_str().expect("the problem names the batch");
+    let batch_id = problem["batch_id"]
+        .as_str()
+        .expect("the problem names the batch");
     mongo.fail_point_off().await;
     // The client can look the batch up: here the commit never ran.
     let lookup = stack
         .http
-        .get(format!("{}/api/v1/batch/{batch_id}/status", stack.writer_url))
+        .get(format!(
+            "{}/api/v1/batch/{batch_id}/status",
+            stack.writer_url
+        ))
         .send()
         .await
         .unwrap();
@@ -398,13 +408,22 @@ async fn a_write_concern_timeout_on_commit_answers_outcome_unknown_and_the_retry
         .await;
     let body = items_of(3, "wtimeout");
     let (status, problem, _) = post(&stack, &body, Some("key-wtimeout")).await;
-    assert_eq!((status, problem["code"].as_str()), (503, Some("outcome_unknown")), "{problem}");
-    let batch_id = problem["batch_id"].as_str().expect("the problem names the batch");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (503, Some("outcome_unknown")),
+        "{problem}"
+    );
+    let batch_id = problem["batch_id"]
+        .as_str()
+        .expect("the problem names the batch");
     mongo.fail_point_off().await;
     // Here the commit did take effect: the lookup finds the batch whole...
     let lookup: Value = stack
         .http
-        .get(format!("{}/api/v1/batch/{batch_id}/status", stack.writer_url))
+        .get(format!(
+            "{}/api/v1/batch/{batch_id}/status",
+            stack.writer_url
+        ))
         .send()
         .await
         .unwrap()
@@ -556,12 +575,16 @@ async fn with_mongodb_frozen_or_gone_the_writer_answers_503_within_its_deadline(
         process.signal(signal);
         let mut times = Vec::new();
         for i in 0..runs().max(3) {
-            let (status, body, took) = post(&stack, &items_of(1, &format!("{state}{i}")), None).await;
+            let (status, body, took) =
+                post(&stack, &items_of(1, &format!("{state}{i}")), None).await;
             assert_eq!(status, 503, "{body}");
             assert_eq!(body["code"], "store_unavailable", "{body}");
             // The deadline plus room for a loaded machine; the figures are
             // printed below.
-            assert!(took < deadline + Duration::from_secs(2), "{state}: 503 after {took:?}");
+            assert!(
+                took < deadline + Duration::from_secs(2),
+                "{state}: 503 after {took:?}"
+            );
             times.push(took);
         }
         answers.insert(state, median_max(times));
@@ -647,7 +670,11 @@ async fn a_leader_killed_inside_a_fenced_transaction_is_replaced_within_ttl_and_
         wait_leader(&stack.http, &admin_b, Duration::from_secs(120)).await;
         let took = killed.elapsed();
         takeovers.push(took);
-        assert!(took <= bound, "run {run}: takeover after {took:?}, over {bound:?}\n{}", b.tail());
+        assert!(
+            took <= bound,
+            "run {run}: takeover after {took:?}, over {bound:?}\n{}",
+            b.tail()
+        );
 
         let received = receive_on(&stack, &subscription, 30, Duration::from_secs(60), |_| {}).await;
         let (firsts, _) = firsts(&received);
@@ -664,7 +691,8 @@ async fn a_leader_killed_inside_a_fenced_transaction_is_replaced_within_ttl_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_killed_inside_its_transaction_blocks_others_for_the_lifetime_limit_only() {
     let lifetime = 5;
-    let Some(mongo) = FaultyMongo::start("a_writer_killed_inside_its_transaction", Some(lifetime)).await
+    let Some(mongo) =
+        FaultyMongo::start("a_writer_killed_inside_its_transaction", Some(lifetime)).await
     else {
         return;
     };
@@ -704,7 +732,10 @@ async fn a_writer_killed_inside_its_transaction_blocks_others_for_the_lifetime_l
     mongo.wait_for_fail_point(before + 1).await;
     stack.writer.kill_hard();
     let killed = Instant::now();
-    assert!(doomed.await.unwrap().is_err(), "the killed writer cannot answer");
+    assert!(
+        doomed.await.unwrap().is_err(),
+        "the killed writer cannot answer"
+    );
 
     // The orphan holds the sequence counter: the other writer answers 503
     // within its deadline until MongoDB aborts the orphan, then stores.
@@ -722,11 +753,20 @@ async fn a_writer_killed_inside_its_transaction_blocks_others_for_the_lifetime_l
             503 => refused += 1,
             other => panic!("unexpected {other}: {}", response.text().await.unwrap()),
         }
-        assert!(killed.elapsed() < Duration::from_secs(60), "still blocked after 60 s");
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "still blocked after 60 s"
+        );
     };
     let limit = Duration::from_secs(lifetime.into());
-    assert!(blocked_for >= limit - Duration::from_secs(1), "blocked only {blocked_for:?}?");
-    assert!(blocked_for <= limit + Duration::from_secs(5), "blocked {blocked_for:?}");
+    assert!(
+        blocked_for >= limit - Duration::from_secs(1),
+        "blocked only {blocked_for:?}?"
+    );
+    assert!(
+        blocked_for <= limit + Duration::from_secs(5),
+        "blocked {blocked_for:?}"
+    );
     // The orphan's batch was never stored and took no sequence number.
     assert_eq!(stored_sequences(&stack).await, [(1, 2, 2)]);
     println!(
@@ -775,10 +815,14 @@ async fn a_leader_whose_renewals_hang_stops_and_the_standby_takes_over_fenced() 
     assert_in_order(&firsts, &sizes_by_sequence(&items));
     wait_leader(&stack.http, &admin_b, Duration::from_secs(30)).await;
     mongo.fail_point_off().await;
-    eventually(Duration::from_secs(30), "the old leader to step down", || {
-        let status = status_of(&stack.http, &admin_a);
-        async move { status.await.is_some_and(|s| role(&s) != "leader") }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the old leader to step down",
+        || {
+            let status = status_of(&stack.http, &admin_a);
+            async move { status.await.is_some_and(|s| role(&s) != "leader") }
+        },
+    )
     .await;
 
     // Every mark and commit carries the epoch it was written under. A write
@@ -792,7 +836,10 @@ async fn a_leader_whose_renewals_hang_stops_and_the_standby_takes_over_fenced() 
     .await;
     let items = stack.items().await;
     let sent = epochs(&items, "sent_epoch");
-    assert!(sent.windows(2).all(|w| w[0] <= w[1]), "mark epochs go back: {sent:?}");
+    assert!(
+        sent.windows(2).all(|w| w[0] <= w[1]),
+        "mark epochs go back: {sent:?}"
+    );
     assert!(
         sent.first() < sent.last(),
         "the old leader finished everything before its lease lapsed: nothing was shown\n{}",
@@ -819,7 +866,10 @@ async fn connections_closed_during_the_marks_lose_nothing_and_keep_order() {
         &stack,
         "r",
         &app,
-        &[("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"), ("OUTBOX_BATCH_SIZE", "10")],
+        &[
+            ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+            ("OUTBOX_BATCH_SIZE", "10"),
+        ],
     );
     let sizes = vec![50; 10];
     stack.submit(&sizes).await;

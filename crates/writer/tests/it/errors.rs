@@ -164,7 +164,12 @@ async fn an_item_over_16_mib_of_bson_is_413_item_too_large() {
     let body = format!(
         r#"[{{"request_id":"small","vendor_name":"acme"}},{{"request_id":"big","vendor_name":"acme","n":[{numbers}]}}]"#
     );
-    let problem = assert_problem(post(&app, &body, "application/json").await, 413, "item_too_large").await;
+    let problem = assert_problem(
+        post(&app, &body, "application/json").await,
+        413,
+        "item_too_large",
+    )
+    .await;
     assert_eq!(problem["index"], 1, "{problem}");
     assert_eq!(app.count("batches").await, 0);
     assert_eq!(app.count("batch_items").await, 0);
