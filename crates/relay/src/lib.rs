@@ -123,6 +123,7 @@ impl Application {
             poll_interval: config.poll_interval(),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs_f64(config.max_backoff_seconds),
+            shutdown_grace: Duration::from_secs(config.publish_retry_seconds),
         };
         let runner = Runner::new(
             Arc::clone(&store),

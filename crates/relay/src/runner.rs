@@ -24,6 +24,10 @@ pub struct RunnerSettings {
     /// Bounds for the backoff after failed passes.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// After a stop request, how long the page in flight may take; past it
+    /// the replica exits anyway (a store or Pub/Sub that does not answer
+    /// must not hold a shutdown: what was not marked is published again).
+    pub shutdown_grace: Duration,
 }
 
 /// Everything one relay replica runs.
@@ -77,14 +81,29 @@ impl Runner {
             self.keeper.run(keeper_stop.clone()).await;
         };
         let drain = async {
-            self.drain_loop(&shutdown).await;
+            let gave_up = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(self.settings.shutdown_grace).await;
+            };
+            tokio::select! {
+                () = self.drain_loop(&shutdown) => {}
+                () = gave_up => warn!(
+                    message = "the page in flight did not finish in time; stopping anyway (unmarked items are published again)",
+                    grace_seconds = self.settings.shutdown_grace.as_secs()
+                ),
+            }
             keeper_stop.cancel();
         };
         tokio::join!(
             keeper.instrument(info_span!("lease")),
             drain.instrument(info_span!("drain"))
         );
-        self.keeper.release().await;
+        // Releasing lets a standby take over at once; if the store does not
+        // answer, the lease simply expires.
+        let release = tokio::time::timeout(self.settings.lease.ttl / 2, self.keeper.release());
+        if release.await.is_err() {
+            warn!(message = "cannot release the lease in time; it will expire");
+        }
         ::metrics::gauge!(metrics::IS_LEADER).set(0.0);
         info!(message = "relay stopped");
     }

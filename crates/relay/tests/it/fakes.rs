@@ -38,6 +38,8 @@ struct State {
     /// publish succeeded but its mark cannot be written (a crash between
     /// the two).
     break_store_after: Option<((u64, u32), MemoryStore)>,
+    /// Publishes never answer (a frozen Pub/Sub).
+    hang: bool,
 }
 
 #[derive(Clone)]
@@ -96,6 +98,10 @@ impl FakePublisher {
         self.state.lock().unwrap().poison.clear();
     }
 
+    pub fn set_hang(&self, hang: bool) {
+        self.state.lock().unwrap().hang = hang;
+    }
+
     pub fn set_down(&self, down: bool) {
         self.state.lock().unwrap().down = down;
     }
@@ -120,6 +126,9 @@ impl Publisher for FakePublisher {
         let mut state = self.state.lock().unwrap();
         let at = position(&message);
         *state.attempts.entry(at).or_default() += 1;
+        if state.hang {
+            return futures::future::pending().boxed();
+        }
         let key = message.ordering_key.clone();
         let paused = key.as_ref().is_some_and(|k| state.paused_keys.contains(k));
         let result = if paused {
@@ -168,6 +177,7 @@ pub fn settings(holder: &str, page_size: u32, on_poison: PoisonPolicy) -> Runner
         poll_interval: Duration::from_secs(1),
         backoff_base: Duration::from_millis(100),
         backoff_cap: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(30),
     }
 }
 

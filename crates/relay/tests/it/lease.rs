@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_core::memory::MemoryStore;
-use outbox_core::model::BatchStatus;
+use outbox_core::model::{BatchStatus, ItemStatus};
 use outbox_core::store::{Fence, Lease, LeaseStore, StoreError};
 use relay::drain::PoisonPolicy;
 use relay::runner::Runner;
@@ -219,4 +219,34 @@ async fn a_leader_that_cannot_renew_stops_publishing_before_its_lease_expires() 
     let (firsts, duplicates) = first_deliveries(&delivered);
     assert_eq!(firsts.len(), 40);
     assert_eq!(duplicates, 0);
+}
+
+/// A stop request waits for the page in flight, but not for ever: with a
+/// Pub/Sub that never answers, the replica stops after its grace period.
+#[tokio::test(start_paused = true)]
+async fn a_stop_does_not_wait_forever_for_a_publish_that_never_answers() {
+    let store = MemoryStore::new();
+    store_batches(&store, &[5]).await;
+    let publisher = FakePublisher::new("frozen");
+    publisher.set_hang(true);
+    let leader = replica(
+        &store,
+        &publisher,
+        settings("frozen", 10, PoisonPolicy::Halt),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(leader.runner.run(stop.clone()));
+    wait_for("a publish to hang", Duration::from_secs(30), || {
+        publisher.attempts(1, 1) > 0
+    })
+    .await;
+    stop.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(31), task).await;
+    assert!(stopped.is_ok(), "still running after the 30 s grace");
+    assert!(
+        store
+            .all_items()
+            .iter()
+            .all(|(_, _, status, _)| *status == ItemStatus::Pending)
+    );
 }
