@@ -173,6 +173,7 @@ pub fn build_batch(
     if values.is_empty() {
         return Err(IngestError::EmptyBatch);
     }
+    let batch_id = BatchId::random();
     if values.len() > rules.max_items {
         return Err(IngestError::TooManyItems {
             count: values.len(),
@@ -197,16 +198,17 @@ pub fn build_batch(
         let vendor_name = scalar_text(object.get(&rules.vendor_field))
             .unwrap_or_else(|| UNKNOWN_VENDOR.to_owned());
         *vendor_counts.entry(vendor_name.clone()).or_default() += 1;
+        let item_sequence = ItemSequence(u32::try_from(index + 1).unwrap_or(u32::MAX));
         items.push(NewItem {
-            item_id: ItemId::random(),
-            item_sequence: ItemSequence(u32::try_from(index + 1).unwrap_or(u32::MAX)),
+            item_id: ItemId::of(&batch_id, item_sequence),
+            item_sequence,
             request_id,
             vendor_name,
             request_data: object,
         });
     }
     Ok(NewBatch {
-        batch_id: BatchId::random(),
+        batch_id,
         created_at: now,
         items,
         vendor_counts,

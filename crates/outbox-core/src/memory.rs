@@ -401,8 +401,12 @@ impl OutboxStore for MemoryStore {
         Ok(batch
             .items
             .iter()
-            .filter(|i| i.item.item_sequence > after && i.status == ItemStatus::Pending)
-            .take(limit as usize)
+            .filter(|i| {
+                let sequence = u64::from(i.item.item_sequence.0);
+                sequence > u64::from(after.0)
+                    && sequence <= u64::from(after.0) + u64::from(limit)
+                    && i.status == ItemStatus::Pending
+            })
             .map(|i| i.item.clone())
             .collect())
     }

@@ -69,14 +69,29 @@ impl fmt::Display for BatchId {
     }
 }
 
-/// An item id: a random UUID, the key consumers deduplicate on.
+/// An item id: a UUID, the key consumers deduplicate on.
+///
+/// Derived from the batch id and the item's position ([`ItemId::of`]), so
+/// the relay can name every item of a page and read them by primary key:
+/// a read that costs the same whatever the size of the backlog.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ItemId(pub Uuid);
 
+/// The UUID namespace item ids are derived in (UUID version 5).
+const ITEM_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1d_0b6e_4a8e_4c5b_9b2c_3e7a_1d2f_8a90);
+
 impl ItemId {
     pub fn random() -> Self {
         Self(Uuid::new_v4())
+    }
+
+    /// The id of the item at `sequence` in `batch`: a name-based UUID
+    /// (version 5) of `"{batch_id}/{sequence}"`. Batch ids are random, so
+    /// item ids are unique across batches.
+    pub fn of(batch: &BatchId, sequence: ItemSequence) -> Self {
+        let name = format!("{batch}/{}", sequence.0);
+        Self(Uuid::new_v5(&ITEM_ID_NAMESPACE, name.as_bytes()))
     }
 }
 
@@ -245,6 +260,16 @@ pub struct BatchProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn item_ids_are_derived_from_batch_and_position() {
+        let batch = BatchId::random();
+        let first = ItemId::of(&batch, ItemSequence(1));
+        assert_eq!(first, ItemId::of(&batch, ItemSequence(1)));
+        assert_ne!(first, ItemId::of(&batch, ItemSequence(2)));
+        assert_ne!(first, ItemId::of(&BatchId::random(), ItemSequence(1)));
+        assert_eq!(first.0.get_version_num(), 5);
+    }
 
     #[test]
     fn random_batch_ids_parse_back() {

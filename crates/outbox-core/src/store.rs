@@ -275,8 +275,13 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// How many batches wait, and since when.
     async fn backlog(&self) -> Result<Backlog, StoreError>;
 
-    /// Items of a batch not yet sent nor failed, in `item_sequence` order,
-    /// starting after `after`.
+    /// The items of a batch not yet sent nor failed whose `item_sequence`
+    /// is in the window `after + 1 ..= after + limit`, in `item_sequence`
+    /// order. A window may hold fewer than `limit` of them (some are sent
+    /// already), or none; the caller moves on window by window up to the
+    /// batch's `total_items`. (A window, not "the next `limit` unsent", so
+    /// a store can read it by primary key: [`ItemId::of`] names every item
+    /// in it.)
     async fn unsent_items(
         &self,
         batch_id: &BatchId,

@@ -327,6 +327,15 @@ impl MongoStore {
         let Some(batch) = self.find_batch(batch_id).await? else {
             return Ok(None);
         };
+        // The batch's own counters (kept by the relay's marks and dead
+        // letters in the same transactions); counting items is the fallback
+        // for batches stored before the counters existed.
+        if let (Ok(sent), Ok(failed)) = (
+            get_u64(&batch, "sent_items"),
+            get_u64(&batch, "failed_items"),
+        ) {
+            return batch_progress(&batch, sent, failed).map(Some);
+        }
         let items = self.items();
         let count = |status: &'static str| {
             items.count_documents(doc! { "batch_id": batch_id.as_str(), "status": status })

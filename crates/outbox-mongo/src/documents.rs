@@ -101,7 +101,9 @@ pub fn batch_document(batch: &NewBatch, sequence: Sequence, processing_time_ms: 
         "status": BatchStatus::Pending.as_str(),
         "processing_time_ms": to_i64(processing_time_ms),
         "committed_at": Bson::Null,
-        // Items dead-lettered by the relay; the batch commits with this count.
+        // Items marked sent, and dead-lettered, by the relay: the batch
+        // commits when they add up to total_items.
+        "sent_items": 0_i64,
         "failed_items": 0_i64,
     };
     if let Some(idem) = &batch.idempotency {

@@ -18,14 +18,16 @@ use chrono::Utc;
 use futures::TryStreamExt;
 use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
-use outbox_core::model::{BatchId, BatchProgress, BatchStatus, ItemSequence, ItemStatus, Sequence};
+use outbox_core::model::{
+    BatchId, BatchProgress, BatchStatus, ItemId, ItemSequence, ItemStatus, Sequence,
+};
 use outbox_core::store::{
     Backlog, ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, Fence, ItemView, OutboxItem,
     OutboxStore, PendingBatch, SentMark, StoreError,
 };
 
 use crate::batches::transaction_options;
-use crate::documents::{bson_datetime, item_view, outbox_item, pending_batch};
+use crate::documents::{bson_datetime, get_u64, item_view, outbox_item, pending_batch};
 use crate::errors::classify;
 use crate::{CONTROL_ID, LEASE_ID, MongoStore};
 
@@ -137,11 +139,18 @@ impl MongoStore {
         now: &Bson,
         epoch: i64,
     ) -> Result<(), StoreError> {
+        // Only pending items match: marking an item a second time (a page
+        // republished after a crash) changes nothing, so `n` counts the
+        // items this write moved to sent, added to the batch's `sent_items`.
         let updates: Vec<Document> = marks
             .iter()
             .map(|mark| {
                 doc! {
-                    "q": { "_id": mark.item_id.to_string(), "batch_id": batch_id.as_str() },
+                    "q": {
+                        "_id": mark.item_id.to_string(),
+                        "batch_id": batch_id.as_str(),
+                        "status": ItemStatus::Pending.as_str(),
+                    },
                     "u": { "$set": {
                         "status": ItemStatus::Sent.as_str(),
                         "sent": true,
@@ -166,13 +175,29 @@ impl MongoStore {
             .get("n")
             .and_then(Bson::as_i64)
             .or_else(|| reply.get("n").and_then(Bson::as_i32).map(i64::from));
-        if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty())
-            || matched != Some(marks.len() as i64)
-        {
+        let matched = match matched {
+            Some(n) if (0..=marks.len() as i64).contains(&n) => n,
+            _ => {
+                return Err(StoreError::Other(format!(
+                    "marking {} items of batch {batch_id} sent: unexpected reply {reply}",
+                    marks.len()
+                )));
+            }
+        };
+        if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty()) {
             return Err(StoreError::Other(format!(
-                "marking {} items of batch {batch_id} sent matched {matched:?}: {reply}",
-                marks.len()
+                "marking items of batch {batch_id} sent: {reply}"
             )));
+        }
+        if matched > 0 {
+            self.batches()
+                .update_one(
+                    doc! { "batch_id": batch_id.as_str() },
+                    doc! { "$inc": { "sent_items": matched } },
+                )
+                .session(&mut *session)
+                .await
+                .map_err(classify)?;
         }
         Ok(())
     }
@@ -187,19 +212,36 @@ impl MongoStore {
         now: &Bson,
         epoch: i64,
     ) -> Result<(), StoreError> {
-        let pending = self
-            .items()
-            .find_one(
-                doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Pending.as_str() },
-            )
-            .projection(doc! { "item_sequence": 1 })
+        // The batch counts its sent and failed items (every mark and dead
+        // letter adds to them in its own transaction): one read decides.
+        let batch = self
+            .batches()
+            .find_one(doc! { "batch_id": batch_id.as_str() })
+            .projection(doc! { "total_items": 1, "sent_items": 1, "failed_items": 1 })
             .session(&mut *session)
             .await
-            .map_err(classify)?;
-        if let Some(item) = pending {
+            .map_err(classify)?
+            .ok_or_else(|| StoreError::NotFound(batch_id.clone()))?;
+        let done = match (get_u64(&batch, "sent_items"), get_u64(&batch, "total_items")) {
+            (Ok(sent), Ok(total)) => {
+                sent + get_u64(&batch, "failed_items").unwrap_or(0) >= total
+            }
+            // A batch stored before the counters existed: look for a
+            // pending item.
+            _ => self
+                .items()
+                .find_one(
+                    doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Pending.as_str() },
+                )
+                .projection(doc! { "item_sequence": 1 })
+                .session(&mut *session)
+                .await
+                .map_err(classify)?
+                .is_none(),
+        };
+        if !done {
             return Err(StoreError::Other(format!(
-                "batch {batch_id} still has unsent items (item {:?})",
-                item.get("item_sequence")
+                "batch {batch_id} still has unsent items"
             )));
         }
         self.batches()
@@ -362,19 +404,26 @@ impl OutboxStore for MongoStore {
         after: ItemSequence,
         limit: u32,
     ) -> Result<Vec<OutboxItem>, StoreError> {
+        // Every item of the window by primary key: the cost does not grow
+        // with the backlog (no index needed, no sort on the server).
+        let first = u64::from(after.0) + 1;
+        let last = (u64::from(after.0) + u64::from(limit)).min(u64::from(u32::MAX));
+        let ids: Vec<String> = (first..=last)
+            .map(|n| ItemId::of(batch_id, ItemSequence(n as u32)).to_string())
+            .collect();
         let cursor = self
             .items()
             .find(doc! {
-                "batch_id": batch_id.as_str(),
+                "_id": { "$in": ids },
                 "status": ItemStatus::Pending.as_str(),
-                "item_sequence": { "$gt": i64::from(after.0) },
             })
-            .sort(doc! { "item_sequence": 1 })
-            .limit(i64::from(limit))
             .batch_size(limit)
             .await
             .map_err(classify)?;
-        self.collect(cursor, outbox_item).await
+        let mut items = self.collect(cursor, outbox_item).await?;
+        items.retain(|item| item.batch_id == *batch_id);
+        items.sort_by_key(|item| item.item_sequence);
+        Ok(items)
     }
 
     async fn items(

@@ -197,27 +197,34 @@ impl Drainer {
             }
         };
         resume();
+        let page_size = self.settings.page_size;
         let mut after = ItemSequence(0);
         loop {
             if shutdown.is_cancelled() {
                 return Ok(BatchEnd::Interrupted);
             }
+            if u64::from(after.0) >= batch.total_items {
+                return Ok(BatchEnd::Published);
+            }
+            // The window after+1 ..= after+page_size, read by primary key.
+            let window_end = ItemSequence(after.0.saturating_add(page_size));
             let items = self
                 .store
-                .unsent_items(&batch.batch_id, after, self.settings.page_size)
+                .unsent_items(&batch.batch_id, after, page_size)
                 .await?;
-            let Some(last) = items.last() else {
-                return Ok(BatchEnd::Published);
-            };
-            let last = last.item_sequence;
+            if items.is_empty() {
+                after = window_end;
+                continue;
+            }
             // Checked right before publishing: a replica whose lease lapsed
             // publishes nothing more.
             let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
             let page = self.publish_page(batch, &items).await;
-            // Items are numbered 1..=total: a page that ends with the last
-            // one and had no failure leaves nothing pending (earlier pages
+            // Items are numbered 1..=total: the window that reaches the last
+            // one, without a failure, leaves nothing pending (earlier windows
             // were all marked), so its marks and the commit go together.
-            let finishes = page.failure.is_none() && u64::from(last.0) == batch.total_items;
+            let finishes =
+                page.failure.is_none() && u64::from(window_end.0) >= batch.total_items;
             let write = if finishes {
                 self.store
                     .finish_batch(&fence, &batch.batch_id, &page.marks)
@@ -235,7 +242,7 @@ impl Drainer {
             });
             match page.failure {
                 None if finishes => return Ok(BatchEnd::Committed),
-                None => after = last,
+                None => after = window_end,
                 Some((index, PublishError::Transient(error))) => {
                     ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "transient")
                         .increment(1);
