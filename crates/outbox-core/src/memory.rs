@@ -477,9 +477,16 @@ impl OutboxStore for MemoryStore {
                         mark.item_sequence, mark.item_id
                     ))
                 })?;
-            item.status = ItemStatus::Sent;
-            item.publish_id = Some(mark.publish_id.clone());
-            item.sent_at = Some(now);
+            // As MongoDB's marks: an item already sent keeps its first mark.
+            if item.status == ItemStatus::Pending {
+                item.status = ItemStatus::Sent;
+                item.publish_id = Some(mark.publish_id.clone());
+                item.sent_at = Some(now);
+            }
+        }
+        // The first marks start the batch.
+        if !marks.is_empty() && batch.status == BatchStatus::Pending {
+            batch.status = BatchStatus::Processing;
         }
         Ok(())
     }

@@ -193,7 +193,11 @@ impl MongoStore {
             self.batches()
                 .update_one(
                     doc! { "batch_id": batch_id.as_str() },
-                    doc! { "$inc": { "sent_items": matched } },
+                    doc! {
+                        "$inc": { "sent_items": matched },
+                        // The first marks start the batch (no write of its own).
+                        "$set": { "status": BatchStatus::Processing.as_str() },
+                    },
                 )
                 .session(&mut *session)
                 .await

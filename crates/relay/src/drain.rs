@@ -13,12 +13,23 @@
 //!   which items are still unsent and only then resumes the ordering key and
 //!   publishes again, from the first unsent item. Nothing is skipped and
 //!   nothing acknowledged out of order.
+//!
+//! Pipelining: the fenced write that records a page (its marks, and for the
+//! last page of a batch the commit) runs in the background while the next
+//! page is read and published; at most one write is in flight, and writes
+//! are issued in page order. The next page, even the first of the next
+//! batch, is published only after every item of the page before it was
+//! acknowledged, which is all the order contract asks; a write that then
+//! fails only means the pages after it are published again (duplicates,
+//! never a reordered first delivery).
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::task::JoinHandle;
+
 use futures::FutureExt;
-use outbox_core::model::{BatchId, BatchStatus, ItemSequence};
+use outbox_core::model::{BatchId, BatchStatus, ItemSequence, Sequence};
 use outbox_core::publish::{OrderingKeyMode, OutboxMessage, PublishError, Publisher};
 use outbox_core::store::{Fence, OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError};
 use tokio_util::sync::CancellationToken;
@@ -86,6 +97,15 @@ pub struct Drainer {
     publisher: Arc<dyn Publisher>,
     settings: DrainSettings,
     status: Arc<StatusBoard>,
+    /// The page write running in the background, if any.
+    in_flight: std::sync::Mutex<Option<InFlight>>,
+}
+
+/// A fenced page write running in the background.
+struct InFlight {
+    /// The batch it finishes (commits), when it is that batch's last page.
+    finishes: Option<PendingBatch>,
+    write: JoinHandle<Result<(), StoreError>>,
 }
 
 impl Drainer {
@@ -100,7 +120,95 @@ impl Drainer {
             publisher,
             settings,
             status,
+            in_flight: std::sync::Mutex::new(None),
         }
+    }
+
+    fn take_in_flight(&self) -> Option<InFlight> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// The batch whose commit is in flight, if any.
+    fn finishing(&self) -> Option<Sequence> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|f| f.finishes.as_ref().map(|b| b.batch_sequence))
+    }
+
+    /// Waits for the page write in flight, if any, and reports its batch
+    /// committed when it was the batch's last.
+    ///
+    /// # Errors
+    /// The write's error.
+    pub async fn settle(&self) -> Result<(), DrainError> {
+        let Some(in_flight) = self.take_in_flight() else {
+            return Ok(());
+        };
+        in_flight
+            .write
+            .await
+            .map_err(|e| DrainError::Store(StoreError::Other(format!("page write task: {e}"))))?
+            .map_err(DrainError::from_store)?;
+        if let Some(batch) = in_flight.finishes {
+            self.committed(&batch);
+        }
+        Ok(())
+    }
+
+    /// Starts a page's write once the one before it is done.
+    async fn write_in_background(
+        &self,
+        fence: Fence,
+        batch: &PendingBatch,
+        marks: Vec<SentMark>,
+        finishes: bool,
+    ) -> Result<(), DrainError> {
+        self.settle().await?;
+        let store = Arc::clone(&self.store);
+        let batch_id = batch.batch_id.clone();
+        let write = tokio::spawn(async move {
+            if finishes {
+                store.finish_batch(&fence, &batch_id, &marks).await
+            } else {
+                store.mark_sent(&fence, &batch_id, &marks).await
+            }
+        });
+        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(InFlight {
+            finishes: finishes.then(|| batch.clone()),
+            write,
+        });
+        Ok(())
+    }
+
+    fn committed(&self, batch: &PendingBatch) {
+        let age = (chrono::Utc::now() - batch.created_at)
+            .num_milliseconds()
+            .max(0) as f64
+            / 1000.0;
+        ::metrics::histogram!(metrics::END_TO_END_LATENCY).record(age);
+        ::metrics::counter!(metrics::BATCHES_COMMITTED).increment(1);
+        self.status.update(|s| {
+            s.batches_committed_total += 1;
+            if s
+                .current_batch
+                .as_ref()
+                .is_some_and(|c| c.batch_id == batch.batch_id)
+            {
+                s.current_batch = None;
+            }
+        });
+        info!(
+            message = "batch committed",
+            batch_id = %batch.batch_id,
+            batch_sequence = batch.batch_sequence.0,
+            items = batch.total_items,
+            end_to_end_seconds = age
+        );
     }
 
     /// Works on the head batch: publishes its unsent items and commits it.
@@ -113,7 +221,34 @@ impl Drainer {
         leadership: &Leadership,
         shutdown: &CancellationToken,
     ) -> Result<Pass, DrainError> {
-        let Some(batch) = self.store.head_batch().await? else {
+        let result = self.pass_pipelined(leadership, shutdown).await;
+        if !matches!(result, Ok(Pass::Committed(_))) {
+            // Whatever ended the pass, the write in flight must be done (or
+            // its failure known) before the next pass reads MongoDB.
+            let settled = self.settle().await;
+            return result.and_then(|pass| settled.map(|()| pass));
+        }
+        result
+    }
+
+    async fn pass_pipelined(
+        &self,
+        leadership: &Leadership,
+        shutdown: &CancellationToken,
+    ) -> Result<Pass, DrainError> {
+        // While the previous batch's commit is in flight, the head is the
+        // first uncommitted batch after it.
+        let head = match self.finishing() {
+            Some(sequence) => self
+                .store
+                .pending_batches(Some(sequence), 1)
+                .await?
+                .into_iter()
+                .next(),
+            None => self.store.head_batch().await?,
+        };
+        let Some(batch) = head else {
+            self.settle().await?;
             self.status.update(|s| {
                 s.current_batch = None;
                 s.halted = None;
@@ -122,6 +257,7 @@ impl Drainer {
             return Ok(Pass::Idle);
         };
         if batch.status == BatchStatus::Failed {
+            self.settle().await?;
             self.status.update(|s| {
                 s.current_batch = None;
                 s.halted = Some(Halt {
@@ -143,42 +279,24 @@ impl Drainer {
                 published: 0,
             });
         });
-        let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
-        if batch.status == BatchStatus::Pending {
-            self.store
-                .start_batch(&fence, &batch.batch_id)
-                .await
-                .map_err(DrainError::from_store)?;
-        }
+        leadership.fence().ok_or(DrainError::NotLeader)?;
+        // The first page's write sets the batch `processing`; no write of
+        // its own.
         match self.publish_batch(&batch, leadership, shutdown).await? {
             BatchEnd::Published => {
+                self.settle().await?;
                 let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
                 self.store
                     .commit_batch(&fence, &batch.batch_id)
                     .await
                     .map_err(DrainError::from_store)?;
+                self.committed(&batch);
             }
+            // Its commit is in flight; `settle` reports it.
             BatchEnd::Committed => {}
             BatchEnd::Halted => return Ok(Pass::Halted(batch.batch_id)),
             BatchEnd::Interrupted => return Ok(Pass::Interrupted),
         }
-        let age = (chrono::Utc::now() - batch.created_at)
-            .num_milliseconds()
-            .max(0) as f64
-            / 1000.0;
-        ::metrics::histogram!(metrics::END_TO_END_LATENCY).record(age);
-        ::metrics::counter!(metrics::BATCHES_COMMITTED).increment(1);
-        self.status.update(|s| {
-            s.batches_committed_total += 1;
-            s.current_batch = None;
-        });
-        info!(
-            message = "batch committed",
-            batch_id = %batch.batch_id,
-            batch_sequence = batch.batch_sequence.0,
-            items = batch.total_items,
-            end_to_end_seconds = age
-        );
         Ok(Pass::Committed(batch.batch_id))
     }
 
@@ -225,14 +343,15 @@ impl Drainer {
             // were all marked), so its marks and the commit go together.
             let finishes =
                 page.failure.is_none() && u64::from(window_end.0) >= batch.total_items;
-            let write = if finishes {
-                self.store
-                    .finish_batch(&fence, &batch.batch_id, &page.marks)
-            } else {
-                self.store.mark_sent(&fence, &batch.batch_id, &page.marks)
-            };
-            write.await.map_err(DrainError::from_store)?;
             let published = page.marks.len() as u64;
+            if finishes || !page.marks.is_empty() {
+                self.write_in_background(fence.clone(), batch, page.marks.clone(), finishes)
+                    .await?;
+            }
+            if page.failure.is_some() {
+                // The failure paths write synchronously, after the marks.
+                self.settle().await?;
+            }
             ::metrics::counter!(metrics::PUBLISHED).increment(published);
             self.status.update(|s| {
                 s.published_total += published;

@@ -168,6 +168,18 @@ impl Runner {
         if paused || !self.leadership.is_leader() {
             return Ok(());
         }
+        let drained = self.drain_batches(shutdown, last_backlog).await;
+        // Whatever stopped the draining, the page write in flight is done
+        // (or its failure known) before we pause, stop or give up the lease.
+        let settled = self.drainer.settle().await;
+        drained.and(settled)
+    }
+
+    async fn drain_batches(
+        &self,
+        shutdown: &CancellationToken,
+        last_backlog: &mut Option<tokio::time::Instant>,
+    ) -> Result<(), DrainError> {
         loop {
             match self.drainer.pass(&self.leadership, shutdown).await? {
                 Pass::Committed(_) if !shutdown.is_cancelled() => {
