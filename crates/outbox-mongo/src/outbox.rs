@@ -226,10 +226,11 @@ impl MongoStore {
             .await
             .map_err(classify)?
             .ok_or_else(|| StoreError::NotFound(batch_id.clone()))?;
-        let done = match (get_u64(&batch, "sent_items"), get_u64(&batch, "total_items")) {
-            (Ok(sent), Ok(total)) => {
-                sent + get_u64(&batch, "failed_items").unwrap_or(0) >= total
-            }
+        let done = match (
+            get_u64(&batch, "sent_items"),
+            get_u64(&batch, "total_items"),
+        ) {
+            (Ok(sent), Ok(total)) => sent + get_u64(&batch, "failed_items").unwrap_or(0) >= total,
             // A batch stored before the counters existed: look for a
             // pending item.
             _ => self

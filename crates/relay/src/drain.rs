@@ -194,8 +194,7 @@ impl Drainer {
         ::metrics::counter!(metrics::BATCHES_COMMITTED).increment(1);
         self.status.update(|s| {
             s.batches_committed_total += 1;
-            if s
-                .current_batch
+            if s.current_batch
                 .as_ref()
                 .is_some_and(|c| c.batch_id == batch.batch_id)
             {
@@ -326,10 +325,12 @@ impl Drainer {
             }
             // The window after+1 ..= after+page_size, read by primary key.
             let window_end = ItemSequence(after.0.saturating_add(page_size));
+            let step = Instant::now();
             let items = self
                 .store
                 .unsent_items(&batch.batch_id, after, page_size)
                 .await?;
+            let read_ms = step.elapsed().as_millis() as u64;
             if items.is_empty() {
                 after = window_end;
                 continue;
@@ -337,16 +338,25 @@ impl Drainer {
             // Checked right before publishing: a replica whose lease lapsed
             // publishes nothing more.
             let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
+            let step = Instant::now();
             let page = self.publish_page(batch, &items).await;
+            let publish_ms = step.elapsed().as_millis() as u64;
             // Items are numbered 1..=total: the window that reaches the last
             // one, without a failure, leaves nothing pending (earlier windows
             // were all marked), so its marks and the commit go together.
-            let finishes =
-                page.failure.is_none() && u64::from(window_end.0) >= batch.total_items;
+            let finishes = page.failure.is_none() && u64::from(window_end.0) >= batch.total_items;
             let published = page.marks.len() as u64;
             if finishes || !page.marks.is_empty() {
+                let step = Instant::now();
                 self.write_in_background(fence.clone(), batch, page.marks.clone(), finishes)
                     .await?;
+                tracing::debug!(
+                    message = "page",
+                    items = items.len(),
+                    read_ms,
+                    publish_ms,
+                    wait_for_previous_write_ms = step.elapsed().as_millis() as u64
+                );
             }
             if page.failure.is_some() {
                 // The failure paths write synchronously, after the marks.

@@ -163,7 +163,10 @@ async fn a_crash_between_publish_and_mark_republishes_only_unmarked_items() {
         .map(|(b, i, _, _)| (b.0, i.0))
         .filter(|at| publisher.attempts(at.0, at.1) > 0)
         .collect();
-    assert!(unmarked.contains(&(2, 1)) && unmarked.contains(&(2, 2)), "{unmarked:?}");
+    assert!(
+        unmarked.contains(&(2, 1)) && unmarked.contains(&(2, 2)),
+        "{unmarked:?}"
+    );
 
     // A new replica takes over once the dead one's lease expires.
     let second = publisher.replica("b");
