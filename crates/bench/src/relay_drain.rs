@@ -92,7 +92,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         item_ids.push(page.iter().map(|item| item.item_id.to_string()).collect());
         messages.extend(
             page.iter()
-                .map(|item| OutboxMessage::for_item(item, total, args.ordering)),
+                .map(|item| OutboxMessage::for_item(item, total, &args.ordering)),
         );
     }
     let raw_topic = format!("bench-raw-{suffix}");

@@ -12,7 +12,10 @@ use crate::model::{BatchId, ItemId};
 use crate::store::OutboxItem;
 
 /// How messages are grouped for Pub/Sub's per-key ordering.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+///
+/// Whatever the mode, every item of batch N is acknowledged by Pub/Sub
+/// before any item of batch N+1 is published.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum OrderingKeyMode {
     /// One key for the whole stream: a subscriber with message ordering
     /// receives everything in order. Pub/Sub caps one key at about 1 MB/s.
@@ -22,20 +25,88 @@ pub enum OrderingKeyMode {
     /// after another, but a subscriber may see two batches interleave on
     /// redelivery.
     Batch,
+    /// Each item's key is the value at a JSON pointer into its request
+    /// object (`field:/vendor_name`, `field:/customer/id`); items without
+    /// it (or with an object, array or null there) use `default_key`. Items
+    /// of one key are delivered in order; many keys are in flight at once,
+    /// so throughput grows with the number of distinct keys (about 1 MB/s
+    /// per key on Pub/Sub).
+    Field {
+        pointer: String,
+        default_key: String,
+    },
     /// No key: no ordering promise from Pub/Sub at all.
     None,
 }
 
+/// Pub/Sub's limit on an ordering key, in bytes.
+pub const MAX_ORDERING_KEY_BYTES: usize = 1024;
+
 impl OrderingKeyMode {
-    /// The key used for the whole stream in [`OrderingKeyMode::Global`].
+    /// The key used for the whole stream in [`OrderingKeyMode::Global`],
+    /// and the default key of [`OrderingKeyMode::Field`].
     pub const GLOBAL_KEY: &'static str = "batch-outbox";
 
-    pub fn key_for(self, batch_id: &BatchId) -> Option<String> {
+    /// The key of every message of a batch, in the modes where it is one
+    /// key per batch (`None` for `Field`, whose keys are per item, and for
+    /// `None`).
+    pub fn key_for(&self, batch_id: &BatchId) -> Option<String> {
         match self {
             Self::Global => Some(Self::GLOBAL_KEY.to_owned()),
             Self::Batch => Some(batch_id.to_string()),
-            Self::None => None,
+            Self::Field { .. } | Self::None => None,
         }
+    }
+
+    /// The key of one item's message.
+    pub fn key_for_item(&self, item: &OutboxItem) -> Option<String> {
+        let Self::Field {
+            pointer,
+            default_key,
+        } = self
+        else {
+            return self.key_for(&item.batch_id);
+        };
+        let key = match field(&item.request_data, pointer) {
+            Some(Value::String(text)) if !text.is_empty() => text.clone(),
+            Some(value @ (Value::Number(_) | Value::Bool(_))) => value.to_string(),
+            _ => return Some(default_key.clone()),
+        };
+        if key.len() <= MAX_ORDERING_KEY_BYTES {
+            Some(key)
+        } else {
+            // Too long for Pub/Sub: its digest keeps one key per value.
+            use sha2::Digest;
+            Some(format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(key.as_bytes()))
+            ))
+        }
+    }
+
+    /// Sets the default key of a `Field` mode; other modes are unchanged.
+    #[must_use]
+    pub fn with_default_key(self, key: &str) -> Self {
+        match self {
+            Self::Field { pointer, .. } => Self::Field {
+                pointer,
+                default_key: key.to_owned(),
+            },
+            other => other,
+        }
+    }
+}
+
+/// The value at a JSON pointer (RFC 6901) into a request object.
+fn field<'a>(object: &'a Map<String, Value>, pointer: &str) -> Option<&'a Value> {
+    let rest = pointer.strip_prefix('/')?;
+    let (first, tail) = rest.split_once('/').map_or((rest, ""), |(f, t)| (f, t));
+    let first = first.replace("~1", "/").replace("~0", "~");
+    let value = object.get(&first)?;
+    if tail.is_empty() {
+        Some(value)
+    } else {
+        value.pointer(&format!("/{tail}"))
     }
 }
 
@@ -47,20 +118,30 @@ impl FromStr for OrderingKeyMode {
             "global" => Ok(Self::Global),
             "batch" => Ok(Self::Batch),
             "none" => Ok(Self::None),
-            other => Err(format!(
-                "unknown ordering key mode {other:?} (global, batch or none)"
-            )),
+            other => match other.strip_prefix("field:") {
+                Some(pointer) if pointer.starts_with('/') && pointer.len() > 1 => Ok(Self::Field {
+                    pointer: pointer.to_owned(),
+                    default_key: Self::GLOBAL_KEY.to_owned(),
+                }),
+                Some(pointer) => Err(format!(
+                    "field:{pointer} needs a JSON pointer such as field:/vendor_name"
+                )),
+                None => Err(format!(
+                    "unknown ordering key mode {other:?} (global, batch, none or field:<json-pointer>)"
+                )),
+            },
         }
     }
 }
 
 impl fmt::Display for OrderingKeyMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Global => "global",
-            Self::Batch => "batch",
-            Self::None => "none",
-        })
+        match self {
+            Self::Global => f.write_str("global"),
+            Self::Batch => f.write_str("batch"),
+            Self::Field { pointer, .. } => write!(f, "field:{pointer}"),
+            Self::None => f.write_str("none"),
+        }
     }
 }
 
@@ -83,7 +164,7 @@ struct MessageBody<'a> {
 
 impl OutboxMessage {
     /// The message for one item of a batch of `batch_total_items`.
-    pub fn for_item(item: &OutboxItem, batch_total_items: u64, mode: OrderingKeyMode) -> Self {
+    pub fn for_item(item: &OutboxItem, batch_total_items: u64, mode: &OrderingKeyMode) -> Self {
         let body = MessageBody {
             batch_id: &item.batch_id,
             item_id: &item.item_id,
@@ -113,7 +194,7 @@ impl OutboxMessage {
         Self {
             data,
             attributes,
-            ordering_key: mode.key_for(&item.batch_id),
+            ordering_key: mode.key_for_item(item),
         }
     }
 
@@ -185,7 +266,7 @@ mod tests {
     #[test]
     fn message_carries_the_payload_and_attributes() {
         let item = item(2, Some("r-2"));
-        let message = OutboxMessage::for_item(&item, 2, OrderingKeyMode::Global);
+        let message = OutboxMessage::for_item(&item, 2, &OrderingKeyMode::Global);
         let body: Value = serde_json::from_slice(&message.data).unwrap();
         assert_eq!(body["batch_id"], "00000000000000aa");
         assert_eq!(body["item_id"], item.item_id.to_string());
@@ -206,11 +287,11 @@ mod tests {
 
     #[test]
     fn only_the_last_item_is_marked_last_and_absent_request_ids_are_left_out() {
-        let message = OutboxMessage::for_item(&item(1, None), 2, OrderingKeyMode::Batch);
+        let message = OutboxMessage::for_item(&item(1, None), 2, &OrderingKeyMode::Batch);
         assert!(!message.attributes.contains_key("batch_last"));
         assert!(!message.attributes.contains_key("request_id"));
         assert_eq!(message.ordering_key.as_deref(), Some("00000000000000aa"));
-        let none = OutboxMessage::for_item(&item(1, None), 2, OrderingKeyMode::None);
+        let none = OutboxMessage::for_item(&item(1, None), 2, &OrderingKeyMode::None);
         assert_eq!(none.ordering_key, None);
     }
 
@@ -220,9 +301,45 @@ mod tests {
             OrderingKeyMode::Global,
             OrderingKeyMode::Batch,
             OrderingKeyMode::None,
+            "field:/vendor_name".parse().unwrap(),
         ] {
             assert_eq!(mode.to_string().parse::<OrderingKeyMode>(), Ok(mode));
         }
-        assert!("sometimes".parse::<OrderingKeyMode>().is_err());
+        for bad in ["sometimes", "field:", "field:vendor", "field:/"] {
+            assert!(bad.parse::<OrderingKeyMode>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_field_mode_keys_each_item_by_its_value() {
+        let mode: OrderingKeyMode = "field:/x/1".parse().unwrap();
+        let mode = mode.with_default_key("rest");
+        let mut keyed = item(1, None);
+        keyed.request_data = json!({"x": ["a", "k-7"]}).as_object().unwrap().clone();
+        assert_eq!(mode.key_for_item(&keyed).as_deref(), Some("k-7"));
+        keyed.request_data = json!({"x": [0, 42]}).as_object().unwrap().clone();
+        assert_eq!(mode.key_for_item(&keyed).as_deref(), Some("42"));
+        for missing in [
+            json!({}),
+            json!({"x": [0, null]}),
+            json!({"x": [0, {"a": 1}]}),
+            json!({"x": [0, ""]}),
+        ] {
+            keyed.request_data = missing.as_object().unwrap().clone();
+            assert_eq!(
+                mode.key_for_item(&keyed).as_deref(),
+                Some("rest"),
+                "{missing}"
+            );
+        }
+        let escaped: OrderingKeyMode = "field:/a~1b".parse().unwrap();
+        keyed.request_data = json!({"a/b": "slash"}).as_object().unwrap().clone();
+        assert_eq!(escaped.key_for_item(&keyed).as_deref(), Some("slash"));
+        keyed.request_data = json!({"a/b": "x".repeat(2000)})
+            .as_object()
+            .unwrap()
+            .clone();
+        let long = escaped.key_for_item(&keyed).unwrap();
+        assert!(long.starts_with("sha256:") && long.len() <= MAX_ORDERING_KEY_BYTES);
     }
 }

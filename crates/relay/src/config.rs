@@ -109,13 +109,22 @@ pub struct Config {
     pub mongo: MongoArgs,
     #[command(flatten)]
     pub pubsub: PubSubArgs,
-    /// Ordering key per message: one key for the whole stream (global), the batch id (batch), or none.
+    /// Ordering key per message: one key for the whole stream (global), the
+    /// batch id (batch), the value of a field of each request
+    /// (field:<json-pointer>, e.g. field:/vendor_name), or none.
     #[arg(
         long = "ordering-key",
         env = "PUBSUB_ORDERING_KEY_MODE",
         default_value = "global"
     )]
     pub ordering: OrderingKeyMode,
+    /// With field:<json-pointer>: the key of items that lack the field.
+    #[arg(
+        long = "ordering-key-default",
+        env = "PUBSUB_ORDERING_KEY_DEFAULT",
+        default_value = OrderingKeyMode::GLOBAL_KEY
+    )]
+    pub ordering_default_key: String,
     /// What to do with an item Pub/Sub rejects for good.
     #[arg(long, env = "OUTBOX_ON_POISON", value_enum, default_value = "halt")]
     pub on_poison: PoisonPolicy,

@@ -99,6 +99,9 @@ pub struct Drainer {
     status: Arc<StatusBoard>,
     /// The page write running in the background, if any.
     in_flight: std::sync::Mutex<Option<InFlight>>,
+    /// Ordering keys a failed publish paused; resumed once MongoDB was
+    /// re-read, before anything is published again.
+    paused_keys: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// A fenced page write running in the background.
@@ -121,6 +124,7 @@ impl Drainer {
             settings,
             status,
             in_flight: std::sync::Mutex::new(None),
+            paused_keys: std::sync::Mutex::default(),
         }
     }
 
@@ -306,11 +310,16 @@ impl Drainer {
         shutdown: &CancellationToken,
     ) -> Result<BatchEnd, DrainError> {
         let key = self.settings.ordering.key_for(&batch.batch_id);
-        // Whatever paused the key before, MongoDB has just told us (below)
+        // Whatever paused a key before, MongoDB has just told us (below)
         // what is unsent; publishing again from there keeps the order.
         let resume = || {
             if let Some(key) = &key {
                 self.publisher.resume(key);
+            }
+            let paused =
+                std::mem::take(&mut *self.paused_keys.lock().unwrap_or_else(|e| e.into_inner()));
+            for key in paused {
+                self.publisher.resume(&key);
             }
         };
         resume();
@@ -417,7 +426,7 @@ impl Drainer {
     async fn publish_page(&self, batch: &PendingBatch, items: &[OutboxItem]) -> PageResult {
         let messages: Vec<OutboxMessage> = items
             .iter()
-            .map(|item| OutboxMessage::for_item(item, batch.total_items, self.settings.ordering))
+            .map(|item| OutboxMessage::for_item(item, batch.total_items, &self.settings.ordering))
             .collect();
         let oversized = messages.iter().position(|m| m.size() > MAX_MESSAGE_BYTES);
         let sendable = oversized.unwrap_or(messages.len());
@@ -430,6 +439,7 @@ impl Drainer {
                 )),
             )
         });
+        let keys: Vec<Option<String>> = messages.iter().map(|m| m.ordering_key.clone()).collect();
         let started = Instant::now();
         let in_flight: Vec<_> = messages
             .into_iter()
@@ -454,6 +464,14 @@ impl Drainer {
                     });
                 }
                 Err(error) => {
+                    // The client paused this key: resume it before the
+                    // next publish on it.
+                    if let Some(key) = &keys[index] {
+                        self.paused_keys
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key.clone());
+                    }
                     failure.get_or_insert((index, error));
                 }
             }
@@ -471,7 +489,7 @@ impl Drainer {
         batch: &PendingBatch,
         item: &OutboxItem,
     ) -> Result<Option<String>, DrainError> {
-        let message = OutboxMessage::for_item(item, batch.total_items, self.settings.ordering);
+        let message = OutboxMessage::for_item(item, batch.total_items, &self.settings.ordering);
         if message.size() > MAX_MESSAGE_BYTES {
             return Ok(None);
         }

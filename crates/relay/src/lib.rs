@@ -112,7 +112,10 @@ impl Application {
         let settings = RunnerSettings {
             drain: DrainSettings {
                 page_size: config.page_size,
-                ordering: config.ordering,
+                ordering: config
+                    .ordering
+                    .clone()
+                    .with_default_key(&config.ordering_default_key),
                 on_poison: config.on_poison,
             },
             lease: LeaseSettings {

@@ -310,3 +310,48 @@ async fn stop_pauses_the_cluster_and_start_resumes_it() {
     task.await.unwrap();
     assert_eq!(publisher.delivered().len(), 4);
 }
+
+/// Ordering by a field: each key's items in order, keys independent of each
+/// other (a failure on one key does not hold the others back), and batch
+/// N+1 only after every item of batch N was acknowledged.
+#[tokio::test(start_paused = true)]
+async fn field_keys_stay_in_order_each_and_batches_stay_whole_through_a_failure() {
+    let store = MemoryStore::new();
+    let sizes = [6, 6, 6];
+    crate::fakes::store_keyed_batches(&store, &sizes, 3).await;
+    let publisher = FakePublisher::new("a");
+    // Batch 2's second item (key k1) fails once: k1 pauses, k0 and k2 go on.
+    publisher.fail_once(2, 2);
+    let mut settings = settings("relay-a", 6, PoisonPolicy::Halt);
+    settings.drain.ordering = "field:/k".parse().unwrap();
+    let replica = replica(&store, &publisher, settings);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(replica.runner.run(stop.clone()));
+    while !all_committed(&store) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+
+    let (firsts, _) = first_deliveries(&publisher.delivered());
+    let key = |(_, item): &(u64, u32)| (item - 1) % 3;
+    for k in 0..3 {
+        let of_key: Vec<_> = firsts.iter().filter(|at| key(at) == k).collect();
+        assert!(
+            of_key.windows(2).all(|w| w[0] < w[1]),
+            "key k{k} out of order: {of_key:?}"
+        );
+    }
+    let mut expected = expected_order(&sizes);
+    assert_ne!(firsts, expected, "the failed key held the others back");
+    for (index, (batch, _)) in firsts.iter().enumerate() {
+        assert!(
+            firsts[index..].iter().all(|(b, _)| b >= batch),
+            "an item of batch {batch} came after a later batch's: {firsts:?}"
+        );
+    }
+    let mut sorted = firsts.clone();
+    sorted.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(sorted, expected, "every item delivered once first");
+}

@@ -227,6 +227,29 @@ pub async fn store_batches(store: &MemoryStore, sizes: &[usize]) -> Vec<NewBatch
     batches
 }
 
+/// Stores batches whose items carry `"k": "k<n>"`, n cycling over `keys`.
+pub async fn store_keyed_batches(store: &MemoryStore, sizes: &[usize], keys: usize) {
+    for &size in sizes {
+        let objects = (0..size)
+            .map(|i| serde_json::json!({ "i": i, "k": format!("k{}", i % keys) }))
+            .collect();
+        let batch = outbox_core::ingest::build_batch(
+            objects,
+            &outbox_core::ingest::IngestRules::default(),
+            None,
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        store
+            .insert_batch(
+                &batch,
+                tokio::time::Instant::now() + std::time::Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+}
+
 /// Every (batch_sequence, item_sequence) of the given batch sizes, in order.
 pub fn expected_order(sizes: &[usize]) -> Vec<(u64, u32)> {
     sizes
