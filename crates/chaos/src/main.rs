@@ -1,0 +1,49 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Runs chaos scenarios against the real binaries and prints what was
+/// injected, what was lost (must be 0) and how long recovery took.
+#[derive(Parser)]
+#[command(name = "outbox-chaos", version)]
+struct Cli {
+    /// short: seconds each (what scripts/test.sh runs); full: the figures
+    /// of docs/RELIABILITY.md.
+    #[arg(long, value_enum, default_value = "full")]
+    length: chaos::Length,
+    /// Scenarios to run (default: all).
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(chaos::SCENARIOS))]
+    scenarios: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let names: Vec<String> = if cli.scenarios.is_empty() {
+        chaos::SCENARIOS.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        cli.scenarios
+    };
+    let mut reports = Vec::new();
+    let mut failed = false;
+    for name in names {
+        eprintln!("running {name} ({:?})", cli.length);
+        match chaos::run(&name, cli.length).await {
+            Ok(Some(report)) => {
+                failed |= !report.invariants.held();
+                reports.push(report);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                eprintln!("{name} failed: {error:#}");
+                failed = true;
+            }
+        }
+    }
+    print!("{}", chaos::table(&reports));
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,381 @@
+//! The scenarios. Each starts its own system, drives load through the
+//! writers, injects its faults, waits until everything accepted was
+//! delivered, and checks the invariants.
+
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::check::{Invariants, check};
+use crate::stack::{Consumer, LEASE_TTL, Stack, load};
+
+/// How long a scenario runs: `Short` for `scripts/test.sh` (seconds),
+/// `Full` for the figures in docs/RELIABILITY.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Length {
+    Short,
+    Full,
+}
+
+/// One scenario's outcome.
+#[derive(Debug)]
+pub struct Report {
+    pub scenario: &'static str,
+    pub faults: String,
+    pub invariants: Invariants,
+    /// Named figures: recovery times and the like.
+    pub figures: Vec<(String, String)>,
+    pub took: Duration,
+}
+
+pub const SCENARIOS: [&str; 5] = [
+    "leader-kills",
+    "frozen-leader",
+    "pubsub-outage",
+    "mongodb-outage",
+    "writer-kills",
+];
+
+/// Runs one scenario by name; `Ok(None)` when it cannot run here (said why
+/// on stdout).
+///
+/// # Errors
+/// When the system cannot be started or never recovers.
+pub async fn run(name: &str, length: Length) -> anyhow::Result<Option<Report>> {
+    let started = Instant::now();
+    let report = match name {
+        "leader-kills" => leader_kills(length).await?,
+        "frozen-leader" => frozen_leader(length).await?,
+        "pubsub-outage" => pubsub_outage(length).await?,
+        "mongodb-outage" => match mongodb_outage(length).await? {
+            Some(report) => report,
+            None => return Ok(None),
+        },
+        "writer-kills" => writer_kills(length).await?,
+        other => anyhow::bail!("unknown scenario {other:?} (one of {SCENARIOS:?})"),
+    };
+    Ok(Some(Report {
+        took: started.elapsed(),
+        ..report
+    }))
+}
+
+fn summary(samples: &mut [Duration]) -> String {
+    if samples.is_empty() {
+        return "-".to_owned();
+    }
+    samples.sort();
+    format!(
+        "median {:.2} s, max {:.2} s (n={})",
+        samples[samples.len() / 2].as_secs_f64(),
+        samples[samples.len() - 1].as_secs_f64(),
+        samples.len()
+    )
+}
+
+/// Lets the drain run for a random moment (between `min` and `max`).
+async fn random_moment(min: Duration, max: Duration) {
+    let ms = rand::rng().random_range(min.as_millis()..=max.as_millis());
+    tokio::time::sleep(Duration::from_millis(ms as u64)).await;
+}
+
+async fn finish(
+    stack: &Stack,
+    consumer: &Consumer,
+    report: crate::stack::LoadReport,
+    limit: Duration,
+) -> anyhow::Result<Invariants> {
+    let expected: u64 = report.accepted.iter().map(|a| a.items).sum();
+    consumer.wait_for(expected as usize, limit).await?;
+    let db = stack.db().await?;
+    check(&db, &report.accepted, consumer).await
+}
+
+/// `kill -9` of whichever relay leads, at random moments during a drain,
+/// each killed replica restarted.
+async fn leader_kills(length: Length) -> anyhow::Result<Report> {
+    let (kills, batches) = match length {
+        Length::Short => (2, 20),
+        Length::Full => (10, 500),
+    };
+    let mut stack = Stack::start("leader-kills", 1, 3).await?;
+    let consumer = Consumer::start(&stack).await?;
+    let producer = load(&stack, batches, 100, 4, Duration::ZERO);
+    let mut takeovers = Vec::new();
+    for _ in 0..kills {
+        random_moment(Duration::from_millis(300), Duration::from_millis(1500)).await;
+        let (leader, epoch) = stack.leader(Duration::from_secs(30)).await?;
+        stack.relays[leader].kill9().await;
+        takeovers.push(
+            stack
+                .new_leader_after(epoch, Duration::from_secs(60))
+                .await?,
+        );
+        stack.relays[leader].restart()?;
+    }
+    let report = producer.await?;
+    let invariants = finish(&stack, &consumer, report, Duration::from_secs(600)).await?;
+    Ok(Report {
+        scenario: "leader-kills",
+        faults: format!(
+            "{kills} x kill -9 of the leader (3 relays, TTL {} s)",
+            LEASE_TTL.as_secs()
+        ),
+        invariants,
+        figures: vec![("takeover".into(), summary(&mut takeovers))],
+        took: Duration::ZERO,
+    })
+}
+
+/// SIGSTOP of the leader for twice the lease TTL, then SIGCONT.
+async fn frozen_leader(length: Length) -> anyhow::Result<Report> {
+    let (freezes, batches) = match length {
+        Length::Short => (1, 15),
+        Length::Full => (5, 200),
+    };
+    let stack = Stack::start("frozen-leader", 1, 2).await?;
+    let consumer = Consumer::start(&stack).await?;
+    let producer = load(&stack, batches, 100, 2, Duration::from_millis(50));
+    let mut takeovers = Vec::new();
+    let mut stepped_down = Vec::new();
+    for _ in 0..freezes {
+        random_moment(Duration::from_millis(300), Duration::from_millis(1000)).await;
+        let (leader, epoch) = stack.leader(Duration::from_secs(30)).await?;
+        let frozen = &stack.relays[leader];
+        if let Some(process) = &frozen.process {
+            process.signal("STOP");
+        }
+        let froze = Instant::now();
+        takeovers.push(
+            stack
+                .new_leader_after(epoch, Duration::from_secs(60))
+                .await?,
+        );
+        let remaining = (LEASE_TTL * 2).saturating_sub(froze.elapsed());
+        tokio::time::sleep(remaining).await;
+        if let Some(process) = &frozen.process {
+            process.signal("CONT");
+        }
+        // The resumed replica must see it lost the lease.
+        let resumed = Instant::now();
+        crate::cluster::eventually(
+            Duration::from_secs(30),
+            "the resumed replica to step down",
+            || {
+                let status = frozen.status(&stack.http);
+                async move { status.await.is_some_and(|s| s["role"] != "leader") }
+            },
+        )
+        .await?;
+        stepped_down.push(resumed.elapsed());
+    }
+    let report = producer.await?;
+    let invariants = finish(&stack, &consumer, report, Duration::from_secs(600)).await?;
+    Ok(Report {
+        scenario: "frozen-leader",
+        faults: format!(
+            "{freezes} x SIGSTOP of the leader for {} s",
+            (LEASE_TTL * 2).as_secs()
+        ),
+        invariants,
+        figures: vec![
+            ("takeover".into(), summary(&mut takeovers)),
+            (
+                "resumed replica reports standby after".into(),
+                summary(&mut stepped_down),
+            ),
+        ],
+        took: Duration::ZERO,
+    })
+}
+
+/// SIGSTOP of the Pub/Sub emulator mid-drain, then SIGCONT; no process
+/// restarted.
+async fn pubsub_outage(length: Length) -> anyhow::Result<Report> {
+    let (outage, batches) = match length {
+        Length::Short => (Duration::from_secs(5), 20),
+        Length::Full => (Duration::from_secs(60), 300),
+    };
+    let stack = Stack::start("pubsub-outage", 1, 2).await?;
+    let consumer = Consumer::start(&stack).await?;
+    let producer = load(&stack, batches, 100, 2, Duration::from_millis(20));
+    crate::cluster::eventually(Duration::from_secs(60), "the drain to start", || {
+        let n = consumer.distinct();
+        async move { n >= 100 }
+    })
+    .await?;
+    stack.emulator.process.signal("STOP");
+    tokio::time::sleep(outage).await;
+    let before = consumer.distinct();
+    stack.emulator.process.signal("CONT");
+    let resumed =
+        crate::cluster::eventually(Duration::from_secs(120), "deliveries to resume", || {
+            let n = consumer.distinct();
+            async move { n > before }
+        })
+        .await?;
+    let report = producer.await?;
+    let invariants = finish(&stack, &consumer, report, Duration::from_secs(600)).await?;
+    Ok(Report {
+        scenario: "pubsub-outage",
+        faults: format!(
+            "emulator frozen (SIGSTOP) for {} s mid-drain",
+            outage.as_secs()
+        ),
+        invariants,
+        figures: vec![(
+            "first new delivery after the emulator came back".into(),
+            format!("{:.2} s", resumed.as_secs_f64()),
+        )],
+        took: Duration::ZERO,
+    })
+}
+
+/// MongoDB frozen (SIGSTOP) during load and drain, then killed and
+/// restarted on its files.
+async fn mongodb_outage(length: Length) -> anyhow::Result<Option<Report>> {
+    let (freeze, batches) = match length {
+        Length::Short => (Duration::from_secs(4), 20),
+        Length::Full => (Duration::from_secs(30), 300),
+    };
+    let mut stack = Stack::start("mongodb-outage", 1, 2).await?;
+    if !stack.mongo.ours() {
+        println!(
+            "SKIPPED mongodb-outage: the MongoDB at MONGODB_URL is not ours to freeze or kill"
+        );
+        return Ok(None);
+    }
+    let consumer = Consumer::start(&stack).await?;
+    let producer = load(&stack, batches, 50, 2, Duration::from_millis(100));
+    crate::cluster::eventually(Duration::from_secs(60), "the drain to start", || {
+        let n = consumer.distinct();
+        async move { n >= 50 }
+    })
+    .await?;
+    let signal = |name: &str| {
+        if let Some(process) = &stack.mongo.process {
+            process.signal(name);
+        }
+    };
+    signal("STOP");
+    tokio::time::sleep(freeze).await;
+    signal("CONT");
+    let before = consumer.distinct();
+    let after_freeze =
+        crate::cluster::eventually(Duration::from_secs(120), "the drain to resume", || {
+            let n = consumer.distinct();
+            async move { n > before }
+        })
+        .await?;
+    // Killed and restarted on the same files.
+    if let Some(process) = stack.mongo.process.take() {
+        process.kill9().await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.mongo.restart().await?;
+    let before = consumer.distinct();
+    let after_restart =
+        crate::cluster::eventually(Duration::from_secs(120), "the drain to resume", || {
+            let n = consumer.distinct();
+            async move { n > before }
+        })
+        .await;
+    let report = producer.await?;
+    let mut answers = report.unavailable.clone();
+    let invariants = finish(&stack, &consumer, report, Duration::from_secs(600)).await?;
+    Ok(Some(Report {
+        scenario: "mongodb-outage",
+        faults: format!(
+            "MongoDB frozen {} s, then killed and restarted",
+            freeze.as_secs()
+        ),
+        invariants,
+        figures: vec![
+            ("503 answers while down".into(), summary(&mut answers)),
+            (
+                "drain resumed after the freeze".into(),
+                format!("{:.2} s", after_freeze.as_secs_f64()),
+            ),
+            (
+                "drain resumed after the restart".into(),
+                after_restart.map_or_else(
+                    |_| "already done".to_owned(),
+                    |d| format!("{:.2} s", d.as_secs_f64()),
+                ),
+            ),
+        ],
+        took: Duration::ZERO,
+    }))
+}
+
+/// `kill -9` of a writer with requests in flight; the other writer keeps
+/// taking batches once MongoDB aborted what the dead one left open.
+async fn writer_kills(length: Length) -> anyhow::Result<Report> {
+    let (kills, batches) = match length {
+        Length::Short => (2, 200),
+        Length::Full => (10, 2000),
+    };
+    let mut stack = Stack::start("writer-kills", 2, 1).await?;
+    let consumer = Consumer::start(&stack).await?;
+    let producer = load(&stack, batches, 20, 16, Duration::from_millis(20));
+    let mut blocked = Vec::new();
+    let mut probes = Vec::new();
+    for k in 0..kills {
+        random_moment(Duration::from_millis(200), Duration::from_millis(800)).await;
+        stack.writers[0].kill9().await;
+        let killed = Instant::now();
+        // How long until the surviving writer stores a batch: a transaction
+        // the dead one left open holds the sequence counter until MongoDB
+        // aborts it (transactionLifetimeLimitSeconds, 15 s here).
+        probes.push(probe(&stack, 1, &format!("probe-{k}")).await?);
+        blocked.push(killed.elapsed());
+        stack.writers[0].restart()?;
+    }
+    let mut report = producer.await?;
+    report.accepted.extend(probes);
+    let invariants = finish(&stack, &consumer, report, Duration::from_secs(600)).await?;
+    Ok(Report {
+        scenario: "writer-kills",
+        faults: format!("{kills} x kill -9 of a writer with 16 requests in flight"),
+        invariants,
+        figures: vec![(
+            "surviving writer stores again after".into(),
+            summary(&mut blocked),
+        )],
+        took: Duration::ZERO,
+    })
+}
+
+/// POSTs a one-item batch to writer `index` until it is stored.
+async fn probe(stack: &Stack, index: usize, key: &str) -> anyhow::Result<crate::stack::Accepted> {
+    let url = format!("{}/api/v1/batch/process", stack.writers[index].url);
+    let started = Instant::now();
+    loop {
+        let response = stack
+            .http
+            .post(&url)
+            .header("Idempotency-Key", key)
+            .json(&serde_json::json!([{"request_id": key, "vendor_name": "probe"}]))
+            .send()
+            .await;
+        if let Ok(response) = response
+            && response.status() == 201
+        {
+            let answer: serde_json::Value = response.json().await?;
+            return Ok(crate::stack::Accepted {
+                batch_id: answer["data"]["batch_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                sequence: answer["data"]["batch_sequence"].as_u64().unwrap_or(0),
+                items: 1,
+            });
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the surviving writer stored nothing for 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
