@@ -12,6 +12,7 @@
 //! `outbox-chaos [--length short|full] [SCENARIO ...]` (`scripts/chaos.sh`)
 //! prints one table; `scripts/test.sh` runs the short form of each.
 
+pub mod bad_input;
 pub mod check;
 pub mod cluster;
 pub mod scenarios;

@@ -29,12 +29,13 @@ pub struct Report {
     pub took: Duration,
 }
 
-pub const SCENARIOS: [&str; 5] = [
+pub const SCENARIOS: [&str; 6] = [
     "leader-kills",
     "frozen-leader",
     "pubsub-outage",
     "mongodb-outage",
     "writer-kills",
+    "bad-input",
 ];
 
 /// Runs one scenario by name; `Ok(None)` when it cannot run here (said why
@@ -53,6 +54,7 @@ pub async fn run(name: &str, length: Length) -> anyhow::Result<Option<Report>> {
             None => return Ok(None),
         },
         "writer-kills" => writer_kills(length).await?,
+        "bad-input" => crate::bad_input::bad_input().await?,
         other => anyhow::bail!("unknown scenario {other:?} (one of {SCENARIOS:?})"),
     };
     Ok(Some(Report {

@@ -18,6 +18,8 @@ use crate::cluster::{Emulator, Mongo, Programs, Service, eventually, free_port};
 /// land mid-batch and recovery is quick.
 pub const LEASE_TTL: Duration = Duration::from_secs(2);
 pub const POLL: Duration = Duration::from_millis(200);
+/// The relays' admin token.
+pub const ADMIN_TOKEN: &str = "chaos-admin-token";
 
 pub struct Stack {
     pub programs: Programs,
@@ -123,6 +125,7 @@ impl Stack {
             ),
             ("OUTBOX_BATCH_SIZE", "100".to_owned()),
             ("OUTBOX_CHANGE_STREAM", (!self.mongo.ours()).to_string()),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
             ("LOG_FORMAT", "pretty".to_owned()),
         ];
         let relay = Service::start(&self.dir, id, self.binary("outbox-relay"), port, vars)?;

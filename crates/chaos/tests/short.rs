@@ -36,3 +36,8 @@ async fn chaos_mongodb_outage() {
 async fn chaos_writer_kills() {
     short("writer-kills").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_bad_input() {
+    short("bad-input").await;
+}

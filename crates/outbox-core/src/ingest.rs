@@ -46,6 +46,13 @@ impl Default for IngestRules {
 pub enum IngestError {
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
+    /// An object names the same key twice: which value is meant is not
+    /// clear, so the batch is refused rather than one value dropped.
+    #[error("{0}")]
+    DuplicateKey(String),
+    /// A key MongoDB cannot store (it contains a NUL character).
+    #[error("{0}")]
+    InvalidKey(String),
     #[error("{0}")]
     InvalidBatch(String),
     #[error("item {index} is not a JSON object (found {found})")]
@@ -94,9 +101,102 @@ pub fn parse_body(body: &[u8], format: BodyFormat) -> Result<Vec<Value>, IngestE
     }
 }
 
+/// Prefixes of the parser's own errors, to tell them from syntax errors.
+const DUPLICATE_KEY: &str = "duplicate key";
+const NUL_IN_KEY: &str = "key with a NUL character";
+
+fn json_error(error: &serde_json::Error, line: Option<usize>) -> IngestError {
+    let message = match line {
+        Some(line) => format!("line {line}: {error}"),
+        None => error.to_string(),
+    };
+    if error.to_string().starts_with(DUPLICATE_KEY) {
+        IngestError::DuplicateKey(message)
+    } else if error.to_string().starts_with(NUL_IN_KEY) {
+        IngestError::InvalidKey(message)
+    } else {
+        IngestError::InvalidJson(message)
+    }
+}
+
+/// A JSON value parsed strictly: no object with a key twice, no key with a
+/// NUL character. (serde_json keeps the last of duplicate keys silently.)
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("number out of range"))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        use serde::de::Error;
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key.contains('\0') {
+                return Err(A::Error::custom(format!("{NUL_IN_KEY}: {key:?}")));
+            }
+            let Strict(value) = map.next_value()?;
+            if object.contains_key(&key) {
+                return Err(A::Error::custom(format!(
+                    "{DUPLICATE_KEY} {key:?} in one object"
+                )));
+            }
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
 fn parse_json(body: &[u8]) -> Result<Vec<Value>, IngestError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
+    let Strict(value) = serde_json::from_slice(body).map_err(|e| json_error(&e, None))?;
     match value {
         Value::Array(items) => Ok(items),
         Value::Object(mut object) => match object.remove("requests") {
@@ -122,8 +222,9 @@ fn parse_ndjson(body: &[u8]) -> Result<Vec<Value>, IngestError> {
         .enumerate()
         .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
         .map(|(number, line)| {
-            serde_json::from_slice(line)
-                .map_err(|e| IngestError::InvalidJson(format!("line {}: {e}", number + 1)))
+            serde_json::from_slice::<Strict>(line)
+                .map(|Strict(value)| value)
+                .map_err(|e| json_error(&e, Some(number + 1)))
         })
         .collect()
 }
@@ -447,5 +548,21 @@ mod tests {
             request_hash(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn duplicate_keys_and_nul_keys_are_refused_and_say_where() {
+        let duplicate = parse_body(br#"[{"a": 1, "b": {"c": 1, "c": 2}}]"#, BodyFormat::Json);
+        assert!(
+            matches!(&duplicate, Err(IngestError::DuplicateKey(m)) if m.contains("\"c\"") && m.contains("column")),
+            "{duplicate:?}"
+        );
+        let nul = parse_body(b"{\"x\": 1}\n{\"a\\u0000b\": 1}", BodyFormat::NdJson);
+        assert!(
+            matches!(&nul, Err(IngestError::InvalidKey(m)) if m.starts_with("line 2")),
+            "{nul:?}"
+        );
+        let fine = parse_body(br#"[{"a": 1, "b": {"a": 1}}, {"a": 2}]"#, BodyFormat::Json).unwrap();
+        assert_eq!(fine.len(), 2);
     }
 }

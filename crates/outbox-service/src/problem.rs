@@ -111,3 +111,40 @@ impl ResponseError for Problem {
         response.body(serde_json::to_vec(&body).unwrap_or_default())
     }
 }
+
+/// The largest total of request header names and values either service
+/// takes (the HTTP layer itself allows much more).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Middleware (`actix_web::middleware::from_fn`): refuses a request whose
+/// headers add up to more than [`MAX_HEADER_BYTES`] with 431
+/// `headers_too_large`, before any handler reads it.
+///
+/// # Errors
+/// What the next service returns.
+pub async fn limit_headers(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if bytes > MAX_HEADER_BYTES {
+        let problem = Problem::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("request headers are {bytes} bytes, over the limit of {MAX_HEADER_BYTES}"),
+        );
+        return Ok(req.into_response(problem.error_response()));
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
+}
+
+/// Query strings that do not parse are a problem+json 400 `invalid_query`.
+pub fn query_config() -> actix_web::web::QueryConfig {
+    actix_web::web::QueryConfig::default().error_handler(|error, _| {
+        Problem::bad_request("invalid_query", format!("invalid query string: {error}")).into()
+    })
+}

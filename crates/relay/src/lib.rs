@@ -152,6 +152,10 @@ impl Application {
         let admin = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(outbox_service::problem::query_config())
+                .wrap(actix_web::middleware::from_fn(
+                    outbox_service::problem::limit_headers,
+                ))
                 .configure(admin::configure)
                 .default_service(web::to(admin::not_found))
         })

@@ -82,6 +82,10 @@ impl Application {
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(outbox_service::problem::query_config())
+                .wrap(actix_web::middleware::from_fn(
+                    outbox_service::problem::limit_headers,
+                ))
                 .wrap_fn(|req, service| {
                     let started = Instant::now();
                     let method = req.method().to_string();

@@ -60,6 +60,12 @@ fn ingest_problem(error: IngestError) -> Problem {
     let detail = error.to_string();
     match error {
         IngestError::InvalidJson(_) => Problem::bad_request("invalid_json", detail),
+        IngestError::DuplicateKey(_) => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "duplicate_key", detail)
+        }
+        IngestError::InvalidKey(_) => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", detail)
+        }
         IngestError::InvalidBatch(_) => {
             Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_batch", detail)
         }
@@ -138,14 +144,22 @@ fn body_format(req: &HttpRequest) -> Result<BodyFormat, Problem> {
     let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
         return Ok(BodyFormat::Json);
     };
-    let essence = value
-        .to_str()
-        .unwrap_or_default()
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let text = value.to_str().unwrap_or_default().to_ascii_lowercase();
+    let mut parts = text.split(';');
+    let essence = parts.next().unwrap_or_default().trim().to_owned();
+    // JSON is UTF-8 (RFC 8259): a body declared in another charset would be
+    // misread, so it is refused.
+    if let Some(charset) = parts
+        .filter_map(|p| p.trim().strip_prefix("charset="))
+        .map(|c| c.trim_matches('"'))
+        .find(|c| !matches!(*c, "utf-8" | "utf8"))
+    {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_charset",
+            format!("charset {charset:?} is not supported; send UTF-8"),
+        ));
+    }
     match essence.as_str() {
         "application/json" => Ok(BodyFormat::Json),
         e if e.starts_with("application/") && e.ends_with("+json") => Ok(BodyFormat::Json),
