@@ -171,26 +171,42 @@ impl MongoStore {
     /// Ends the session's transaction in the background, so the client's
     /// answer does not wait for it: abort, then kill (the abort cannot end
     /// a transaction whose commit was sent).
+    ///
+    /// When the store is unreachable (frozen, partitioned) the statements we
+    /// gave up on may still be queued on the way to it and open a
+    /// transaction once it is back, holding the sequence counter until
+    /// `transactionLifetimeLimitSeconds`. So the kill is retried until it
+    /// lands (for up to a minute), and repeated twice shortly after, for a
+    /// statement that arrives after the first kill.
     fn end_in_background(&self, mut session: ClientSession) {
         let store = self.clone();
         tokio::spawn(async move {
             Self::abort(&mut session).await;
-            store.kill_own(&session).await;
+            let id = session.id().clone();
+            let started = Instant::now();
+            let mut pause = Duration::from_millis(200);
+            while !store.kill_once(&id).await {
+                if started.elapsed() > Duration::from_secs(60) {
+                    warn!(
+                        message = "cannot end our abandoned transaction; MongoDB aborts it after transactionLifetimeLimitSeconds"
+                    );
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            for after in [Duration::from_secs(1), Duration::from_secs(3)] {
+                tokio::time::sleep(after).await;
+                store.kill_once(&id).await;
+            }
         });
     }
 
-    async fn kill_own(&self, session: &ClientSession) {
-        let id = session.id().clone();
-        match tokio::time::timeout(Duration::from_secs(2), self.kill_session(&id)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => warn!(
-                message = "cannot end our abandoned transaction; MongoDB aborts it after transactionLifetimeLimitSeconds",
-                %error
-            ),
-            Err(_) => warn!(
-                message = "cannot end our abandoned transaction (timed out); MongoDB aborts it after transactionLifetimeLimitSeconds"
-            ),
-        }
+    async fn kill_once(&self, id: &mongodb::bson::Document) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), self.kill_session(id)).await,
+            Ok(Ok(()))
+        )
     }
 
     async fn insert_once(

@@ -266,3 +266,54 @@ mod tests {
         assert_eq!(get_opt_datetime(&doc! { "t": Bson::Null }, "t"), None);
     }
 }
+
+#[cfg(test)]
+mod roundtrip {
+    use outbox_core::ingest::{BodyFormat, IngestRules, build_batch, parse_body};
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::{item_document, outbox_item};
+
+    /// Any JSON value a client may send (finite numbers, any text, nesting).
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            (-1e300_f64..1e300).prop_map(Value::from),
+            ".{0,20}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[^\u{0}]{0,12}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn object() -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::btree_map("[^\u{0}]{0,12}", json_value(), 0..8)
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// What a client sends is what the relay reads back: the body,
+        /// parsed, stored as BSON and read again, gives the same objects.
+        #[test]
+        fn an_accepted_body_is_stored_and_read_back_unchanged(objects in prop::collection::vec(object(), 1..5)) {
+            let body = serde_json::to_vec(&objects).expect("serializes");
+            let values = parse_body(&body, BodyFormat::Json).expect("accepted");
+            let batch = build_batch(values, &IngestRules::default(), None, chrono::Utc::now()).expect("valid");
+            for (item, original) in batch.items.iter().zip(&objects) {
+                let mut document = item_document(&batch, item).expect("storable");
+                document.insert("batch_sequence", 1_i64);
+                let read = outbox_item(&document).expect("readable");
+                prop_assert_eq!(&read.request_data, original);
+            }
+        }
+    }
+}
