@@ -15,6 +15,7 @@
 pub mod bad_input;
 pub mod check;
 pub mod cluster;
+pub mod proxy;
 pub mod scenarios;
 pub mod stack;
 

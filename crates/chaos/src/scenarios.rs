@@ -29,12 +29,13 @@ pub struct Report {
     pub took: Duration,
 }
 
-pub const SCENARIOS: [&str; 6] = [
+pub const SCENARIOS: [&str; 7] = [
     "leader-kills",
     "frozen-leader",
     "pubsub-outage",
     "mongodb-outage",
     "writer-kills",
+    "slow-network",
     "bad-input",
 ];
 
@@ -54,6 +55,7 @@ pub async fn run(name: &str, length: Length) -> anyhow::Result<Option<Report>> {
             None => return Ok(None),
         },
         "writer-kills" => writer_kills(length).await?,
+        "slow-network" => slow_network(length).await?,
         "bad-input" => crate::bad_input::bad_input().await?,
         other => anyhow::bail!("unknown scenario {other:?} (one of {SCENARIOS:?})"),
     };
@@ -380,4 +382,104 @@ async fn probe(stack: &Stack, index: usize, key: &str) -> anyhow::Result<crate::
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Pauses draining (admin stop), stores `batches` batches, resumes, and
+/// returns the items and how long the relay took to deliver them.
+async fn timed_drain(
+    stack: &Stack,
+    consumer: &Consumer,
+    relay: usize,
+    batches: usize,
+    already: usize,
+    accepted: &mut Vec<crate::stack::Accepted>,
+) -> anyhow::Result<(usize, Duration)> {
+    let admin = |action: &str| {
+        stack
+            .http
+            .post(format!(
+                "{}/api/v1/outbox/{action}",
+                stack.relays[relay].url
+            ))
+            .header(
+                "authorization",
+                format!("Bearer {}", crate::stack::ADMIN_TOKEN),
+            )
+            .send()
+    };
+    anyhow::ensure!(admin("stop").await?.status().is_success(), "stop refused");
+    let report = load(stack, batches, 100, 2, Duration::ZERO).await?;
+    let items: u64 = report.accepted.iter().map(|a| a.items).sum();
+    accepted.extend(report.accepted);
+    let started = Instant::now();
+    anyhow::ensure!(admin("start").await?.status().is_success(), "start refused");
+    consumer
+        .wait_for(already + items as usize, Duration::from_secs(900))
+        .await?;
+    Ok((items as usize, started.elapsed()))
+}
+
+/// The same backlog drained by a relay on the loopback, then by one whose
+/// MongoDB and Pub/Sub connections go through a proxy adding 50-200 ms
+/// (jittered) to every chunk each way.
+async fn slow_network(length: Length) -> anyhow::Result<Report> {
+    let batches = match length {
+        Length::Short => 4,
+        Length::Full => 30,
+    };
+    let delay = (Duration::from_millis(50), Duration::from_millis(200));
+    let mut stack = Stack::start("slow-network", 1, 1).await?;
+    let consumer = Consumer::start(&stack).await?;
+    let mut accepted = Vec::new();
+    let (direct_items, direct) =
+        timed_drain(&stack, &consumer, 0, batches, 0, &mut accepted).await?;
+
+    // The same again through the proxies, by a second relay.
+    let (_, epoch) = stack.leader(Duration::from_secs(30)).await?;
+    stack.relays[0].kill9().await;
+    let mongo_upstream = stack
+        .mongo
+        .url
+        .trim_start_matches("mongodb://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()?;
+    let mongo_proxy = crate::proxy::Proxy::start(mongo_upstream, delay).await?;
+    let pubsub_proxy = crate::proxy::Proxy::start(stack.emulator.host.parse()?, delay).await?;
+    let mongo_url = format!("mongodb://{}/?directConnection=true", mongo_proxy.address);
+    let pubsub_host = pubsub_proxy.address.to_string();
+    stack.add_relay_via("relay-slow", &mongo_url, &pubsub_host, &[])?;
+    stack
+        .new_leader_after(epoch, Duration::from_secs(60))
+        .await?;
+    let (slow_items, slow) =
+        timed_drain(&stack, &consumer, 1, batches, direct_items, &mut accepted).await?;
+
+    let db = stack.db().await?;
+    let invariants = check(&db, &accepted, &consumer).await?;
+    let rate = |items: usize, took: Duration| items as f64 / took.as_secs_f64();
+    Ok(Report {
+        scenario: "slow-network",
+        faults: format!(
+            "relay's MongoDB and Pub/Sub connections delayed {}-{} ms per chunk each way",
+            delay.0.as_millis(),
+            delay.1.as_millis()
+        ),
+        invariants,
+        figures: vec![
+            (
+                "drain rate on loopback".into(),
+                format!(
+                    "{:.0} items/s ({direct_items} items)",
+                    rate(direct_items, direct)
+                ),
+            ),
+            (
+                "drain rate through the proxies".into(),
+                format!("{:.0} items/s ({slow_items} items)", rate(slow_items, slow)),
+            ),
+        ],
+        took: Duration::ZERO,
+    })
 }

@@ -109,11 +109,27 @@ impl Stack {
     }
 
     fn add_relay(&mut self, id: &str) -> anyhow::Result<()> {
+        let (mongo, emulator) = (self.mongo.url.clone(), self.emulator.host.clone());
+        self.add_relay_via(id, &mongo, &emulator, &[])
+    }
+
+    /// A relay reaching MongoDB at `mongo_url` and the emulator at
+    /// `emulator_host` (a proxy, say), with extra variables.
+    ///
+    /// # Errors
+    /// When it cannot be started.
+    pub fn add_relay_via(
+        &mut self,
+        id: &str,
+        mongo_url: &str,
+        emulator_host: &str,
+        extra: &[(&'static str, String)],
+    ) -> anyhow::Result<()> {
         let port = free_port()?;
-        let vars = vec![
-            ("MONGODB_URL", format!("{}&appName={id}", self.mongo.url)),
+        let mut vars = vec![
+            ("MONGODB_URL", format!("{mongo_url}&appName={id}")),
             ("MONGODB_DATABASE", self.database.clone()),
-            ("PUBSUB_EMULATOR_HOST", self.emulator.host.clone()),
+            ("PUBSUB_EMULATOR_HOST", emulator_host.to_owned()),
             ("PUBSUB_PROJECT_ID", self.pubsub.project_id.clone()),
             ("PUBSUB_TOPIC", self.pubsub.topic.clone()),
             ("RELAY_ID", id.to_owned()),
@@ -128,6 +144,7 @@ impl Stack {
             ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
             ("LOG_FORMAT", "pretty".to_owned()),
         ];
+        vars.extend(extra.iter().cloned());
         let relay = Service::start(&self.dir, id, self.binary("outbox-relay"), port, vars)?;
         self.relays.push(relay);
         Ok(())
@@ -220,11 +237,15 @@ pub fn load(
 ) -> JoinHandle<LoadReport> {
     let http = stack.http.clone();
     let writers: Vec<String> = stack.writers.iter().map(|w| w.url.clone()).collect();
+    // Keys unique to this load: a second load in one scenario must store
+    // new batches, not replay the first one's.
+    let run = uuid::Uuid::new_v4().simple().to_string();
     tokio::spawn(async move {
         let report = Arc::new(Mutex::new(LoadReport::default()));
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let workers = (0..concurrency).map(|worker| {
             let (http, writers, report, next) = (http.clone(), writers.clone(), Arc::clone(&report), Arc::clone(&next));
+            let run = run.clone();
             async move {
                 loop {
                     let b = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -232,7 +253,7 @@ pub fn load(
                         return;
                     }
                     tokio::time::sleep(pace).await;
-                    let key = format!("chaos-{b}");
+                    let key = format!("chaos-{run}-{b}");
                     let body: Vec<Value> = (0..size)
                         .map(|i| json!({"request_id": format!("{b}-{i}"), "vendor_name": format!("v{}", i % 5), "i": i}))
                         .collect();

@@ -41,3 +41,8 @@ async fn chaos_writer_kills() {
 async fn chaos_bad_input() {
     short("bad-input").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_slow_network() {
+    short("slow-network").await;
+}
