@@ -29,13 +29,14 @@ pub struct Report {
     pub took: Duration,
 }
 
-pub const SCENARIOS: [&str; 7] = [
+pub const SCENARIOS: [&str; 8] = [
     "leader-kills",
     "frozen-leader",
     "pubsub-outage",
     "mongodb-outage",
     "writer-kills",
     "slow-network",
+    "soak",
     "bad-input",
 ];
 
@@ -56,6 +57,7 @@ pub async fn run(name: &str, length: Length) -> anyhow::Result<Option<Report>> {
         },
         "writer-kills" => writer_kills(length).await?,
         "slow-network" => slow_network(length).await?,
+        "soak" => soak(length).await?,
         "bad-input" => crate::bad_input::bad_input().await?,
         other => anyhow::bail!("unknown scenario {other:?} (one of {SCENARIOS:?})"),
     };
@@ -355,6 +357,7 @@ async fn writer_kills(length: Length) -> anyhow::Result<Report> {
 async fn probe(stack: &Stack, index: usize, key: &str) -> anyhow::Result<crate::stack::Accepted> {
     let url = format!("{}/api/v1/batch/process", stack.writers[index].url);
     let started = Instant::now();
+    let submitted = started;
     loop {
         let response = stack
             .http
@@ -374,6 +377,7 @@ async fn probe(stack: &Stack, index: usize, key: &str) -> anyhow::Result<crate::
                     .to_owned(),
                 sequence: answer["data"]["batch_sequence"].as_u64().unwrap_or(0),
                 items: 1,
+                submitted,
             });
         }
         anyhow::ensure!(
@@ -479,6 +483,114 @@ async fn slow_network(length: Length) -> anyhow::Result<Report> {
                 "drain rate through the proxies".into(),
                 format!("{:.0} items/s ({slow_items} items)", rate(slow_items, slow)),
             ),
+        ],
+        took: Duration::ZERO,
+    })
+}
+
+/// A steady load for minutes with one leader kill a minute: resident memory
+/// of every process at start and end, p95 end-to-end latency per minute.
+async fn soak(length: Length) -> anyhow::Result<Report> {
+    let (minutes, kill_every) = match length {
+        Length::Short => (0.34_f64, Duration::from_secs(10)),
+        Length::Full => (10.0, Duration::from_secs(60)),
+    };
+    let duration = Duration::from_secs_f64(minutes * 60.0);
+    // 5 batches of 100 a second (500 items/s) when the writer keeps up.
+    let batches = (duration.as_secs_f64() * 5.0) as usize;
+    let mut stack = Stack::start("soak", 1, 2).await?;
+    let consumer = Consumer::start(&stack).await?;
+    let rss = |stack: &Stack| -> Vec<(String, u64)> {
+        stack
+            .writers
+            .iter()
+            .chain(&stack.relays)
+            .filter_map(|s| Some((s.id.clone(), s.process.as_ref()?.rss_kib()?)))
+            .collect()
+    };
+    // Warm up before the first sample.
+    let warm = load(&stack, 25, 100, 1, Duration::from_millis(200)).await?;
+    let start_rss = rss(&stack);
+    let began = Instant::now();
+    let producer = load(&stack, batches, 100, 1, Duration::from_millis(200));
+    let mut kills = 0;
+    while began.elapsed() + kill_every <= duration {
+        tokio::time::sleep(kill_every).await;
+        let (leader, epoch) = stack.leader(Duration::from_secs(30)).await?;
+        stack.relays[leader].kill9().await;
+        stack
+            .new_leader_after(epoch, Duration::from_secs(60))
+            .await?;
+        stack.relays[leader].restart()?;
+        kills += 1;
+    }
+    let mut report = producer.await?;
+    let elapsed = began.elapsed();
+    let end_rss = rss(&stack);
+    report.accepted.extend(warm.accepted);
+    let items: u64 = report.accepted.iter().map(|a| a.items).sum();
+    consumer
+        .wait_for(items as usize, Duration::from_secs(600))
+        .await?;
+
+    // End-to-end: a batch's submission to the first delivery of its last item.
+    let deliveries = consumer.snapshot();
+    let mut last: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for d in &deliveries {
+        if seen.insert(d.item_id.clone()) {
+            let at = last.entry(d.batch_sequence).or_insert(d.at);
+            *at = (*at).max(d.at);
+        }
+    }
+    let mut per_minute: std::collections::BTreeMap<u64, Vec<Duration>> =
+        std::collections::BTreeMap::new();
+    for batch in report.accepted.iter().filter(|b| b.submitted >= began) {
+        if let Some(at) = last.get(&batch.sequence) {
+            let minute = (batch.submitted - began).as_secs() / 60;
+            per_minute
+                .entry(minute)
+                .or_default()
+                .push(at.saturating_duration_since(batch.submitted));
+        }
+    }
+    let p95: Vec<String> = per_minute
+        .values_mut()
+        .map(|samples| {
+            samples.sort();
+            format!(
+                "{:.2}",
+                samples[(samples.len() * 95 / 100).min(samples.len() - 1)].as_secs_f64()
+            )
+        })
+        .collect();
+    let memory = |samples: &[(String, u64)]| {
+        samples
+            .iter()
+            .map(|(id, kib)| format!("{id} {} MiB", kib / 1024))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let db = stack.db().await?;
+    let invariants = check(&db, &report.accepted, &consumer).await?;
+    Ok(Report {
+        scenario: "soak",
+        faults: format!(
+            "{minutes} min of steady load, {kills} leader kills (one per {} s)",
+            kill_every.as_secs()
+        ),
+        invariants,
+        figures: vec![
+            (
+                "rate".into(),
+                format!(
+                    "{:.0} items/s submitted",
+                    (items as f64 - 2500.0).max(0.0) / elapsed.as_secs_f64()
+                ),
+            ),
+            ("RSS at start".into(), memory(&start_rss)),
+            ("RSS at end".into(), memory(&end_rss)),
+            ("p95 end-to-end per minute (s)".into(), p95.join(", ")),
         ],
         took: Duration::ZERO,
     })

@@ -212,6 +212,8 @@ pub struct Accepted {
     pub batch_id: String,
     pub sequence: u64,
     pub items: u64,
+    /// When its first POST was sent.
+    pub submitted: Instant,
 }
 
 /// What the load generator saw.
@@ -258,6 +260,7 @@ pub fn load(
                         .map(|i| json!({"request_id": format!("{b}-{i}"), "vendor_name": format!("v{}", i % 5), "i": i}))
                         .collect();
                     let mut attempt = worker;
+                    let submitted = Instant::now();
                     loop {
                         let url = format!("{}/api/v1/batch/process", writers[attempt % writers.len()]);
                         attempt += 1;
@@ -271,6 +274,7 @@ pub fn load(
                                     batch_id: answer["data"]["batch_id"].as_str().unwrap_or_default().to_owned(),
                                     sequence: answer["data"]["batch_sequence"].as_u64().unwrap_or(0),
                                     items: size as u64,
+                                    submitted,
                                 });
                                 break;
                             }

@@ -46,3 +46,8 @@ async fn chaos_bad_input() {
 async fn chaos_slow_network() {
     short("slow-network").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_soak() {
+    short("soak").await;
+}
