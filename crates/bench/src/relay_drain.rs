@@ -8,9 +8,9 @@ use anyhow::ensure;
 use clap::Args;
 use mongodb::bson::{Document, doc};
 use outbox_core::ingest::{IngestRules, build_batch};
-use outbox_core::model::{BatchId, ItemSequence};
+use outbox_core::model::{BatchId, BatchStatus, ItemSequence};
 use outbox_core::publish::{OrderingKeyMode, OutboxMessage, Publisher};
-use outbox_core::store::{BatchStore, OutboxStore};
+use outbox_core::store::{BatchStore, OutboxStore, PendingBatch};
 use outbox_mongo::{MongoConfig, MongoStore};
 use relay::pubsub::{self, PubSubConfig, PubSubPublisher};
 use tokio::time::Instant;
@@ -88,11 +88,20 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         let page = store
             .unsent_items(id, ItemSequence(0), u32::try_from(args.batch_size)?)
             .await?;
-        let total = page.len() as u64;
+        let Some(first) = page.first() else { continue };
+        let batch = PendingBatch {
+            batch_id: id.clone(),
+            batch_sequence: first.batch_sequence,
+            status: BatchStatus::Pending,
+            total_items: page.len() as u64,
+            created_at: chrono::Utc::now(),
+            last_error: None,
+            traceparent: None,
+        };
         item_ids.push(page.iter().map(|item| item.item_id.to_string()).collect());
         messages.extend(
             page.iter()
-                .map(|item| OutboxMessage::for_item(item, total, &args.ordering)),
+                .map(|item| OutboxMessage::for_item(item, &batch, &args.ordering)),
         );
     }
     let raw_topic = format!("bench-raw-{suffix}");

@@ -78,6 +78,46 @@ pub enum IngestError {
     },
     #[error("idempotency key must be 1 to 255 visible ASCII characters")]
     InvalidIdempotencyKey,
+    #[error(transparent)]
+    Csv(#[from] CsvError),
+}
+
+/// Why a CSV body is not a table of rows under one header row. Every variant
+/// but `Empty` and `NoRows` names the line (1-based, counting the header).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CsvError {
+    #[error("the CSV body is empty: send a header row and at least one row")]
+    Empty,
+    #[error("the CSV body has a header row but no rows")]
+    NoRows,
+    #[error("line {line}: header column {column} has no name")]
+    EmptyHeader { line: u64, column: usize },
+    #[error("line {line}: header name {name:?} appears twice")]
+    DuplicateHeader { line: u64, name: String },
+    #[error("line {line}: header name {name:?} has a NUL character, which MongoDB cannot store")]
+    InvalidHeader { line: u64, name: String },
+    #[error("line {line}: {found} fields, but the header has {expected}")]
+    FieldCount {
+        line: u64,
+        expected: usize,
+        found: usize,
+    },
+    #[error("line {line}: {reason}")]
+    Malformed { line: u64, reason: String },
+}
+
+impl CsvError {
+    /// The line the error is on, when it is on one.
+    pub fn line(&self) -> Option<u64> {
+        match self {
+            Self::Empty | Self::NoRows => None,
+            Self::EmptyHeader { line, .. }
+            | Self::DuplicateHeader { line, .. }
+            | Self::InvalidHeader { line, .. }
+            | Self::FieldCount { line, .. }
+            | Self::Malformed { line, .. } => Some(*line),
+        }
+    }
 }
 
 /// The body formats the writer accepts.
@@ -87,6 +127,10 @@ pub enum BodyFormat {
     Json,
     /// One JSON object per line; blank lines are skipped.
     NdJson,
+    /// CSV (RFC 4180, UTF-8 with or without a byte-order mark, CRLF or LF):
+    /// the header row names the keys and each row becomes one object whose
+    /// values are the cells as strings (an empty cell is `""`).
+    Csv,
 }
 
 /// Parses a body into its request objects (not yet checked to be objects).
@@ -98,6 +142,7 @@ pub fn parse_body(body: &[u8], format: BodyFormat) -> Result<Vec<Value>, IngestE
     match format {
         BodyFormat::Json => parse_json(body),
         BodyFormat::NdJson => parse_ndjson(body),
+        BodyFormat::Csv => parse_csv(body).map_err(IngestError::Csv),
     }
 }
 
@@ -229,6 +274,82 @@ fn parse_ndjson(body: &[u8]) -> Result<Vec<Value>, IngestError> {
         .collect()
 }
 
+fn parse_csv(body: &[u8]) -> Result<Vec<Value>, CsvError> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(CsvError::Empty);
+    }
+    // The reader's own line numbers can lag by one after CRLF line ends:
+    // count the line feeds up to the record's first byte instead (only when
+    // reporting an error).
+    let line_at = |position: Option<&csv::Position>| {
+        let end = position.map_or(0, |p| usize::try_from(p.byte()).unwrap_or(usize::MAX));
+        let upto = body.get(..=end).unwrap_or(body);
+        1 + upto.iter().filter(|&&b| b == b'\n').count() as u64
+    };
+    let malformed = |error: csv::Error| {
+        let line = line_at(error.position());
+        let reason = match error.into_kind() {
+            csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
+            other => format!("{other:?}"),
+        };
+        CsvError::Malformed { line, reason }
+    };
+    // Flexible, so that a row of the wrong width is reported by us, with the
+    // counts, rather than as the reader's own error.
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(body);
+    let mut records = reader.records();
+    let header = records.next().ok_or(CsvError::Empty)?.map_err(malformed)?;
+    let header_line = line_at(header.position());
+    let mut names: Vec<String> = Vec::with_capacity(header.len());
+    for (column, name) in header.iter().enumerate() {
+        let line = header_line;
+        if name.is_empty() {
+            return Err(CsvError::EmptyHeader {
+                line,
+                column: column + 1,
+            });
+        }
+        if name.contains('\0') {
+            return Err(CsvError::InvalidHeader {
+                line,
+                name: name.to_owned(),
+            });
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(CsvError::DuplicateHeader {
+                line,
+                name: name.to_owned(),
+            });
+        }
+        names.push(name.to_owned());
+    }
+    let mut objects = Vec::new();
+    for record in records {
+        let record = record.map_err(malformed)?;
+        if record.len() != names.len() {
+            return Err(CsvError::FieldCount {
+                line: line_at(record.position()),
+                expected: names.len(),
+                found: record.len(),
+            });
+        }
+        let object: Map<String, Value> = names
+            .iter()
+            .zip(record.iter())
+            .map(|(name, cell)| (name.clone(), Value::String(cell.to_owned())))
+            .collect();
+        objects.push(Value::Object(object));
+    }
+    if objects.is_empty() {
+        return Err(CsvError::NoRows);
+    }
+    Ok(objects)
+}
+
 fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -314,6 +435,8 @@ pub fn build_batch(
         items,
         vendor_counts,
         idempotency,
+        submitted_by: None,
+        traceparent: None,
     })
 }
 
@@ -564,5 +687,89 @@ mod tests {
         );
         let fine = parse_body(br#"[{"a": 1, "b": {"a": 1}}, {"a": 2}]"#, BodyFormat::Json).unwrap();
         assert_eq!(fine.len(), 2);
+    }
+
+    fn csv(body: &[u8]) -> Result<Vec<Value>, IngestError> {
+        parse_body(body, BodyFormat::Csv)
+    }
+
+    fn csv_error(body: &[u8]) -> CsvError {
+        match csv(body) {
+            Err(IngestError::Csv(e)) => e,
+            other => panic!("expected a CSV error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn csv_rows_become_objects_of_strings() {
+        let body = "\u{feff}request_id,vendor_name,note\r\n\
+                    r1,acme,\"a, \"\"quoted\"\"\r\nline\"\r\n\
+                    r2,,\r\n";
+        let rows = csv(body.as_bytes()).unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                json!({"request_id": "r1", "vendor_name": "acme", "note": "a, \"quoted\"\r\nline"}),
+                json!({"request_id": "r2", "vendor_name": "", "note": ""}),
+            ]
+        );
+        // LF line ends and no BOM read the same; keys keep the header's order.
+        let lf = csv(b"b,a\n1,2\n").unwrap();
+        assert_eq!(
+            serde_json::to_string(&lf).unwrap(),
+            r#"[{"b":"1","a":"2"}]"#
+        );
+        let batch = build(rows).unwrap();
+        assert_eq!(batch.items[0].request_id.as_deref(), Some("r1"));
+        assert_eq!(batch.items[0].vendor_name, "acme");
+    }
+
+    #[test]
+    fn csv_errors_name_their_line() {
+        assert_eq!(csv_error(b""), CsvError::Empty);
+        assert_eq!(csv_error(b"\xEF\xBB\xBF\r\n"), CsvError::Empty);
+        assert_eq!(csv_error(b"a,b\r\n"), CsvError::NoRows);
+        assert_eq!(
+            csv_error(b"a,b\n1,2\n3\n"),
+            CsvError::FieldCount {
+                line: 3,
+                expected: 2,
+                found: 1
+            }
+        );
+        assert_eq!(
+            csv_error(b"a,b\r\n1,2\r\n3\r\n"),
+            CsvError::FieldCount {
+                line: 3,
+                expected: 2,
+                found: 1
+            }
+        );
+        assert_eq!(
+            csv_error(b"a,b\n1,2,3\n"),
+            CsvError::FieldCount {
+                line: 2,
+                expected: 2,
+                found: 3
+            }
+        );
+        assert_eq!(
+            csv_error(b"a,,c\n1,2,3\n"),
+            CsvError::EmptyHeader { line: 1, column: 2 }
+        );
+        assert_eq!(
+            csv_error(b"a,b,a\n1,2,3\n"),
+            CsvError::DuplicateHeader {
+                line: 1,
+                name: "a".to_owned()
+            }
+        );
+        let bad = csv_error(b"a,b\n1,2\n\xff,3\n");
+        assert!(
+            matches!(bad, CsvError::Malformed { line: 3, ref reason } if reason.contains("UTF-8")),
+            "{bad:?}"
+        );
+        // A quoted newline moves the next row's line on.
+        assert_eq!(csv_error(b"a,b\n\"x\ny\",2\n3\n").line(), Some(4));
     }
 }

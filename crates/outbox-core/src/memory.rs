@@ -29,6 +29,8 @@ struct StoredBatch {
     status: BatchStatus,
     committed_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
+    submitted_by: Option<String>,
+    traceparent: Option<String>,
     items: Vec<StoredItem>,
 }
 
@@ -198,6 +200,8 @@ impl MemoryStore {
                 status: BatchStatus::Pending,
                 committed_at: None,
                 last_error: None,
+                submitted_by: batch.submitted_by.clone(),
+                traceparent: batch.traceparent.clone(),
                 items,
             },
         );
@@ -235,6 +239,7 @@ impl StoredBatch {
             total_items: self.summary.total_items,
             created_at: self.summary.created_at,
             last_error: self.last_error.clone(),
+            traceparent: self.traceparent.clone(),
         }
     }
 
@@ -258,6 +263,8 @@ impl StoredBatch {
             created_at: self.summary.created_at,
             committed_at: self.committed_at,
             last_error: self.last_error.clone(),
+            submitted_by: self.submitted_by.clone(),
+            traceparent: self.traceparent.clone(),
         }
     }
 }

@@ -203,6 +203,12 @@ pub struct NewBatch {
     pub items: Vec<NewItem>,
     pub vendor_counts: VendorCounts,
     pub idempotency: Option<Idempotency>,
+    /// The name of the API key that submitted the batch, when the writer
+    /// requires keys.
+    pub submitted_by: Option<String>,
+    /// W3C trace context (`traceparent`) of the request that produced the
+    /// batch; the relay puts it on every message of the batch.
+    pub traceparent: Option<String>,
 }
 
 /// An idempotency key with the hash of the request body it was first used with.
@@ -255,6 +261,8 @@ pub struct BatchProgress {
     pub created_at: DateTime<Utc>,
     pub committed_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    pub submitted_by: Option<String>,
+    pub traceparent: Option<String>,
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::model::{BatchId, ItemId};
-use crate::store::OutboxItem;
+use crate::store::{OutboxItem, PendingBatch};
 
 /// How messages are grouped for Pub/Sub's per-key ordering.
 ///
@@ -163,8 +163,9 @@ struct MessageBody<'a> {
 }
 
 impl OutboxMessage {
-    /// The message for one item of a batch of `batch_total_items`.
-    pub fn for_item(item: &OutboxItem, batch_total_items: u64, mode: &OrderingKeyMode) -> Self {
+    /// The message for one item of `batch`.
+    pub fn for_item(item: &OutboxItem, batch: &PendingBatch, mode: &OrderingKeyMode) -> Self {
+        let batch_total_items = batch.total_items;
         let body = MessageBody {
             batch_id: &item.batch_id,
             item_id: &item.item_id,
@@ -190,6 +191,9 @@ impl OutboxMessage {
         }
         if u64::from(item.item_sequence.0) == batch_total_items {
             attributes.insert("batch_last".to_owned(), "true".to_owned());
+        }
+        if let Some(traceparent) = &batch.traceparent {
+            attributes.insert("traceparent".to_owned(), traceparent.clone());
         }
         Self {
             data,
@@ -263,10 +267,27 @@ mod tests {
         }
     }
 
+    fn batch_of(total_items: u64, traceparent: Option<&str>) -> PendingBatch {
+        PendingBatch {
+            batch_id: "00000000000000aa".parse().unwrap(),
+            batch_sequence: Sequence(7),
+            status: crate::model::BatchStatus::Pending,
+            total_items,
+            created_at: chrono::Utc::now(),
+            last_error: None,
+            traceparent: traceparent.map(str::to_owned),
+        }
+    }
+
     #[test]
     fn message_carries_the_payload_and_attributes() {
         let item = item(2, Some("r-2"));
-        let message = OutboxMessage::for_item(&item, 2, &OrderingKeyMode::Global);
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let message = OutboxMessage::for_item(
+            &item,
+            &batch_of(2, Some(traceparent)),
+            &OrderingKeyMode::Global,
+        );
         let body: Value = serde_json::from_slice(&message.data).unwrap();
         assert_eq!(body["batch_id"], "00000000000000aa");
         assert_eq!(body["item_id"], item.item_id.to_string());
@@ -279,6 +300,7 @@ mod tests {
         assert_eq!(attr("batch_total_items"), Some("2"));
         assert_eq!(attr("batch_last"), Some("true"));
         assert_eq!(attr("request_id"), Some("r-2"));
+        assert_eq!(attr("traceparent"), Some(traceparent));
         assert_eq!(
             message.ordering_key.as_deref(),
             Some(OrderingKeyMode::GLOBAL_KEY)
@@ -287,11 +309,14 @@ mod tests {
 
     #[test]
     fn only_the_last_item_is_marked_last_and_absent_request_ids_are_left_out() {
-        let message = OutboxMessage::for_item(&item(1, None), 2, &OrderingKeyMode::Batch);
+        let message =
+            OutboxMessage::for_item(&item(1, None), &batch_of(2, None), &OrderingKeyMode::Batch);
         assert!(!message.attributes.contains_key("batch_last"));
         assert!(!message.attributes.contains_key("request_id"));
+        assert!(!message.attributes.contains_key("traceparent"));
         assert_eq!(message.ordering_key.as_deref(), Some("00000000000000aa"));
-        let none = OutboxMessage::for_item(&item(1, None), 2, &OrderingKeyMode::None);
+        let none =
+            OutboxMessage::for_item(&item(1, None), &batch_of(2, None), &OrderingKeyMode::None);
         assert_eq!(none.ordering_key, None);
     }
 

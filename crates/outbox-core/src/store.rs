@@ -216,6 +216,8 @@ pub struct PendingBatch {
     pub created_at: DateTime<Utc>,
     /// Why the batch is failed, when it is.
     pub last_error: Option<String>,
+    /// The trace context the batch was submitted with, for its messages.
+    pub traceparent: Option<String>,
 }
 
 /// An item as the relay publishes it.

@@ -110,6 +110,12 @@ pub fn batch_document(batch: &NewBatch, sequence: Sequence, processing_time_ms: 
         document.insert("idempotency_key", idem.key.as_str());
         document.insert("request_hash", idem.request_hash.as_str());
     }
+    if let Some(name) = &batch.submitted_by {
+        document.insert("submitted_by", name.as_str());
+    }
+    if let Some(traceparent) = &batch.traceparent {
+        document.insert("traceparent", traceparent.as_str());
+    }
     document
 }
 
@@ -171,6 +177,7 @@ pub(crate) fn pending_batch(doc: &Document) -> Result<PendingBatch, StoreError> 
         total_items: get_u64(doc, "total_items")?,
         created_at: get_datetime(doc, "created_at")?,
         last_error: get_opt_string(doc, "last_error"),
+        traceparent: get_opt_string(doc, "traceparent"),
     })
 }
 
@@ -193,6 +200,8 @@ pub(crate) fn batch_progress(
         created_at: get_datetime(doc, "created_at")?,
         committed_at: get_opt_datetime(doc, "committed_at"),
         last_error: get_opt_string(doc, "last_error"),
+        submitted_by: get_opt_string(doc, "submitted_by"),
+        traceparent: get_opt_string(doc, "traceparent"),
     })
 }
 

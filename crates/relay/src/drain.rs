@@ -426,7 +426,7 @@ impl Drainer {
     async fn publish_page(&self, batch: &PendingBatch, items: &[OutboxItem]) -> PageResult {
         let messages: Vec<OutboxMessage> = items
             .iter()
-            .map(|item| OutboxMessage::for_item(item, batch.total_items, &self.settings.ordering))
+            .map(|item| OutboxMessage::for_item(item, batch, &self.settings.ordering))
             .collect();
         let oversized = messages.iter().position(|m| m.size() > MAX_MESSAGE_BYTES);
         let sendable = oversized.unwrap_or(messages.len());
@@ -489,7 +489,7 @@ impl Drainer {
         batch: &PendingBatch,
         item: &OutboxItem,
     ) -> Result<Option<String>, DrainError> {
-        let message = OutboxMessage::for_item(item, batch.total_items, &self.settings.ordering);
+        let message = OutboxMessage::for_item(item, batch, &self.settings.ordering);
         if message.size() > MAX_MESSAGE_BYTES {
             return Ok(None);
         }

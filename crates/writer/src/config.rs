@@ -43,6 +43,23 @@ pub struct Config {
     /// How long in-flight requests may take to finish after SIGTERM, in seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+    /// API keys, comma-separated `NAME:KEY` entries (a key is at least 16
+    /// visible ASCII characters). When any key is configured (here or in
+    /// the file), every `/api/v1/` request needs `Authorization: Bearer KEY`;
+    /// the name is recorded on the batches the key submits. A name may have
+    /// several keys (while one is rotated); they share its rate limit.
+    #[arg(long, env = "WRITER_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// A file of API keys, one `NAME:KEY` per line (`#` starts a comment),
+    /// such as a mounted Kubernetes secret. Read at start-up.
+    #[arg(long, env = "WRITER_API_KEYS_FILE")]
+    pub api_keys_file: Option<String>,
+    /// Items per second each API key may submit (0: no limit). A request
+    /// over the budget gets 429 with Retry-After; the burst is one full
+    /// batch (MAX_BATCH_ITEMS) or one second's worth, whichever is larger.
+    /// Without API keys the limit applies to all clients together.
+    #[arg(long, env = "WRITER_RATE_LIMIT_ITEMS_PER_SECOND", default_value_t = 0)]
+    pub rate_limit_items_per_second: u32,
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "WRITER_WORKERS")]
     pub workers: Option<usize>,
@@ -63,6 +80,19 @@ impl Config {
         Duration::from_secs_f64(self.request_deadline_seconds)
     }
 
+    /// The API keys and rate limits.
+    ///
+    /// # Errors
+    /// A one-line description of a bad key entry or an unreadable file.
+    pub fn access(&self) -> Result<crate::auth::Access, String> {
+        crate::auth::Access::new(
+            self.api_keys.as_deref(),
+            self.api_keys_file.as_deref(),
+            self.rate_limit_items_per_second,
+            u32::try_from(self.max_batch_items).unwrap_or(u32::MAX),
+        )
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_seconds)
     }
@@ -78,6 +108,7 @@ impl Config {
         if self.workers == Some(0) {
             return Err("WRITER_WORKERS must be at least 1".to_owned());
         }
+        self.access()?;
         self.mongo.to_config("outbox-writer").map(drop)
     }
 }

@@ -4,13 +4,17 @@
 //! # Layout
 //! - [`config`]: command-line flags and environment variables.
 //! - [`routes`]: the HTTP handlers.
+//! - [`auth`]: optional API keys and per-key rate limits.
+//! - [`trace`]: W3C trace context carried from the request to the messages.
 //! - [`metrics`]: metric names.
 //! - [`Application`]: binds the listener and runs the server; tests start
 //!   it in-process on port 0, with MongoDB or the in-memory store.
 
+pub mod auth;
 pub mod config;
 pub mod metrics;
 pub mod routes;
+pub mod trace;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -61,7 +65,7 @@ impl Application {
     /// Binds the writer over any [`BatchStore`].
     ///
     /// # Errors
-    /// When the address cannot be bound.
+    /// When the address cannot be bound or the API keys cannot be read.
     pub fn with_store(
         config: &Config,
         store: Arc<dyn BatchStore>,
@@ -71,6 +75,10 @@ impl Application {
         let listener =
             TcpListener::bind(config.bind).with_context(|| format!("binding {}", config.bind))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
+        let access = web::Data::new(config.access().map_err(anyhow::Error::msg)?);
+        if access.required() {
+            info!(message = "API keys required on /api/v1/");
+        }
         let state = web::Data::new(AppState {
             store,
             rules: config.ingest_rules(),
@@ -82,7 +90,9 @@ impl Application {
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(access.clone())
                 .app_data(outbox_service::problem::query_config())
+                .wrap(actix_web::middleware::from_fn(auth::require_key))
                 .wrap(actix_web::middleware::from_fn(
                     outbox_service::problem::limit_headers,
                 ))

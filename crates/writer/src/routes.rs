@@ -6,18 +6,20 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, ContentType};
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
-use outbox_core::ingest::{self, BodyFormat, IngestError, IngestRules};
+use outbox_core::ingest::{self, BodyFormat, CsvError, IngestError, IngestRules};
 use outbox_core::model::{BatchId, BatchSummary, Idempotency, NewBatch};
 use outbox_core::store::{BatchStore, StoreError};
 use outbox_service::problem::Problem;
 use serde_json::json;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::auth::{Access, Caller};
 use crate::metrics::{BATCHES_ACCEPTED, ERRORS, IDEMPOTENT_REPLAYS, ITEMS_ACCEPTED};
+use crate::trace::{TRACEPARENT, TraceParent};
 
 /// Bodies larger than this are parsed off the HTTP worker thread.
 const BLOCKING_PARSE_BYTES: usize = 1 << 20;
@@ -94,6 +96,29 @@ fn ingest_problem(error: IngestError) -> Problem {
         IngestError::InvalidIdempotencyKey => {
             Problem::bad_request("invalid_idempotency_key", detail)
         }
+        IngestError::Csv(error) => {
+            let problem = match error {
+                CsvError::Malformed { .. } => Problem::bad_request("invalid_csv", detail),
+                CsvError::Empty => {
+                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_empty", detail)
+                }
+                CsvError::NoRows => {
+                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_no_rows", detail)
+                }
+                CsvError::EmptyHeader { .. }
+                | CsvError::DuplicateHeader { .. }
+                | CsvError::InvalidHeader { .. } => {
+                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_header", detail)
+                }
+                CsvError::FieldCount { .. } => {
+                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_field_count", detail)
+                }
+            };
+            match error.line() {
+                Some(line) => problem.with("line", line),
+                None => problem,
+            }
+        }
     }
 }
 
@@ -166,11 +191,12 @@ fn body_format(req: &HttpRequest) -> Result<BodyFormat, Problem> {
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
             Ok(BodyFormat::NdJson)
         }
+        "text/csv" | "application/csv" => Ok(BodyFormat::Csv),
         other => Err(Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             format!(
-                "content type {other:?} is not supported; send application/json or application/x-ndjson"
+                "content type {other:?} is not supported; send application/json, application/x-ndjson or text/csv"
             ),
         )),
     }
@@ -287,17 +313,39 @@ fn parse_batch(
 
 async fn process_batch(
     state: web::Data<AppState>,
+    access: web::Data<Access>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, Problem> {
-    process(&state, &req, payload).await.map_err(counted)
+    let traceparent = TraceParent::continue_or_start(
+        req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
+    );
+    let span = info_span!("ingest", trace_id = %traceparent.trace_id);
+    let mut response = process(&state, &access, &req, payload, &traceparent)
+        .instrument(span)
+        .await
+        .map_err(counted)?;
+    if let Ok(value) = header::HeaderValue::from_str(&traceparent.to_string()) {
+        response
+            .headers_mut()
+            .insert(header::HeaderName::from_static(TRACEPARENT), value);
+    }
+    Ok(response)
 }
 
 async fn process(
     state: &AppState,
+    access: &Access,
     req: &HttpRequest,
     payload: web::Payload,
+    traceparent: &TraceParent,
 ) -> Result<HttpResponse, Problem> {
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(Problem::internal)?;
+    let submitted_by = access.name(&caller).to_owned();
     let format = body_format(req)?;
     let key = idempotency_key(req)?;
     let body = read_body(req, payload, state.max_body_bytes).await?;
@@ -324,6 +372,12 @@ async fn process(
         parse_batch(&body, format, &state.rules, idempotency)
     }
     .map_err(ingest_problem)?;
+    access.admit(&caller, batch.items.len())?;
+    let batch = NewBatch {
+        submitted_by: access.required().then(|| submitted_by.clone()),
+        traceparent: Some(traceparent.to_string()),
+        ..batch
+    };
 
     let span = info_span!("store_batch", batch_id = %batch.batch_id, items = batch.items.len());
     // Detached from the request: a client that disconnects drops this
@@ -342,8 +396,10 @@ async fn process(
         .unwrap_or_else(|e| Err(StoreError::Other(format!("the store task failed: {e}"))));
     match stored {
         Ok(summary) => {
-            metrics::counter!(BATCHES_ACCEPTED).increment(1);
-            metrics::counter!(ITEMS_ACCEPTED).increment(summary.total_items);
+            metrics::counter!(BATCHES_ACCEPTED, "submitted_by" => submitted_by.clone())
+                .increment(1);
+            metrics::counter!(ITEMS_ACCEPTED, "submitted_by" => submitted_by)
+                .increment(summary.total_items);
             span.in_scope(|| {
                 info!(
                     message = "batch stored",
@@ -396,6 +452,8 @@ async fn batch_status(
             "created_at": progress.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
             "committed_at": progress.committed_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true)),
             "last_error": progress.last_error,
+            "submitted_by": progress.submitted_by,
+            "traceparent": progress.traceparent,
         })))
     }
     .await;

@@ -238,6 +238,7 @@ impl Stack {
             let request = self
                 .http
                 .post(format!("{}/api/v1/batch/process", self.writer_url))
+                .header("traceparent", traceparent_of(b))
                 .json(&body)
                 .send();
             async move {
@@ -262,6 +263,11 @@ impl Stack {
     }
 }
 
+/// The trace context [`Stack::submit`] sends with the `b`th batch.
+pub(crate) fn traceparent_of(b: usize) -> String {
+    format!("00-{:032x}-00f067aa0ba902b7-01", 0xabc000 + b)
+}
+
 /// One received message.
 #[derive(Debug, Clone)]
 pub(crate) struct Received {
@@ -271,6 +277,7 @@ pub(crate) struct Received {
     item_id: String,
     position: (u64, u64),
     last: bool,
+    traceparent: Option<String>,
 }
 
 /// Receives until `expected` distinct items arrived; returns every delivery
@@ -320,6 +327,7 @@ pub(crate) async fn receive_on(
                 .attributes
                 .get("batch_last")
                 .is_some_and(|v| v == "true"),
+            traceparent: message.attributes.get("traceparent").cloned(),
         });
         distinct.insert(message.attributes["item_id"].clone());
         handler.ack();
@@ -421,6 +429,32 @@ async fn fifty_concurrent_batches_arrive_in_order_with_their_publish_ids() {
         },
     )
     .await;
+    // Every message carries its batch's trace context: the writer's span in
+    // the trace each request started.
+    let traceparents: HashMap<u64, String> = batches
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| {
+            let sequence = b.get_i64("batch_sequence").map_or_else(
+                |_| u64::try_from(b.get_i32("batch_sequence").unwrap()).unwrap(),
+                |v| u64::try_from(v).unwrap(),
+            );
+            (sequence, b.get_str("traceparent").unwrap().to_owned())
+        })
+        .collect();
+    let sent: std::collections::HashSet<String> = (0..50)
+        .map(|b| traceparent_of(b)[3..35].to_owned())
+        .collect();
+    for r in &received {
+        let traceparent = r.traceparent.as_deref().expect("a traceparent attribute");
+        assert_eq!(traceparent, traceparents[&r.position.0]);
+        assert!(sent.contains(&traceparent[3..35]), "{traceparent}");
+    }
     for item in stack.items().await {
         let item_id = item.get_str("item_id").unwrap();
         assert_eq!(item.get_str("status").unwrap(), "sent");

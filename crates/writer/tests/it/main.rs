@@ -3,9 +3,11 @@
 //! MongoDB that `scripts/test.sh` provides (a fresh database per test), or
 //! against the in-memory model of the store where that shows more.
 
+mod access;
 mod availability;
 mod batches;
 mod concurrency;
+mod csv;
 mod errors;
 mod helpers;
 mod idempotency;
