@@ -15,9 +15,15 @@ start_mongo
 start_pubsub
 export MONGODB_URL MONGODB_FLAVOR PUBSUB_EMULATOR_HOST
 export OUTBOX_BIN_DIR="$ROOT/target/debug"
+log "checking both OpenAPI documents against the binaries (schemathesis)"
+api_check=0
+bash scripts/api-check.sh 50 || { api_check=1; log "error: the OpenAPI check failed (above)"; }
 
+tests=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast --test-threads 2 "$@"
+  cargo nextest run --workspace --locked --no-fail-fast --test-threads 2 "$@" || tests=$?
 else
-  cargo test --workspace --all-targets --locked --no-fail-fast "$@"
+  cargo test --workspace --all-targets --locked --no-fail-fast "$@" || tests=$?
 fi
+[ "$api_check" -eq 0 ] || exit 1
+exit "$tests"

@@ -5,9 +5,11 @@
 //!   exit-64-on-bad-configuration rule.
 //! - [`telemetry`]: tracing subscriber and the Prometheus recorder.
 //! - [`problem`]: `application/problem+json` errors with stable codes.
+//! - [`openapi`]: soundness checks on a served OpenAPI document (for tests).
 //! - [`shutdown`]: SIGTERM / SIGINT as a future.
 
 pub mod cli;
+pub mod openapi;
 pub mod problem;
 pub mod shutdown;
 pub mod telemetry;

@@ -20,6 +20,37 @@ pub struct Problem {
     pub extra: Box<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// The problem+json document as the OpenAPI descriptions show it (the
+/// response itself is written by [`Problem::error_response`]).
+#[derive(utoipa::ToSchema)]
+#[schema(
+    title = "Problem",
+    description = "RFC 9457 problem details, with a stable machine-readable `code`. \
+                   Some problems add members: `index` (the item at fault), `path` (a JSON \
+                   Pointer into it), `line` (the CSV line), `max_items`, `max_body_bytes`, \
+                   `batch_id` (with `outcome_unknown`)."
+)]
+pub struct ProblemDocument {
+    /// `urn:batch-outbox:problem:<code>`.
+    #[schema(example = "urn:batch-outbox:problem:invalid_json")]
+    #[allow(dead_code)]
+    r#type: String,
+    /// The HTTP status's reason phrase.
+    #[schema(example = "Bad Request")]
+    #[allow(dead_code)]
+    title: String,
+    #[schema(example = 400)]
+    #[allow(dead_code)]
+    status: u16,
+    /// Stable: clients branch on it. Each operation lists the codes it answers.
+    #[schema(example = "invalid_json")]
+    #[allow(dead_code)]
+    code: String,
+    /// What went wrong this time, for a person.
+    #[allow(dead_code)]
+    detail: String,
+}
+
 #[derive(Serialize)]
 struct Body<'a> {
     #[serde(rename = "type")]
@@ -147,4 +178,75 @@ pub fn query_config() -> actix_web::web::QueryConfig {
     actix_web::web::QueryConfig::default().error_handler(|error, _| {
         Problem::bad_request("invalid_query", format!("invalid query string: {error}")).into()
     })
+}
+
+/// The methods each route pattern answers, from a service's OpenAPI
+/// document, so that a request with another method gets 405 with `Allow`.
+#[derive(Debug, Default, Clone)]
+pub struct AllowedMethods(std::collections::HashMap<String, String>);
+
+impl From<&utoipa::openapi::OpenApi> for AllowedMethods {
+    fn from(api: &utoipa::openapi::OpenApi) -> Self {
+        let methods = api
+            .paths
+            .paths
+            .iter()
+            .map(|(pattern, item)| {
+                let names: Vec<&str> = [
+                    ("GET", item.get.is_some()),
+                    ("POST", item.post.is_some()),
+                    ("PUT", item.put.is_some()),
+                    ("PATCH", item.patch.is_some()),
+                    ("DELETE", item.delete.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(name, present)| present.then_some(name))
+                .collect();
+                (pattern.clone(), names.join(", "))
+            })
+            .collect();
+        Self(methods)
+    }
+}
+
+/// The answer for a request no route took: 405 `method_not_allowed` (with
+/// `Allow`) when its path is served with other methods, else 404
+/// `route_not_found`.
+pub fn no_route(req: &actix_web::HttpRequest) -> (Problem, Option<String>) {
+    let allowed = req
+        .app_data::<actix_web::web::Data<AllowedMethods>>()
+        .and_then(|methods| {
+            let pattern = req.resource_map().match_pattern(req.path())?;
+            methods.0.get(&pattern).cloned()
+        });
+    match allowed {
+        Some(allow) => (
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!(
+                    "{} {} is not served; allowed: {allow}",
+                    req.method(),
+                    req.path()
+                ),
+            ),
+            Some(allow),
+        ),
+        None => (
+            Problem::not_found(
+                "route_not_found",
+                format!("no route for {} {}", req.method(), req.path()),
+            ),
+            None,
+        ),
+    }
+}
+
+/// Renders [`no_route`]'s answer.
+pub fn no_route_response(problem: &Problem, allow: Option<String>) -> HttpResponse {
+    let mut response = problem.error_response();
+    if let Some(value) = allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
 }

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::http::header;
-use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use chrono::SecondsFormat;
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox_core::model::{BatchId, InvalidBatchId, ItemSequence, Sequence};
 use outbox_core::store::{LeaseStore, OutboxStore, StoreError};
-use outbox_service::problem::Problem;
+use outbox_service::problem::{Problem, ProblemDocument};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -36,29 +36,58 @@ pub struct AdminState {
     pub prometheus: PrometheusHandle,
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/api/v1/outbox/status", web::get().to(status))
-        .route("/api/v1/outbox/start", web::post().to(start))
-        .route("/api/v1/outbox/stop", web::post().to(stop))
-        .route(
-            "/api/v1/outbox/pending-batches",
-            web::get().to(pending_batches),
-        )
-        .route(
-            "/api/v1/outbox/batch/{batch_id}/status",
-            web::get().to(batch_status),
-        )
-        .route(
-            "/api/v1/outbox/batch/{batch_id}/items",
-            web::get().to(batch_items),
-        )
-        .route(
-            "/api/v1/outbox/batch/{batch_id}/retry",
-            web::post().to(retry_batch),
-        )
-        .route("/health/live", web::get().to(live))
-        .route("/health/ready", web::get().to(ready))
-        .route("/metrics", web::get().to(metrics));
+/// Registers every route; the OpenAPI document is collected from these
+/// registrations, so it lists exactly the routes the port serves.
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(status)
+        .service(start)
+        .service(stop)
+        .service(pending_batches)
+        .service(batch_status)
+        .service(batch_items)
+        .service(retry_batch)
+        .service(live)
+        .service(ready)
+        .service(render_metrics);
+}
+
+/// The admin API's OpenAPI description; paths come from [`configure`].
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "batch-outbox relay admin",
+        description = "Each relay replica's admin port: the cluster's draining state, \
+            pause and resume (cluster-wide), inspection of pending and failed batches, \
+            retry of a failed batch, health and metrics. The POST operations need \
+            `Authorization: Bearer <ADMIN_TOKEN>` when the relay has a token. Errors are \
+            `application/problem+json` with a stable `code`.",
+        license(name = "Apache-2.0")
+    ),
+    tags(
+        (name = "outbox", description = "Draining state and control"),
+        (name = "batches", description = "Pending and failed batches"),
+        (name = "operations", description = "Health and metrics")
+    ),
+    modifiers(&AdminTokenScheme)
+)]
+pub struct AdminApi;
+
+struct AdminTokenScheme;
+
+impl utoipa::Modify for AdminTokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(
+                Http::builder()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The relay's ADMIN_TOKEN, when it has one."))
+                    .build(),
+            ),
+        );
+    }
 }
 
 fn store_problem(error: &StoreError) -> Problem {
@@ -136,6 +165,12 @@ impl Page {
     }
 }
 
+/// Cluster status
+///
+/// This replica's role, the lease, whether draining is paused or halted,
+/// the batch in flight and the backlog.
+#[utoipa::path(tag = "outbox", responses((status = 200, description = "Status.", body = StatusView)))]
+#[get("/api/v1/outbox/status")]
 async fn status(state: web::Data<AdminState>) -> HttpResponse {
     let snapshot = state.status.snapshot();
     let lease = state.lease_store.current().await;
@@ -204,14 +239,54 @@ async fn set_paused(
     Ok(HttpResponse::Ok().json(json!({ "paused": paused })))
 }
 
+/// Resume draining
+///
+/// Clears the cluster-wide pause (stored in MongoDB, honoured by every replica).
+#[utoipa::path(tag = "outbox",
+    responses(
+        (status = 200, description = "Draining resumed.", body = PausedView),
+        (status = 401, description = "`unauthorized`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+#[post("/api/v1/outbox/start")]
 async fn start(state: web::Data<AdminState>, req: HttpRequest) -> Result<HttpResponse, Problem> {
     set_paused(&state, &req, false).await
 }
 
+/// Pause draining
+///
+/// Pauses the whole cluster after the page in flight; writers keep accepting
+/// batches. Kept across restarts.
+#[utoipa::path(tag = "outbox",
+    responses(
+        (status = 200, description = "Draining paused.", body = PausedView),
+        (status = 401, description = "`unauthorized`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+#[post("/api/v1/outbox/stop")]
 async fn stop(state: web::Data<AdminState>, req: HttpRequest) -> Result<HttpResponse, Problem> {
     set_paused(&state, &req, true).await
 }
 
+/// Pending batches
+///
+/// Batches not committed yet, in `batch_sequence` order, a page at a time.
+#[utoipa::path(tag = "batches",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000 (default 100)."),
+        ("cursor" = Option<String>, Query, pattern = "^[0-9]{1,19}$", description = "`next_cursor` of the page before."),
+    ),
+    responses(
+        (status = 200, description = "A page of batches.", body = PendingPage),
+        (status = 400, description = "`invalid_limit`, `invalid_cursor`, `invalid_query`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+#[get("/api/v1/outbox/pending-batches")]
 async fn pending_batches(
     state: web::Data<AdminState>,
     page: web::Query<Page>,
@@ -229,6 +304,17 @@ async fn pending_batches(
     Ok(HttpResponse::Ok().json(json!({ "batches": batches, "next_cursor": next_cursor })))
 }
 
+/// A batch's status
+#[utoipa::path(tag = "batches",
+    params(("batch_id" = String, Path, pattern = "^[0-9a-f]{16}$", description = "16 lowercase hex digits.")),
+    responses(
+        (status = 200, description = "The batch.", body = AdminBatchView),
+        (status = 400, description = "`invalid_batch_id`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "`batch_not_found`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+#[get("/api/v1/outbox/batch/{batch_id}/status")]
 async fn batch_status(
     state: web::Data<AdminState>,
     path: web::Path<String>,
@@ -253,6 +339,24 @@ async fn batch_status(
     })))
 }
 
+/// A batch's items
+///
+/// In `item_sequence` order, a page at a time, with each item's status and
+/// Pub/Sub message id.
+#[utoipa::path(tag = "batches",
+    params(
+        ("batch_id" = String, Path, pattern = "^[0-9a-f]{16}$", description = "16 lowercase hex digits."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000 (default 100)."),
+        ("cursor" = Option<String>, Query, pattern = "^[0-9]{1,19}$", description = "`next_cursor` of the page before."),
+    ),
+    responses(
+        (status = 200, description = "A page of items.", body = ItemsPage),
+        (status = 400, description = "`invalid_batch_id`, `invalid_limit`, `invalid_cursor`, `invalid_query`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "`batch_not_found`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+#[get("/api/v1/outbox/batch/{batch_id}/items")]
 async fn batch_items(
     state: web::Data<AdminState>,
     path: web::Path<String>,
@@ -286,6 +390,22 @@ async fn batch_items(
         .json(json!({ "batch_id": batch_id, "items": items, "next_cursor": next_cursor })))
 }
 
+/// Retry a failed batch
+///
+/// Puts a failed (halted) batch back to draining from its first unsent item.
+#[utoipa::path(tag = "batches",
+    params(("batch_id" = String, Path, pattern = "^[0-9a-f]{16}$", description = "16 lowercase hex digits.")),
+    responses(
+        (status = 200, description = "The batch drains again.", body = RetryView),
+        (status = 400, description = "`invalid_batch_id`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "`batch_not_found`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "`batch_not_failed`: only a failed batch can be retried.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+#[post("/api/v1/outbox/batch/{batch_id}/retry")]
 async fn retry_batch(
     state: web::Data<AdminState>,
     req: HttpRequest,
@@ -324,10 +444,22 @@ async fn retry_batch(
     }
 }
 
+/// Liveness
+#[utoipa::path(tag = "operations", responses((status = 200, description = "Alive.", body = HealthView)))]
+#[get("/health/live")]
 async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
+/// Readiness
+///
+/// 200 when MongoDB answers.
+#[utoipa::path(tag = "operations", responses(
+    (status = 200, description = "Ready.", body = HealthView),
+    (status = 503, description = "Not ready, with the reason.", body = HealthView,
+        headers(("Retry-After" = u32, description = "Seconds to wait."))),
+))]
+#[get("/health/ready")]
 async fn ready(state: web::Data<AdminState>) -> HttpResponse {
     match tokio::time::timeout(READY_TIMEOUT, state.store.paused()).await {
         Ok(Ok(_)) => HttpResponse::Ok().json(json!({ "status": "ready" })),
@@ -342,7 +474,12 @@ fn not_ready(reason: &str) -> HttpResponse {
         .json(json!({ "status": "unavailable", "reason": reason }))
 }
 
-async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+/// Prometheus metrics
+#[utoipa::path(tag = "operations", responses(
+    (status = 200, description = "Prometheus text exposition format 0.0.4.", body = String, content_type = "text/plain"),
+))]
+#[get("/metrics")]
+async fn render_metrics(state: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((
             header::CONTENT_TYPE,
@@ -351,10 +488,155 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
         .body(state.prometheus.render())
 }
 
+/// Unknown routes get a problem+json 404, known routes with another method
+/// a 405 with `Allow`.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
-    Problem::not_found(
-        "route_not_found",
-        format!("no route for {} {}", req.method(), req.path()),
-    )
-    .error_response()
+    let (problem, allow) = outbox_service::problem::no_route(&req);
+    outbox_service::problem::no_route_response(&problem, allow)
+}
+
+// What the admin endpoints answer, described for OpenAPI. The handlers
+// build the same JSON; schemathesis (scripts/api-check.sh) checks every
+// answer against these.
+
+/// The cluster as this replica sees it.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct StatusView {
+    relay_id: String,
+    /// `leader` or `standby`.
+    role: String,
+    /// The lease as stored (null before anyone took it; `{error}` when
+    /// MongoDB did not answer).
+    lease: Option<LeaseView>,
+    /// Draining paused cluster-wide.
+    paused: bool,
+    /// The failed batch draining halted on, if any (retry it to go on).
+    halted: Option<HaltView>,
+    current_batch: Option<CurrentBatchView>,
+    pending_batches: Option<u64>,
+    oldest_pending_age_seconds: Option<f64>,
+    published_total: u64,
+    batches_committed_total: u64,
+    last_error: Option<String>,
+    last_error_at: Option<String>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct HaltView {
+    batch_id: String,
+    batch_sequence: u64,
+    error: Option<String>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct LeaseView {
+    holder: Option<String>,
+    epoch: Option<u64>,
+    expires_at_ms: Option<i64>,
+    error: Option<String>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct CurrentBatchView {
+    batch_id: String,
+    batch_sequence: u64,
+    total_items: u64,
+    sent: Option<u64>,
+    pending: Option<u64>,
+    progress_percentage: Option<f64>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PausedView {
+    paused: bool,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PendingPage {
+    batches: Vec<PendingBatchView>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PendingBatchView {
+    batch_id: String,
+    batch_sequence: u64,
+    /// `pending`, `processing` or `failed`.
+    status: String,
+    total_items: u64,
+    created_at: String,
+    last_error: Option<String>,
+    traceparent: Option<String>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct AdminBatchView {
+    batch_id: String,
+    batch_sequence: u64,
+    /// `pending`, `processing`, `committed` or `failed`.
+    status: String,
+    items: ItemCountsView,
+    progress_percentage: f64,
+    created_at: String,
+    committed_at: Option<String>,
+    last_error: Option<String>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ItemCountsView {
+    total: u64,
+    sent: u64,
+    failed: u64,
+    pending: u64,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ItemsPage {
+    batch_id: String,
+    items: Vec<ItemViewDoc>,
+    next_cursor: Option<String>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[schema(as = Item)]
+#[allow(dead_code)]
+pub struct ItemViewDoc {
+    item_id: String,
+    item_sequence: u32,
+    request_id: Option<String>,
+    vendor_name: String,
+    /// `pending`, `sent` or `failed`.
+    status: String,
+    /// The Pub/Sub message id, once acknowledged.
+    publish_id: Option<String>,
+    sent_at: Option<String>,
+    /// Why the item was dead-lettered.
+    error: Option<String>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct RetryView {
+    batch_id: String,
+    /// `processing`.
+    status: String,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct HealthView {
+    /// `ok`, `ready` or `unavailable`.
+    status: String,
+    reason: Option<String>,
 }

@@ -35,6 +35,7 @@ use outbox_mongo::MongoStore;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use utoipa_actix_web::AppExt;
 
 pub use config::{Cli, Command, Config};
 use drain::DrainSettings;
@@ -150,13 +151,22 @@ impl Application {
             .with_context(|| format!("binding {}", config.admin_bind))?;
         let admin_addr = listener.local_addr().context("reading the bound address")?;
         let admin = HttpServer::new(move || {
-            App::new()
+            let (app, api) = App::new()
                 .app_data(state.clone())
                 .app_data(outbox_service::problem::query_config())
                 .wrap(actix_web::middleware::from_fn(
                     outbox_service::problem::limit_headers,
                 ))
+                .into_utoipa_app()
+                .openapi(<admin::AdminApi as utoipa::OpenApi>::openapi())
                 .configure(admin::configure)
+                .split_for_parts();
+            let allowed = web::Data::new(outbox_service::problem::AllowedMethods::from(&api));
+            app.app_data(allowed)
+                .service(
+                    utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", api),
+                )
+                .service(web::redirect("/docs", "/docs/"))
                 .default_service(web::to(admin::not_found))
         })
         .listen(listener)

@@ -7,12 +7,14 @@
 //! - [`auth`]: optional API keys and per-key rate limits.
 //! - [`trace`]: W3C trace context carried from the request to the messages.
 //! - [`metrics`]: metric names.
+//! - [`openapi`]: the OpenAPI document (`/openapi.json`, `/docs/`).
 //! - [`Application`]: binds the listener and runs the server; tests start
 //!   it in-process on port 0, with MongoDB or the in-memory store.
 
 pub mod auth;
 pub mod config;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
 pub mod trace;
 
@@ -30,7 +32,12 @@ use outbox_mongo::MongoStore;
 use tracing::{info, warn};
 
 pub use config::Config;
+use openapi::WriterApi;
+use outbox_service::problem::AllowedMethods;
 use routes::AppState;
+use utoipa::OpenApi;
+use utoipa_actix_web::AppExt;
+use utoipa_swagger_ui::SwaggerUi;
 
 /// A bound, not yet running, writer.
 pub struct Application {
@@ -88,7 +95,7 @@ impl Application {
             prometheus: outbox_service::telemetry::prometheus(),
         });
         let mut server = HttpServer::new(move || {
-            App::new()
+            let (app, api) = App::new()
                 .app_data(state.clone())
                 .app_data(access.clone())
                 .app_data(outbox_service::problem::query_config())
@@ -116,7 +123,14 @@ impl Application {
                         Ok(response)
                     }
                 })
+                .into_utoipa_app()
+                .openapi(WriterApi::openapi())
                 .configure(routes::configure)
+                .split_for_parts();
+            let allowed = web::Data::new(AllowedMethods::from(&api));
+            app.app_data(allowed)
+                .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", api))
+                .service(web::redirect("/docs", "/docs/"))
                 .default_service(web::to(routes::not_found))
         })
         .listen(listener)

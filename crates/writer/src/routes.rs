@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, ContentType};
-use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, get, post, web};
 use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox_core::ingest::{self, BodyFormat, CsvError, IngestError, IngestRules};
 use outbox_core::model::{BatchId, BatchSummary, Idempotency, NewBatch};
 use outbox_core::store::{BatchStore, StoreError};
-use outbox_service::problem::Problem;
+use outbox_service::problem::{Problem, ProblemDocument};
 use serde_json::json;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -41,15 +41,14 @@ pub struct AppState {
     pub prometheus: PrometheusHandle,
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/api/v1/batch/process", web::post().to(process_batch))
-        .route(
-            "/api/v1/batch/{batch_id}/status",
-            web::get().to(batch_status),
-        )
-        .route("/health/live", web::get().to(live))
-        .route("/health/ready", web::get().to(ready))
-        .route("/metrics", web::get().to(metrics));
+/// Registers every route; the OpenAPI document is collected from these
+/// registrations, so it lists exactly the routes the app serves.
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(process_batch)
+        .service(batch_status)
+        .service(live)
+        .service(ready)
+        .service(render_metrics);
 }
 
 /// Counts an error response by its code.
@@ -249,19 +248,21 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, Problem> {
 
 fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
     let location = format!("/api/v1/batch/{}/status", summary.batch_id);
-    let body = json!({
-        "status": "success",
-        "message": format!("batch of {} items stored", summary.total_items),
-        "data": {
-            "batch_id": summary.batch_id,
-            "batch_sequence": summary.batch_sequence,
-            "timestamp": summary.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-            "total_json_objects": summary.total_items,
-            "vendor_counts": summary.vendor_counts,
-            "unique_vendors": summary.vendor_counts.len(),
-            "processing_time_ms": summary.processing_time_ms,
-        }
-    });
+    let body = BatchAccepted {
+        status: "success",
+        message: format!("batch of {} items stored", summary.total_items),
+        data: AcceptedBatch {
+            batch_id: summary.batch_id.to_string(),
+            batch_sequence: summary.batch_sequence.0,
+            timestamp: summary
+                .created_at
+                .to_rfc3339_opts(SecondsFormat::Millis, true),
+            total_json_objects: summary.total_items,
+            vendor_counts: summary.vendor_counts.clone(),
+            unique_vendors: summary.vendor_counts.len(),
+            processing_time_ms: summary.processing_time_ms,
+        },
+    };
     let mut response = HttpResponse::Created();
     response.insert_header((header::LOCATION, location));
     if replayed {
@@ -311,6 +312,85 @@ fn parse_batch(
     ingest::build_batch(values, rules, idempotency, received)
 }
 
+/// Store a batch
+///
+/// Validates the body and stores the batch and all its items in one MongoDB
+/// transaction, with the next gap-free `batch_sequence` (commit order equals
+/// sequence order). The relay then publishes every item to Pub/Sub in
+/// (`batch_sequence`, `item_sequence`) order. Nothing is stored when the
+/// answer is not 201.
+#[utoipa::path(
+    tag = "batches",
+    request_body(
+        description = "The batch: a JSON array of objects or `{\"requests\": [...]}` \
+            (`application/json`, also `application/*+json`), one object per line \
+            (`application/x-ndjson`, `application/ndjson`, `application/jsonl`), or CSV \
+            (`text/csv`, `application/csv`: RFC 4180, UTF-8 with or without BOM, CRLF or LF; \
+            the header row names the keys, every cell is a string). Each object's \
+            `request_id` and `vendor_name` (configurable) are read for the response and \
+            the messages. Limits: `MAX_BATCH_ITEMS` items, `MAX_BODY_BYTES` bytes, 16 MiB \
+            of BSON per item; a key twice in one object, a NUL in a key and integers \
+            beyond the signed 64-bit range are refused.",
+        content(
+            (BatchBody = "application/json",
+                example = json!([{"request_id": "r1", "vendor_name": "acme", "amount": 12}, {"request_id": "r2", "vendor_name": "globex"}])),
+            (RequestList = "application/x-ndjson",
+                example = "{\"request_id\":\"r1\",\"vendor_name\":\"acme\"}\n{\"request_id\":\"r2\"}\n"),
+            (CsvRows = "text/csv", example = "request_id,vendor_name,note\r\nr1,acme,\"a, b\"\r\n"),
+        )
+    ),
+    params(
+        (
+            "Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
+            description = "1 to 255 visible ASCII characters. The first request with a key \
+                stores the batch; a retry with the same key and the same body answers the \
+                stored batch again (201 with `Idempotent-Replayed: true`), with another body \
+                422 `idempotency_key_reused`. Keys are remembered `IDEMPOTENCY_TTL_SECONDS`."
+        ),
+        (
+            "traceparent" = Option<String>, Header,
+            description = "W3C trace context. Continued when valid (a new trace is started \
+                otherwise); the writer's own `traceparent` is answered, stored with the \
+                batch and put on every message of it."
+        ),
+    ),
+    responses(
+        (status = 201, description = "Stored (or replayed for its Idempotency-Key).", body = BatchAccepted,
+            headers(
+                ("Location" = String, description = "The batch's status: `/api/v1/batch/{batch_id}/status`."),
+                ("Idempotent-Replayed" = String, description = "`true` when this answer is a replay."),
+                ("traceparent" = String, description = "The writer's span in the request's trace."),
+            )),
+        (status = 400, description = "`invalid_json`, `invalid_csv`, `invalid_idempotency_key`, `invalid_body`.",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: API keys are configured and none valid was sent.",
+            body = ProblemDocument, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"batch-outbox\"`"))),
+        (status = 413, description = "`batch_too_large` (items or bytes; `max_items` or `max_body_bytes`), \
+            `item_too_large` (`index`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`, `unsupported_charset` (only UTF-8).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_batch`, `empty_batch`, `item_not_object` (`index`), \
+            `duplicate_key`, `invalid_key`, `number_out_of_range` (`index`, `path`), \
+            `idempotency_key_reused`, `csv_empty`, `csv_no_rows`, `csv_header` (`line`), \
+            `csv_field_count` (`line`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: the API key's items per second are spent.",
+            body = ProblemDocument, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds until the budget allows this batch."))),
+        (status = 431, description = "`headers_too_large`: request headers over 16 KiB.",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: MongoDB cannot be reached, has no primary, or \
+            the schema is still being created; nothing was stored, retry. `outcome_unknown` \
+            (with `batch_id`): MongoDB went away during the commit; look the batch up or \
+            retry with the same Idempotency-Key.",
+            body = ProblemDocument, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
+    ),
+    security((), ("api_key" = []))
+)]
+#[post("/api/v1/batch/process")]
 async fn process_batch(
     state: web::Data<AppState>,
     access: web::Data<Access>,
@@ -425,45 +505,83 @@ async fn process(
     }
 }
 
+/// A batch's status
+///
+/// How far the relay is with a stored batch. Reads what a majority of the
+/// replica set has: a batch that may still roll back is not shown.
+#[utoipa::path(
+    tag = "batches",
+    params(("batch_id" = String, Path, pattern = "^[0-9a-f]{16}$",
+        description = "The `batch_id` the POST answered: 16 lowercase hex digits.")),
+    responses(
+        (status = 200, description = "The batch and its item counts.", body = BatchStatusView),
+        (status = 400, description = "`invalid_batch_id`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "`batch_not_found`: never stored, or removed by retention.",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait."))),
+    ),
+    security((), ("api_key" = []))
+)]
+#[get("/api/v1/batch/{batch_id}/status")]
 async fn batch_status(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
     let raw = path.into_inner();
     let result = async {
-        let batch_id: BatchId = raw.parse().map_err(|e: outbox_core::model::InvalidBatchId| {
-            Problem::bad_request("invalid_batch_id", e.to_string())
-        })?;
+        let batch_id: BatchId = raw
+            .parse()
+            .map_err(|e: outbox_core::model::InvalidBatchId| {
+                Problem::bad_request("invalid_batch_id", e.to_string())
+            })?;
         let progress = state
             .store
             .batch_progress(&batch_id)
             .await
             .map_err(|e| store_problem(&e))?
             .ok_or_else(|| Problem::not_found("batch_not_found", format!("no batch {batch_id}")))?;
-        Ok(HttpResponse::Ok().json(json!({
-            "batch_id": progress.batch_id,
-            "batch_sequence": progress.batch_sequence,
-            "status": progress.status,
-            "total": progress.counts.total,
-            "sent": progress.counts.sent,
-            "failed": progress.counts.failed,
-            "pending": progress.counts.pending,
-            "progress_percentage": progress.counts.progress_percentage(),
-            "created_at": progress.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-            "committed_at": progress.committed_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true)),
-            "last_error": progress.last_error,
-            "submitted_by": progress.submitted_by,
-            "traceparent": progress.traceparent,
-        })))
+        let time = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Millis, true);
+        Ok(HttpResponse::Ok().json(BatchStatusView {
+            batch_id: progress.batch_id.to_string(),
+            batch_sequence: progress.batch_sequence.0,
+            status: progress.status.as_str(),
+            total: progress.counts.total,
+            sent: progress.counts.sent,
+            failed: progress.counts.failed,
+            pending: progress.counts.pending,
+            progress_percentage: progress.counts.progress_percentage(),
+            created_at: time(progress.created_at),
+            committed_at: progress.committed_at.map(time),
+            last_error: progress.last_error,
+            submitted_by: progress.submitted_by,
+            traceparent: progress.traceparent,
+        }))
     }
     .await;
     result.map_err(counted)
 }
 
+/// Liveness
+///
+/// 200 while the process serves HTTP; it does not look at MongoDB.
+#[utoipa::path(tag = "operations", responses((status = 200, description = "Alive.", body = HealthView)))]
+#[get("/health/live")]
 async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
+/// Readiness
+///
+/// 200 when MongoDB answers and the schema (indexes, sequence counter)
+/// exists: the writer can store batches.
+#[utoipa::path(tag = "operations", responses(
+    (status = 200, description = "Ready.", body = HealthView),
+    (status = 503, description = "Not ready, with the reason.", body = HealthView,
+        headers(("Retry-After" = u32, description = "Seconds to wait."))),
+))]
+#[get("/health/ready")]
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let problem = if !state.schema_ready.load(Ordering::Acquire) {
         Some("indexes and sequence counter not created yet".to_owned())
@@ -482,7 +600,14 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+/// Prometheus metrics
+///
+/// `outbox_writer_*` counters and histograms in the Prometheus text format.
+#[utoipa::path(tag = "operations", responses(
+    (status = 200, description = "Prometheus text exposition format 0.0.4.", body = String, content_type = "text/plain"),
+))]
+#[get("/metrics")]
+async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header(ContentType(mime_text_plain()))
         .body(state.prometheus.render())
@@ -494,12 +619,126 @@ fn mime_text_plain() -> actix_web::mime::Mime {
         .unwrap_or(actix_web::mime::TEXT_PLAIN)
 }
 
-/// Unknown routes get a problem+json 404 too.
+/// Unknown routes get a problem+json 404, known routes with another method
+/// a 405 with `Allow`.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
-    use actix_web::ResponseError;
-    counted(Problem::not_found(
-        "route_not_found",
-        format!("no route for {} {}", req.method(), req.path()),
-    ))
-    .error_response()
+    let (problem, allow) = outbox_service::problem::no_route(&req);
+    outbox_service::problem::no_route_response(&counted(problem), allow)
+}
+
+/// A request body in JSON: an array of request objects, or the same array
+/// under `requests`.
+#[derive(utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // describes the body for OpenAPI; ingest parses it
+pub enum BatchBody {
+    Objects(RequestList),
+    Wrapped { requests: RequestList },
+}
+
+/// One or more request objects.
+pub struct RequestList;
+
+impl utoipa::PartialSchema for RequestList {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ArrayBuilder::new()
+            .items(<RequestObject as utoipa::PartialSchema>::schema())
+            .min_items(Some(1))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for RequestList {}
+
+/// A CSV body's content: rows of string cells under one header row.
+pub struct CsvRows;
+
+impl utoipa::PartialSchema for CsvRows {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+        let cell = ObjectBuilder::new().schema_type(Type::String);
+        let row = ObjectBuilder::new()
+            .additional_properties(Some(cell))
+            .min_properties(Some(1))
+            .description(Some(
+                "One row: the header row names the keys, every cell is a string.",
+            ));
+        ArrayBuilder::new()
+            .items(row)
+            .min_items(Some(1))
+            .description(Some(
+                "The rows of a CSV file (RFC 4180) whose header row is the union of their keys.",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for CsvRows {}
+
+/// One request: any JSON object, stored and published exactly as sent.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct RequestObject(std::collections::BTreeMap<String, serde_json::Value>);
+
+/// The answer to a stored batch.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct BatchAccepted {
+    /// Always `success`.
+    #[schema(example = "success")]
+    pub status: &'static str,
+    #[schema(example = "batch of 2 items stored")]
+    pub message: String,
+    pub data: AcceptedBatch,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct AcceptedBatch {
+    /// 16 lowercase hex digits.
+    #[schema(example = "4f1c2a9e0b7d3c58")]
+    pub batch_id: String,
+    /// Gap-free, in commit order; the relay publishes batches in this order.
+    #[schema(example = 42)]
+    pub batch_sequence: u64,
+    /// When the batch was received (RFC 3339, UTC).
+    pub timestamp: String,
+    pub total_json_objects: u64,
+    /// Items per vendor (`unknown` for items without a vendor).
+    pub vendor_counts: std::collections::BTreeMap<String, u64>,
+    pub unique_vendors: usize,
+    /// Time spent storing the batch.
+    pub processing_time_ms: u64,
+}
+
+/// A batch's status and item counts.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct BatchStatusView {
+    pub batch_id: String,
+    pub batch_sequence: u64,
+    /// `pending`, `processing`, `committed` or `failed`.
+    #[schema(example = "committed")]
+    pub status: &'static str,
+    pub total: u64,
+    /// Items acknowledged by Pub/Sub.
+    pub sent: u64,
+    /// Items set aside as dead letters.
+    pub failed: u64,
+    pub pending: u64,
+    pub progress_percentage: f64,
+    pub created_at: String,
+    /// When the relay committed the batch (every item acknowledged).
+    pub committed_at: Option<String>,
+    pub last_error: Option<String>,
+    /// The API key name that submitted the batch, when keys are required.
+    pub submitted_by: Option<String>,
+    /// The trace context stored with the batch.
+    pub traceparent: Option<String>,
+}
+
+/// A health answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct HealthView {
+    /// `ok`, `ready` or `unavailable`.
+    pub status: String,
+    /// Why the service is not ready.
+    pub reason: Option<String>,
 }

@@ -213,3 +213,62 @@ async fn health_and_metrics() {
         .unwrap();
     assert!(text.contains("outbox_relay_is_leader"), "{text}");
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_admin_route_and_docs_are_served() {
+    use outbox_service::openapi::{document_problems, operations};
+    let store = MemoryStore::new();
+    let admin = admin(&store, &["--admin-token", "s3cret"]).await;
+    let (code, doc) = admin.get("/openapi.json").await;
+    assert_eq!(code, 200);
+    assert_eq!(document_problems(&doc), Vec::<String>::new());
+    let routes: Vec<(String, String)> = [
+        ("GET", "/api/v1/outbox/batch/{batch_id}/items"),
+        ("GET", "/api/v1/outbox/batch/{batch_id}/status"),
+        ("GET", "/api/v1/outbox/pending-batches"),
+        ("GET", "/api/v1/outbox/status"),
+        ("GET", "/health/live"),
+        ("GET", "/health/ready"),
+        ("GET", "/metrics"),
+        ("POST", "/api/v1/outbox/batch/{batch_id}/retry"),
+        ("POST", "/api/v1/outbox/start"),
+        ("POST", "/api/v1/outbox/stop"),
+    ]
+    .iter()
+    .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+    .collect();
+    assert_eq!(operations(&doc), routes);
+    assert!(doc["components"]["securitySchemes"]["admin_token"].is_object());
+    let text = doc.to_string();
+    for code in [
+        "unauthorized",
+        "batch_not_found",
+        "batch_not_failed",
+        "invalid_batch_id",
+        "invalid_limit",
+        "invalid_cursor",
+        "store_unavailable",
+    ] {
+        assert!(
+            text.contains(&format!("`{code}`")),
+            "problem code {code} is not described"
+        );
+    }
+
+    let page = admin
+        .http
+        .get(format!("{}/docs/", admin.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("swagger-ui"));
+    let response = admin
+        .http
+        .get(format!("{}/api/v1/outbox/stop", admin.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+}

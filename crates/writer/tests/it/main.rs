@@ -11,3 +11,4 @@ mod csv;
 mod errors;
 mod helpers;
 mod idempotency;
+mod openapi;
