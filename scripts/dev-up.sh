@@ -31,7 +31,8 @@ cat <<TXT
 
 batch-outbox is up (logs in $RUN_DIR):
   writer          http://127.0.0.1:8000   (POST /api/v1/batch/process, /metrics)
-  relay-1 admin   http://127.0.0.1:9090/api/v1/outbox/status
+  writer API docs http://127.0.0.1:8000/docs/   (OpenAPI: /openapi.json)
+  relay-1 admin   http://127.0.0.1:9090/api/v1/outbox/status   (docs: /docs/)
   relay-2 admin   http://127.0.0.1:9091/api/v1/outbox/status
   MongoDB         $MONGODB_URL ($MONGODB_FLAVOR)
   Pub/Sub         emulator at $PUBSUB_EMULATOR_HOST, topic $PUBSUB_TOPIC

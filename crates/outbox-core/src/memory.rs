@@ -20,7 +20,7 @@ use crate::model::{
 };
 use crate::store::{
     Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease, LeaseStore, OutboxItem,
-    OutboxStore, PendingBatch, SentMark, StoreError,
+    OutboxStore, PendingBatch, Removed, SentMark, StoreError,
 };
 
 #[derive(Debug)]
@@ -51,7 +51,7 @@ struct State {
     idempotency: HashMap<String, (String, BatchId)>,
     lease: Option<Lease>,
     paused: bool,
-    dead_letters: Vec<(OutboxItem, String)>,
+    dead_letters: Vec<(OutboxItem, String, DateTime<Utc>)>,
 }
 
 /// An in-memory store; clones share the same data.
@@ -108,7 +108,11 @@ impl MemoryStore {
 
     /// The dead-lettered items with their errors.
     pub fn dead_letters(&self) -> Vec<(OutboxItem, String)> {
-        self.lock().dead_letters.clone()
+        self.lock()
+            .dead_letters
+            .iter()
+            .map(|(item, error, _)| (item.clone(), error.clone()))
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -288,13 +292,13 @@ impl BatchStore for MemoryStore {
     async fn find_idempotent(
         &self,
         key: &str,
-    ) -> Result<Option<(String, BatchSummary)>, StoreError> {
+    ) -> Result<Option<(String, Option<BatchSummary>)>, StoreError> {
         self.check_available()?;
         let state = self.lock();
         Ok(state
             .idempotency
             .get(key)
-            .and_then(|(hash, id)| state.batch(id).map(|b| (hash.clone(), b.summary.clone()))))
+            .map(|(hash, id)| (hash.clone(), state.batch(id).map(|b| b.summary.clone()))))
     }
 
     async fn batch_progress(
@@ -540,7 +544,9 @@ impl OutboxStore for MemoryStore {
             stored.status = ItemStatus::Failed;
             stored.error = Some(error.to_owned());
         }
-        state.dead_letters.push((item.clone(), error.to_owned()));
+        state
+            .dead_letters
+            .push((item.clone(), error.to_owned(), Utc::now()));
         Ok(())
     }
 
@@ -554,6 +560,40 @@ impl OutboxStore for MemoryStore {
         batch.status = BatchStatus::Processing;
         batch.last_error = None;
         Ok(true)
+    }
+
+    async fn remove_expired(
+        &self,
+        committed_before: Option<DateTime<Utc>>,
+        dead_letters_before: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Removed, StoreError> {
+        self.check_available()?;
+        let mut state = self.lock();
+        let mut removed = Removed::default();
+        if let Some(cutoff) = committed_before {
+            let expired: Vec<Sequence> = state
+                .batches
+                .iter()
+                .filter(|(_, b)| b.status == BatchStatus::Committed)
+                .take_while(|(_, b)| b.committed_at.is_some_and(|at| at < cutoff))
+                .map(|(sequence, _)| *sequence)
+                .take(limit as usize)
+                .collect();
+            for sequence in expired {
+                if let Some(batch) = state.batches.remove(&sequence) {
+                    state.by_id.remove(&batch.summary.batch_id);
+                    removed.batches += 1;
+                    removed.items += batch.items.len() as u64;
+                }
+            }
+        }
+        if let Some(cutoff) = dead_letters_before {
+            let before = state.dead_letters.len();
+            state.dead_letters.retain(|(_, _, at)| *at >= cutoff);
+            removed.dead_letters = (before - state.dead_letters.len()) as u64;
+        }
+        Ok(removed)
     }
 
     async fn paused(&self) -> Result<bool, StoreError> {
@@ -619,6 +659,66 @@ mod tests {
         assert!(
             store.conflicts() > 0,
             "the model never produced a conflict, so it showed nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn retention_removes_only_committed_batches_older_than_the_cutoff() {
+        let store = MemoryStore::new();
+        let fence = store
+            .acquire_or_renew("r", 0, 3_600_000)
+            .await
+            .unwrap()
+            .unwrap()
+            .fence();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(store.insert_batch(&batch(2), far()).await.unwrap().batch_id);
+        }
+        // The first two are committed, the third still pending.
+        for id in &ids[..2] {
+            let items = store.unsent_items(id, ItemSequence(0), 10).await.unwrap();
+            let marks: Vec<SentMark> = items
+                .iter()
+                .map(|i| SentMark {
+                    item_id: i.item_id.clone(),
+                    item_sequence: i.item_sequence,
+                    publish_id: "m".into(),
+                })
+                .collect();
+            store.mark_sent(&fence, id, &marks).await.unwrap();
+            store.commit_batch(&fence, id).await.unwrap();
+        }
+        let committed: Vec<_> = store
+            .batch_statuses()
+            .into_iter()
+            .filter(|(_, s)| *s == BatchStatus::Committed)
+            .collect();
+        assert_eq!(committed.len(), 2, "the test needs two committed batches");
+
+        let before = Utc::now() - chrono::Duration::hours(1);
+        let none = store.remove_expired(Some(before), None, 10).await.unwrap();
+        assert_eq!(none, Removed::default(), "nothing is that old");
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let one = store.remove_expired(Some(now), None, 1).await.unwrap();
+        assert_eq!((one.batches, one.items), (1, 2), "the limit holds");
+        let rest = store
+            .remove_expired(Some(now), Some(now), 10)
+            .await
+            .unwrap();
+        assert_eq!((rest.batches, rest.items), (1, 2));
+        let left = store.batch_statuses();
+        assert_eq!(left.len(), 1);
+        assert_eq!(
+            left[0].1,
+            BatchStatus::Pending,
+            "a pending batch is never removed"
+        );
+        assert!(
+            BatchStore::batch_progress(&store, &ids[0])
+                .await
+                .unwrap()
+                .is_none()
         );
     }
 

@@ -143,12 +143,13 @@ pub trait BatchStore: Send + Sync + 'static {
         deadline: tokio::time::Instant,
     ) -> Result<BatchSummary, StoreError>;
 
-    /// The batch stored under an idempotency key, with the body hash it was
-    /// stored with, if the key is known and not expired.
+    /// The body hash an idempotency key was stored with and its batch, if
+    /// the key is known and not expired. The batch is `None` when retention
+    /// removed it after it was committed.
     async fn find_idempotent(
         &self,
         key: &str,
-    ) -> Result<Option<(String, BatchSummary)>, StoreError>;
+    ) -> Result<Option<(String, Option<BatchSummary>)>, StoreError>;
 
     /// The client-facing progress of a batch.
     async fn batch_progress(&self, batch_id: &BatchId)
@@ -204,6 +205,14 @@ pub trait LeaseStore: Send + Sync + 'static {
 
     /// The lease as stored, whoever holds it.
     async fn current(&self) -> Result<Option<Lease>, StoreError>;
+}
+
+/// What one retention pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub batches: u64,
+    pub items: u64,
+    pub dead_letters: u64,
 }
 
 /// A batch the relay has still to finish.
@@ -352,6 +361,18 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Puts a failed batch back to draining from its first unsent item.
     /// Returns whether the batch was failed.
     async fn retry_batch(&self, batch_id: &BatchId) -> Result<bool, StoreError>;
+
+    /// Retention: removes up to `limit` committed batches, with their items,
+    /// whose commit is older than `committed_before` (oldest first), and
+    /// the dead letters set aside before `dead_letters_before`. A batch that
+    /// is not committed is never touched. Idempotent: a pass cut short is
+    /// finished by the next.
+    async fn remove_expired(
+        &self,
+        committed_before: Option<DateTime<Utc>>,
+        dead_letters_before: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Removed, StoreError>;
 
     /// Whether draining is paused for the whole cluster.
     async fn paused(&self) -> Result<bool, StoreError>;

@@ -425,7 +425,7 @@ impl BatchStore for MongoStore {
     async fn find_idempotent(
         &self,
         key: &str,
-    ) -> Result<Option<(String, BatchSummary)>, StoreError> {
+    ) -> Result<Option<(String, Option<BatchSummary>)>, StoreError> {
         let record = self
             .idempotency()
             .find_one(doc! { "_id": key, "expires_at": { "$gt": bson_datetime(Utc::now()) } })
@@ -444,9 +444,11 @@ impl BatchStore for MongoStore {
             .unwrap_or_default()
             .parse()
             .map_err(|e| StoreError::Other(format!("idempotency record: {e}")))?;
+        // The key and its batch were written in one transaction, so a key a
+        // majority has without its batch means retention removed the batch.
         match self.find_batch(&batch_id).await? {
-            Some(batch) => Ok(Some((hash, batch_summary(&batch)?))),
-            None => Ok(None),
+            Some(batch) => Ok(Some((hash, Some(batch_summary(&batch)?)))),
+            None => Ok(Some((hash, None))),
         }
     }
 

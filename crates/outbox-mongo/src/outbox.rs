@@ -14,7 +14,7 @@
 //! in the data.
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
@@ -23,11 +23,13 @@ use outbox_core::model::{
 };
 use outbox_core::store::{
     Backlog, ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, Fence, ItemView, OutboxItem,
-    OutboxStore, PendingBatch, SentMark, StoreError,
+    OutboxStore, PendingBatch, Removed, SentMark, StoreError,
 };
 
 use crate::batches::transaction_options;
-use crate::documents::{bson_datetime, get_u64, item_view, outbox_item, pending_batch};
+use crate::documents::{
+    bson_datetime, get_opt_datetime, get_u64, item_view, outbox_item, pending_batch,
+};
 use crate::errors::classify;
 use crate::{CONTROL_ID, LEASE_ID, MongoStore};
 
@@ -517,6 +519,96 @@ impl OutboxStore for MongoStore {
             .await
             .map_err(classify)?;
         Ok(result.matched_count == 1)
+    }
+
+    async fn remove_expired(
+        &self,
+        committed_before: Option<DateTime<Utc>>,
+        dead_letters_before: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Removed, StoreError> {
+        let mut removed = Removed::default();
+        if let Some(cutoff) = committed_before {
+            // Oldest committed first (commit order is sequence order), by the
+            // (status, batch_sequence) index; the dates are compared here,
+            // not in the query, so that a date stored in another form (the
+            // stand-in's strings) can never match too much.
+            let committed: Vec<Document> = self
+                .batches()
+                .find(doc! { "status": BatchStatus::Committed.as_str() })
+                .sort(doc! { "batch_sequence": 1 })
+                .limit(i64::from(limit))
+                .projection(doc! { "batch_id": 1, "total_items": 1, "committed_at": 1 })
+                .await
+                .map_err(classify)?
+                .try_collect()
+                .await
+                .map_err(classify)?;
+            for batch in committed {
+                let expired =
+                    get_opt_datetime(&batch, "committed_at").is_some_and(|at| at < cutoff);
+                if !expired {
+                    break;
+                }
+                let batch_id: BatchId = batch
+                    .get_str("batch_id")
+                    .unwrap_or_default()
+                    .parse()
+                    .map_err(|e| StoreError::Other(format!("stored batch id: {e}")))?;
+                let total = u32::try_from(get_u64(&batch, "total_items")?).unwrap_or(u32::MAX);
+                // Items first, by primary key, a page at a time; the batch
+                // document last, so a pass cut short finds it again.
+                let mut first = 1;
+                while first <= total {
+                    let last = first.saturating_add(999).min(total);
+                    let ids: Vec<String> = (first..=last)
+                        .map(|n| ItemId::of(&batch_id, ItemSequence(n)).to_string())
+                        .collect();
+                    let deleted = self
+                        .items()
+                        .delete_many(doc! { "_id": { "$in": ids } })
+                        .await
+                        .map_err(classify)?;
+                    removed.items += deleted.deleted_count;
+                    first = last.saturating_add(1);
+                }
+                let deleted = self
+                    .batches()
+                    .delete_one(doc! {
+                        "batch_id": batch_id.as_str(),
+                        "status": BatchStatus::Committed.as_str(),
+                    })
+                    .await
+                    .map_err(classify)?;
+                removed.batches += deleted.deleted_count;
+            }
+        }
+        if let Some(cutoff) = dead_letters_before {
+            let letters: Vec<Document> = self
+                .dead_letters()
+                .find(doc! {})
+                .projection(doc! { "_id": 1, "dead_lettered_at": 1 })
+                .limit(10_000)
+                .await
+                .map_err(classify)?
+                .try_collect()
+                .await
+                .map_err(classify)?;
+            let expired: Vec<Bson> = letters
+                .iter()
+                .filter(|d| get_opt_datetime(d, "dead_lettered_at").is_some_and(|at| at < cutoff))
+                .filter_map(|d| d.get("_id").cloned())
+                .collect();
+            if !expired.is_empty() {
+                removed.dead_letters = self
+                    .dead_letters()
+                    .delete_many(doc! { "_id": { "$in": expired } })
+                    .await
+                    .map_err(classify)?
+                    .deleted_count;
+            }
+        }
+        Ok(removed)
     }
 
     async fn paused(&self) -> Result<bool, StoreError> {

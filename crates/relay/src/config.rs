@@ -161,6 +161,18 @@ pub struct Config {
     /// How long the Pub/Sub client waits to fill a request, in milliseconds.
     #[arg(long, env = "PUBLISH_BATCH_DELAY_MS", default_value_t = 1)]
     pub publish_batch_delay_ms: u64,
+    /// How long committed batches and their items are kept, in seconds
+    /// (default 7 days; 0 keeps everything). The leader removes them; a batch
+    /// that is not committed is never removed. Keep it above the writers'
+    /// IDEMPOTENCY_TTL_SECONDS: a retry whose batch was removed answers 410.
+    #[arg(long, env = "RETENTION_SECONDS", default_value_t = 7 * 86_400)]
+    pub retention_seconds: u64,
+    /// How long dead letters are kept, in seconds (default 30 days; 0 keeps them).
+    #[arg(long, env = "DEAD_LETTER_RETENTION_SECONDS", default_value_t = 30 * 86_400)]
+    pub dead_letter_retention_seconds: u64,
+    /// How often the leader looks for expired data, in seconds.
+    #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub retention_interval_seconds: u64,
     /// Longest backoff between failed passes, in seconds.
     #[arg(long, env = "OUTBOX_MAX_BACKOFF_SECONDS", default_value_t = 30.0)]
     pub max_backoff_seconds: f64,
@@ -175,6 +187,15 @@ impl Config {
 
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_seconds)
+    }
+
+    pub fn retention(&self) -> crate::retention::RetentionSettings {
+        let keep = |seconds: u64| (seconds > 0).then(|| Duration::from_secs(seconds));
+        crate::retention::RetentionSettings {
+            committed: keep(self.retention_seconds),
+            dead_letters: keep(self.dead_letter_retention_seconds),
+            interval: Duration::from_secs(self.retention_interval_seconds),
+        }
     }
 
     pub fn pubsub_config(&self) -> Result<PubSubConfig, String> {

@@ -7,7 +7,8 @@
 //! - [`lease`]: acquiring and renewing the lease; local validity.
 //! - [`runner`]: the loop that ties lease, pause, wake-ups and passes together.
 //! - [`pubsub`]: Google's Pub/Sub client behind the core `Publisher` trait.
-//! - [`admin`]: the admin HTTP port.
+//! - [`admin`]: the admin HTTP port and its OpenAPI description.
+//! - [`retention`]: the leader removes expired committed batches and dead letters.
 //! - [`status`], [`metrics`], [`backoff`]: what the replica reports, and how it waits.
 
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod drain;
 pub mod lease;
 pub mod metrics;
 pub mod pubsub;
+pub mod retention;
 pub mod runner;
 pub mod status;
 
@@ -54,6 +56,7 @@ pub struct Application {
     change_stream: bool,
     lease_ttl: Duration,
     store: Arc<dyn OutboxStore>,
+    retention: retention::RetentionSettings,
 }
 
 /// The server-side time limit of each lease operation: a quarter of the
@@ -185,6 +188,7 @@ impl Application {
             change_stream: false,
             lease_ttl: config.lease_ttl(),
             store,
+            retention: config.retention(),
         })
     }
 
@@ -236,6 +240,12 @@ impl Application {
         } else if self.start_paused {
             let _ = self.store.set_paused(true).await;
         }
+        tokio::spawn(retention::run(
+            Arc::clone(&self.store),
+            self.runner.leadership(),
+            self.retention.clone(),
+            token.clone(),
+        ));
         if !token.is_cancelled() {
             self.runner.run(token).await;
         }

@@ -13,6 +13,10 @@ pub const IS_LEADER: &str = "outbox_relay_is_leader";
 pub const LEASE_EPOCH: &str = "outbox_relay_lease_epoch";
 pub const HALTED: &str = "outbox_relay_halted";
 pub const PAUSED: &str = "outbox_relay_paused";
+pub const RETENTION_REMOVED_BATCHES: &str = "outbox_relay_retention_removed_batches_total";
+pub const RETENTION_REMOVED_ITEMS: &str = "outbox_relay_retention_removed_items_total";
+pub const RETENTION_REMOVED_DEAD_LETTERS: &str =
+    "outbox_relay_retention_removed_dead_letters_total";
 
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -27,6 +31,15 @@ pub fn describe() {
         "Failed publishes by kind (transient, permanent)"
     );
     describe_counter!(STORE_ERRORS, "Failed MongoDB operations by kind");
+    describe_counter!(
+        RETENTION_REMOVED_BATCHES,
+        "Committed batches removed by retention"
+    );
+    describe_counter!(RETENTION_REMOVED_ITEMS, "Items removed by retention");
+    describe_counter!(
+        RETENTION_REMOVED_DEAD_LETTERS,
+        "Dead letters removed by retention"
+    );
     describe_counter!(BATCHES_COMMITTED, "Batches whose items were all published");
     describe_counter!(
         DEAD_LETTERED,

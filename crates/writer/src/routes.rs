@@ -296,6 +296,14 @@ async fn replay(
             "this idempotency key was used with a different request body",
         ));
     }
+    let Some(summary) = summary else {
+        return Err(Problem::new(
+            StatusCode::GONE,
+            "batch_expired",
+            "the batch stored under this idempotency key was delivered, committed and then \
+             removed by retention; it is not stored again",
+        ));
+    };
     metrics::counter!(IDEMPOTENT_REPLAYS).increment(1);
     info!(message = "idempotent replay", batch_id = %summary.batch_id);
     Ok(Some(accepted_response(&summary, true)))
@@ -366,6 +374,9 @@ fn parse_batch(
         (status = 401, description = "`unauthorized`: API keys are configured and none valid was sent.",
             body = ProblemDocument, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"batch-outbox\"`"))),
+        (status = 410, description = "`batch_expired`: the batch stored under this Idempotency-Key was \
+            committed and later removed by retention (`RETENTION_SECONDS`); it is not stored again.",
+            body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "`batch_too_large` (items or bytes; `max_items` or `max_body_bytes`), \
             `item_too_large` (`index`).",
             body = ProblemDocument, content_type = "application/problem+json"),

@@ -655,3 +655,94 @@ async fn ordering_by_a_field_keeps_each_keys_order() {
         by_key.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_committed_batches_and_never_a_pending_one() {
+    use outbox_core::store::OutboxStore;
+    let stack = start_stack().await;
+    let (relay, admin) = stack.relay(
+        "relay-retention",
+        &[
+            ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+            ("RETENTION_SECONDS", "1"),
+            ("RETENTION_INTERVAL_SECONDS", "1"),
+        ],
+    );
+    let body =
+        json!([{"request_id": "keep-1"}, {"request_id": "keep-2"}, {"request_id": "keep-3"}]);
+    let post = || {
+        stack
+            .http
+            .post(format!("{}/api/v1/batch/process", stack.writer_url))
+            .header("Idempotency-Key", "retention-1")
+            .json(&body)
+            .send()
+    };
+    assert_eq!(post().await.unwrap().status(), 201);
+    let received = receive(&stack, 3, Duration::from_secs(60), |_| {}).await;
+    assert_eq!(firsts(&received).0.len(), 3);
+
+    // Committed, then removed a second later: the batch and all its items.
+    let batches = stack.db.collection::<Document>("batches");
+    let items = stack.db.collection::<Document>("batch_items");
+    eventually(
+        Duration::from_secs(60),
+        "retention to remove the committed batch",
+        || {
+            let (b, i) = (
+                batches.count_documents(doc! {}),
+                items.count_documents(doc! {}),
+            );
+            async move { b.await.unwrap() == 0 && i.await.unwrap() == 0 }
+        },
+    )
+    .await;
+    let metrics = stack
+        .http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("outbox_relay_retention_removed_items_total 3"),
+        "{metrics}"
+    );
+
+    // A retry of the removed batch's request is not stored again.
+    let replay = post().await.unwrap();
+    assert_eq!(replay.status(), 410);
+    assert_eq!(
+        replay.json::<Value>().await.unwrap()["code"],
+        "batch_expired"
+    );
+    assert_eq!(batches.count_documents(doc! {}).await.unwrap(), 0);
+
+    // With draining paused, a new batch stays pending: even a cutoff in the
+    // future removes nothing that is not committed.
+    let stop = stack
+        .http
+        .post(format!("{admin}/api/v1/outbox/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stop.status(), 200);
+    stack.submit(&[4]).await;
+    let store = outbox_mongo::MongoStore::connect(outbox_mongo::MongoConfig::new(
+        stack.mongo_url.clone(),
+        stack.database.clone(),
+    ))
+    .await
+    .unwrap();
+    let tomorrow = chrono::Utc::now() + chrono::Duration::days(1);
+    let removed = store
+        .remove_expired(Some(tomorrow), Some(tomorrow), 100)
+        .await
+        .unwrap();
+    assert_eq!(removed.batches, 0);
+    assert_eq!(batches.count_documents(doc! {}).await.unwrap(), 1);
+    assert_eq!(items.count_documents(doc! {}).await.unwrap(), 4);
+    drop(relay);
+}

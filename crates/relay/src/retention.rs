@@ -1,0 +1,100 @@
+//! Retention: the leader removes committed batches, with their items, once
+//! their commit is older than `RETENTION_SECONDS`, and dead letters older
+//! than `DEAD_LETTER_RETENTION_SECONDS`.
+//!
+//! A sweep rather than MongoDB TTL indexes: a TTL index removes documents
+//! one collection at a time, so a batch's items would need a date of their
+//! own written when the batch commits (one more write per item on the hot
+//! path), and a batch could vanish before its items. The sweep removes a
+//! batch's items by primary key and then the batch, off the hot path, and
+//! never looks at a batch that is not committed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use outbox_core::store::{OutboxStore, Removed, StoreError};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::lease::Leadership;
+use crate::metrics::{
+    RETENTION_REMOVED_BATCHES, RETENTION_REMOVED_DEAD_LETTERS, RETENTION_REMOVED_ITEMS,
+};
+
+/// Batches one store call removes at most.
+const PASS_LIMIT: u32 = 100;
+
+#[derive(Clone, Debug)]
+pub struct RetentionSettings {
+    /// How long committed batches are kept; `None` keeps them forever.
+    pub committed: Option<Duration>,
+    /// How long dead letters are kept; `None` keeps them forever.
+    pub dead_letters: Option<Duration>,
+    /// How often the leader sweeps.
+    pub interval: Duration,
+}
+
+/// Sweeps every `interval` while this replica leads, until `token` is cancelled.
+pub async fn run(
+    store: Arc<dyn OutboxStore>,
+    leadership: Leadership,
+    settings: RetentionSettings,
+    token: CancellationToken,
+) {
+    if settings.committed.is_none() && settings.dead_letters.is_none() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(settings.interval) => {}
+            () = token.cancelled() => return,
+        }
+        if !leadership.is_leader() {
+            continue;
+        }
+        match sweep(store.as_ref(), &settings).await {
+            Ok(removed) if removed != Removed::default() => info!(
+                message = "retention removed expired data",
+                batches = removed.batches,
+                items = removed.items,
+                dead_letters = removed.dead_letters
+            ),
+            Ok(_) => {}
+            Err(error) => warn!(message = "retention sweep failed; trying again later", %error),
+        }
+    }
+}
+
+/// One sweep: everything expired now, a bounded number of batches per store call.
+///
+/// # Errors
+/// The store's, when a call fails; what was removed before stays removed.
+pub async fn sweep(
+    store: &dyn OutboxStore,
+    settings: &RetentionSettings,
+) -> Result<Removed, StoreError> {
+    let now = Utc::now();
+    let before = |keep: Option<Duration>| {
+        keep.and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| now - d)
+    };
+    let committed_before = before(settings.committed);
+    let mut dead_letters_before = before(settings.dead_letters);
+    let mut total = Removed::default();
+    loop {
+        let removed = store
+            .remove_expired(committed_before, dead_letters_before, PASS_LIMIT)
+            .await?;
+        metrics::counter!(RETENTION_REMOVED_BATCHES).increment(removed.batches);
+        metrics::counter!(RETENTION_REMOVED_ITEMS).increment(removed.items);
+        metrics::counter!(RETENTION_REMOVED_DEAD_LETTERS).increment(removed.dead_letters);
+        total.batches += removed.batches;
+        total.items += removed.items;
+        total.dead_letters += removed.dead_letters;
+        dead_letters_before = None;
+        if removed.batches < u64::from(PASS_LIMIT) || committed_before.is_none() {
+            return Ok(total);
+        }
+    }
+}
