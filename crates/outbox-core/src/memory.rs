@@ -681,7 +681,7 @@ mod tests {
             let marks: Vec<SentMark> = items
                 .iter()
                 .map(|i| SentMark {
-                    item_id: i.item_id.clone(),
+                    item_id: i.item_id,
                     item_sequence: i.item_sequence,
                     publish_id: "m".into(),
                 })
