@@ -188,6 +188,31 @@ fn cases() -> Vec<Case> {
             "application/x-ndjson",
         ),
         with_header(
+            case("CSV with a short row", "a,b\r\n1,2\r\n3\r\n", 422, "csv_field_count"),
+            "content-type",
+            "text/csv",
+        ),
+        with_header(
+            case("CSV with a duplicate header", "a,a\n1,2\n", 422, "csv_header"),
+            "content-type",
+            "text/csv",
+        ),
+        with_header(
+            case("CSV header only", "a,b\n", 422, "csv_no_rows"),
+            "content-type",
+            "text/csv",
+        ),
+        with_header(
+            case("CSV with invalid UTF-8", b"a\n\xff\xfe\n".to_vec(), 400, "invalid_csv"),
+            "content-type",
+            "text/csv",
+        ),
+        with_header(
+            case("CSV with an unterminated quote", "a,b\n\"1,2\n", 422, "csv_field_count"),
+            "content-type",
+            "text/csv",
+        ),
+        with_header(
             case(
                 "over-long idempotency key",
                 "[{\"a\":1}]",
@@ -237,15 +262,15 @@ fn cases() -> Vec<Case> {
             ..case(
                 "PUT on the batch route",
                 "[{\"a\":1}]",
-                404,
-                "route_not_found",
+                405,
+                "method_not_allowed",
             )
         },
         get(
             "GET on the batch route",
             "/api/v1/batch/process",
-            404,
-            "route_not_found",
+            405,
+            "method_not_allowed",
         ),
         get(
             "path traversal in a batch id",
