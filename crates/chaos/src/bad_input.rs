@@ -188,12 +188,22 @@ fn cases() -> Vec<Case> {
             "application/x-ndjson",
         ),
         with_header(
-            case("CSV with a short row", "a,b\r\n1,2\r\n3\r\n", 422, "csv_field_count"),
+            case(
+                "CSV with a short row",
+                "a,b\r\n1,2\r\n3\r\n",
+                422,
+                "csv_field_count",
+            ),
             "content-type",
             "text/csv",
         ),
         with_header(
-            case("CSV with a duplicate header", "a,a\n1,2\n", 422, "csv_header"),
+            case(
+                "CSV with a duplicate header",
+                "a,a\n1,2\n",
+                422,
+                "csv_header",
+            ),
             "content-type",
             "text/csv",
         ),
@@ -203,12 +213,22 @@ fn cases() -> Vec<Case> {
             "text/csv",
         ),
         with_header(
-            case("CSV with invalid UTF-8", b"a\n\xff\xfe\n".to_vec(), 400, "invalid_csv"),
+            case(
+                "CSV with invalid UTF-8",
+                b"a\n\xff\xfe\n".to_vec(),
+                400,
+                "invalid_csv",
+            ),
             "content-type",
             "text/csv",
         ),
         with_header(
-            case("CSV with an unterminated quote", "a,b\n\"1,2\n", 422, "csv_field_count"),
+            case(
+                "CSV with an unterminated quote",
+                "a,b\n\"1,2\n",
+                422,
+                "csv_field_count",
+            ),
             "content-type",
             "text/csv",
         ),

@@ -7,25 +7,85 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{LogArgs, LogFormat};
 
-/// Installs the global tracing subscriber. Call once, from `main`.
+/// The OTLP endpoint variable (OpenTelemetry's own name): when it is set,
+/// spans are exported there over OTLP/HTTP (protobuf, `/v1/traces`).
+pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// Keeps the span exporter alive; dropping it flushes what is buffered.
+/// Drop it outside any async runtime (the exporter blocks).
+#[must_use = "dropping it stops the span export"]
+pub struct Tracing {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs the global tracing subscriber: logs to stdout and, when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans to that OTLP collector as
+/// `service` (off by default: no exporter, no layer, no cost). Call once,
+/// from `main`, before starting the async runtime.
 ///
 /// # Errors
-/// When the filter does not parse or a subscriber is already installed.
-pub fn init_tracing(args: &LogArgs) -> anyhow::Result<()> {
+/// When the filter does not parse, the exporter cannot be built, or a
+/// subscriber is already installed.
+pub fn init_tracing(args: &LogArgs, service: &'static str) -> anyhow::Result<Tracing> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = EnvFilter::try_new(&args.log_filter)
         .map_err(|e| anyhow::anyhow!("invalid log filter {:?}: {e}", args.log_filter))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    let result = match args.log_format {
-        LogFormat::Json => builder
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let fmt = match args.log_format {
+        LogFormat::Json => fmt
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+            .boxed(),
+        LogFormat::Pretty => fmt.boxed(),
     };
-    result.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
+    let provider = match std::env::var(OTLP_ENDPOINT) {
+        Ok(endpoint) if !endpoint.trim().is_empty() => Some(otlp_provider(service)?),
+        _ => None,
+    };
+    let otel = provider.as_ref().map(|provider| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(service))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))?;
+    Ok(Tracing { provider })
+}
+
+/// An OTLP/HTTP span exporter configured by OpenTelemetry's standard
+/// variables (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_HEADERS`,
+/// `OTEL_BSP_SCHEDULE_DELAY`, ...), batching on a thread of its own.
+fn otlp_provider(
+    service: &'static str,
+) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .build()
+        .map_err(|e| anyhow::anyhow!("building the OTLP span exporter: {e}"))?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service)
+        .build();
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }
 
 /// Histogram buckets for request and publish durations, in seconds.
@@ -54,4 +114,54 @@ pub fn prometheus() -> PrometheusHandle {
             }
         })
         .clone()
+}
+
+/// Makes `span` a child of the remote span a W3C `traceparent` names, so
+/// that its exported span joins that trace. Does nothing when spans are not
+/// exported or the value does not parse.
+pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let mut parts = traceparent.split('-').skip(1);
+    let (Some(trace_id), Some(span_id), Some(flags)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return;
+    };
+    let (Ok(trace_id), Ok(span_id), Ok(flags)) = (
+        TraceId::from_hex(trace_id),
+        SpanId::from_hex(span_id),
+        u8::from_str_radix(flags, 16),
+    ) else {
+        return;
+    };
+    let remote = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
+    if remote.is_valid() {
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+}
+
+/// The exported span's (trace id, span id, flags) in lowercase hex, when
+/// spans are exported.
+pub fn exported_ids(span: &tracing::Span) -> Option<(String, String, u8)> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let context = span.context();
+    let ids = context.span().span_context().clone();
+    ids.is_valid().then(|| {
+        (
+            ids.trace_id().to_string(),
+            ids.span_id().to_string(),
+            ids.trace_flags().to_u8(),
+        )
+    })
 }

@@ -33,7 +33,7 @@ use outbox_core::model::{BatchId, BatchStatus, ItemSequence, Sequence};
 use outbox_core::publish::{OrderingKeyMode, OutboxMessage, PublishError, Publisher};
 use outbox_core::store::{Fence, OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::lease::Leadership;
 use crate::metrics;
@@ -285,7 +285,22 @@ impl Drainer {
         leadership.fence().ok_or(DrainError::NotLeader)?;
         // The first page's write sets the batch `processing`; no write of
         // its own.
-        match self.publish_batch(&batch, leadership, shutdown).await? {
+        // One span per batch, a child of the request that stored it (when
+        // spans are exported): the trace runs from the client to Pub/Sub.
+        let span = tracing::info_span!(
+            "publish_batch",
+            batch_id = %batch.batch_id,
+            batch_sequence = batch.batch_sequence.0,
+            items = batch.total_items,
+        );
+        if let Some(traceparent) = &batch.traceparent {
+            outbox_service::telemetry::set_remote_parent(&span, traceparent);
+        }
+        let published = self
+            .publish_batch(&batch, leadership, shutdown)
+            .instrument(span)
+            .await?;
+        match published {
             BatchEnd::Published => {
                 self.settle().await?;
                 let fence = leadership.fence().ok_or(DrainError::NotLeader)?;

@@ -1,27 +1,46 @@
 use std::process::ExitCode;
 
 use outbox_service::{cli, shutdown, telemetry};
-use relay::{Application, Cli, Command};
+use relay::{Application, Cli, Command, Config};
 use tracing::error;
 
 mod tail;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli: Cli = match cli::parse() {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    if let Some(Command::Tail(args)) = cli.command {
-        return tail::run(args).await;
-    }
     let config = cli.config;
-    if let Err(problem) = config.validate() {
-        return cli::config_error(problem);
+    let log = match &cli.command {
+        Some(Command::Tail(args)) => &args.log,
+        None => {
+            if let Err(problem) = config.validate() {
+                return cli::config_error(problem);
+            }
+            &config.log
+        }
+    };
+    // Before the runtime: the span exporter (when configured) blocks, and
+    // flushes when `_tracing` is dropped after the runtime is gone.
+    let _tracing = match telemetry::init_tracing(log, "outbox-relay") {
+        Ok(tracing) => tracing,
+        Err(e) => return cli::config_error(e),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(message = "cannot start the async runtime", error = %e);
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::Tail(args)) => runtime.block_on(tail::run(args)),
+        None => runtime.block_on(serve(config)),
     }
-    if let Err(e) = telemetry::init_tracing(&config.log) {
-        return cli::config_error(e);
-    }
+}
+
+async fn serve(config: Config) -> ExitCode {
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {

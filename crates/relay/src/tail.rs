@@ -4,15 +4,13 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use outbox_service::{cli, telemetry};
+use outbox_service::cli;
 use relay::config::TailArgs;
 use relay::pubsub;
 use serde_json::json;
 
+/// Tails a subscription; the caller has installed tracing.
 pub async fn run(args: TailArgs) -> ExitCode {
-    if let Err(e) = telemetry::init_tracing(&args.log) {
-        return cli::config_error(e);
-    }
     let config = match args
         .pubsub
         .to_config(Duration::from_secs(30), Duration::from_millis(1))

@@ -4,8 +4,7 @@ use outbox_service::{cli, shutdown, telemetry};
 use tracing::error;
 use writer::{Application, Config};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config: Config = match cli::parse() {
         Ok(config) => config,
         Err(code) => return code,
@@ -13,9 +12,22 @@ async fn main() -> ExitCode {
     if let Err(problem) = config.validate() {
         return cli::config_error(problem);
     }
-    if let Err(e) = telemetry::init_tracing(&config.log) {
-        return cli::config_error(e);
+    // Before the runtime: the span exporter (when configured) blocks, and
+    // flushes when `_tracing` is dropped after the runtime is gone.
+    let _tracing = match telemetry::init_tracing(&config.log, "outbox-writer") {
+        Ok(tracing) => tracing,
+        Err(e) => return cli::config_error(e),
+    };
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(serve(config)),
+        Err(e) => {
+            error!(message = "cannot start the async runtime", error = %e);
+            ExitCode::FAILURE
+        }
     }
+}
+
+async fn serve(config: Config) -> ExitCode {
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {

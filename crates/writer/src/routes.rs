@@ -408,10 +408,12 @@ async fn process_batch(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, Problem> {
-    let traceparent = TraceParent::continue_or_start(
+    let span = info_span!("ingest", trace_id = tracing::field::Empty);
+    let traceparent = TraceParent::for_span(
+        &span,
         req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
     );
-    let span = info_span!("ingest", trace_id = %traceparent.trace_id);
+    span.record("trace_id", traceparent.trace_id.as_str());
     let mut response = process(&state, &access, &req, payload, &traceparent)
         .instrument(span)
         .await

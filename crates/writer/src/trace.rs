@@ -62,6 +62,29 @@ impl TraceParent {
     }
 }
 
+impl TraceParent {
+    /// The trace context for `span`, the writer's span for one request.
+    ///
+    /// When spans are exported (OTLP), `span` is made a child of the
+    /// caller's span and the answer names `span` itself, so a consumer that
+    /// continues from a message's `traceparent` attaches to a span the
+    /// collector has. Otherwise it is [`TraceParent::continue_or_start`].
+    pub fn for_span(span: &tracing::Span, incoming: Option<&str>) -> Self {
+        let caller = incoming.and_then(Self::parse);
+        if let Some(caller) = &caller {
+            outbox_service::telemetry::set_remote_parent(span, &caller.to_string());
+        }
+        match outbox_service::telemetry::exported_ids(span) {
+            Some((trace_id, parent_id, flags)) => Self {
+                trace_id,
+                parent_id,
+                flags,
+            },
+            None => Self::continue_or_start(incoming),
+        }
+    }
+}
+
 impl std::fmt::Display for TraceParent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

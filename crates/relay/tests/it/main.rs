@@ -13,3 +13,4 @@ mod e2e;
 mod fakes;
 mod faults;
 mod lease;
+mod otlp;
