@@ -26,9 +26,20 @@ async fn main() -> ExitCode {
     };
     let mut reports = Vec::new();
     let mut failed = false;
+    // SIGTERM or Ctrl-C drops the scenario in progress, whose processes
+    // (stand-in, emulator, writers, relays) are killed with it.
+    let stop = outbox_service::shutdown::signal();
+    tokio::pin!(stop);
     for name in names {
         eprintln!("running {name} ({:?})", cli.length);
-        match chaos::run(&name, cli.length).await {
+        let result = tokio::select! {
+            result = chaos::run(&name, cli.length) => result,
+            () = &mut stop => {
+                eprintln!("{name} stopped by a signal");
+                return ExitCode::from(130);
+            }
+        };
+        match result {
             Ok(Some(report)) => {
                 failed |= !report.invariants.held();
                 reports.push(report);

@@ -1,4 +1,5 @@
-//! Checks on a served OpenAPI document, shared by both services' tests.
+//! What both services' OpenAPI documents share: the bearer scheme, and
+//! soundness checks on a served document (for their tests).
 
 use serde_json::Value;
 
@@ -86,6 +87,24 @@ fn collect_refs(value: &Value, refs: &mut Vec<String>) {
         Value::Array(values) => values.iter().for_each(|v| collect_refs(v, refs)),
         _ => {}
     }
+}
+
+/// Adds an HTTP bearer-token security scheme called `name` to a document
+/// (for a `utoipa::Modify`).
+pub fn add_bearer_scheme(openapi: &mut utoipa::openapi::OpenApi, name: &str, description: &str) {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+    openapi
+        .components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            name,
+            SecurityScheme::Http(
+                Http::builder()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(description))
+                    .build(),
+            ),
+        );
 }
 
 #[cfg(test)]

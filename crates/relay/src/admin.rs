@@ -76,16 +76,10 @@ struct AdminTokenScheme;
 
 impl utoipa::Modify for AdminTokenScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
+        outbox_service::openapi::add_bearer_scheme(
+            openapi,
             "admin_token",
-            SecurityScheme::Http(
-                Http::builder()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("The relay's ADMIN_TOKEN, when it has one."))
-                    .build(),
-            ),
+            "The relay's ADMIN_TOKEN, when it has one.",
         );
     }
 }

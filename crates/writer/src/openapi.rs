@@ -4,7 +4,6 @@
 //! title, the tags and the API-key scheme. Served at `/openapi.json`, with
 //! Swagger UI (bundled in the binary, no CDN) at `/docs/`.
 
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 #[derive(OpenApi)]
@@ -30,17 +29,10 @@ struct ApiKeyScheme;
 
 impl Modify for ApiKeyScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
+        outbox_service::openapi::add_bearer_scheme(
+            openapi,
             "api_key",
-            SecurityScheme::Http(
-                Http::builder()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .description(Some(
-                        "An API key from WRITER_API_KEYS, when the writer has any.",
-                    ))
-                    .build(),
-            ),
+            "An API key from WRITER_API_KEYS, when the writer has any.",
         );
     }
 }
