@@ -57,7 +57,7 @@ check() {
   (cd "$ROOT/scripts/api-check" && SCHEMATHESIS_HOOKS=hooks "$venv/bin/st" run \
       "http://127.0.0.1:$port/openapi.json" --checks all --max-examples "$examples" \
       --workers 1 --seed 20261128 --header "Authorization: Bearer $token" \
-      --no-color 2>&1 | sed -n '/^=* SUMMARY/,$p') || status=1
+      --no-color 2>&1 | sed -n '/^=* \(FAILURES\|ERRORS\|SUMMARY\) =*$/,$p') || status=1
 }
 check writer "$writer_port" "$api_key"
 check relay "$relay_port" "$admin_token"

@@ -3,7 +3,10 @@ bodies go on the wire.
 
 The OpenAPI document describes both by their logical content (NDJSON: the
 request objects; CSV: rows of string cells), so schemathesis generates that
-content and these serializers write it in the media type's syntax.
+content and these serializers write it in the media type's syntax. A body
+that violates that content (a number instead of the rows, a cell that is not
+a string) has no NDJSON or CSV form: negative cases with such a body are
+left out; negative cases that break something else (a header) still run.
 """
 import csv
 import io
@@ -25,6 +28,26 @@ def _raw(value):
     if isinstance(value, str):
         return _utf8(value)
     return _utf8(json.dumps(value, ensure_ascii=False))
+
+
+def _objects(value):
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _rows(value):
+    return _objects(value) and all(isinstance(c, str) for row in value for c in row.values())
+
+
+@schemathesis.hook
+def filter_case(ctx, case):
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_negative:
+        return True
+    if case.media_type == "application/x-ndjson":
+        return _objects(case.body)
+    if case.media_type == "text/csv":
+        return _rows(case.body)
+    return True
 
 
 @schemathesis.serializer("application/x-ndjson")
