@@ -303,10 +303,9 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Value>, CsvError> {
         .from_reader(body);
     let mut records = reader.records();
     let header = records.next().ok_or(CsvError::Empty)?.map_err(malformed)?;
-    let header_line = line_at(header.position());
+    let line = line_at(header.position());
     let mut names: Vec<String> = Vec::with_capacity(header.len());
     for (column, name) in header.iter().enumerate() {
-        let line = header_line;
         if name.is_empty() {
             return Err(CsvError::EmptyHeader {
                 line,

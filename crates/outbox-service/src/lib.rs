@@ -7,9 +7,11 @@
 //! - [`problem`]: `application/problem+json` errors with stable codes.
 //! - [`openapi`]: soundness checks on a served OpenAPI document (for tests).
 //! - [`shutdown`]: SIGTERM / SIGINT as a future.
+//! - [`trace_context`]: the W3C `traceparent` both binaries read and write.
 
 pub mod cli;
 pub mod openapi;
 pub mod problem;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace_context;

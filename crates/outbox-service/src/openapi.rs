@@ -89,6 +89,19 @@ fn collect_refs(value: &Value, refs: &mut Vec<String>) {
     }
 }
 
+/// Serves `api` at `/openapi.json`, with Swagger UI (compiled into the
+/// binary: no CDN) at `/docs/`, and keeps the methods each path answers for
+/// the 405s of [`crate::problem::no_route`]. For `App::configure`, after the
+/// routes `api` was collected from.
+pub fn serve(api: utoipa::openapi::OpenApi) -> impl FnOnce(&mut actix_web::web::ServiceConfig) {
+    use actix_web::web;
+    move |cfg| {
+        cfg.app_data(web::Data::new(crate::problem::AllowedMethods::from(&api)))
+            .service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", api))
+            .service(web::redirect("/docs", "/docs/"));
+    }
+}
+
 /// Adds an HTTP bearer-token security scheme called `name` to a document
 /// (for a `utoipa::Modify`).
 pub fn add_bearer_scheme(openapi: &mut utoipa::openapi::OpenApi, name: &str, description: &str) {

@@ -30,24 +30,20 @@ pub struct Problem {
                    Pointer into it), `line` (the CSV line), `max_items`, `max_body_bytes`, \
                    `batch_id` (with `outcome_unknown`)."
 )]
+#[allow(dead_code)] // read by the OpenAPI derive only
 pub struct ProblemDocument {
     /// `urn:batch-outbox:problem:<code>`.
     #[schema(example = "urn:batch-outbox:problem:invalid_json")]
-    #[allow(dead_code)]
     r#type: String,
     /// The HTTP status's reason phrase.
     #[schema(example = "Bad Request")]
-    #[allow(dead_code)]
     title: String,
     #[schema(example = 400)]
-    #[allow(dead_code)]
     status: u16,
     /// Stable: clients branch on it. Each operation lists the codes it answers.
     #[schema(example = "invalid_json")]
-    #[allow(dead_code)]
     code: String,
     /// What went wrong this time, for a person.
-    #[allow(dead_code)]
     detail: String,
 }
 

@@ -116,37 +116,28 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// Makes `span` a child of the remote span a W3C `traceparent` names, so
-/// that its exported span joins that trace. Does nothing when spans are not
-/// exported or the value does not parse.
-pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
+/// Makes `span` a child of the remote span `parent` names, so that its
+/// exported span joins that trace. Does nothing when spans are not exported.
+pub fn set_remote_parent(span: &tracing::Span, parent: &crate::trace_context::TraceParent) {
     use opentelemetry::trace::{
         SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
     };
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-    let mut parts = traceparent.split('-').skip(1);
-    let (Some(trace_id), Some(span_id), Some(flags)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return;
-    };
-    let (Ok(trace_id), Ok(span_id), Ok(flags)) = (
-        TraceId::from_hex(trace_id),
-        SpanId::from_hex(span_id),
-        u8::from_str_radix(flags, 16),
+    let (Ok(trace_id), Ok(span_id)) = (
+        TraceId::from_hex(&parent.trace_id),
+        SpanId::from_hex(&parent.parent_id),
     ) else {
         return;
     };
     let remote = SpanContext::new(
         trace_id,
         span_id,
-        TraceFlags::new(flags),
+        TraceFlags::new(parent.flags),
         true,
         TraceState::default(),
     );
-    if remote.is_valid() {
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
-    }
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
 }
 
 /// The exported span's (trace id, span id, flags) in lowercase hex, when

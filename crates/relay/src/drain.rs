@@ -32,6 +32,7 @@ use futures::FutureExt;
 use outbox_core::model::{BatchId, BatchStatus, ItemSequence, Sequence};
 use outbox_core::publish::{OrderingKeyMode, OutboxMessage, PublishError, Publisher};
 use outbox_core::store::{Fence, OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError};
+use outbox_service::trace_context::TraceParent;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
@@ -293,8 +294,8 @@ impl Drainer {
             batch_sequence = batch.batch_sequence.0,
             items = batch.total_items,
         );
-        if let Some(traceparent) = &batch.traceparent {
-            outbox_service::telemetry::set_remote_parent(&span, traceparent);
+        if let Some(parent) = batch.traceparent.as_deref().and_then(TraceParent::parse) {
+            outbox_service::telemetry::set_remote_parent(&span, &parent);
         }
         let published = self
             .publish_batch(&batch, leadership, shutdown)

@@ -164,12 +164,7 @@ impl Application {
                 .openapi(<admin::AdminApi as utoipa::OpenApi>::openapi())
                 .configure(admin::configure)
                 .split_for_parts();
-            let allowed = web::Data::new(outbox_service::problem::AllowedMethods::from(&api));
-            app.app_data(allowed)
-                .service(
-                    utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", api),
-                )
-                .service(web::redirect("/docs", "/docs/"))
+            app.configure(outbox_service::openapi::serve(api))
                 .default_service(web::to(admin::not_found))
         })
         .listen(listener)

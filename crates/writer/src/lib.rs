@@ -5,7 +5,6 @@
 //! - [`config`]: command-line flags and environment variables.
 //! - [`routes`]: the HTTP handlers.
 //! - [`auth`]: optional API keys and per-key rate limits.
-//! - [`trace`]: W3C trace context carried from the request to the messages.
 //! - [`metrics`]: metric names.
 //! - [`openapi`]: the OpenAPI document (`/openapi.json`, `/docs/`).
 //! - [`Application`]: binds the listener and runs the server; tests start
@@ -16,7 +15,6 @@ pub mod config;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
-pub mod trace;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -33,11 +31,9 @@ use tracing::{info, warn};
 
 pub use config::Config;
 use openapi::WriterApi;
-use outbox_service::problem::AllowedMethods;
 use routes::AppState;
 use utoipa::OpenApi;
 use utoipa_actix_web::AppExt;
-use utoipa_swagger_ui::SwaggerUi;
 
 /// A bound, not yet running, writer.
 pub struct Application {
@@ -127,10 +123,7 @@ impl Application {
                 .openapi(WriterApi::openapi())
                 .configure(routes::configure)
                 .split_for_parts();
-            let allowed = web::Data::new(AllowedMethods::from(&api));
-            app.app_data(allowed)
-                .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", api))
-                .service(web::redirect("/docs", "/docs/"))
+            app.configure(outbox_service::openapi::serve(api))
                 .default_service(web::to(routes::not_found))
         })
         .listen(listener)

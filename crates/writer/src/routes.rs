@@ -14,12 +14,12 @@ use outbox_core::ingest::{self, BodyFormat, CsvError, IngestError, IngestRules};
 use outbox_core::model::{BatchId, BatchSummary, Idempotency, NewBatch};
 use outbox_core::store::{BatchStore, StoreError};
 use outbox_service::problem::{Problem, ProblemDocument};
+use outbox_service::trace_context::{TRACEPARENT, TraceParent};
 use serde_json::json;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::auth::{Access, Caller};
 use crate::metrics::{BATCHES_ACCEPTED, ERRORS, IDEMPOTENT_REPLAYS, ITEMS_ACCEPTED};
-use crate::trace::{TRACEPARENT, TraceParent};
 
 /// Bodies larger than this are parsed off the HTTP worker thread.
 const BLOCKING_PARSE_BYTES: usize = 1 << 20;

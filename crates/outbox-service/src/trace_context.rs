@@ -1,10 +1,12 @@
-//! W3C trace context (`traceparent`, <https://www.w3.org/TR/trace-context/>).
+//! W3C trace context (`traceparent`, <https://www.w3.org/TR/trace-context/>),
+//! the one parser both binaries use.
 //!
 //! A request may carry a `traceparent`; the writer continues that trace with
 //! a span of its own (same trace id, a new parent id) or, without a valid
 //! one, starts a new trace. The result is stored with the batch, logged, and
-//! put on every message of the batch by the relay, so a consumer can
-//! continue the trace.
+//! put on every message of the batch by the relay (whose `publish_batch`
+//! span is its child when spans are exported), so a consumer can continue
+//! the trace.
 
 use rand::RngCore;
 
@@ -46,9 +48,14 @@ impl TraceParent {
 
     /// The writer's own span in the caller's trace, or a new sampled trace.
     pub fn continue_or_start(incoming: Option<&str>) -> Self {
+        Self::continuing(incoming.and_then(Self::parse))
+    }
+
+    /// A new span id in `caller`'s trace, or a new sampled trace.
+    fn continuing(caller: Option<Self>) -> Self {
         let mut rng = rand::rng();
         let parent_id = nonzero_hex::<8>(&mut rng);
-        match incoming.and_then(Self::parse) {
+        match caller {
             Some(caller) => Self {
                 parent_id,
                 ..caller
@@ -60,9 +67,7 @@ impl TraceParent {
             },
         }
     }
-}
 
-impl TraceParent {
     /// The trace context for `span`, the writer's span for one request.
     ///
     /// When spans are exported (OTLP), `span` is made a child of the
@@ -72,15 +77,15 @@ impl TraceParent {
     pub fn for_span(span: &tracing::Span, incoming: Option<&str>) -> Self {
         let caller = incoming.and_then(Self::parse);
         if let Some(caller) = &caller {
-            outbox_service::telemetry::set_remote_parent(span, &caller.to_string());
+            crate::telemetry::set_remote_parent(span, caller);
         }
-        match outbox_service::telemetry::exported_ids(span) {
+        match crate::telemetry::exported_ids(span) {
             Some((trace_id, parent_id, flags)) => Self {
                 trace_id,
                 parent_id,
                 flags,
             },
-            None => Self::continue_or_start(incoming),
+            None => Self::continuing(caller),
         }
     }
 }
