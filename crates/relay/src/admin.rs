@@ -48,7 +48,10 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
         .service(retry_batch)
         .service(live)
         .service(ready)
-        .service(render_metrics);
+        .service(render_metrics)
+        .service(crate::dashboard::page)
+        .service(crate::dashboard::script)
+        .service(crate::dashboard::style);
 }
 
 /// The admin API's OpenAPI description; paths come from [`configure`].
@@ -66,7 +69,8 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     tags(
         (name = "outbox", description = "Draining state and control"),
         (name = "batches", description = "Pending and failed batches"),
-        (name = "operations", description = "Health and metrics")
+        (name = "operations", description = "Health and metrics"),
+        (name = "dashboard", description = "The operator's page")
     ),
     modifiers(&AdminTokenScheme)
 )]
@@ -207,6 +211,10 @@ async fn status(state: web::Data<AdminState>) -> HttpResponse {
         "batches_committed_total": snapshot.batches_committed_total,
         "last_error": snapshot.last_error,
         "last_error_at": snapshot.last_error_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true)),
+        "recent_errors": snapshot.recent_errors.iter().map(|e| json!({
+            "at": e.at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            "message": e.message,
+        })).collect::<Vec<_>>(),
     }))
 }
 
@@ -514,6 +522,16 @@ pub struct StatusView {
     batches_committed_total: u64,
     last_error: Option<String>,
     last_error_at: Option<String>,
+    /// This replica's last errors, newest first (at most 20).
+    recent_errors: Vec<ErrorView>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorView {
+    /// RFC 3339.
+    at: String,
+    message: String,
 }
 
 #[derive(utoipa::ToSchema)]

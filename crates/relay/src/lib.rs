@@ -9,11 +9,14 @@
 //! - [`pubsub`]: Google's Pub/Sub client behind the core `Publisher` trait.
 //! - [`admin`]: the admin HTTP port and its OpenAPI description.
 //! - [`retention`]: the leader removes expired committed batches and dead letters.
+//! - [`tail`]: print what a subscription receives (`outbox-relay tail`, `outboxctl tail`).
+//! - [`dashboard`]: the operator's page at `/` on the admin port.
 //! - [`status`], [`metrics`], [`backoff`]: what the replica reports, and how it waits.
 
 pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod dashboard;
 pub mod drain;
 pub mod lease;
 pub mod metrics;
@@ -21,6 +24,7 @@ pub mod pubsub;
 pub mod retention;
 pub mod runner;
 pub mod status;
+pub mod tail;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};

@@ -4,8 +4,6 @@ use outbox_service::{cli, shutdown, telemetry};
 use relay::{Application, Cli, Command, Config};
 use tracing::error;
 
-mod tail;
-
 fn main() -> ExitCode {
     let cli: Cli = match cli::parse() {
         Ok(cli) => cli,
@@ -35,7 +33,11 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Tail(args)) => runtime.block_on(tail::run(args)),
+        Some(Command::Tail(args)) => runtime.block_on(relay::tail::run(
+            &args.pubsub,
+            &args.subscription,
+            args.count,
+        )),
         None => runtime.block_on(serve(config)),
     }
 }

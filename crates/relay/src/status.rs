@@ -1,5 +1,6 @@
 //! What this replica reports about itself on the admin port.
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
@@ -24,6 +25,16 @@ pub struct Halt {
     pub error: Option<String>,
 }
 
+/// How many errors the board keeps for the dashboard.
+pub const RECENT_ERRORS: usize = 20;
+
+/// An error the replica met, and when.
+#[derive(Clone, Debug, Serialize)]
+pub struct ErrorEntry {
+    pub at: DateTime<Utc>,
+    pub message: String,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RelayState {
     pub paused: bool,
@@ -35,6 +46,8 @@ pub struct RelayState {
     pub batches_committed_total: u64,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
+    /// The last [`RECENT_ERRORS`] errors, newest first.
+    pub recent_errors: VecDeque<ErrorEntry>,
 }
 
 /// Shared between the drain loop and the admin handlers.
@@ -53,9 +66,12 @@ impl StatusBoard {
     }
 
     pub fn record_error(&self, error: impl ToString) {
+        let (message, at) = (error.to_string(), Utc::now());
         self.update(|s| {
-            s.last_error = Some(error.to_string());
-            s.last_error_at = Some(Utc::now());
+            s.last_error = Some(message.clone());
+            s.last_error_at = Some(at);
+            s.recent_errors.push_front(ErrorEntry { at, message });
+            s.recent_errors.truncate(RECENT_ERRORS);
         });
     }
 

@@ -1,24 +1,24 @@
-//! `outbox-relay tail`: print what arrives on a subscription, in order.
+//! `tail`: print what a subscription receives, one JSON line a message, in
+//! order. Shared by `outbox-relay tail` and `outboxctl tail`.
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use outbox_service::cli;
-use relay::config::TailArgs;
-use relay::pubsub;
 use serde_json::json;
 
-/// Tails a subscription; the caller has installed tracing.
-pub async fn run(args: TailArgs) -> ExitCode {
-    let config = match args
-        .pubsub
-        .to_config(Duration::from_secs(30), Duration::from_millis(1))
-    {
+use crate::config::PubSubArgs;
+use crate::pubsub::{self, PubSubConfig};
+
+/// Tails `subscription` (created with message ordering when missing) to
+/// stdout; the caller has installed tracing.
+pub async fn run(pubsub: &PubSubArgs, subscription: &str, count: Option<u64>) -> ExitCode {
+    let config = match pubsub.to_config(Duration::from_secs(30), Duration::from_millis(1)) {
         Ok(config) => config,
         Err(problem) => return cli::config_error(problem),
     };
-    match tail(&config, &args.subscription, args.count).await {
+    match tail(&config, subscription, count, &mut std::io::stdout().lock()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -27,10 +27,17 @@ pub async fn run(args: TailArgs) -> ExitCode {
     }
 }
 
-async fn tail(
-    config: &pubsub::PubSubConfig,
+/// Writes each message received on `subscription` to `out` as
+/// `{message_id, ordering_key, attributes, data}` (data parsed as JSON when
+/// it is JSON), acknowledging it once written; stops after `count`.
+///
+/// # Errors
+/// When the subscription cannot be created or read, or `out` fails.
+pub async fn tail(
+    config: &PubSubConfig,
     subscription: &str,
     count: Option<u64>,
+    out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     pubsub::ensure_subscription(config, subscription, true).await?;
     let client = pubsub::subscriber(config).await?;
@@ -38,7 +45,6 @@ async fn tail(
         .subscribe(config.subscription_path(subscription))
         .build();
     let mut seen = 0;
-    let mut out = std::io::stdout().lock();
     while let Some((message, handler)) = stream.next().await.transpose()? {
         let data: serde_json::Value = serde_json::from_slice(&message.data)
             .unwrap_or_else(|_| json!(String::from_utf8_lossy(&message.data)));

@@ -8,6 +8,7 @@
 //! binaries.
 
 mod admin;
+mod cli;
 mod drain;
 mod e2e;
 mod fakes;

@@ -1,0 +1,162 @@
+//! Flags, environment variables and help.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use relay::config::PubSubArgs;
+
+const EXAMPLES: &str = "\
+Examples:
+  outboxctl submit orders.json                 store one batch, print its id and sequence
+  outboxctl submit --wait day-*.ndjson         one batch a file, then follow each to the end
+  outboxctl watch 4f1c2a9e0b7d3c58             live progress until the batch is committed
+  outboxctl status                             the relay cluster at a glance (--json for scripts)
+  outboxctl pending --limit 20                 the batches not yet committed
+  outboxctl items 4f1c2a9e0b7d3c58 --limit 50  a batch's items with their Pub/Sub ids
+  outboxctl retry 4f1c2a9e0b7d3c58             drain a failed batch again
+  outboxctl pause / outboxctl resume           stop and restart draining, cluster-wide
+  outboxctl tail --count 10                    what a subscription receives
+
+Exit codes:
+  0  done
+  1  refused by the server (the problem's code is printed), or the batch failed
+  2  wrong usage, or a file that cannot be read
+  3  the server cannot be reached or is unavailable (nothing was changed by this call,
+     or, for submit, retrying the same command is safe)";
+
+/// Submit batches to batch-outbox and steer its relay.
+#[derive(Parser, Debug)]
+#[command(name = "outboxctl", version, about, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: Connection,
+    /// Print JSON instead of tables and progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Connection {
+    /// The writer's base URL.
+    #[arg(
+        long,
+        env = "OUTBOX_WRITER_URL",
+        default_value = "http://127.0.0.1:8000",
+        global = true
+    )]
+    pub writer_url: String,
+    /// A relay's admin base URL.
+    #[arg(
+        long,
+        env = "OUTBOX_ADMIN_URL",
+        default_value = "http://127.0.0.1:9090",
+        global = true
+    )]
+    pub admin_url: String,
+    /// The writer's API key, when it requires one (WRITER_API_KEYS).
+    #[arg(long, env = "OUTBOX_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<String>,
+    /// The relay's admin token, for pause, resume and retry.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub admin_token: Option<String>,
+    /// Seconds one HTTP request may take.
+    #[arg(long, default_value = "60", value_parser = seconds, global = true)]
+    pub timeout: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Send each file as one batch (JSON array, NDJSON or CSV).
+    Submit(SubmitArgs),
+    /// Follow a batch until it is committed, with a progress bar.
+    Watch(WatchArgs),
+    /// The relay cluster: leader, epoch, paused, current batch, backlog, last error.
+    Status,
+    /// Batches not yet committed, in sequence order.
+    Pending(PageArgs),
+    /// One batch: status and item counts.
+    Batch { batch_id: String },
+    /// A batch's items, in order, with their status and Pub/Sub message id.
+    Items {
+        batch_id: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Put a failed batch back to draining from its first unsent item.
+    Retry { batch_id: String },
+    /// Pause draining, cluster-wide, after the page in flight.
+    Pause,
+    /// Resume draining.
+    Resume,
+    /// Print what a Pub/Sub subscription receives, one JSON line a message.
+    Tail(TailArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// Files to send, one batch each; `-` reads standard input.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// The body format; by default from the extension (.json, .ndjson,
+    /// .jsonl, .csv), else from the first character.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// The Idempotency-Key (one file only). By default derived from the
+    /// file's content, so that running the command again stores nothing twice.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Then follow each batch until it is committed (as `watch` does).
+    #[arg(long)]
+    pub wait: bool,
+    /// How often an unavailable writer is retried before giving up.
+    #[arg(long, default_value = "3")]
+    pub retries: u32,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Json,
+    Ndjson,
+    Csv,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    pub batch_id: String,
+    /// Give up (exit 3) after this many seconds; by default wait for ever.
+    #[arg(long, value_parser = seconds)]
+    pub max_wait: Option<Duration>,
+}
+
+#[derive(Args, Debug)]
+pub struct PageArgs {
+    /// Rows to read (1 to 1000).
+    #[arg(long, default_value = "100", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+    /// Where to go on: the `next` value printed under the previous page.
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub pubsub: PubSubArgs,
+    /// The subscription (created with message ordering when missing).
+    #[arg(long, env = "PUBSUB_SUBSCRIPTION", default_value = "batch-outbox-tail")]
+    pub subscription: String,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+fn seconds(raw: &str) -> Result<Duration, String> {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{raw:?} is not a positive number of seconds"))
+}

@@ -1,0 +1,228 @@
+//! `outboxctl`: submit batches to batch-outbox, follow them, and inspect
+//! and steer the relay. Talks to the writer's and a relay's HTTP APIs; `tail`
+//! reads Pub/Sub with the relay's own code.
+
+mod cli;
+mod client;
+mod render;
+mod submit;
+mod watch;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use reqwest::Method;
+use serde_json::Value;
+
+use cli::{Cli, Command, PageArgs};
+use client::{Client, Failure, Service};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Command::Tail(args) = &cli.command {
+        return runtime.block_on(relay::tail::run(
+            &args.pubsub,
+            &args.subscription,
+            args.count,
+        ));
+    }
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            let stderr = std::io::stderr();
+            let colour = stderr.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            let prefix = if colour {
+                "\x1b[1;31merror:\x1b[0m"
+            } else {
+                "error:"
+            };
+            eprintln!("{prefix} {failure}");
+            failure.exit_code()
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let json = cli.json;
+    // Progress bars only for a person watching, never in a pipe or for --json.
+    let bars = !json && std::io::stderr().is_terminal();
+    let client = Client::new(cli.connection)?;
+    match cli.command {
+        Command::Submit(args) => {
+            if args.idempotency_key.is_some() && args.files.len() > 1 {
+                return Err(Failure::Usage(
+                    "--idempotency-key names one batch: give one file".to_owned(),
+                ));
+            }
+            // Every file is read (and its format settled) before anything is sent.
+            let uploads = args
+                .files
+                .iter()
+                .map(|path| {
+                    submit::Upload::read(path, args.format, args.idempotency_key.as_deref())
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut stored = Vec::with_capacity(uploads.len());
+            for upload in &uploads {
+                let batch = submit::submit(&client, upload, args.retries, bars).await?;
+                if json {
+                    println!("{}", batch.to_json(upload));
+                } else {
+                    println!(
+                        "{}: {} batch {} as sequence {} ({} items)",
+                        upload.name,
+                        if batch.replayed {
+                            "already stored:"
+                        } else {
+                            "stored"
+                        },
+                        batch.batch_id,
+                        batch.batch_sequence,
+                        batch.items
+                    );
+                }
+                stored.push(batch);
+            }
+            if args.wait {
+                for batch in &stored {
+                    finished(
+                        &watch::watch(&client, &batch.batch_id, None, bars).await?,
+                        json,
+                    );
+                }
+            }
+        }
+        Command::Watch(args) => {
+            let batch_id = batch_id(&args.batch_id)?;
+            finished(
+                &watch::watch(&client, batch_id, args.max_wait, bars).await?,
+                json,
+            );
+        }
+        Command::Status => {
+            let status = admin_get(&client, "/api/v1/outbox/status", &[]).await?;
+            if json {
+                println!("{status}");
+            } else {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                println!("{}", render::status(&status, now_ms));
+            }
+        }
+        Command::Pending(page) => {
+            let page = admin_get(&client, "/api/v1/outbox/pending-batches", &query(&page)).await?;
+            print(&page, json, render::pending);
+        }
+        Command::Batch { batch_id: id } => {
+            let path = format!("/api/v1/batch/{}/status", batch_id(&id)?);
+            let request = client.request(Service::Writer, Method::GET, &path);
+            print(
+                &client.call(Service::Writer, request).await?,
+                json,
+                render::batch,
+            );
+        }
+        Command::Items { batch_id: id, page } => {
+            let path = format!("/api/v1/outbox/batch/{}/items", batch_id(&id)?);
+            print(
+                &admin_get(&client, &path, &query(&page)).await?,
+                json,
+                render::items,
+            );
+        }
+        Command::Retry { batch_id: id } => {
+            let path = format!("/api/v1/outbox/batch/{}/retry", batch_id(&id)?);
+            let answer = admin_post(&client, &path).await?;
+            say(&answer, json, || {
+                format!("batch {id} is draining again from its first unsent item")
+            });
+        }
+        Command::Pause => {
+            let answer = admin_post(&client, "/api/v1/outbox/stop").await?;
+            say(&answer, json, || "draining paused, cluster-wide".to_owned());
+        }
+        Command::Resume => {
+            let answer = admin_post(&client, "/api/v1/outbox/start").await?;
+            say(&answer, json, || "draining resumed".to_owned());
+        }
+        Command::Tail(_) => unreachable!("handled before the client is built"),
+    }
+    Ok(())
+}
+
+/// A batch id as the services print it; checked here so that nothing else
+/// ends up in a URL path.
+fn batch_id(raw: &str) -> Result<&str, Failure> {
+    if raw.len() == 16
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(raw)
+    } else {
+        Err(Failure::Usage(format!(
+            "{raw:?} is not a batch id (16 lowercase hex digits, as `submit` prints)"
+        )))
+    }
+}
+
+fn query(page: &PageArgs) -> Vec<(&'static str, String)> {
+    let mut query = vec![("limit", page.limit.to_string())];
+    if let Some(cursor) = &page.cursor {
+        query.push(("cursor", cursor.clone()));
+    }
+    query
+}
+
+async fn admin_get(
+    client: &Client,
+    path: &str,
+    query: &[(&str, String)],
+) -> Result<Value, Failure> {
+    let request = client
+        .request(Service::Admin, Method::GET, path)
+        .query(query);
+    client.call(Service::Admin, request).await
+}
+
+async fn admin_post(client: &Client, path: &str) -> Result<Value, Failure> {
+    let request = client.request(Service::Admin, Method::POST, path);
+    client.call(Service::Admin, request).await
+}
+
+fn print(value: &Value, json: bool, table: fn(&Value) -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", table(value));
+    }
+}
+
+fn say(answer: &Value, json: bool, sentence: impl FnOnce() -> String) {
+    if json {
+        println!("{answer}");
+    } else {
+        println!("{}", sentence());
+    }
+}
+
+fn finished(status: &Value, json: bool) {
+    if json {
+        println!("{status}");
+    } else {
+        println!(
+            "batch {} committed: {} items sent",
+            status["batch_id"].as_str().unwrap_or("?"),
+            status["sent"]
+        );
+    }
+}

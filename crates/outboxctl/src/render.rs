@@ -1,0 +1,264 @@
+//! Tables for people; `--json` prints the server's JSON instead.
+
+use comfy_table::presets::UTF8_BORDERS_ONLY;
+use comfy_table::{ContentArrangement, Table};
+use serde_json::Value;
+
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic);
+    if !header.is_empty() {
+        table.set_header(header.to_vec());
+    }
+    table
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "–".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `12 s`, `3 min 4 s`, `2 h 5 min`.
+pub fn age(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// The relay cluster as `GET /api/v1/outbox/status` describes it.
+pub fn status(status: &Value, now_ms: i64) -> String {
+    let mut rows: Vec<(&str, String)> = vec![(
+        "Replica",
+        format!("{} ({})", text(&status["relay_id"]), text(&status["role"])),
+    )];
+    let lease = &status["lease"];
+    if let Some(error) = lease["error"].as_str() {
+        rows.push(("Lease", format!("unknown: {error}")));
+    } else if lease.is_null() {
+        rows.push(("Lease", "nobody has taken it yet".to_owned()));
+    } else {
+        rows.push(("Leader", text(&lease["holder"])));
+        rows.push(("Epoch", text(&lease["epoch"])));
+        if let Some(expires) = lease["expires_at_ms"].as_i64() {
+            let left = (expires - now_ms) as f64 / 1000.0;
+            rows.push((
+                "Lease",
+                if left >= 0.0 {
+                    format!("expires in {left:.1} s")
+                } else {
+                    format!("expired {:.1} s ago", -left)
+                },
+            ));
+        }
+    }
+    let draining = match (&status["halted"], status["paused"].as_bool()) {
+        (Value::Object(halt), _) => format!(
+            "halted on batch {} ({}): {}",
+            text(&halt["batch_sequence"].clone()),
+            text(&halt["batch_id"].clone()),
+            text(&halt["error"].clone())
+        ),
+        (_, Some(true)) => "paused".to_owned(),
+        _ => "running".to_owned(),
+    };
+    rows.push(("Draining", draining));
+    let current = &status["current_batch"];
+    rows.push((
+        "Current batch",
+        if current.is_null() {
+            "none".to_owned()
+        } else {
+            format!(
+                "{} ({}): {}/{} sent{}",
+                text(&current["batch_sequence"]),
+                text(&current["batch_id"]),
+                current["sent"].as_u64().unwrap_or(0),
+                text(&current["total_items"]),
+                current["progress_percentage"]
+                    .as_f64()
+                    .map(|p| format!(" ({p:.1} %)"))
+                    .unwrap_or_default()
+            )
+        },
+    ));
+    rows.push(("Pending batches", text(&status["pending_batches"])));
+    rows.push((
+        "Oldest pending",
+        status["oldest_pending_age_seconds"]
+            .as_f64()
+            .map(age)
+            .unwrap_or_else(|| "–".to_owned()),
+    ));
+    rows.push(("Published (this replica)", text(&status["published_total"])));
+    rows.push((
+        "Committed (this replica)",
+        text(&status["batches_committed_total"]),
+    ));
+    rows.push((
+        "Last error",
+        match status["last_error"].as_str() {
+            Some(error) => format!("{error} (at {})", text(&status["last_error_at"])),
+            None => "none".to_owned(),
+        },
+    ));
+    let mut table = table(&[]);
+    for (name, value) in rows {
+        table.add_row(vec![name.to_owned(), value]);
+    }
+    table.to_string()
+}
+
+/// A page of `pending-batches`.
+pub fn pending(page: &Value) -> String {
+    let mut table = table(&["Sequence", "Batch", "Status", "Items", "Created", "Error"]);
+    for batch in page["batches"].as_array().into_iter().flatten() {
+        table.add_row(
+            [
+                "batch_sequence",
+                "batch_id",
+                "status",
+                "total_items",
+                "created_at",
+                "last_error",
+            ]
+            .map(|k| {
+                if k == "last_error" && batch[k].is_null() {
+                    String::new()
+                } else {
+                    text(&batch[k])
+                }
+            }),
+        );
+    }
+    with_cursor(table, page)
+}
+
+/// A page of a batch's items.
+pub fn items(page: &Value) -> String {
+    let mut table = table(&[
+        "#",
+        "Request",
+        "Vendor",
+        "Status",
+        "Pub/Sub id",
+        "Sent at",
+        "Error",
+    ]);
+    for item in page["items"].as_array().into_iter().flatten() {
+        table.add_row(
+            [
+                "item_sequence",
+                "request_id",
+                "vendor_name",
+                "status",
+                "publish_id",
+                "sent_at",
+                "error",
+            ]
+            .map(|k| {
+                if k == "error" && item[k].is_null() {
+                    String::new()
+                } else {
+                    text(&item[k])
+                }
+            }),
+        );
+    }
+    with_cursor(table, page)
+}
+
+fn with_cursor(table: Table, page: &Value) -> String {
+    match page["next_cursor"].as_str() {
+        Some(cursor) => format!("{table}\nmore: --cursor {cursor}"),
+        None => table.to_string(),
+    }
+}
+
+/// One batch as the writer's status describes it.
+pub fn batch(status: &Value) -> String {
+    let mut table = table(&[]);
+    let rows = [
+        ("Batch", text(&status["batch_id"])),
+        ("Sequence", text(&status["batch_sequence"])),
+        ("Status", text(&status["status"])),
+        (
+            "Items",
+            format!(
+                "{} total, {} sent, {} dead-lettered, {} pending ({:.1} %)",
+                text(&status["total"]),
+                text(&status["sent"]),
+                text(&status["failed"]),
+                text(&status["pending"]),
+                status["progress_percentage"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        ("Created", text(&status["created_at"])),
+        ("Committed", text(&status["committed_at"])),
+        ("Submitted by", text(&status["submitted_by"])),
+        ("Last error", text(&status["last_error"])),
+        ("Trace", text(&status["traceparent"])),
+    ];
+    for (name, value) in rows {
+        table.add_row(vec![name.to_owned(), value]);
+    }
+    table.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn ages_read_like_a_person_says_them() {
+        assert_eq!(age(0.4), "0 s");
+        assert_eq!(age(59.6), "1 min 0 s");
+        assert_eq!(age(3725.0), "1 h 2 min");
+        assert_eq!(age(-3.0), "0 s");
+    }
+
+    #[test]
+    fn the_status_table_says_who_leads_and_why_draining_stopped() {
+        let status = json!({"relay_id": "relay-1", "role": "leader",
+            "lease": {"holder": "relay-1", "epoch": 7, "expires_at_ms": 11_500},
+            "paused": false, "halted": {"batch_id": "00000000000000aa", "batch_sequence": 3, "error": "poison"},
+            "current_batch": null, "pending_batches": 4, "oldest_pending_age_seconds": 75.0,
+            "published_total": 10, "batches_committed_total": 2, "last_error": null});
+        let table = status_table(&status);
+        for expected in [
+            "relay-1 (leader)",
+            "Epoch",
+            "7",
+            "expires in 1.5 s",
+            "halted on batch 3 (00000000000000aa): poison",
+            "1 min 15 s",
+            "Last error",
+        ] {
+            assert!(table.contains(expected), "{expected} missing from\n{table}");
+        }
+    }
+
+    fn status_table(status: &Value) -> String {
+        super::status(status, 10_000)
+    }
+
+    #[test]
+    fn a_page_with_more_says_how_to_go_on() {
+        let page = json!({"batches": [{"batch_sequence": 1, "batch_id": "00000000000000aa", "status": "pending",
+            "total_items": 3, "created_at": "2026-11-29T00:00:00.000Z", "last_error": null}], "next_cursor": "1"});
+        let text = pending(&page);
+        assert!(
+            text.contains("00000000000000aa") && text.ends_with("more: --cursor 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! `outboxctl watch`: follow a batch until it is committed.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::client::{Client, Failure, Service};
+
+const POLL: Duration = Duration::from_millis(500);
+/// How long the writer may stay unreachable once the watch has begun.
+const OUTAGE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Polls the writer's status of `batch_id` until the batch is committed
+/// (`Ok`, with its last status), failed, or `max_wait` has passed.
+pub async fn watch(
+    client: &Client,
+    batch_id: &str,
+    max_wait: Option<Duration>,
+    bar: bool,
+) -> Result<Value, Failure> {
+    let started = Instant::now();
+    let path = format!("/api/v1/batch/{batch_id}/status");
+    let progress = if bar {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} items  {per_sec}  eta {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    progress.set_prefix(format!("batch {batch_id}"));
+    progress.enable_steady_tick(Duration::from_millis(200));
+    let mut outage: Option<Instant> = None;
+    let mut seen = false;
+    let result = loop {
+        let request = client.request(Service::Writer, Method::GET, &path);
+        match client.call(Service::Writer, request).await {
+            Ok(status) => {
+                (outage, seen) = (None, true);
+                let count = |name: &str| {
+                    status["items"][name]
+                        .as_u64()
+                        .or(status[name].as_u64())
+                        .unwrap_or(0)
+                };
+                progress.set_length(count("total"));
+                progress.set_position(count("sent") + count("failed"));
+                let state = status["status"].as_str().unwrap_or("unknown").to_owned();
+                progress.set_message(state.clone());
+                match state.as_str() {
+                    "committed" if count("failed") > 0 => {
+                        break Err(Failure::Refused(format!(
+                            "batch {batch_id} committed with {} of {} items dead-lettered: {}",
+                            count("failed"),
+                            count("total"),
+                            reason(&status)
+                        )));
+                    }
+                    "committed" => break Ok(status),
+                    "failed" => {
+                        break Err(Failure::Refused(format!(
+                            "batch {batch_id} failed and draining halted on it: {}; \
+                             fix the cause, then `outboxctl retry {batch_id}`",
+                            reason(&status)
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+            // A watch that never reached the writer, or a batch it does not
+            // know, ends at once; a writer lost on the way is waited for.
+            Err(Failure::Unavailable(reason)) if seen => {
+                let since = *outage.get_or_insert_with(Instant::now);
+                progress.set_message(format!("writer unreachable: {reason}"));
+                if since.elapsed() > OUTAGE_LIMIT {
+                    break Err(Failure::Unavailable(reason));
+                }
+            }
+            Err(failure) => break Err(failure),
+        }
+        if max_wait.is_some_and(|limit| started.elapsed() >= limit) {
+            break Err(Failure::Unavailable(format!(
+                "batch {batch_id} is not committed after {:.0} s (--max-wait)",
+                started.elapsed().as_secs_f64()
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    progress.finish_and_clear();
+    result
+}
+
+fn reason(status: &Value) -> &str {
+    status["last_error"]
+        .as_str()
+        .unwrap_or("no reason recorded")
+}

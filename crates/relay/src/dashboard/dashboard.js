@@ -1,0 +1,237 @@
+// The relay's dashboard: polls the admin API once a second and draws what it
+// answers. No library, no network beyond this origin; all text goes in
+// through textContent.
+"use strict";
+
+const POLL_MS = 1000;
+const PENDING_EVERY = 2; // polls between two reads of the pending batches
+const WINDOW = 300; // samples kept for the charts: five minutes
+const SVG = "http://www.w3.org/2000/svg";
+
+const $ = (id) => document.getElementById(id);
+const number = new Intl.NumberFormat("en");
+const samples = []; // {t, published, lag}
+let polls = 0;
+
+function age(seconds) {
+  if (seconds == null) return "–";
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+function text(id, value) {
+  const element = $(id);
+  if (element.textContent !== value) element.textContent = value;
+}
+
+async function getJson(path) {
+  const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+  if (!response.ok) throw new Error(`${path} answered ${response.status}`);
+  return response.json();
+}
+
+// POSTs to the admin API with the token, and says what the server answered.
+async function command(path, button, success) {
+  const token = $("token").value.trim();
+  const headers = { Accept: "application/json" };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  button.disabled = true;
+  try {
+    const response = await fetch(path, { method: "POST", headers, cache: "no-store" });
+    const body = await response.json().catch(() => ({}));
+    if (response.ok) {
+      say(success(body), "ok");
+    } else {
+      const detail = body.detail || response.statusText;
+      const code = body.code ? ` (${body.code})` : "";
+      say(`${response.status}: ${detail}${code}`, "bad");
+      if (response.status === 401) $("token").focus();
+    }
+  } catch (error) {
+    say(`The admin API did not answer: ${error.message}`, "bad");
+  } finally {
+    button.disabled = false;
+    poll();
+  }
+}
+
+function say(message, tone) {
+  const answer = $("answer");
+  answer.className = tone;
+  answer.textContent = message;
+}
+
+function renderStatus(status) {
+  text("relay-id", status.relay_id);
+  const role = $("role");
+  role.className = `badge ${status.role}`;
+  text("role", status.role === "leader" ? "leader" : "standby");
+  const lease = status.lease || {};
+  text("holder", lease.error ? "unknown (MongoDB)" : lease.holder || "nobody");
+  text("epoch", lease.epoch == null ? "–" : String(lease.epoch));
+  const state = $("state");
+  if (status.halted) {
+    state.className = "bad";
+    text("state", `halted on batch ${status.halted.batch_sequence}`);
+  } else if (status.paused) {
+    state.className = "warn";
+    text("state", "paused");
+  } else {
+    state.className = "ok";
+    text("state", "running");
+  }
+  text("pending-count", status.pending_batches == null ? "–" : number.format(status.pending_batches));
+  text("oldest", age(status.oldest_pending_age_seconds));
+  text("published", number.format(status.published_total));
+
+  const current = status.current_batch;
+  $("current").hidden = !current;
+  $("current-none").hidden = !!current;
+  if (current) {
+    const sent = current.sent ?? 0;
+    text("current-label", `Batch ${current.batch_sequence} (${current.batch_id})`);
+    const bar = $("current-progress");
+    bar.max = Math.max(current.total_items, 1);
+    bar.value = sent;
+    const percent = current.progress_percentage == null ? "" : ` (${current.progress_percentage.toFixed(1)} %)`;
+    text("current-count", `${number.format(sent)} of ${number.format(current.total_items)} items sent${percent}`);
+  }
+
+  const errors = $("errors");
+  errors.replaceChildren(...(status.recent_errors || []).map((e) => {
+    const item = document.createElement("li");
+    const when = document.createElement("time");
+    when.dateTime = e.at;
+    when.textContent = new Date(e.at).toLocaleTimeString();
+    item.append(when, ` ${e.message}`);
+    return item;
+  }));
+  $("errors-none").hidden = errors.children.length > 0;
+}
+
+function renderFailed(status, pending) {
+  const failed = new Map();
+  if (status && status.halted) {
+    const h = status.halted;
+    failed.set(h.batch_id, { batch_id: h.batch_id, batch_sequence: h.batch_sequence, error: h.error });
+  }
+  for (const b of pending || []) {
+    if (b.status === "failed" && !failed.has(b.batch_id)) failed.set(b.batch_id, { ...b, error: b.last_error });
+  }
+  const list = $("failed");
+  // Rebuilt only when the set changes, so that a focused button keeps its focus.
+  const key = [...failed.keys()].join(",");
+  if (list.dataset.key === key) return;
+  list.dataset.key = key;
+  list.replaceChildren(...[...failed.values()].map((b) => {
+    const item = document.createElement("li");
+    const label = document.createElement("span");
+    label.textContent = `Batch ${b.batch_sequence} (${b.batch_id}): ${b.error || "failed"}`;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = "Retry";
+    button.setAttribute("aria-label", `Retry batch ${b.batch_sequence}`);
+    button.dataset.batch = b.batch_id;
+    button.addEventListener("click", () => command(
+      `/api/v1/outbox/batch/${encodeURIComponent(b.batch_id)}/retry`, button,
+      (body) => `Batch ${body.batch_id} is ${body.status} again.`));
+    item.append(label, button);
+    return item;
+  }));
+  $("failed-none").hidden = failed.size > 0;
+}
+
+function renderPending(page) {
+  const now = Date.now();
+  $("pending").replaceChildren(...page.batches.map((b) => {
+    const row = document.createElement("tr");
+    const cells = [
+      String(b.batch_sequence), b.batch_id, b.status, number.format(b.total_items),
+      age((now - Date.parse(b.created_at)) / 1000), b.last_error || "",
+    ];
+    cells.forEach((value, i) => {
+      const cell = document.createElement("td");
+      cell.textContent = value;
+      if (i === 5) cell.className = "error";
+      row.append(cell);
+    });
+    return row;
+  }));
+  text("pending-more", page.next_cursor ? `(first ${page.batches.length})` : "");
+}
+
+function draw(id, values, unit, label) {
+  const svg = $(id);
+  const peak = Math.max(1, ...values);
+  const x = (i) => (values.length < 2 ? 0 : (i * 300) / (WINDOW - 1) + (300 * (WINDOW - values.length)) / (WINDOW - 1));
+  const y = (v) => 98 - (v / peak) * 94;
+  const points = values.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("class", "series");
+  line.setAttribute("points", points);
+  const area = document.createElementNS(SVG, "polygon");
+  area.setAttribute("class", "area");
+  if (values.length > 1) area.setAttribute("points", `${x(0).toFixed(1)},98 ${points} 300,98`);
+  const base = document.createElementNS(SVG, "line");
+  base.setAttribute("class", "grid");
+  for (const [k, v] of Object.entries({ x1: 0, y1: 98, x2: 300, y2: 98 })) base.setAttribute(k, v);
+  svg.replaceChildren(base, area, line);
+  const now = values.length ? values[values.length - 1] : 0;
+  const summary = `now ${number.format(Math.round(now))} ${unit}, peak ${number.format(Math.round(Math.max(0, ...values)))} ${unit}`;
+  svg.setAttribute("aria-label", `${label}, last five minutes: ${summary}`);
+  return summary;
+}
+
+function renderCharts(status) {
+  const t = performance.now() / 1000;
+  samples.push({ t, published: status.published_total, lag: status.oldest_pending_age_seconds ?? 0 });
+  while (samples.length > WINDOW + 1) samples.shift();
+  const rates = [];
+  for (let i = 1; i < samples.length; i++) {
+    const dt = samples[i].t - samples[i - 1].t;
+    const dp = samples[i].published - samples[i - 1].published;
+    rates.push(dt > 0 && dp > 0 ? dp / dt : 0);
+  }
+  text("rate-now", draw("rate-chart", rates, "items/s", "Drain rate"));
+  text("lag-now", draw("lag-chart", samples.map((s) => s.lag), "s", "Lag"));
+}
+
+let lastStatus = null;
+let lastPending = null;
+let polling = false;
+
+async function poll() {
+  if (polling) return;
+  polling = true;
+  try {
+    const status = await getJson("/api/v1/outbox/status");
+    lastStatus = status;
+    renderStatus(status);
+    renderCharts(status);
+    if (polls++ % PENDING_EVERY === 0) {
+      lastPending = await getJson("/api/v1/outbox/pending-batches?limit=20");
+      renderPending(lastPending);
+    }
+    renderFailed(lastStatus, lastPending && lastPending.batches);
+    $("offline").hidden = true;
+    text("updated", `updated ${new Date().toLocaleTimeString()}`);
+  } catch (error) {
+    const banner = $("offline");
+    banner.textContent = `Cannot reach the admin API (${error.message}); retrying every second.`;
+    banner.hidden = false;
+  } finally {
+    polling = false;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("pause").addEventListener("click", (e) => command("/api/v1/outbox/stop", e.currentTarget,
+    () => "Draining paused cluster-wide."));
+  $("resume").addEventListener("click", (e) => command("/api/v1/outbox/start", e.currentTarget,
+    () => "Draining resumed."));
+  $("controls").addEventListener("submit", (e) => e.preventDefault());
+  poll();
+  setInterval(poll, POLL_MS);
+});

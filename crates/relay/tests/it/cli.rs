@@ -1,0 +1,466 @@
+//! `outboxctl` against the real writer, relay, MongoDB (or its stand-in) and
+//! the Pub/Sub emulator: what a user types, what they read, and the exit code.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::e2e::{Stack, binary, eventually, free_port, start_stack_on};
+
+/// What one `outboxctl` run printed, and how it ended.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("not one JSON document ({e}): {self:?}"))
+    }
+
+    fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {self:?}")))
+            .collect()
+    }
+}
+
+/// Runs `outboxctl` with the writer and admin URLs of a test, and nothing
+/// from the calling environment that would change what it does.
+async fn outboxctl(writer: &str, admin: &str, args: &[&str], vars: &[(&str, &str)]) -> Run {
+    let mut command = tokio::process::Command::new(binary("outboxctl"));
+    command
+        .args(args)
+        .env_remove("ADMIN_TOKEN")
+        .env_remove("OUTBOX_API_KEY")
+        .env_remove("PUBSUB_SUBSCRIPTION")
+        .env("OUTBOX_WRITER_URL", writer)
+        .env("OUTBOX_ADMIN_URL", admin)
+        .envs(vars.iter().copied())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(180), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("outboxctl {args:?} did not end in 180 s"))
+        .unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `outboxctl` pointed at one writer and one admin port.
+struct Ctl {
+    writer: String,
+    admin: String,
+}
+
+impl Ctl {
+    async fn run(&self, args: &[&str], vars: &[(&str, &str)]) -> Run {
+        outboxctl(&self.writer, &self.admin, args, vars).await
+    }
+}
+
+/// A directory of the test's own for the files it submits.
+fn files(name: &str, contents: &[(&str, &str)]) -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    contents
+        .iter()
+        .map(|(file, text)| {
+            let path = dir.join(file);
+            std::fs::write(&path, text).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// Waits until the relay's admin port answers ready.
+async fn admin_ready(stack: &Stack, admin: &str) {
+    let ready = format!("{admin}/health/ready");
+    eventually(Duration::from_secs(60), "the relay's admin port", || {
+        let request = stack.http.get(&ready).send();
+        async move { request.await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+}
+
+async fn start() -> Stack {
+    let standin = std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin");
+    let deadline = [("REQUEST_DEADLINE_SECONDS", "30".to_owned())];
+    start_stack_on(&crate::e2e::env("MONGODB_URL"), standin, &deadline).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
+    let stack = start().await;
+    let (relay, admin) = stack.relay("relay-cli", &[("OUTBOX_POLL_INTERVAL_SECONDS", "0.2")]);
+    let paths = files(
+        "cli-submit",
+        &[
+            (
+                "orders.json",
+                r#"[{"request_id": "j1", "vendor_name": "acme"}, {"request_id": "j2"}, {"request_id": "j3"}]"#,
+            ),
+            (
+                "events.ndjson",
+                "{\"request_id\": \"n1\"}\n{\"request_id\": \"n2\", \"vendor_name\": \"globex\"}\n",
+            ),
+            (
+                "rows.csv",
+                "request_id,vendor_name\r\nc1,acme\r\nc2,\"initech, inc\"\r\n",
+            ),
+        ],
+    );
+    let paths: Vec<&str> = paths.iter().map(|p| p.to_str().unwrap()).collect();
+    admin_ready(&stack, &admin).await;
+    let ctl = Ctl {
+        writer: stack.writer_url.clone(),
+        admin: admin.clone(),
+    };
+
+    let submitted = ctl
+        .run(&[&["--json", "submit", "--wait"], &paths[..]].concat(), &[])
+        .await;
+    assert_eq!(submitted.code, 0, "{submitted:?}\n{}", relay.tail());
+    let lines = submitted.json_lines();
+    // One line a file as it is stored, then one a batch once committed.
+    assert_eq!(lines.len(), 6, "{submitted:?}");
+    let sequences: Vec<u64> = lines[..3]
+        .iter()
+        .map(|l| l["batch_sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sequences, [1, 2, 3]);
+    assert_eq!(
+        lines[..3]
+            .iter()
+            .map(|l| l["items"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [3, 2, 2]
+    );
+    for (stored, done) in lines[..3].iter().zip(&lines[3..]) {
+        assert_eq!(stored["replayed"], false);
+        assert!(
+            stored["idempotency_key"]
+                .as_str()
+                .unwrap()
+                .starts_with("outboxctl-sha256-")
+        );
+        assert_eq!(done["batch_id"], stored["batch_id"]);
+        assert_eq!(done["status"], "committed");
+        assert_eq!(done["sent"], stored["items"]);
+    }
+
+    // The same command again stores nothing: the key comes from the content.
+    let again = ctl.run(&["submit", paths[0]], &[]).await;
+    assert_eq!(again.code, 0, "{again:?}");
+    let first = lines[0]["batch_id"].as_str().unwrap();
+    assert!(
+        again.stdout.contains(&format!(
+            "already stored: batch {first} as sequence 1 (3 items)"
+        )),
+        "{again:?}"
+    );
+
+    let status = ctl.run(&["status", "--json"], &[]).await.json();
+    assert_eq!(status["role"], "leader");
+    assert_eq!(status["lease"]["holder"], "relay-cli");
+    let table = ctl.run(&["status"], &[]).await;
+    assert_eq!(table.code, 0);
+    for expected in ["relay-cli (leader)", "Leader", "Epoch", "running"] {
+        assert!(
+            table.stdout.contains(expected),
+            "{expected} missing: {table:?}"
+        );
+    }
+
+    let batch = ctl.run(&["batch", first], &[]).await;
+    assert!(
+        batch.stdout.contains("committed") && batch.stdout.contains("3 total, 3 sent"),
+        "{batch:?}"
+    );
+    let items = ctl
+        .run(&["items", first, "--limit", "2", "--json"], &[])
+        .await
+        .json();
+    let page: Vec<&Value> = items["items"].as_array().unwrap().iter().collect();
+    assert_eq!(page.len(), 2);
+    assert!(
+        page.iter()
+            .all(|i| i["status"] == "sent" && i["publish_id"].is_string())
+    );
+    let cursor = items["next_cursor"].as_str().unwrap().to_owned();
+    let rest = ctl.run(&["items", first, "--cursor", &cursor], &[]).await;
+    assert!(
+        rest.stdout.contains("j3") && !rest.stdout.contains("j1"),
+        "{rest:?}"
+    );
+    let pending = ctl.run(&["pending", "--json"], &[]).await.json();
+    assert_eq!(pending["batches"], json!([]));
+
+    // `tail` reads what the subscription received, with the relay's code.
+    let tail = ctl
+        .run(
+            &[
+                "tail",
+                "--count",
+                "7",
+                "--subscription",
+                &stack.subscription,
+                "--project-id",
+                &stack.pubsub.project_id,
+                "--topic",
+                &stack.pubsub.topic,
+                "--emulator-host",
+                stack.pubsub.emulator_host.as_deref().unwrap(),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(tail.code, 0, "{tail:?}");
+    let request_ids: Vec<String> = tail
+        .json_lines()
+        .iter()
+        .map(|m| m["data"]["request_id"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    assert_eq!(
+        request_ids,
+        ["j1", "j2", "j3", "n1", "n2", "c1", "c2"],
+        "{tail:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
+    let stack = start().await;
+    let token = [("ADMIN_TOKEN", "s3cret")];
+    let relay_vars = [
+        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+        ("ADMIN_TOKEN", "s3cret"),
+    ];
+    let (relay, admin) = stack.relay("relay-halts", &relay_vars);
+    let writer = stack.writer_url.clone();
+    admin_ready(&stack, &admin).await;
+    let ctl = Ctl {
+        writer: writer.clone(),
+        admin: admin.clone(),
+    };
+
+    // Pause needs the token; the answer names the problem's code.
+    let refused = ctl.run(&["pause"], &[]).await;
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("(unauthorized, HTTP 401)"),
+        "{refused:?}"
+    );
+    assert_eq!(refused.stderr.lines().count(), 1, "one line: {refused:?}");
+    let paused = ctl.run(&["pause"], &token).await;
+    assert_eq!(paused.code, 0, "{paused:?}");
+    assert!(paused.stdout.contains("draining paused"));
+    assert_eq!(
+        ctl.run(&["status", "--json"], &[]).await.json()["paused"],
+        true
+    );
+
+    // 11 MB: stored by the writer, over Pub/Sub's 10 MB message limit, so
+    // the relay (OUTBOX_ON_POISON=halt) halts on it once resumed.
+    let huge = json!([
+        {"request_id": "first"},
+        {"request_id": "huge", "blob": "x".repeat(11_000_000)},
+        {"request_id": "last"},
+    ]);
+    let paths = files("cli-halt", &[("huge.json", &huge.to_string())]);
+    let submitted = ctl
+        .run(&["--json", "submit", paths[0].to_str().unwrap()], &[])
+        .await;
+    assert_eq!(submitted.code, 0, "{submitted:?}");
+    let batch_id = submitted.json()["batch_id"].as_str().unwrap().to_owned();
+    let pending = ctl.run(&["pending", "--json"], &[]).await.json();
+    assert_eq!(
+        pending["batches"][0]["batch_id"],
+        batch_id.as_str(),
+        "paused: still pending"
+    );
+
+    let resumed = ctl.run(&["resume"], &token).await;
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    let watched = ctl.run(&["watch", &batch_id], &[]).await;
+    assert_eq!(watched.code, 1, "{watched:?}\n{}", relay.tail());
+    assert!(
+        watched.stderr.contains("failed and draining halted"),
+        "{watched:?}"
+    );
+    assert!(
+        watched
+            .stderr
+            .contains(&format!("outboxctl retry {batch_id}")),
+        "{watched:?}"
+    );
+    let status = ctl.run(&["status"], &[]).await;
+    assert!(
+        status
+            .stdout
+            .contains(&format!("halted on batch 1 ({batch_id})")),
+        "{status:?}"
+    );
+
+    // Retried on a relay that dead-letters instead: the batch commits, and
+    // `watch` says one item did not make it.
+    drop(relay);
+    let (relay, admin) = stack.relay(
+        "relay-dead-letters",
+        &[
+            ("OUTBOX_ON_POISON", "dead-letter"),
+            ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+        ],
+    );
+    admin_ready(&stack, &admin).await;
+    let retried = outboxctl(&stack.writer_url, &admin, &["retry", &batch_id], &[]).await;
+    assert_eq!(retried.code, 0, "{retried:?}\n{}", relay.tail());
+    assert!(retried.stdout.contains("draining again"), "{retried:?}");
+    let watched = outboxctl(&stack.writer_url, &admin, &["watch", &batch_id], &[]).await;
+    assert_eq!(watched.code, 1, "{watched:?}");
+    assert!(
+        watched
+            .stderr
+            .contains("committed with 1 of 3 items dead-lettered"),
+        "{watched:?}"
+    );
+    let again = outboxctl(&stack.writer_url, &admin, &["retry", &batch_id], &[]).await;
+    assert_eq!(again.code, 1);
+    assert!(
+        again.stderr.contains("(batch_not_failed, HTTP 409)"),
+        "{again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outboxctl_says_what_went_wrong_in_one_line_with_its_exit_code() {
+    let standin = std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin");
+    let writer_vars = [
+        ("REQUEST_DEADLINE_SECONDS", "30".to_owned()),
+        (
+            "WRITER_API_KEYS",
+            "cli:k3y-for-the-cli-0123456789".to_owned(),
+        ),
+    ];
+    let stack = start_stack_on(&crate::e2e::env("MONGODB_URL"), standin, &writer_vars).await;
+    let (_relay, admin) = stack.relay("relay-errors", &[]);
+    let key = [("OUTBOX_API_KEY", "k3y-for-the-cli-0123456789")];
+    admin_ready(&stack, &admin).await;
+    let ctl = Ctl {
+        writer: stack.writer_url.clone(),
+        admin: admin.clone(),
+    };
+    let paths = files(
+        "cli-errors",
+        &[
+            ("ok.json", r#"[{"request_id": "a"}]"#),
+            ("empty.json", "[]"),
+            ("bad.csv", "a,b\r\n1\r\n"),
+            ("notes.txt", "hello"),
+        ],
+    );
+    let path = |i: usize| paths[i].to_str().unwrap();
+    let expect = |run: &Run, code: i32, text: &str| {
+        assert_eq!(run.code, code, "{run:?}");
+        assert!(run.stderr.contains(text), "{text:?} missing: {run:?}");
+        assert_eq!(run.stderr.trim().lines().count(), 1, "one line: {run:?}");
+        assert!(
+            !run.stderr.contains('\x1b'),
+            "no colour off a terminal: {run:?}"
+        );
+    };
+
+    // 401 without the writer's key, 201 with it.
+    expect(
+        &ctl.run(&["submit", path(0)], &[]).await,
+        1,
+        "(unauthorized, HTTP 401)",
+    );
+    assert_eq!(ctl.run(&["submit", path(0)], &key).await.code, 0);
+    // 422 with the writer's code (and where, for CSV).
+    expect(
+        &ctl.run(&["submit", path(1)], &key).await,
+        1,
+        "(empty_batch, HTTP 422)",
+    );
+    expect(
+        &ctl.run(&["submit", path(2)], &key).await,
+        1,
+        "(csv_field_count, HTTP 422); line 2",
+    );
+    // 404 from the writer and from the admin port.
+    expect(
+        &ctl.run(&["batch", "00000000000000ff"], &key).await,
+        1,
+        "(batch_not_found, HTTP 404)",
+    );
+    expect(
+        &ctl.run(&["items", "00000000000000ff"], &[]).await,
+        1,
+        "(batch_not_found, HTTP 404)",
+    );
+    expect(
+        &ctl.run(&["watch", "00000000000000ff"], &key).await,
+        1,
+        "(batch_not_found, HTTP 404)",
+    );
+    // Nothing listening: exit 3, after the submit's retries.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let unreachable = outboxctl(
+        &nowhere,
+        &nowhere,
+        &["submit", "--retries", "1", path(0)],
+        &key,
+    )
+    .await;
+    assert_eq!(unreachable.code, 3, "{unreachable:?}");
+    assert!(
+        unreachable
+            .stderr
+            .contains(&format!("cannot reach the writer at {nowhere}")),
+        "{unreachable:?}"
+    );
+    assert!(
+        unreachable
+            .stderr
+            .contains("trying again in 0.5 s (1 of 1)"),
+        "{unreachable:?}"
+    );
+    expect(
+        &outboxctl(&nowhere, &nowhere, &["status"], &[]).await,
+        3,
+        "cannot reach the relay's admin port",
+    );
+    // Wrong usage and unreadable input: exit 2, nothing sent.
+    expect(
+        &ctl.run(&["batch", "not-a-batch"], &key).await,
+        2,
+        "is not a batch id",
+    );
+    expect(
+        &ctl.run(&["submit", path(3)], &key).await,
+        2,
+        "cannot tell the format",
+    );
+    expect(
+        &ctl.run(&["submit", "/nonexistent/x.json"], &key).await,
+        2,
+        "cannot read /nonexistent/x.json",
+    );
+    let usage = ctl.run(&["pending", "--limit", "0"], &[]).await;
+    assert_eq!(usage.code, 2, "{usage:?}");
+    let help = ctl.run(&["--help"], &[]).await;
+    assert_eq!(help.code, 0);
+    assert!(
+        help.stdout.contains("Examples:") && help.stdout.contains("Exit codes:"),
+        "{help:?}"
+    );
+}
