@@ -30,6 +30,7 @@ wait_until 60 "relay-1" curl -fsS "http://127.0.0.1:9090/health/ready" || die "r
 cat <<TXT
 
 batch-outbox is up (logs in $RUN_DIR):
+  dashboard       http://127.0.0.1:9090/   (relay-1; relay-2's at http://127.0.0.1:9091/)
   writer          http://127.0.0.1:8000   (POST /api/v1/batch/process, /metrics)
   writer API docs http://127.0.0.1:8000/docs/   (OpenAPI: /openapi.json)
   relay-1 admin   http://127.0.0.1:9090/api/v1/outbox/status   (docs: /docs/)
@@ -37,11 +38,14 @@ batch-outbox is up (logs in $RUN_DIR):
   MongoDB         $MONGODB_URL ($MONGODB_FLAVOR)
   Pub/Sub         emulator at $PUBSUB_EMULATOR_HOST, topic $PUBSUB_TOPIC
 
-Submit a batch:
+Submit a batch and follow it to Pub/Sub (or curl, below):
+  echo '[{"request_id":"r1","vendor_name":"acme"},{"request_id":"r2","vendor_name":"globex"}]' > /tmp/batch.json
+  target/debug/outboxctl submit --wait /tmp/batch.json
+  target/debug/outboxctl status
   curl -sS -X POST localhost:8000/api/v1/batch/process -H 'content-type: application/json' \\
     -d '[{"request_id":"r1","vendor_name":"acme"},{"request_id":"r2","vendor_name":"globex"}]'
 Watch it arrive, in order:
-  PUBSUB_EMULATOR_HOST=$PUBSUB_EMULATOR_HOST target/debug/outbox-relay tail --subscription batch-outbox-tail
+  PUBSUB_EMULATOR_HOST=$PUBSUB_EMULATOR_HOST target/debug/outboxctl tail
 Press Ctrl-C to stop.
 TXT
 wait

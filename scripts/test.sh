@@ -13,6 +13,7 @@ log "checking docker-compose.yml and deploy/ against the binaries"
 "$(yaml_python)" scripts/check-deploy.py "$ROOT" "$ROOT/target/debug"
 start_mongo
 start_pubsub
+ensure_browser
 export MONGODB_URL MONGODB_FLAVOR PUBSUB_EMULATOR_HOST
 export OUTBOX_BIN_DIR="$ROOT/target/debug"
 log "checking both OpenAPI documents against the binaries (schemathesis)"

@@ -3,6 +3,8 @@
 #
 #   start_mongo      exports MONGODB_URL and MONGODB_FLAVOR (mongod|external|standin)
 #   start_pubsub     exports PUBSUB_EMULATOR_HOST
+#   ensure_browser   exports CHROMEDRIVER (installing Debian's chromium when
+#                    missing), or BROWSER_UNAVAILABLE with the reason
 #   stop_services    stops everything started here
 #   stop_services_on_exit  installs the traps that call it
 #
@@ -54,6 +56,32 @@ stop_services_on_exit() {
   trap stop_services EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
+}
+
+# Chromium and chromedriver for the dashboard's browser test: Debian's
+# packages, installed when missing and apt-get may. Exports CHROMEDRIVER, or
+# BROWSER_UNAVAILABLE with the reason (the test then says SKIPPED).
+ensure_browser() {
+  local sudo="" apt_log="$RUN_DIR/apt-chromium.log"
+  mkdir -p "$RUN_DIR"
+  if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then sudo -n true 2>/dev/null && sudo="sudo -n"; fi
+    if [ "$(id -u)" -eq 0 ] || [ -n "$sudo" ]; then
+      log "installing Debian's chromium and chromium-driver for the dashboard test"
+      { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+          || { $sudo apt-get update -qq \
+               && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+      } >"$apt_log" 2>&1 || log "could not install chromium; see $apt_log"
+    fi
+  fi
+  if command -v chromedriver >/dev/null 2>&1; then
+    CHROMEDRIVER="$(command -v chromedriver)"
+    export CHROMEDRIVER
+    log "browser: $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2)"
+  else
+    export BROWSER_UNAVAILABLE="no chromedriver, and apt-get could not install Debian's chromium-driver here (not root, no apt-get, or no package source)"
+    log "browser: none ($BROWSER_UNAVAILABLE)"
+  fi
 }
 
 stop_services() {

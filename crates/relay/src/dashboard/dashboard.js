@@ -4,14 +4,12 @@
 "use strict";
 
 const POLL_MS = 1000;
-const PENDING_EVERY = 2; // polls between two reads of the pending batches
 const WINDOW = 300; // samples kept for the charts: five minutes
 const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
 const number = new Intl.NumberFormat("en");
 const samples = []; // {t, published, lag}
-let polls = 0;
 
 function age(seconds) {
   if (seconds == null) return "–";
@@ -125,22 +123,38 @@ function renderFailed(status, pending) {
   const key = [...failed.keys()].join(",");
   if (list.dataset.key === key) return;
   list.dataset.key = key;
-  list.replaceChildren(...[...failed.values()].map((b) => {
-    const item = document.createElement("li");
-    const label = document.createElement("span");
-    label.textContent = `Batch ${b.batch_sequence} (${b.batch_id}): ${b.error || "failed"}`;
-    const button = document.createElement("button");
-    button.type = "button";
-    button.textContent = "Retry";
-    button.setAttribute("aria-label", `Retry batch ${b.batch_sequence}`);
-    button.dataset.batch = b.batch_id;
-    button.addEventListener("click", () => command(
-      `/api/v1/outbox/batch/${encodeURIComponent(b.batch_id)}/retry`, button,
-      (body) => `Batch ${body.batch_id} is ${body.status} again.`));
-    item.append(label, button);
-    return item;
-  }));
+  list.replaceChildren(...[...failed.values()].map(failedItem));
   $("failed-none").hidden = failed.size > 0;
+}
+
+// A failed batch: its error, how far it got, and a button to retry it.
+function failedItem(b) {
+  const item = document.createElement("li");
+  item.dataset.batch = b.batch_id;
+  const label = document.createElement("span");
+  label.id = `failed-${b.batch_id}`;
+  label.textContent = `Batch ${b.batch_sequence} (${b.batch_id}): ${b.error || "failed"}`;
+  const bar = document.createElement("progress");
+  bar.max = 1;
+  bar.value = 0;
+  bar.setAttribute("aria-labelledby", `${label.id} sent-${b.batch_id}`);
+  const sent = document.createElement("span");
+  sent.id = `sent-${b.batch_id}`;
+  sent.className = "muted";
+  getJson(`/api/v1/outbox/batch/${encodeURIComponent(b.batch_id)}/status`).then((s) => {
+    bar.max = Math.max(s.items.total, 1);
+    bar.value = s.items.sent + s.items.failed;
+    sent.textContent = `${number.format(s.items.sent)} of ${number.format(s.items.total)} items sent`;
+  }).catch(() => {});
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = "Retry";
+  button.setAttribute("aria-label", `Retry batch ${b.batch_sequence}`);
+  button.addEventListener("click", () => command(
+    `/api/v1/outbox/batch/${encodeURIComponent(b.batch_id)}/retry`, button,
+    (body) => `Batch ${body.batch_id} is ${body.status} again.`));
+  item.append(label, bar, sent, button);
+  return item;
 }
 
 function renderPending(page) {
@@ -210,10 +224,8 @@ async function poll() {
     lastStatus = status;
     renderStatus(status);
     renderCharts(status);
-    if (polls++ % PENDING_EVERY === 0) {
-      lastPending = await getJson("/api/v1/outbox/pending-batches?limit=20");
-      renderPending(lastPending);
-    }
+    lastPending = await getJson("/api/v1/outbox/pending-batches?limit=20");
+    renderPending(lastPending);
     renderFailed(lastStatus, lastPending && lastPending.batches);
     $("offline").hidden = true;
     text("updated", `updated ${new Date().toLocaleTimeString()}`);

@@ -223,10 +223,13 @@ async fn the_openapi_document_describes_every_admin_route_and_docs_are_served() 
     assert_eq!(code, 200);
     assert_eq!(document_problems(&doc), Vec::<String>::new());
     let routes: Vec<(String, String)> = [
+        ("GET", "/"),
         ("GET", "/api/v1/outbox/batch/{batch_id}/items"),
         ("GET", "/api/v1/outbox/batch/{batch_id}/status"),
         ("GET", "/api/v1/outbox/pending-batches"),
         ("GET", "/api/v1/outbox/status"),
+        ("GET", "/dashboard.css"),
+        ("GET", "/dashboard.js"),
         ("GET", "/health/live"),
         ("GET", "/health/ready"),
         ("GET", "/metrics"),

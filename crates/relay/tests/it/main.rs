@@ -9,6 +9,7 @@
 
 mod admin;
 mod cli;
+mod dashboard;
 mod drain;
 mod e2e;
 mod fakes;
