@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs the benchmarks behind docs/BENCHMARKS.md: builds the release binaries,
 # starts MongoDB (or its stand-in) and the Pub/Sub emulator like test.sh,
-# runs `outbox-bench writer`, `relay` and `latency`, stops what it started.
-#   scripts/bench.sh                 all three
-#   scripts/bench.sh writer --sizes 100 --clients 4   one, with options (see outbox-bench --help)
+# runs every part of `outbox-bench`, records each measurement in
+# $BENCH_RESULTS, and writes the tables into docs/BENCHMARKS.md and the charts
+# into docs/images (`outbox-bench report`); stops what it started.
+#   scripts/bench.sh                 everything (about 15 minutes here)
+#   scripts/bench.sh writer --sizes 100 --clients 4   one part, with options (see outbox-bench --help)
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"
 stop_services_on_exit
@@ -12,17 +14,25 @@ cd "$ROOT"
 log "building the release binaries"
 cargo build --release --locked --bin outbox-writer --bin outbox-relay --bin outbox-bench 2>&1 | tail -n 1
 start_mongo
+# The raw-publish ceiling hands the emulator 300,000 messages at once.
+export JAVA_OPTS="${JAVA_OPTS:--Xmx3g}"
 start_pubsub
 export MONGODB_URL MONGODB_FLAVOR PUBSUB_EMULATOR_HOST
 export OUTBOX_BIN_DIR="$ROOT/target/release"
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; MongoDB: $MONGODB_FLAVOR; Pub/Sub: emulator"
+export BENCH_RESULTS="${BENCH_RESULTS:-$ROOT/target/bench-results.jsonl}"
 if [ $# -gt 0 ]; then
   target/release/outbox-bench "$@"
 else
+  : >"$BENCH_RESULTS"
+  target/release/outbox-bench conflicts
   target/release/outbox-bench writer
-  # 100,000 items, on the stand-in too: the relay reads pages by primary key,
-  # so its cost per item does not grow with the backlog (docs/BENCHMARKS.md).
+  # 100,000 items in each ordering mode, then the backlog at 20,000 and
+  # 300,000 items: the relay reads pages by primary key, so its cost per item
+  # does not grow with the backlog (docs/BENCHMARKS.md).
   target/release/outbox-bench relay
+  target/release/outbox-bench relay --items 20000,300000 --ordering global
   target/release/outbox-bench latency
 fi
+target/release/outbox-bench report --results "$BENCH_RESULTS" --doc docs/BENCHMARKS.md --charts docs/images

@@ -26,9 +26,9 @@ use crate::writer::sample_items;
 pub struct LatencyArgs {
     #[command(flatten)]
     env: Env,
-    /// Items per second submitted.
-    #[arg(long, default_value_t = 1_000)]
-    rate: usize,
+    /// Items per second submitted (comma-separated: one run each).
+    #[arg(long, value_delimiter = ',', default_value = "200,500,1000")]
+    rate: Vec<usize>,
     /// Items per batch.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
@@ -38,6 +38,13 @@ pub struct LatencyArgs {
 }
 
 pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
+    for &rate in &args.rate {
+        run_one(&args, rate).await?;
+    }
+    Ok(())
+}
+
+async fn run_one(args: &LatencyArgs, rate: usize) -> anyhow::Result<()> {
     let env = &args.env;
     let http = reqwest::Client::new();
     let suffix = uuid::Uuid::new_v4().simple().to_string();
@@ -47,7 +54,7 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
     let (writer, url) = crate::process::writer(env, &database, &http).await?;
     let (relay, _admin) = crate::process::relay(env, &database, &topic, "global", &http).await?;
 
-    let batches_per_second = (args.rate / args.batch_size).max(1);
+    let batches_per_second = (rate / args.batch_size).max(1);
     let period = Duration::from_secs_f64(1.0 / batches_per_second as f64);
     let total = batches_per_second * usize::try_from(args.seconds)?;
     let body = Arc::new(serde_json::to_vec(&sample_items(args.batch_size, "lat"))?);
@@ -107,6 +114,10 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
+    let (writer_rss, relay_rss) = (
+        crate::process::peak_rss_mib(&writer),
+        crate::process::peak_rss_mib(&relay),
+    );
     drop(relay);
     drop(writer);
 
@@ -144,5 +155,17 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
         "writer commit -> last item acknowledged and batch committed (ms): p50 {:.0}  p95 {:.0}  p99 {:.0}",
         p.p50, p.p95, p.p99
     );
+    crate::results::record(serde_json::json!({
+        "part": "latency",
+        "rate": batches_per_second * args.batch_size,
+        "batch_size": args.batch_size,
+        "batches": total,
+        "wake": if env.change_stream() { "change stream" } else { "polling, 50 ms" },
+        "p50": p.p50,
+        "p95": p.p95,
+        "p99": p.p99,
+        "writer_rss_mib": writer_rss,
+        "relay_rss_mib": relay_rss,
+    }));
     Ok(())
 }

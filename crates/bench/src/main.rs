@@ -3,9 +3,12 @@
 //! raw ceiling in the same run, and prints a table. `scripts/bench.sh` starts
 //! MongoDB (or its stand-in) and the Pub/Sub emulator and runs all three.
 
+mod conflicts;
 mod latency;
 mod process;
 mod relay_drain;
+mod report;
+mod results;
 mod stats;
 mod writer;
 
@@ -31,6 +34,11 @@ enum Command {
     /// Writer commit to Pub/Sub acknowledgement of each batch's last item,
     /// at a steady rate.
     Latency(latency::LatencyArgs),
+    /// Where the writer takes the sequence: conflicts per stored batch on
+    /// the in-memory model of MongoDB's transactions (no services needed).
+    Conflicts(conflicts::ConflictArgs),
+    /// The recorded results as docs/BENCHMARKS.md's tables and SVG charts.
+    Report(report::ReportArgs),
 }
 
 /// Where the services and binaries are.
@@ -60,5 +68,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Writer(args) => writer::run(args).await,
         Command::Relay(args) => relay_drain::run(args).await,
         Command::Latency(args) => latency::run(args).await,
+        Command::Conflicts(args) => {
+            // A runtime of its own per measurement, with the paused clock.
+            tokio::task::spawn_blocking(move || conflicts::run(args)).await?;
+            Ok(())
+        }
+        Command::Report(args) => report::run(&args),
     }
 }

@@ -25,15 +25,20 @@ pub const PROJECT: &str = "bench-project";
 pub struct RelayArgs {
     #[command(flatten)]
     env: Env,
-    /// Items in the backlog.
-    #[arg(long, default_value_t = 100_000)]
-    items: usize,
+    /// Items in the backlog (comma-separated: one run each).
+    #[arg(long, value_delimiter = ',', default_value = "100000")]
+    items: Vec<usize>,
     /// Items per batch.
     #[arg(long, default_value_t = 1_000)]
     batch_size: usize,
-    /// Ordering key mode of the relay and of the raw publisher.
-    #[arg(long, default_value = "global")]
-    ordering: OrderingKeyMode,
+    /// Ordering key modes of the relay and of the raw publisher
+    /// (comma-separated: one run each).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "global,batch,field:/vendor_name"
+    )]
+    ordering: Vec<OrderingKeyMode>,
 }
 
 pub fn pubsub_config(env: &Env, topic: &str) -> PubSubConfig {
@@ -48,19 +53,32 @@ pub fn pubsub_config(env: &Env, topic: &str) -> PubSubConfig {
 }
 
 pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
-    let env = &args.env;
+    for &items in &args.items {
+        for ordering in &args.ordering {
+            run_one(&args.env, items, args.batch_size, ordering).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn run_one(
+    env: &Env,
+    items: usize,
+    batch_size: usize,
+    ordering: &OrderingKeyMode,
+) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let database = format!("bench_relay_{suffix}");
     let store = MongoStore::connect(MongoConfig::new(&env.mongodb_url, &database)).await?;
     store.ensure_schema().await?;
-    let batches = args.items / args.batch_size;
+    let batches = items / batch_size;
     ensure!(batches > 0, "--items must be at least --batch-size");
-    let items = batches * args.batch_size;
+    let items = batches * batch_size;
 
     // The backlog, stored through the writer's store code.
     let started = Instant::now();
-    let values = sample_items(args.batch_size, "relay");
+    let values = sample_items(batch_size, "relay");
     let mut ids: Vec<BatchId> = Vec::with_capacity(batches);
     for _ in 0..batches {
         let batch = build_batch(
@@ -75,10 +93,10 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let load = started.elapsed();
     println!(
         "relay benchmark: backlog of {items} items in {batches} batches of {} (stored in {:.1} s, {:.0} items/s), ordering key {}",
-        args.batch_size,
+        batch_size,
         load.as_secs_f64(),
         per_second(items, load),
-        args.ordering
+        ordering
     );
 
     // Ceiling 1: the same messages, pipelined through the same client.
@@ -86,7 +104,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let mut item_ids: Vec<Vec<String>> = Vec::with_capacity(batches);
     for id in &ids {
         let page = store
-            .unsent_items(id, ItemSequence(0), u32::try_from(args.batch_size)?)
+            .unsent_items(id, ItemSequence(0), u32::try_from(batch_size)?)
             .await?;
         let Some(first) = page.first() else { continue };
         let batch = PendingBatch {
@@ -101,7 +119,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         item_ids.push(page.iter().map(|item| item.item_id.to_string()).collect());
         messages.extend(
             page.iter()
-                .map(|item| OutboxMessage::for_item(item, &batch, &args.ordering)),
+                .map(|item| OutboxMessage::for_item(item, &batch, ordering)),
         );
     }
     let raw_topic = format!("bench-raw-{suffix}");
@@ -120,7 +138,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     pubsub::ensure_topic(&pubsub_config(env, &topic)).await?;
     let spawned = Instant::now();
     let (relay, _admin) =
-        crate::process::relay(env, &database, &topic, &args.ordering.to_string(), &http).await?;
+        crate::process::relay(env, &database, &topic, &ordering.to_string(), &http).await?;
     let leading = Instant::now();
     let batches_collection = mongodb::Client::with_uri_str(&env.mongodb_url)
         .await?
@@ -132,6 +150,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     })
     .await?;
     let drained = leading.elapsed();
+    let rss_mib = crate::process::peak_rss_mib(&relay);
     let rss = crate::process::peak_rss(&relay);
     drop(relay);
     let relay_rate = per_second(items, drained);
@@ -183,5 +202,16 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         "relay/min(ceilings) = {:.2}; relay peak RSS {rss}",
         relay_rate / ceiling
     );
+    crate::results::record(serde_json::json!({
+        "part": "relay",
+        "items": items,
+        "batch_size": batch_size,
+        "ordering": ordering.to_string(),
+        "publish_ceiling": publish_ceiling,
+        "mark_ceiling": mark_ceiling,
+        "relay_items_s": relay_rate,
+        "relay_rss_mib": rss_mib,
+        "store_items_s": per_second(items, load),
+    }));
     Ok(())
 }

@@ -219,6 +219,7 @@ pub async fn run(args: WriterArgs) -> anyhow::Result<()> {
             let database = format!("bench_writer_{}", uuid::Uuid::new_v4().simple());
             let (writer, url) = crate::process::writer(&args.env, &database, &http).await?;
             let ours = writer_cell(&http, &url, size, clients, batches).await?;
+            let rss_mib = crate::process::peak_rss_mib(&writer);
             let rss = crate::process::peak_rss(&writer);
             drop(writer);
             MongoStore::connect(MongoConfig::new(&args.env.mongodb_url, &database))
@@ -237,6 +238,20 @@ pub async fn run(args: WriterArgs) -> anyhow::Result<()> {
                 raw.latency.p95,
                 ours.items_per_second() / raw.items_per_second(),
             );
+            crate::results::record(serde_json::json!({
+                "part": "writer",
+                "items": size,
+                "clients": clients,
+                "batches": batches,
+                "writer_items_s": ours.items_per_second(),
+                "p50": ours.latency.p50,
+                "p95": ours.latency.p95,
+                "p99": ours.latency.p99,
+                "raw_items_s": raw.items_per_second(),
+                "raw_p50": raw.latency.p50,
+                "raw_p95": raw.latency.p95,
+                "writer_rss_mib": rss_mib,
+            }));
         }
     }
     Ok(())

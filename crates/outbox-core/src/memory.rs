@@ -1,15 +1,16 @@
 //! In-memory implementations of the store traits.
 //!
 //! They model what matters of MongoDB for the ordering and fencing rules:
-//! batch inserts are optimistic transactions that conflict when another
-//! batch committed in between (and are retried through
-//! [`ConflictRetry`], like the MongoDB adapter), every progress write is
-//! checked against the lease epoch, and the store can be made unavailable
-//! to show that callers ride out outages.
+//! batch inserts are transactions under snapshot isolation that conflict on
+//! the sequence counter the way MongoDB's do (see [`TransactionModel`]) and
+//! are retried through [`ConflictRetry`], like the MongoDB adapter; every
+//! progress write is checked against the lease epoch; and the store can be
+//! made unavailable to show that callers ride out outages.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -43,9 +44,50 @@ struct StoredItem {
     error: Option<String>,
 }
 
+/// How the model runs an ingest transaction: where it increments the
+/// sequence counter, and what its statements cost.
+///
+/// The counter follows MongoDB's rules for a document written in a
+/// transaction (snapshot isolation, first writer wins): the write conflicts
+/// when another transaction holds an uncommitted write to it, or committed
+/// one after this transaction's snapshot was taken (at its first
+/// statement). The conflicting transaction is aborted, losing what it wrote,
+/// and retried.
+#[derive(Clone, Copy, Debug)]
+pub struct TransactionModel {
+    pub counter: CounterStep,
+    /// One statement's round trip; zero yields to other tasks instead.
+    pub statement: Duration,
+    /// Added, per item, to the statement that inserts the items.
+    pub per_item: Duration,
+}
+
+/// Where the counter is incremented within an ingest transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterStep {
+    /// First statement (what the MongoDB adapter does).
+    First,
+    /// After the batch and its items, just before the commit.
+    AfterItems,
+}
+
+impl Default for TransactionModel {
+    fn default() -> Self {
+        Self {
+            counter: CounterStep::First,
+            statement: Duration::ZERO,
+            per_item: Duration::ZERO,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     last_sequence: u64,
+    /// Commits of the counter so far: its version, for snapshot checks.
+    counter_version: u64,
+    /// The transaction holding an uncommitted write to the counter.
+    counter_holder: Option<u64>,
     batches: BTreeMap<Sequence, StoredBatch>,
     by_id: HashMap<BatchId, Sequence>,
     idempotency: HashMap<String, (String, BatchId)>,
@@ -60,11 +102,27 @@ pub struct MemoryStore {
     state: Arc<Mutex<State>>,
     unavailable: Arc<AtomicBool>,
     conflicts: Arc<AtomicU64>,
+    wasted_items: Arc<AtomicU64>,
+    transactions: Arc<AtomicU64>,
+    model: TransactionModel,
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store whose ingest transactions follow `model`.
+    pub fn with_model(model: TransactionModel) -> Self {
+        Self {
+            model,
+            ..Self::default()
+        }
+    }
+
+    /// Item writes lost to aborted insert transactions.
+    pub fn wasted_item_writes(&self) -> u64 {
+        self.wasted_items.load(Ordering::SeqCst)
     }
 
     /// Makes every call fail with [`StoreError::Unavailable`] (or work again).
@@ -142,25 +200,74 @@ impl MemoryStore {
         }
     }
 
-    async fn try_insert(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
-        self.check_available()?;
-        // Read the counter, let competing transactions run, then commit only
-        // if nobody committed in between: MongoDB's write conflict on the
-        // counter document, in miniature.
-        let seen = self.lock().last_sequence;
-        tokio::task::yield_now().await;
+    /// One statement's cost under the model.
+    async fn statement(&self, items: usize) {
+        let cost =
+            self.model.statement + self.model.per_item * u32::try_from(items).unwrap_or(u32::MAX);
+        if cost.is_zero() {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(cost).await;
+        }
+    }
+
+    /// Transaction `txn`'s write to the counter, by MongoDB's rules.
+    fn write_counter(&self, txn: u64, snapshot: u64) -> Result<(), StoreError> {
         let mut state = self.lock();
-        if state.last_sequence != seen {
-            self.conflicts.fetch_add(1, Ordering::SeqCst);
+        if state.counter_holder.is_some_and(|holder| holder != txn) {
             return Err(StoreError::Conflict(
-                "counter changed since read".to_owned(),
+                "counter written by an open transaction".to_owned(),
             ));
         }
+        if state.counter_version != snapshot {
+            return Err(StoreError::Conflict(
+                "counter committed after the snapshot".to_owned(),
+            ));
+        }
+        state.counter_holder = Some(txn);
+        Ok(())
+    }
+
+    async fn try_insert(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
+        self.check_available()?;
+        let txn = self.transactions.fetch_add(1, Ordering::SeqCst);
+        let snapshot = self.lock().counter_version;
+        let mut items_written = 0;
+        let result = async {
+            if self.model.counter == CounterStep::First {
+                self.write_counter(txn, snapshot)?;
+                self.statement(0).await;
+            }
+            self.statement(0).await; // the batch document
+            self.statement(batch.items.len()).await;
+            items_written = batch.items.len();
+            if self.model.counter == CounterStep::AfterItems {
+                self.write_counter(txn, snapshot)?;
+                self.statement(0).await;
+            }
+            self.commit(batch)
+        }
+        .await;
+        let mut state = self.lock();
+        if state.counter_holder == Some(txn) {
+            state.counter_holder = None;
+        }
+        if matches!(result, Err(StoreError::Conflict(_))) {
+            self.conflicts.fetch_add(1, Ordering::SeqCst);
+            self.wasted_items
+                .fetch_add(items_written as u64, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn commit(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
+        let mut state = self.lock();
         if let Some(idem) = &batch.idempotency
             && state.idempotency.contains_key(&idem.key)
         {
             return Err(StoreError::DuplicateIdempotencyKey);
         }
+        state.counter_version += 1;
         let sequence = Sequence(state.last_sequence + 1);
         let summary = BatchSummary {
             batch_id: batch.batch_id.clone(),
@@ -660,6 +767,37 @@ mod tests {
             store.conflicts() > 0,
             "the model never produced a conflict, so it showed nothing"
         );
+    }
+
+    /// Two writers at once under MongoDB's rules: with the counter first,
+    /// the loser conflicts at its first statement and loses nothing; with
+    /// the counter after the items, the loser's snapshot predates the
+    /// winner's commit, so it conflicts after writing its items and loses
+    /// them (docs/BENCHMARKS.md, "Where the writer takes the sequence").
+    #[tokio::test(start_paused = true)]
+    async fn the_counter_taken_after_the_items_loses_the_items_on_a_conflict() {
+        for (counter, lost) in [(CounterStep::First, 0), (CounterStep::AfterItems, 10)] {
+            let store = MemoryStore::with_model(TransactionModel {
+                counter,
+                statement: std::time::Duration::from_millis(1),
+                per_item: std::time::Duration::from_micros(100),
+            });
+            let (a, b) = (batch(10), batch(10));
+            let (first, second) =
+                tokio::join!(store.insert_batch(&a, far()), store.insert_batch(&b, far()));
+            let mut sequences = [
+                first.unwrap().batch_sequence.0,
+                second.unwrap().batch_sequence.0,
+            ];
+            sequences.sort_unstable();
+            assert_eq!(sequences, [1, 2], "{counter:?}");
+            assert!(store.conflicts() >= 1, "{counter:?}: the two overlapped");
+            assert_eq!(
+                store.wasted_item_writes(),
+                lost * store.conflicts(),
+                "{counter:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -220,9 +220,17 @@ fn finished(status: &Value, json: bool) {
         println!("{status}");
     } else {
         println!(
-            "batch {} committed: {} items sent",
+            "batch {} committed: {} sent",
             status["batch_id"].as_str().unwrap_or("?"),
-            status["sent"]
+            items(status["sent"].as_u64().unwrap_or(0))
         );
+    }
+}
+
+fn items(n: u64) -> String {
+    if n == 1 {
+        "1 item".to_owned()
+    } else {
+        format!("{n} items")
     }
 }

@@ -28,7 +28,7 @@ pub async fn run(pubsub: &PubSubArgs, subscription: &str, count: Option<u64>) ->
 }
 
 /// Writes each message received on `subscription` to `out` as
-/// `{message_id, ordering_key, attributes, data}` (data parsed as JSON when
+/// `{message_id, publish_time, ordering_key, attributes, data}` (data parsed as JSON when
 /// it is JSON), acknowledging it once written; stops after `count`.
 ///
 /// # Errors
@@ -48,8 +48,13 @@ pub async fn tail(
     while let Some((message, handler)) = stream.next().await.transpose()? {
         let data: serde_json::Value = serde_json::from_slice(&message.data)
             .unwrap_or_else(|_| json!(String::from_utf8_lossy(&message.data)));
+        let publish_time = message.publish_time.as_ref().and_then(|t| {
+            chrono::DateTime::from_timestamp(t.seconds(), u32::try_from(t.nanos()).unwrap_or(0))
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        });
         let line = json!({
             "message_id": message.message_id,
+            "publish_time": publish_time,
             "ordering_key": message.ordering_key,
             "attributes": message.attributes,
             "data": data,

@@ -278,6 +278,8 @@ pub(crate) struct Received {
     position: (u64, u64),
     last: bool,
     traceparent: Option<String>,
+    /// When Pub/Sub accepted the message (its `publish_time`), in ns.
+    published_ns: i128,
 }
 
 /// Receives until `expected` distinct items arrived; returns every delivery
@@ -328,6 +330,9 @@ pub(crate) async fn receive_on(
                 .get("batch_last")
                 .is_some_and(|v| v == "true"),
             traceparent: message.attributes.get("traceparent").cloned(),
+            published_ns: message.publish_time.as_ref().map_or(0, |t| {
+                i128::from(t.seconds()) * 1_000_000_000 + i128::from(t.nanos())
+            }),
         });
         distinct.insert(message.attributes["item_id"].clone());
         handler.ack();
@@ -372,6 +377,42 @@ pub(crate) fn assert_in_order(firsts: &[Received], sizes_by_sequence: &BTreeMap<
     }
 }
 
+/// The batch boundary, seen from the subscriber whatever the ordering keys:
+/// Pub/Sub accepted every message of batch N (its `publish_time`) no later
+/// than any message of batch N+1, because the relay publishes N+1 only once
+/// N is acknowledged; and every batch arrived whole.
+pub(crate) fn assert_batches_published_whole(firsts: &[Received], sizes: &BTreeMap<u64, u64>) {
+    let mut spans: BTreeMap<u64, (i128, i128, u64)> = BTreeMap::new();
+    for r in firsts {
+        assert!(r.published_ns > 0, "no publish_time on {:?}", r.position);
+        let span = spans
+            .entry(r.position.0)
+            .or_insert((i128::MAX, i128::MIN, 0));
+        *span = (
+            span.0.min(r.published_ns),
+            span.1.max(r.published_ns),
+            span.2 + 1,
+        );
+    }
+    for (sequence, (_, _, count)) in &spans {
+        assert_eq!(
+            Some(count),
+            sizes.get(sequence),
+            "batch {sequence} incomplete"
+        );
+    }
+    for (a, b) in spans.iter().zip(spans.iter().skip(1)) {
+        assert!(
+            a.1.1 <= b.1.0,
+            "batch {} was accepted by Pub/Sub until {} ns, after batch {} began at {} ns",
+            a.0,
+            a.1.1,
+            b.0,
+            b.1.0
+        );
+    }
+}
+
 /// `sent: true`. The stand-in stores a boolean written with `$set` as the
 /// integer 1 (a gap like its DateTime-as-string one); MongoDB keeps the bool.
 pub(crate) fn is_true(value: Option<&mongodb::bson::Bson>) -> bool {
@@ -409,6 +450,7 @@ async fn fifty_concurrent_batches_arrive_in_order_with_their_publish_ids() {
     let items = stack.items().await;
     assert_eq!(items.len(), total);
     assert_in_order(&firsts, &sizes_by_sequence(&items));
+    assert_batches_published_whole(&firsts, &sizes_by_sequence(&items));
     eprintln!(
         "e2e: {total} items in 50 batches received in order; {duplicates} duplicate deliveries"
     );
@@ -650,9 +692,59 @@ async fn ordering_by_a_field_keeps_each_keys_order() {
             relay.tail()
         );
     }
+    let sizes: BTreeMap<u64, u64> = (1..=batches as u64)
+        .map(|b| (b, per_batch as u64))
+        .collect();
+    assert_batches_published_whole(&firsts, &sizes);
     eprintln!(
         "field ordering: {total} items on {} keys, each key in order; {duplicates} duplicates",
         by_key.len()
+    );
+}
+
+/// `batch`: each batch on its own ordering key, its items in order, and
+/// batch N whole at Pub/Sub before batch N+1 begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_by_batch_keeps_each_batch_in_order_and_whole() {
+    let stack = start_stack().await;
+    let (relay, _admin) = stack.relay(
+        "relay-batch-key",
+        &[
+            ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+            ("OUTBOX_BATCH_SIZE", "7"),
+            ("PUBSUB_ORDERING_KEY_MODE", "batch"),
+        ],
+    );
+    let sizes: Vec<usize> = (0..12).map(|b| 5 + (b * 11) % 17).collect();
+    let total: usize = sizes.iter().sum();
+    stack.submit(&sizes).await;
+    let received = receive(&stack, total, Duration::from_secs(120), |_| {}).await;
+    let (firsts, duplicates) = firsts(&received);
+    let items = stack.items().await;
+    let sizes = sizes_by_sequence(&items);
+    let mut keys: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for r in &firsts {
+        keys.entry(r.key.clone()).or_default().push(r.position);
+    }
+    assert_eq!(
+        keys.len(),
+        sizes.len(),
+        "one ordering key a batch: {:?}",
+        keys.keys()
+    );
+    for (key, positions) in &keys {
+        assert!(
+            positions.iter().all(|p| p.0 == positions[0].0),
+            "key {key} spans batches"
+        );
+        let expected: Vec<u64> = (1..=sizes[&positions[0].0]).collect();
+        let got: Vec<u64> = positions.iter().map(|p| p.1).collect();
+        assert_eq!(got, expected, "key {key} out of order\n{}", relay.tail());
+    }
+    assert_batches_published_whole(&firsts, &sizes);
+    eprintln!(
+        "batch ordering: {total} items on {} keys; {duplicates} duplicates",
+        keys.len()
     );
 }
 
