@@ -40,6 +40,7 @@ pub struct AdminState {
 /// registrations, so it lists exactly the routes the port serves.
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(status)
+        .service(history)
         .service(start)
         .service(stop)
         .service(pending_batches)
@@ -215,6 +216,32 @@ async fn status(state: web::Data<AdminState>) -> HttpResponse {
             "at": e.at.to_rfc3339_opts(SecondsFormat::Millis, true),
             "message": e.message,
         })).collect::<Vec<_>>(),
+    }))
+}
+
+/// Recent history
+///
+/// This replica's counters every 2 seconds over the last 10 minutes, oldest
+/// first: what the dashboard's drain-rate and lag charts start from.
+#[utoipa::path(tag = "outbox", responses((status = 200, description = "Samples.", body = HistoryView)))]
+#[get("/api/v1/outbox/history")]
+async fn history(state: web::Data<AdminState>) -> HttpResponse {
+    let samples: Vec<_> = state
+        .status
+        .history()
+        .into_iter()
+        .map(|s| {
+            json!({
+                "at": s.at.to_rfc3339_opts(SecondsFormat::Millis, true),
+                "published_total": s.published_total,
+                "pending_batches": s.pending_batches,
+                "oldest_pending_age_seconds": s.oldest_pending_age_seconds,
+            })
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "interval_seconds": crate::status::SAMPLE_INTERVAL.as_secs(),
+        "samples": samples,
     }))
 }
 
@@ -524,6 +551,26 @@ pub struct StatusView {
     last_error_at: Option<String>,
     /// This replica's last errors, newest first (at most 20).
     recent_errors: Vec<ErrorView>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct HistoryView {
+    /// Seconds between two samples.
+    interval_seconds: u64,
+    /// Oldest first; at most 300.
+    samples: Vec<SampleView>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct SampleView {
+    /// RFC 3339.
+    at: String,
+    /// Items this replica has published since it started.
+    published_total: u64,
+    pending_batches: Option<u64>,
+    oldest_pending_age_seconds: Option<f64>,
 }
 
 #[derive(utoipa::ToSchema)]

@@ -61,6 +61,7 @@ pub struct Application {
     lease_ttl: Duration,
     store: Arc<dyn OutboxStore>,
     retention: retention::RetentionSettings,
+    status: Arc<StatusBoard>,
 }
 
 /// The server-side time limit of each lease operation: a quarter of the
@@ -148,7 +149,7 @@ impl Application {
             store: Arc::clone(&store),
             lease_store,
             leadership: runner.leadership(),
-            status,
+            status: Arc::clone(&status),
             wake: Arc::clone(&wake),
             relay_id: config.relay_id.clone(),
             admin_token: config.admin_token.clone(),
@@ -188,6 +189,7 @@ impl Application {
             lease_ttl: config.lease_ttl(),
             store,
             retention: config.retention(),
+            status,
         })
     }
 
@@ -239,6 +241,7 @@ impl Application {
         } else if self.start_paused {
             let _ = self.store.set_paused(true).await;
         }
+        tokio::spawn(sample_history(Arc::clone(&self.status), token.clone()));
         tokio::spawn(retention::run(
             Arc::clone(&self.store),
             self.runner.leadership(),
@@ -250,6 +253,18 @@ impl Application {
         }
         admin_handle.stop(true).await;
         admin.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Records the replica's counters every [`status::SAMPLE_INTERVAL`] for the
+/// dashboard's charts (`GET /api/v1/outbox/history`), from the start.
+async fn sample_history(status: Arc<StatusBoard>, token: CancellationToken) {
+    let mut ticks = tokio::time::interval(status::SAMPLE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => status.sample(),
+            () = token.cancelled() => return,
+        }
     }
 }
 

@@ -50,10 +50,25 @@ pub struct RelayState {
     pub recent_errors: VecDeque<ErrorEntry>,
 }
 
+/// How often [`StatusBoard::sample`] is called, and how many samples are
+/// kept: ten minutes for the dashboard's charts.
+pub const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+pub const SAMPLES: usize = 300;
+
+/// The replica's counters at one moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub at: DateTime<Utc>,
+    pub published_total: u64,
+    pub pending_batches: Option<u64>,
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
 /// Shared between the drain loop and the admin handlers.
 #[derive(Default)]
 pub struct StatusBoard {
     state: Mutex<RelayState>,
+    history: Mutex<VecDeque<Sample>>,
 }
 
 impl StatusBoard {
@@ -73,6 +88,34 @@ impl StatusBoard {
             s.recent_errors.push_front(ErrorEntry { at, message });
             s.recent_errors.truncate(RECENT_ERRORS);
         });
+    }
+
+    /// Records the counters now, dropping the oldest beyond [`SAMPLES`].
+    pub fn sample(&self) {
+        let state = self.snapshot();
+        let mut history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        history.push_back(Sample {
+            at: Utc::now(),
+            published_total: state.published_total,
+            pending_batches: state.pending_batches,
+            oldest_pending_age_seconds: state.oldest_pending_age_seconds,
+        });
+        while history.len() > SAMPLES {
+            history.pop_front();
+        }
+    }
+
+    /// The samples kept, oldest first.
+    pub fn history(&self) -> Vec<Sample> {
+        self.history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, RelayState> {

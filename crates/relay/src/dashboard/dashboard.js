@@ -4,12 +4,12 @@
 "use strict";
 
 const POLL_MS = 1000;
-const WINDOW = 300; // samples kept for the charts: five minutes
+const WINDOW_S = 300; // what the charts show: the last five minutes
 const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
 const number = new Intl.NumberFormat("en");
-const samples = []; // {t, published, lag}
+const samples = []; // {t (s since the epoch), published, lag}, oldest first
 
 function age(seconds) {
   if (seconds == null) return "–";
@@ -176,40 +176,63 @@ function renderPending(page) {
   text("pending-more", page.next_cursor ? `(first ${page.batches.length})` : "");
 }
 
-function draw(id, values, unit, label) {
+// A time series as a line over the last WINDOW_S seconds.
+function draw(id, points, unit, label) {
   const svg = $(id);
+  const now = Date.now() / 1000;
+  const shown = points.filter((p) => p.t >= now - WINDOW_S);
+  const values = shown.map((p) => p.v);
   const peak = Math.max(1, ...values);
-  const x = (i) => (values.length < 2 ? 0 : (i * 300) / (WINDOW - 1) + (300 * (WINDOW - values.length)) / (WINDOW - 1));
+  const x = (t) => (300 * (t - (now - WINDOW_S))) / WINDOW_S;
   const y = (v) => 98 - (v / peak) * 94;
-  const points = values.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+  const coords = shown.map((p) => `${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join(" ");
   const line = document.createElementNS(SVG, "polyline");
   line.setAttribute("class", "series");
-  line.setAttribute("points", points);
+  line.setAttribute("points", coords);
   const area = document.createElementNS(SVG, "polygon");
   area.setAttribute("class", "area");
-  if (values.length > 1) area.setAttribute("points", `${x(0).toFixed(1)},98 ${points} 300,98`);
+  if (shown.length > 1) {
+    area.setAttribute("points", `${x(shown[0].t).toFixed(1)},98 ${coords} ${x(shown[shown.length - 1].t).toFixed(1)},98`);
+  }
   const base = document.createElementNS(SVG, "line");
   base.setAttribute("class", "grid");
   for (const [k, v] of Object.entries({ x1: 0, y1: 98, x2: 300, y2: 98 })) base.setAttribute(k, v);
   svg.replaceChildren(base, area, line);
-  const now = values.length ? values[values.length - 1] : 0;
-  const summary = `now ${number.format(Math.round(now))} ${unit}, peak ${number.format(Math.round(Math.max(0, ...values)))} ${unit}`;
+  const last = values.length ? values[values.length - 1] : 0;
+  const summary = `now ${number.format(Math.round(last))} ${unit}, peak ${number.format(Math.round(Math.max(0, ...values)))} ${unit}`;
   svg.setAttribute("aria-label", `${label}, last five minutes: ${summary}`);
   return summary;
 }
 
+function addSample(t, published, lag) {
+  if (samples.length && t <= samples[samples.length - 1].t) return;
+  samples.push({ t, published, lag: lag ?? 0 });
+  while (samples.length && samples[0].t < t - WINDOW_S - 10) samples.shift();
+}
+
 function renderCharts(status) {
-  const t = performance.now() / 1000;
-  samples.push({ t, published: status.published_total, lag: status.oldest_pending_age_seconds ?? 0 });
-  while (samples.length > WINDOW + 1) samples.shift();
+  addSample(Date.now() / 1000, status.published_total, status.oldest_pending_age_seconds);
   const rates = [];
   for (let i = 1; i < samples.length; i++) {
     const dt = samples[i].t - samples[i - 1].t;
     const dp = samples[i].published - samples[i - 1].published;
-    rates.push(dt > 0 && dp > 0 ? dp / dt : 0);
+    rates.push({ t: samples[i].t, v: dt > 0 && dp > 0 ? dp / dt : 0 });
   }
   text("rate-now", draw("rate-chart", rates, "items/s", "Drain rate"));
-  text("lag-now", draw("lag-chart", samples.map((s) => s.lag), "s", "Lag"));
+  text("lag-now", draw("lag-chart", samples.map((s) => ({ t: s.t, v: s.lag })), "s", "Lag"));
+}
+
+// The replica's own record of the last minutes, so that a page opened now
+// has charts at once.
+async function loadHistory() {
+  try {
+    const history = await getJson("/api/v1/outbox/history");
+    for (const s of history.samples) {
+      addSample(Date.parse(s.at) / 1000, s.published_total, s.oldest_pending_age_seconds);
+    }
+  } catch (error) {
+    // The live polls fill the charts anyway; the banner reports an outage.
+  }
 }
 
 let lastStatus = null;
@@ -244,6 +267,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("resume").addEventListener("click", (e) => command("/api/v1/outbox/start", e.currentTarget,
     () => "Draining resumed."));
   $("controls").addEventListener("submit", (e) => e.preventDefault());
-  poll();
+  loadHistory().then(poll);
   setInterval(poll, POLL_MS);
 });

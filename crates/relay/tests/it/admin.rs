@@ -226,6 +226,7 @@ async fn the_openapi_document_describes_every_admin_route_and_docs_are_served() 
         ("GET", "/"),
         ("GET", "/api/v1/outbox/batch/{batch_id}/items"),
         ("GET", "/api/v1/outbox/batch/{batch_id}/status"),
+        ("GET", "/api/v1/outbox/history"),
         ("GET", "/api/v1/outbox/pending-batches"),
         ("GET", "/api/v1/outbox/status"),
         ("GET", "/dashboard.css"),
@@ -274,4 +275,28 @@ async fn the_openapi_document_describes_every_admin_route_and_docs_are_served() 
         .unwrap();
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["allow"], "POST");
+}
+
+/// The replica records its counters from the start, for the dashboard.
+#[tokio::test]
+async fn history_has_the_counters_from_the_start() {
+    let store = MemoryStore::new();
+    let admin = admin(&store, &[]).await;
+    let mut answer = Value::Null;
+    for _ in 0..500 {
+        let (code, body) = admin.get("/api/v1/outbox/history").await;
+        assert_eq!(code, 200);
+        if body["samples"].as_array().is_some_and(|s| !s.is_empty()) {
+            answer = body;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(answer["interval_seconds"], 2, "{answer}");
+    let sample = &answer["samples"][0];
+    assert_eq!(sample["published_total"], 0, "{answer}");
+    assert!(
+        sample["at"].as_str().is_some_and(|at| at.ends_with('Z')),
+        "{answer}"
+    );
 }

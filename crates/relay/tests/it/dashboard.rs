@@ -317,6 +317,38 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
         "console, beyond the 401 asked for: {problems:?}"
     );
 
+    // A page opened now draws the drain from the replica's own history:
+    // its live polls all read 3,002, a rate of 0.
+    let history = format!("{admin}/api/v1/outbox/history");
+    eventually(Duration::from_secs(60), "a sample after the drain", || {
+        let request = stack.http.get(&history).send();
+        async move {
+            let Ok(response) = request.await else {
+                return false;
+            };
+            let body: Value = response.json().await.unwrap_or_default();
+            body["samples"]
+                .as_array()
+                .and_then(|s| s.last())
+                .is_some_and(|s| s["published_total"] == 3002)
+        }
+    })
+    .await;
+    browser.refresh().await.unwrap();
+    until(&browser, "published", "the page again", |t| t == "3,002").await;
+    let rate = browser
+        .find(Locator::Id("rate-chart"))
+        .await
+        .unwrap()
+        .attr("aria-label")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !rate.contains("peak 0 items/s"),
+        "the drain is in the history: {rate}"
+    );
+
     // Retry through the button, on a relay that dead-letters the item.
     drop(relay);
     let dead_letter = [
