@@ -25,6 +25,9 @@ pub fn peak_rss(child: &Child) -> String {
     mib(peak_rss_mib(child))
 }
 
+/// The relay's id under benchmark (its lease holder).
+pub const RELAY_ID: &str = "bench-relay";
+
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -119,7 +122,7 @@ pub async fn relay(
             ("PUBSUB_PROJECT_ID", crate::relay_drain::PROJECT.to_owned()),
             ("PUBSUB_TOPIC", topic.to_owned()),
             ("PUBSUB_ORDERING_KEY_MODE", ordering.to_owned()),
-            ("RELAY_ID", "bench-relay".to_owned()),
+            ("RELAY_ID", RELAY_ID.to_owned()),
             ("RELAY_ADMIN_BIND", format!("127.0.0.1:{port}")),
             ("OUTBOX_CHANGE_STREAM", env.change_stream().to_string()),
             // Without a change stream the poll interval bounds the wake-up.

@@ -43,6 +43,14 @@ fn thousands(x: f64) -> String {
     if n < 0 { format!("-{out}") } else { out }
 }
 
+fn ratio(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "-".to_owned()
+    }
+}
+
 fn mib(v: &Value, key: &str) -> String {
     v[key]
         .as_f64()
@@ -93,12 +101,12 @@ fn writer_table(rows: &[Value]) -> String {
 
 fn relay_table(rows: &[Value]) -> String {
     let mut t = String::from(
-        "| backlog items | batch size | ordering key | raw publish items/s | raw marking items/s | relay items/s | relay/min(ceilings) | relay peak RSS |\n\
-         |---:|---:|---|---:|---:|---:|---:|---:|\n",
+        "| backlog items | batch size | ordering key | raw publish items/s | raw marking items/s | relay items/s | relay/min(ceilings) | fenced marking items/s | relay/fenced marking | relay peak RSS |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         t += &format!(
-            "| {} | {} | `{}` | {} | {} | {} | {:.2} | {} |\n",
+            "| {} | {} | `{}` | {} | {} | {} | {:.2} | {} | {} | {} |\n",
             thousands(f(r, "items")),
             thousands(f(r, "batch_size")),
             r["ordering"].as_str().unwrap_or("?"),
@@ -106,6 +114,8 @@ fn relay_table(rows: &[Value]) -> String {
             thousands(f(r, "mark_ceiling")),
             thousands(f(r, "relay_items_s")),
             f(r, "relay_items_s") / f(r, "publish_ceiling").min(f(r, "mark_ceiling")),
+            thousands(f(r, "fenced_marking")),
+            ratio(f(r, "relay_items_s") / f(r, "fenced_marking")),
             mib(r, "relay_rss_mib"),
         );
     }
@@ -261,6 +271,7 @@ fn relay_chart(path: &Path, title: &str, rows: &[(String, &Value)]) -> anyhow::R
         ("relay", "relay_items_s"),
         ("raw publish (ceiling)", "publish_ceiling"),
         ("raw marking (ceiling)", "mark_ceiling"),
+        ("fenced transactional marking", "fenced_marking"),
     ];
     let top = rows
         .iter()

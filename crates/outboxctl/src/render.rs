@@ -59,12 +59,13 @@ pub fn status(status: &Value, now_ms: i64) -> String {
             ));
         }
     }
-    let draining = match (&status["halted"], status["paused"].as_bool()) {
-        (Value::Object(halt), _) => format!(
+    let halt = &status["halted"];
+    let draining = match (halt.is_object(), status["paused"].as_bool()) {
+        (true, _) => format!(
             "halted on batch {} ({}): {}",
-            text(&halt["batch_sequence"].clone()),
-            text(&halt["batch_id"].clone()),
-            text(&halt["error"].clone())
+            text(&halt["batch_sequence"]),
+            text(&halt["batch_id"]),
+            text(&halt["error"])
         ),
         (_, Some(true)) => "paused".to_owned(),
         _ => "running".to_owned(),
