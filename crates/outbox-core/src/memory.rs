@@ -231,6 +231,7 @@ impl MemoryStore {
     async fn try_insert(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
         self.check_available()?;
         let txn = self.transactions.fetch_add(1, Ordering::SeqCst);
+        let _release = CounterRelease { store: self, txn };
         let snapshot = self.lock().counter_version;
         let mut items_written = 0;
         let result = async {
@@ -248,10 +249,6 @@ impl MemoryStore {
             self.commit(batch)
         }
         .await;
-        let mut state = self.lock();
-        if state.counter_holder == Some(txn) {
-            state.counter_holder = None;
-        }
         if matches!(result, Err(StoreError::Conflict(_))) {
             self.conflicts.fetch_add(1, Ordering::SeqCst);
             self.wasted_items
@@ -317,6 +314,22 @@ impl MemoryStore {
             },
         );
         Ok(summary)
+    }
+}
+
+/// Ends a transaction's hold on the counter however its attempt ends, a
+/// dropped future included (MongoDB aborts an abandoned transaction too).
+struct CounterRelease<'a> {
+    store: &'a MemoryStore,
+    txn: u64,
+}
+
+impl Drop for CounterRelease<'_> {
+    fn drop(&mut self) {
+        let mut state = self.store.lock();
+        if state.counter_holder == Some(self.txn) {
+            state.counter_holder = None;
+        }
     }
 }
 
@@ -798,6 +811,26 @@ mod tests {
                 "{counter:?}"
             );
         }
+    }
+
+    /// An insert abandoned while it holds the counter (its future dropped)
+    /// does not block the next one, as MongoDB aborts such a transaction.
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_insert_releases_the_counter() {
+        let store = MemoryStore::with_model(TransactionModel {
+            counter: CounterStep::First,
+            statement: std::time::Duration::from_millis(1),
+            per_item: std::time::Duration::ZERO,
+        });
+        let abandoned = tokio::time::timeout(
+            std::time::Duration::from_micros(500),
+            store.insert_batch(&batch(2), far()),
+        )
+        .await;
+        assert!(abandoned.is_err(), "cut off while holding the counter");
+        let stored = store.insert_batch(&batch(2), far()).await.unwrap();
+        assert_eq!(stored.batch_sequence.0, 1);
+        assert_eq!(store.conflicts(), 0);
     }
 
     #[tokio::test]
