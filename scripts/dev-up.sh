@@ -26,6 +26,14 @@ for n in 1 2; do
 done
 wait_until 60 "the writer" curl -fsS "http://127.0.0.1:8000/health/ready" || die "writer not ready; see $RUN_DIR/writer.log"
 wait_until 60 "relay-1" curl -fsS "http://127.0.0.1:9090/health/ready" || die "relay not ready; see $RUN_DIR/relay-1.log"
+# The ordered subscription `outboxctl tail` reads, made now so that it holds
+# every message from the first batch on (the emulator's REST API).
+wait_until 30 "the topic" curl -fsS "http://$PUBSUB_EMULATOR_HOST/v1/projects/$PUBSUB_PROJECT_ID/topics/$PUBSUB_TOPIC" \
+  || die "the relays did not create topic $PUBSUB_TOPIC; see $RUN_DIR/relay-1.log"
+curl -fsS -X PUT "http://$PUBSUB_EMULATOR_HOST/v1/projects/$PUBSUB_PROJECT_ID/subscriptions/batch-outbox-tail" \
+  -H 'content-type: application/json' \
+  -d "{\"topic\": \"projects/$PUBSUB_PROJECT_ID/topics/$PUBSUB_TOPIC\", \"enableMessageOrdering\": true}" >/dev/null 2>&1 \
+  || log "subscription batch-outbox-tail exists already or could not be made; outboxctl tail makes it"
 
 cat <<TXT
 

@@ -77,7 +77,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     println!("{}", batch.to_json(upload));
                 } else {
                     println!(
-                        "{}: {} batch {} as sequence {} ({} items)",
+                        "{}: {} batch {} as sequence {} ({})",
                         upload.name,
                         if batch.replayed {
                             "already stored:"
@@ -86,7 +86,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         },
                         batch.batch_id,
                         batch.batch_sequence,
-                        batch.items
+                        items(batch.items)
                     );
                 }
                 stored.push(batch);
