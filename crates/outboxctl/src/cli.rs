@@ -17,6 +17,7 @@ Examples:
   outboxctl retry 4f1c2a9e0b7d3c58             drain a failed batch again
   outboxctl pause / outboxctl resume           stop and restart draining, cluster-wide
   outboxctl tail --count 10                    what a subscription receives
+  outboxctl completions bash > ~/.local/share/bash-completion/completions/outboxctl
 
 Exit codes:
   0  done
@@ -93,6 +94,8 @@ pub enum Command {
     Resume,
     /// Print what a Pub/Sub subscription receives, one JSON line a message.
     Tail(TailArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Args, Debug)]

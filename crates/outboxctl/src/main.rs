@@ -2,6 +2,14 @@
 //! and steer the relay. Talks to the writer's and a relay's HTTP APIs; `tail`
 //! reads Pub/Sub with the relay's own code.
 
+/// `println!` that lets a closed stdout (`outboxctl pending | head`) end
+/// the output quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        print_out(format!($($arg)*))
+    };
+}
+
 mod cli;
 mod client;
 mod render;
@@ -27,6 +35,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut command, "outboxctl", &mut script);
+        print_out(String::from_utf8_lossy(&script).trim_end());
+        return ExitCode::SUCCESS;
+    }
     if let Command::Tail(args) = &cli.command {
         return runtime.block_on(relay::tail::run(
             &args.pubsub,
@@ -74,9 +89,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             for upload in &uploads {
                 let batch = submit::submit(&client, upload, args.retries, bars).await?;
                 if json {
-                    println!("{}", batch.to_json(upload));
+                    out!("{}", batch.to_json(upload));
                 } else {
-                    println!(
+                    out!(
                         "{}: {} batch {} as sequence {} ({})",
                         upload.name,
                         if batch.replayed {
@@ -110,12 +125,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status => {
             let status = admin_get(&client, "/api/v1/outbox/status", &[]).await?;
             if json {
-                println!("{status}");
+                out!("{status}");
             } else {
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                println!("{}", render::status(&status, now_ms));
+                out!("{}", render::status(&status, now_ms));
             }
         }
         Command::Pending(page) => {
@@ -154,7 +169,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let answer = admin_post(&client, "/api/v1/outbox/start").await?;
             say(&answer, json, || "draining resumed".to_owned());
         }
-        Command::Tail(_) => unreachable!("handled before the client is built"),
+        Command::Tail(_) | Command::Completions { .. } => {
+            unreachable!("handled before the client is built")
+        }
     }
     Ok(())
 }
@@ -201,25 +218,25 @@ async fn admin_post(client: &Client, path: &str) -> Result<Value, Failure> {
 
 fn print(value: &Value, json: bool, table: fn(&Value) -> String) {
     if json {
-        println!("{value}");
+        out!("{value}");
     } else {
-        println!("{}", table(value));
+        out!("{}", table(value));
     }
 }
 
 fn say(answer: &Value, json: bool, sentence: impl FnOnce() -> String) {
     if json {
-        println!("{answer}");
+        out!("{answer}");
     } else {
-        println!("{}", sentence());
+        out!("{}", sentence());
     }
 }
 
 fn finished(status: &Value, json: bool) {
     if json {
-        println!("{status}");
+        out!("{status}");
     } else {
-        println!(
+        out!(
             "batch {} committed: {} sent",
             status["batch_id"].as_str().unwrap_or("?"),
             items(status["sent"].as_u64().unwrap_or(0))
@@ -233,4 +250,9 @@ fn items(n: u64) -> String {
     } else {
         format!("{n} items")
     }
+}
+
+fn print_out(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
 }

@@ -463,4 +463,10 @@ async fn outboxctl_says_what_went_wrong_in_one_line_with_its_exit_code() {
         help.stdout.contains("Examples:") && help.stdout.contains("Exit codes:"),
         "{help:?}"
     );
+    let completions = ctl.run(&["completions", "bash"], &[]).await;
+    assert_eq!(completions.code, 0, "{completions:?}");
+    assert!(
+        completions.stdout.contains("_outboxctl()") && completions.stdout.contains("submit"),
+        "{completions:?}"
+    );
 }
