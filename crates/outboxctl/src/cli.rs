@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use relay::config::PubSubArgs;
+use relay::config::TailSource;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -93,7 +93,7 @@ pub enum Command {
     /// Resume draining.
     Resume,
     /// Print what a Pub/Sub subscription receives, one JSON line a message.
-    Tail(TailArgs),
+    Tail(TailSource),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -142,18 +142,6 @@ pub struct PageArgs {
     /// Where to go on: the `next` value printed under the previous page.
     #[arg(long)]
     pub cursor: Option<String>,
-}
-
-#[derive(Args, Debug)]
-pub struct TailArgs {
-    #[command(flatten)]
-    pub pubsub: PubSubArgs,
-    /// The subscription (created with message ordering when missing).
-    #[arg(long, env = "PUBSUB_SUBSCRIPTION", default_value = "batch-outbox-tail")]
-    pub subscription: String,
-    /// Stop after this many messages.
-    #[arg(long)]
-    pub count: Option<u64>,
 }
 
 fn seconds(raw: &str) -> Result<Duration, String> {

@@ -42,12 +42,8 @@ fn main() -> ExitCode {
         print_out(String::from_utf8_lossy(&script).trim_end());
         return ExitCode::SUCCESS;
     }
-    if let Command::Tail(args) = &cli.command {
-        return runtime.block_on(relay::tail::run(
-            &args.pubsub,
-            &args.subscription,
-            args.count,
-        ));
+    if let Command::Tail(source) = &cli.command {
+        return runtime.block_on(relay::tail::run(source));
     }
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,

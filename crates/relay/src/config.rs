@@ -30,6 +30,15 @@ pub enum Command {
 #[derive(Args, Clone, Debug)]
 pub struct TailArgs {
     #[command(flatten)]
+    pub source: TailSource,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// What `tail` reads, shared by `outbox-relay tail` and `outboxctl tail`.
+#[derive(Args, Clone, Debug)]
+pub struct TailSource {
+    #[command(flatten)]
     pub pubsub: PubSubArgs,
     /// Subscription to read (created with message ordering if missing).
     #[arg(long, env = "PUBSUB_SUBSCRIPTION", default_value = "batch-outbox-tail")]
@@ -37,8 +46,6 @@ pub struct TailArgs {
     /// Stop after this many messages.
     #[arg(long)]
     pub count: Option<u64>,
-    #[command(flatten)]
-    pub log: LogArgs,
 }
 
 /// Where Pub/Sub is.

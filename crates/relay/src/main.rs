@@ -33,11 +33,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Tail(args)) => runtime.block_on(relay::tail::run(
-            &args.pubsub,
-            &args.subscription,
-            args.count,
-        )),
+        Some(Command::Tail(args)) => runtime.block_on(relay::tail::run(&args.source)),
         None => runtime.block_on(serve(config)),
     }
 }

@@ -8,17 +8,21 @@ use std::time::Duration;
 use outbox_service::cli;
 use serde_json::json;
 
-use crate::config::PubSubArgs;
+use crate::config::TailSource;
 use crate::pubsub::{self, PubSubConfig};
 
-/// Tails `subscription` (created with message ordering when missing) to
-/// stdout; the caller has installed tracing.
-pub async fn run(pubsub: &PubSubArgs, subscription: &str, count: Option<u64>) -> ExitCode {
-    let config = match pubsub.to_config(Duration::from_secs(30), Duration::from_millis(1)) {
+/// Tails the subscription (created with message ordering when missing) to
+/// stdout.
+pub async fn run(source: &TailSource) -> ExitCode {
+    let config = match source
+        .pubsub
+        .to_config(Duration::from_secs(30), Duration::from_millis(1))
+    {
         Ok(config) => config,
         Err(problem) => return cli::config_error(problem),
     };
-    match tail(&config, subscription, count, &mut std::io::stdout().lock()).await {
+    let mut out = std::io::stdout().lock();
+    match tail(&config, &source.subscription, source.count, &mut out).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::e2e::{Stack, binary, eventually, free_port, start_stack_on};
+use crate::e2e::{binary, free_port, start_stack, start_stack_on};
 
 /// What one `outboxctl` run printed, and how it ended.
 #[derive(Debug)]
@@ -81,25 +81,9 @@ fn files(name: &str, contents: &[(&str, &str)]) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Waits until the relay's admin port answers ready.
-async fn admin_ready(stack: &Stack, admin: &str) {
-    let ready = format!("{admin}/health/ready");
-    eventually(Duration::from_secs(60), "the relay's admin port", || {
-        let request = stack.http.get(&ready).send();
-        async move { request.await.is_ok_and(|r| r.status() == 200) }
-    })
-    .await;
-}
-
-async fn start() -> Stack {
-    let standin = std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin");
-    let deadline = [("REQUEST_DEADLINE_SECONDS", "30".to_owned())];
-    start_stack_on(&crate::e2e::env("MONGODB_URL"), standin, &deadline).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
-    let stack = start().await;
+    let stack = start_stack().await;
     let (relay, admin) = stack.relay("relay-cli", &[("OUTBOX_POLL_INTERVAL_SECONDS", "0.2")]);
     let paths = files(
         "cli-submit",
@@ -119,7 +103,7 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
         ],
     );
     let paths: Vec<&str> = paths.iter().map(|p| p.to_str().unwrap()).collect();
-    admin_ready(&stack, &admin).await;
+    stack.admin_ready(&admin).await;
     let ctl = Ctl {
         writer: stack.writer_url.clone(),
         admin: admin.clone(),
@@ -238,7 +222,7 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
-    let stack = start().await;
+    let stack = start_stack().await;
     let token = [("ADMIN_TOKEN", "s3cret")];
     let relay_vars = [
         ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
@@ -246,7 +230,7 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
     ];
     let (relay, admin) = stack.relay("relay-halts", &relay_vars);
     let writer = stack.writer_url.clone();
-    admin_ready(&stack, &admin).await;
+    stack.admin_ready(&admin).await;
     let ctl = Ctl {
         writer: writer.clone(),
         admin: admin.clone(),
@@ -320,7 +304,7 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
             ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
         ],
     );
-    admin_ready(&stack, &admin).await;
+    stack.admin_ready(&admin).await;
     let retried = outboxctl(&stack.writer_url, &admin, &["retry", &batch_id], &[]).await;
     assert_eq!(retried.code, 0, "{retried:?}\n{}", relay.tail());
     assert!(retried.stdout.contains("draining again"), "{retried:?}");
@@ -353,7 +337,7 @@ async fn outboxctl_says_what_went_wrong_in_one_line_with_its_exit_code() {
     let stack = start_stack_on(&crate::e2e::env("MONGODB_URL"), standin, &writer_vars).await;
     let (_relay, admin) = stack.relay("relay-errors", &[]);
     let key = [("OUTBOX_API_KEY", "k3y-for-the-cli-0123456789")];
-    admin_ready(&stack, &admin).await;
+    stack.admin_ready(&admin).await;
     let ctl = Ctl {
         writer: stack.writer_url.clone(),
         admin: admin.clone(),

@@ -13,7 +13,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::e2e::{Process, Stack, eventually, free_port, start_stack_on};
+use crate::e2e::{Process, eventually, free_port, start_stack};
 
 /// chromedriver's `/session/{id}/se/log`: the browser's console, read and
 /// cleared.
@@ -147,6 +147,20 @@ async fn until(browser: &Client, id: &str, what: &str, check: impl Fn(&str) -> b
     }
 }
 
+async fn type_token(browser: &Client, token: &str) {
+    let field = browser.find(Locator::Id("token")).await.unwrap();
+    field.send_keys(token).await.unwrap();
+}
+
+async fn aria_label(browser: &Client, id: &str) -> String {
+    let element = browser.find(Locator::Id(id)).await.unwrap();
+    element
+        .attr("aria-label")
+        .await
+        .unwrap()
+        .expect("an aria-label")
+}
+
 async fn click(browser: &Client, css: &str) {
     browser
         .find(Locator::Css(css))
@@ -165,15 +179,6 @@ async fn screenshot(browser: &Client, name: &str) {
     std::fs::write(PathBuf::from(dir).join(name), png).unwrap();
 }
 
-async fn admin_ready(stack: &Stack, admin: &str) {
-    let ready = format!("{admin}/health/ready");
-    eventually(Duration::from_secs(60), "the relay's admin port", || {
-        let request = stack.http.get(&ready).send();
-        async move { request.await.is_ok_and(|r| r.status() == 200) }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_retry() {
     let (driver, chromium) = match browser_binaries() {
@@ -183,16 +188,14 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
             return;
         }
     };
-    let standin = std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin");
-    let deadline = [("REQUEST_DEADLINE_SECONDS", "30".to_owned())];
-    let stack = start_stack_on(&crate::e2e::env("MONGODB_URL"), standin, &deadline).await;
+    let stack = start_stack().await;
     let relay_vars = [
         ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
         ("ADMIN_TOKEN", "s3cret"),
         ("OUTBOX_BATCH_SIZE", "100"),
     ];
     let (relay, admin) = stack.relay("relay-dash", &relay_vars);
-    admin_ready(&stack, &admin).await;
+    stack.admin_ready(&admin).await;
     let (_driver, browser) = start_browser(driver, chromium).await;
 
     // The page loads, offline-capable and quiet, and shows this replica leading.
@@ -227,13 +230,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
         t.contains("401") && t.contains("unauthorized")
     })
     .await;
-    browser
-        .find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys("s3cret")
-        .await
-        .unwrap();
+    type_token(&browser, "s3cret").await;
     click(&browser, "#pause").await;
     until(&browser, "answer", "paused", |t| {
         t == "Draining paused cluster-wide."
@@ -252,14 +249,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
         {"request_id": "p4"},
     ]);
     for body in [json!(big), poison] {
-        let response = stack
-            .http
-            .post(format!("{}/api/v1/batch/process", stack.writer_url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        stack.post_batch(&body).await;
     }
     until(&browser, "pending-count", "two pending batches", |t| {
         t == "2"
@@ -280,14 +270,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
         t.contains("Batch 2") && t.contains("2 of 4 items sent")
     })
     .await;
-    let rate = browser
-        .find(Locator::Id("rate-chart"))
-        .await
-        .unwrap()
-        .attr("aria-label")
-        .await
-        .unwrap()
-        .unwrap();
+    let rate = aria_label(&browser, "rate-chart").await;
     assert!(rate.starts_with("Drain rate, last five minutes:"), "{rate}");
     assert!(
         !rate.contains("peak 0 items/s"),
@@ -336,14 +319,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     .await;
     browser.refresh().await.unwrap();
     until(&browser, "published", "the page again", |t| t == "3,002").await;
-    let rate = browser
-        .find(Locator::Id("rate-chart"))
-        .await
-        .unwrap()
-        .attr("aria-label")
-        .await
-        .unwrap()
-        .unwrap();
+    let rate = aria_label(&browser, "rate-chart").await;
     assert!(
         !rate.contains("peak 0 items/s"),
         "the drain is in the history: {rate}"
@@ -357,20 +333,14 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
         ("OUTBOX_ON_POISON", "dead-letter"),
     ];
     let (relay, admin) = stack.relay("relay-dash-2", &dead_letter);
-    admin_ready(&stack, &admin).await;
+    stack.admin_ready(&admin).await;
     browser.goto(&format!("{admin}/")).await.unwrap();
     console_problems(&browser).await; // what the old page met while its relay was gone
     until(&browser, "failed", "the failed batch", |t| {
         t.contains("Batch 2")
     })
     .await;
-    browser
-        .find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys("s3cret")
-        .await
-        .unwrap();
+    type_token(&browser, "s3cret").await;
     click(&browser, "#failed button").await;
     until(&browser, "answer", "the retry", |t| {
         t.ends_with("is processing again.")

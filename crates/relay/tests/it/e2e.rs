@@ -139,7 +139,7 @@ pub(crate) struct Stack {
     pub(crate) standin: bool,
 }
 
-async fn start_stack() -> Stack {
+pub(crate) async fn start_stack() -> Stack {
     let standin = std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin");
     // The shared stand-in runs one transaction at a time for every test
     // running in parallel: give the writer room beyond its 2 s default.
@@ -227,6 +227,28 @@ impl Stack {
             Process::spawn(id, binary("outbox-relay"), &vars),
             format!("http://127.0.0.1:{port}"),
         )
+    }
+
+    /// Waits until the relay's admin port at `admin` answers ready.
+    pub(crate) async fn admin_ready(&self, admin: &str) {
+        let ready = format!("{admin}/health/ready");
+        eventually(Duration::from_secs(60), "the relay's admin port", || {
+            let request = self.http.get(&ready).send();
+            async move { request.await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await;
+    }
+
+    /// Posts one batch as JSON; the writer must store it.
+    pub(crate) async fn post_batch(&self, body: &Value) {
+        let response = self
+            .http
+            .post(format!("{}/api/v1/batch/process", self.writer_url))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
     }
 
     /// Submits batches of the given sizes, all at once.
@@ -589,14 +611,7 @@ async fn a_message_over_the_pubsub_limit_is_dead_lettered_and_the_rest_goes_on()
         {"request_id": "huge", "vendor_name": "acme", "blob": "x".repeat(11_000_000)},
         {"request_id": "last", "vendor_name": "acme"},
     ]);
-    let response = stack
-        .http
-        .post(format!("{}/api/v1/batch/process", stack.writer_url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
+    stack.post_batch(&body).await;
 
     let received = receive(&stack, 2, Duration::from_secs(120), |_| {}).await;
     let (firsts, _) = firsts(&received);
@@ -661,14 +676,7 @@ async fn ordering_by_a_field_keeps_each_keys_order() {
                 }
             })
             .collect();
-        let response = stack
-            .http
-            .post(format!("{}/api/v1/batch/process", stack.writer_url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        stack.post_batch(&json!(body)).await;
     }
     let total = batches * per_batch;
     let received = receive(&stack, total, Duration::from_secs(120), |_| {}).await;
