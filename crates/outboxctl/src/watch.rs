@@ -44,12 +44,7 @@ pub async fn watch(
         match client.call(Service::Writer, request).await {
             Ok(status) => {
                 (outage, seen) = (None, true);
-                let count = |name: &str| {
-                    status["items"][name]
-                        .as_u64()
-                        .or(status[name].as_u64())
-                        .unwrap_or(0)
-                };
+                let count = |name: &str| status[name].as_u64().unwrap_or(0);
                 progress.set_length(count("total"));
                 progress.set_position(count("sent") + count("failed"));
                 let state = status["status"].as_str().unwrap_or("unknown").to_owned();
