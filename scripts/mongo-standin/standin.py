@@ -170,11 +170,19 @@ class TransactionGate:
         self._cond.wait(timeout=min(step, left))
         return True
 
-    def kill(self, session_id: str) -> tuple[str, int] | None:
-        """Frees the gate when `session_id` owns it; returns the freed key."""
+    def kill(self, session_id: str, abort) -> tuple[str, int] | None:
+        """Aborts the transaction of `session_id` when it owns the gate, then
+        frees the gate; returns the freed key.
+
+        The abort runs before the gate is free: every session's transaction
+        is a SAVEPOINT on the one SQLite connection, and rolling back an
+        older savepoint also discards any opened after it, so a transaction
+        let in before the abort would lose its own savepoint and run on
+        outside it, half committed."""
         with self._cond:
             if self._owner is not None and self._owner[0] == session_id:
-                key = self._owner
+                key, lsid = self._owner, self._owner_lsid
+                abort(lsid, key)
                 self._owner, self._owner_lsid = None, None
                 self._cond.notify_all()
                 return key
@@ -476,10 +484,11 @@ class ReplicaSetHandler(NeoSQLiteHandler):
     def _kill_session(self, lsid: dict) -> None:
         """Aborts the session's open transaction, as MongoDB's killSessions."""
         session_id = _session_id(lsid)
-        freed = self._gate.kill(session_id)
+        freed = self._gate.kill(
+            session_id, lambda owner, key: self._end_transaction(owner or lsid, key)
+        )
         if freed is not None:
-            logger.warning("killSessions: aborting the transaction of %s", freed)
-            self._end_transaction(lsid, freed)
+            logger.warning("killSessions: aborted the transaction of %s", freed)
         else:
             self._abort_session(lsid)
 
