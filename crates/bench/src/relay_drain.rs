@@ -46,6 +46,7 @@ pub fn pubsub_config(env: &Env, topic: &str) -> PubSubConfig {
         project_id: PROJECT.to_owned(),
         topic: topic.to_owned(),
         emulator_host: Some(env.pubsub_emulator_host.clone()),
+        endpoint: None,
         publish_retry_limit: Duration::from_secs(30),
         // The relay's default (PUBLISH_BATCH_DELAY_MS).
         batch_delay: Duration::from_millis(1),

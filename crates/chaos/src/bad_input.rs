@@ -227,7 +227,27 @@ fn cases() -> Vec<Case> {
                 "CSV with an unterminated quote",
                 "a,b\n\"1,2\n",
                 422,
-                "csv_field_count",
+                "csv_quote",
+            ),
+            "content-type",
+            "text/csv",
+        ),
+        with_header(
+            case(
+                "CSV whose unterminated quote would swallow the next row",
+                "request_id,vendor_name\nm1,\"unterminated\nm2,acme\n",
+                422,
+                "csv_quote",
+            ),
+            "content-type",
+            "text/csv",
+        ),
+        with_header(
+            case(
+                "CSV with a bare quote in an unquoted field",
+                "a,b\nab\"cd,2\n",
+                422,
+                "csv_quote",
             ),
             "content-type",
             "text/csv",

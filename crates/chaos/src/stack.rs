@@ -54,6 +54,7 @@ impl Stack {
             project_id: "chaos".to_owned(),
             topic: format!("chaos-{suffix}"),
             emulator_host: Some(emulator.host.clone()),
+            endpoint: None,
             publish_retry_limit: Duration::from_secs(30),
             batch_delay: Duration::from_millis(1),
         };

@@ -7,15 +7,13 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::model::{BatchId, Idempotency, ItemId, ItemSequence, NewBatch, NewItem, VendorCounts};
+use crate::model::{
+    BatchId, Idempotency, ItemId, ItemSequence, NewBatch, NewItem, Sequence, VendorCounts,
+};
+use crate::publish::{ItemMessage, LimitViolation, OrderingKeyMode};
 
 /// The vendor items without a vendor field are counted under.
 pub const UNKNOWN_VENDOR: &str = "unknown";
-
-/// MongoDB's document size limit. An item's stored document holds the
-/// request object plus about 300 bytes of bookkeeping, kept as headroom.
-pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
-const ITEM_OVERHEAD_BYTES: usize = 1024;
 
 /// The longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -29,6 +27,9 @@ pub struct IngestRules {
     pub vendor_field: String,
     /// Most items one batch may hold.
     pub max_items: usize,
+    /// How the relay will key the batch's messages (their ordering key
+    /// counts against Pub/Sub's message limit).
+    pub ordering: OrderingKeyMode,
 }
 
 impl Default for IngestRules {
@@ -37,6 +38,7 @@ impl Default for IngestRules {
             request_id_field: "request_id".to_owned(),
             vendor_field: "vendor_name".to_owned(),
             max_items: 10_000,
+            ordering: OrderingKeyMode::Global,
         }
     }
 }
@@ -61,9 +63,25 @@ pub enum IngestError {
     EmptyBatch,
     #[error("batch has {count} items, more than the limit of {max}")]
     TooManyItems { count: usize, max: usize },
-    #[error("item {index} is {bytes} bytes, more than MongoDB's document limit of {max} bytes")]
+    /// The item's message would be over Pub/Sub's 10 MB limit: it could
+    /// never be delivered.
+    #[error(
+        "item {index} would be a Pub/Sub message of {bytes} bytes, over Pub/Sub's limit of {max} bytes"
+    )]
     ItemTooLarge {
         index: usize,
+        bytes: usize,
+        max: usize,
+    },
+    /// A field the relay copies into a message attribute is longer than
+    /// Pub/Sub allows an attribute value: the message could never be
+    /// delivered.
+    #[error(
+        "item {index}: {field} is {bytes} bytes, over Pub/Sub's limit of {max} bytes for the {field} attribute of its message"
+    )]
+    AttributeTooLong {
+        index: usize,
+        field: String,
         bytes: usize,
         max: usize,
     },
@@ -104,6 +122,12 @@ pub enum CsvError {
     },
     #[error("line {line}: {reason}")]
     Malformed { line: u64, reason: String },
+    /// A quote where RFC 4180 allows none: a quoted field that never ends
+    /// (the rest of the file would vanish into one cell), a quote inside
+    /// an unquoted field, or text after a field's closing quote. `line` is
+    /// where the quoted field started, or where the stray quote is.
+    #[error("line {line}: {reason}")]
+    Quote { line: u64, reason: &'static str },
 }
 
 impl CsvError {
@@ -115,7 +139,8 @@ impl CsvError {
             | Self::DuplicateHeader { line, .. }
             | Self::InvalidHeader { line, .. }
             | Self::FieldCount { line, .. }
-            | Self::Malformed { line, .. } => Some(*line),
+            | Self::Malformed { line, .. }
+            | Self::Quote { line, .. } => Some(*line),
         }
     }
 }
@@ -274,11 +299,61 @@ fn parse_ndjson(body: &[u8]) -> Result<Vec<Value>, IngestError> {
         .collect()
 }
 
+/// Checks the quoting RFC 4180 prescribes, which the `csv` reader forgives
+/// (it reads an unterminated quoted field to the end of the file, and takes
+/// a bare quote as text): a field is quoted from its first character to a
+/// closing quote followed by a comma, a line end or the end of the body, a
+/// quote inside it doubled; an unquoted field holds no quote at all.
+fn check_quotes(body: &[u8]) -> Result<(), CsvError> {
+    enum State {
+        FieldStart,
+        Unquoted,
+        Quoted { from: u64 },
+        QuoteInQuoted { from: u64 },
+    }
+    let mut state = State::FieldStart;
+    let mut line = 1;
+    for &byte in body {
+        state = match (state, byte) {
+            (State::FieldStart, b'"') => State::Quoted { from: line },
+            (State::FieldStart | State::Unquoted, b',' | b'\r' | b'\n') => State::FieldStart,
+            (State::Unquoted, b'"') => {
+                return Err(CsvError::Quote {
+                    line,
+                    reason: "a quote inside an unquoted field (quote the whole field and double the quote: \"a\"\"b\")",
+                });
+            }
+            (State::FieldStart | State::Unquoted, _) => State::Unquoted,
+            (State::Quoted { from }, b'"') => State::QuoteInQuoted { from },
+            (quoted @ State::Quoted { .. }, _) => quoted,
+            (State::QuoteInQuoted { from }, b'"') => State::Quoted { from },
+            (State::QuoteInQuoted { .. }, b',' | b'\r' | b'\n') => State::FieldStart,
+            (State::QuoteInQuoted { from }, _) => {
+                return Err(CsvError::Quote {
+                    line: from,
+                    reason: "text after the closing quote of the quoted field that starts here (a quote inside a quoted field is doubled: \"a\"\"b\")",
+                });
+            }
+        };
+        if byte == b'\n' {
+            line += 1;
+        }
+    }
+    match state {
+        State::Quoted { from } => Err(CsvError::Quote {
+            line: from,
+            reason: "the quoted field that starts here is never closed",
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn parse_csv(body: &[u8]) -> Result<Vec<Value>, CsvError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(CsvError::Empty);
     }
+    check_quotes(body)?;
     // The reader's own line numbers can lag by one after CRLF line ends:
     // count the line feeds up to the record's first byte instead (only when
     // reporting an error).
@@ -402,6 +477,7 @@ pub fn build_batch(
         });
     }
     let mut vendor_counts = VendorCounts::new();
+    let total_items = values.len() as u64;
     let mut items = Vec::with_capacity(values.len());
     for (index, value) in values.into_iter().enumerate() {
         let object = match value {
@@ -413,20 +489,21 @@ pub fn build_batch(
                 });
             }
         };
-        check_size(index, &object)?;
         check_numbers(index, &object)?;
         let request_id = scalar_text(object.get(&rules.request_id_field));
         let vendor_name = scalar_text(object.get(&rules.vendor_field))
             .unwrap_or_else(|| UNKNOWN_VENDOR.to_owned());
-        *vendor_counts.entry(vendor_name.clone()).or_default() += 1;
         let item_sequence = ItemSequence(u32::try_from(index + 1).unwrap_or(u32::MAX));
-        items.push(NewItem {
+        let item = NewItem {
             item_id: ItemId::of(&batch_id, item_sequence),
             item_sequence,
             request_id,
             vendor_name,
             request_data: object,
-        });
+        };
+        check_message(index, &batch_id, &item, total_items, rules)?;
+        *vendor_counts.entry(item.vendor_name.clone()).or_default() += 1;
+        items.push(item);
     }
     Ok(NewBatch {
         batch_id,
@@ -486,21 +563,56 @@ fn check_numbers(index: usize, object: &Map<String, Value>) -> Result<(), Ingest
     }
 }
 
-fn check_size(index: usize, object: &Map<String, Value>) -> Result<(), IngestError> {
-    let max = MAX_DOCUMENT_BYTES - ITEM_OVERHEAD_BYTES;
-    // Cheap upper-bound pre-check before serializing: the JSON length is a
-    // close estimate of the BSON size for the objects seen here.
-    let bytes = serde_json::to_vec(object)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
-    if bytes > max {
-        return Err(IngestError::ItemTooLarge {
+/// The longest a `traceparent` attribute can be (version 00).
+const TRACEPARENT_BYTES: usize = 55;
+
+/// Checks the message the relay will build for `item` against Pub/Sub's
+/// limits, before anything is stored: its sequence, still unknown, is taken
+/// at its longest, and so is the trace context the writer adds.
+fn check_message(
+    index: usize,
+    batch_id: &BatchId,
+    item: &NewItem,
+    total_items: u64,
+    rules: &IngestRules,
+) -> Result<(), IngestError> {
+    let traceparent = "0".repeat(TRACEPARENT_BYTES);
+    let message = ItemMessage {
+        batch_id,
+        item_id: &item.item_id,
+        batch_sequence: Sequence(u64::MAX),
+        item_sequence: item.item_sequence,
+        request_id: item.request_id.as_deref(),
+        vendor_name: &item.vendor_name,
+        payload: &item.request_data,
+        total_items,
+        traceparent: Some(&traceparent),
+    };
+    match message.check_limits(&rules.ordering) {
+        Ok(()) => Ok(()),
+        Err(LimitViolation::MessageTooLarge { bytes, limit }) => Err(IngestError::ItemTooLarge {
             index,
             bytes,
-            max: MAX_DOCUMENT_BYTES,
-        });
+            max: limit,
+        }),
+        Err(LimitViolation::AttributeTooLong { name, bytes, limit }) => {
+            // The attribute is named after the field it copies.
+            let field = match name.as_str() {
+                "request_id" => rules.request_id_field.clone(),
+                "vendor_name" => rules.vendor_field.clone(),
+                other => other.to_owned(),
+            };
+            Err(IngestError::AttributeTooLong {
+                index,
+                field,
+                bytes,
+                max: limit,
+            })
+        }
+        // Our attribute names and keys are ours, and short; an ordering key
+        // over the limit is hashed. Still, never store what cannot go out.
+        Err(other) => Err(IngestError::InvalidBatch(format!("item {index}: {other}"))),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -582,6 +694,7 @@ mod tests {
             request_id_field: "rid".into(),
             vendor_field: "v".into(),
             max_items: 10,
+            ..IngestRules::default()
         };
         let batch = build_batch(
             vec![json!({"rid": "x", "v": "y"})],
@@ -642,13 +755,48 @@ mod tests {
     }
 
     #[test]
-    fn rejects_an_item_over_the_document_limit() {
-        let big = "x".repeat(MAX_DOCUMENT_BYTES);
-        let err = build(vec![json!({}), json!({"blob": big})]).unwrap_err();
+    fn refuses_an_item_whose_message_pubsub_would_refuse() {
+        use crate::publish::limits::{MAX_MESSAGE_BYTES, REQUEST_RESERVE_BYTES};
+        // 10.5 MB of JSON: Pub/Sub takes at most 10 MB a message.
+        let err = build(vec![json!({}), json!({"blob": "x".repeat(10_500_000)})]).unwrap_err();
         assert!(
-            matches!(err, IngestError::ItemTooLarge { index: 1, .. }),
+            matches!(err, IngestError::ItemTooLarge { index: 1, max, .. } if max == MAX_MESSAGE_BYTES - REQUEST_RESERVE_BYTES),
             "{err}"
         );
+        // The envelope and attributes count: a payload just under the
+        // limit on its own is still too large as a message.
+        let near = "x".repeat(MAX_MESSAGE_BYTES - REQUEST_RESERVE_BYTES - 100);
+        assert!(matches!(
+            build(vec![json!({"blob": near})]),
+            Err(IngestError::ItemTooLarge { index: 0, .. })
+        ));
+        let fits = "x".repeat(MAX_MESSAGE_BYTES - REQUEST_RESERVE_BYTES - 2_000);
+        assert!(build(vec![json!({"blob": fits})]).is_ok());
+        // Fields copied into attributes: at most 1,024 bytes each.
+        let long = "é".repeat(600); // 1,200 bytes, 600 characters
+        assert_eq!(
+            build(vec![json!({"request_id": "ok"}), json!({"request_id": long})]),
+            Err(IngestError::AttributeTooLong {
+                index: 1,
+                field: "request_id".into(),
+                bytes: 1200,
+                max: 1024
+            })
+        );
+        assert!(matches!(
+            build(vec![json!({"vendor_name": "v".repeat(1025)})]),
+            Err(IngestError::AttributeTooLong { index: 0, ref field, .. }) if field == "vendor_name"
+        ));
+        assert!(build(vec![json!({"vendor_name": "v".repeat(1024), "request_id": "r".repeat(1024)})]).is_ok());
+        // A configured field name is the one named.
+        let rules = IngestRules {
+            request_id_field: "rid".into(),
+            ..IngestRules::default()
+        };
+        assert!(matches!(
+            build_batch(vec![json!({"rid": "r".repeat(2000)})], &rules, None, Utc::now()),
+            Err(IngestError::AttributeTooLong { ref field, .. }) if field == "rid"
+        ));
     }
 
     #[test]
@@ -770,5 +918,32 @@ mod tests {
         );
         // A quoted newline moves the next row's line on.
         assert_eq!(csv_error(b"a,b\n\"x\ny\",2\n3\n").line(), Some(4));
+    }
+
+    #[test]
+    fn csv_quotes_out_of_place_are_refused_where_they_start() {
+        // An unterminated quote would swallow every later row into one cell.
+        let unterminated = csv_error(b"request_id,vendor_name\nm1,\"unterminated\nm2,acme\n");
+        assert!(
+            matches!(unterminated, CsvError::Quote { line: 2, reason } if reason.contains("never closed")),
+            "{unterminated:?}"
+        );
+        let bare = csv_error(b"a,b\r\n1,2\r\nab\"cd,3\r\n");
+        assert!(
+            matches!(bare, CsvError::Quote { line: 3, reason } if reason.contains("unquoted")),
+            "{bare:?}"
+        );
+        let after = csv_error(b"a,b\n\"x\ny\"z,2\n");
+        assert!(
+            matches!(after, CsvError::Quote { line: 2, reason } if reason.contains("after the closing quote")),
+            "{after:?}"
+        );
+        // What RFC 4180 allows still reads: doubled quotes, quoted line
+        // ends, an empty quoted field, a quoted last field without a line end.
+        let rows = csv(b"a,b\n\"x\"\"y\",\"\"\n\"1\r\n2\",\"end\"").unwrap();
+        assert_eq!(
+            rows,
+            vec![json!({"a": "x\"y", "b": ""}), json!({"a": "1\r\n2", "b": "end"})]
+        );
     }
 }

@@ -8,7 +8,7 @@ use futures_core::future::BoxFuture;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::model::{BatchId, ItemId};
+use crate::model::{BatchId, ItemId, ItemSequence, Sequence};
 use crate::store::{OutboxItem, PendingBatch};
 
 /// How messages are grouped for Pub/Sub's per-key ordering.
@@ -39,8 +39,50 @@ pub enum OrderingKeyMode {
     None,
 }
 
-/// Pub/Sub's limit on an ordering key, in bytes.
-pub const MAX_ORDERING_KEY_BYTES: usize = 1024;
+/// Pub/Sub's published limits on one message
+/// (<https://cloud.google.com/pubsub/quotas#resource_limits>). Google's
+/// emulator enforces none of them, so the writer refuses an item whose
+/// message would break one and the relay checks every message before it
+/// hands it to the client: both behave the same on the emulator as on
+/// Pub/Sub.
+pub mod limits {
+    /// A message: 10 MB. Counted here as data, attribute keys and values
+    /// and the ordering key together, the most a one-message publish
+    /// request may carry, less [`REQUEST_RESERVE_BYTES`].
+    pub const MAX_MESSAGE_BYTES: usize = 10_000_000;
+    /// Kept free under [`MAX_MESSAGE_BYTES`] for the request's own framing
+    /// and topic name, and for the attributes a replay adds.
+    pub const REQUEST_RESERVE_BYTES: usize = 1024;
+    pub const MAX_ATTRIBUTES: usize = 100;
+    pub const MAX_ATTRIBUTE_KEY_BYTES: usize = 256;
+    pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 1024;
+    pub const MAX_ORDERING_KEY_BYTES: usize = 1024;
+}
+
+pub use limits::MAX_ORDERING_KEY_BYTES;
+
+/// Why Pub/Sub would refuse a message (it answers `INVALID_ARGUMENT`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LimitViolation {
+    #[error(
+        "the message would be {bytes} bytes, over Pub/Sub's limit of {limit} bytes (data, attributes and ordering key)"
+    )]
+    MessageTooLarge { bytes: usize, limit: usize },
+    #[error(
+        "attribute {name} would be {bytes} bytes, over Pub/Sub's limit of {limit} bytes for an attribute value"
+    )]
+    AttributeTooLong {
+        name: String,
+        bytes: usize,
+        limit: usize,
+    },
+    #[error("attribute name {name:?} is over Pub/Sub's limit of {limit} bytes")]
+    AttributeNameTooLong { name: String, limit: usize },
+    #[error("{count} attributes, over Pub/Sub's limit of {limit}")]
+    TooManyAttributes { count: usize, limit: usize },
+    #[error("ordering key of {bytes} bytes, over Pub/Sub's limit of {limit}")]
+    OrderingKeyTooLong { bytes: usize, limit: usize },
+}
 
 impl OrderingKeyMode {
     /// The key used for the whole stream in [`OrderingKeyMode::Global`],
@@ -60,14 +102,20 @@ impl OrderingKeyMode {
 
     /// The key of one item's message.
     pub fn key_for_item(&self, item: &OutboxItem) -> Option<String> {
+        self.key_for_payload(&item.batch_id, &item.request_data)
+    }
+
+    /// The key of the message of an item of `batch_id` whose request
+    /// object is `payload`.
+    pub fn key_for_payload(&self, batch_id: &BatchId, payload: &Map<String, Value>) -> Option<String> {
         let Self::Field {
             pointer,
             default_key,
         } = self
         else {
-            return self.key_for(&item.batch_id);
+            return self.key_for(batch_id);
         };
-        let key = match field(&item.request_data, pointer) {
+        let key = match field(payload, pointer) {
             Some(Value::String(text)) if !text.is_empty() => text.clone(),
             Some(value @ (Value::Number(_) | Value::Bool(_))) => value.to_string(),
             _ => return Some(default_key.clone()),
@@ -157,52 +205,174 @@ pub struct OutboxMessage {
 struct MessageBody<'a> {
     batch_id: &'a BatchId,
     item_id: &'a ItemId,
-    request_id: &'a Option<String>,
+    request_id: Option<&'a str>,
     vendor_name: &'a str,
     payload: &'a Map<String, Value>,
+}
+
+/// What one item's message is made of, borrowed from wherever it is kept:
+/// the relay builds messages from stored items, the writer checks the
+/// message an item will become before it stores it.
+#[derive(Clone, Copy, Debug)]
+pub struct ItemMessage<'a> {
+    pub batch_id: &'a BatchId,
+    pub item_id: &'a ItemId,
+    pub batch_sequence: Sequence,
+    pub item_sequence: ItemSequence,
+    pub request_id: Option<&'a str>,
+    pub vendor_name: &'a str,
+    pub payload: &'a Map<String, Value>,
+    pub total_items: u64,
+    pub traceparent: Option<&'a str>,
+}
+
+impl<'a> ItemMessage<'a> {
+    /// The parts of a stored item's message.
+    pub fn of(item: &'a OutboxItem, batch: &'a PendingBatch) -> Self {
+        Self {
+            batch_id: &item.batch_id,
+            item_id: &item.item_id,
+            batch_sequence: batch.batch_sequence,
+            item_sequence: item.item_sequence,
+            request_id: item.request_id.as_deref(),
+            vendor_name: &item.vendor_name,
+            payload: &item.request_data,
+            total_items: batch.total_items,
+            traceparent: batch.traceparent.as_deref(),
+        }
+    }
+
+    fn body(&self) -> MessageBody<'a> {
+        MessageBody {
+            batch_id: self.batch_id,
+            item_id: self.item_id,
+            request_id: self.request_id,
+            vendor_name: self.vendor_name,
+            payload: self.payload,
+        }
+    }
+
+    fn attributes(&self) -> BTreeMap<String, String> {
+        let mut attributes = BTreeMap::from([
+            ("batch_id".to_owned(), self.batch_id.to_string()),
+            ("batch_sequence".to_owned(), self.batch_sequence.to_string()),
+            ("item_sequence".to_owned(), self.item_sequence.to_string()),
+            ("item_id".to_owned(), self.item_id.to_string()),
+            ("vendor_name".to_owned(), self.vendor_name.to_owned()),
+            ("batch_total_items".to_owned(), self.total_items.to_string()),
+        ]);
+        if let Some(request_id) = self.request_id {
+            attributes.insert("request_id".to_owned(), request_id.to_owned());
+        }
+        if u64::from(self.item_sequence.0) == self.total_items {
+            attributes.insert("batch_last".to_owned(), "true".to_owned());
+        }
+        if let Some(traceparent) = self.traceparent {
+            attributes.insert("traceparent".to_owned(), traceparent.to_owned());
+        }
+        attributes
+    }
+
+    /// The message.
+    pub fn build(&self, mode: &OrderingKeyMode) -> OutboxMessage {
+        // Serializing a map of JSON values cannot fail.
+        let data = serde_json::to_vec(&self.body()).unwrap_or_default();
+        OutboxMessage {
+            data,
+            attributes: self.attributes(),
+            ordering_key: mode.key_for_payload(self.batch_id, self.payload),
+        }
+    }
+
+    /// Checks the message this would build against Pub/Sub's limits
+    /// without building its data.
+    ///
+    /// # Errors
+    /// The first limit it breaks.
+    pub fn check_limits(&self, mode: &OrderingKeyMode) -> Result<(), LimitViolation> {
+        let mut count = ByteCount(0);
+        // Serializing a map of JSON values cannot fail.
+        let _ = serde_json::to_writer(&mut count, &self.body());
+        let message = OutboxMessage {
+            data: Vec::new(),
+            attributes: self.attributes(),
+            ordering_key: mode.key_for_payload(self.batch_id, self.payload),
+        };
+        message.check_limits_with_data(count.0)
+    }
+}
+
+/// Counts bytes written.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl OutboxMessage {
     /// The message for one item of `batch`.
     pub fn for_item(item: &OutboxItem, batch: &PendingBatch, mode: &OrderingKeyMode) -> Self {
-        let batch_total_items = batch.total_items;
-        let body = MessageBody {
-            batch_id: &item.batch_id,
-            item_id: &item.item_id,
-            request_id: &item.request_id,
-            vendor_name: &item.vendor_name,
-            payload: &item.request_data,
-        };
-        // Serializing a map of JSON values cannot fail.
-        let data = serde_json::to_vec(&body).unwrap_or_default();
-        let mut attributes = BTreeMap::from([
-            ("batch_id".to_owned(), item.batch_id.to_string()),
-            ("batch_sequence".to_owned(), item.batch_sequence.to_string()),
-            ("item_sequence".to_owned(), item.item_sequence.to_string()),
-            ("item_id".to_owned(), item.item_id.to_string()),
-            ("vendor_name".to_owned(), item.vendor_name.clone()),
-            (
-                "batch_total_items".to_owned(),
-                batch_total_items.to_string(),
-            ),
-        ]);
-        if let Some(request_id) = &item.request_id {
-            attributes.insert("request_id".to_owned(), request_id.clone());
-        }
-        if u64::from(item.item_sequence.0) == batch_total_items {
-            attributes.insert("batch_last".to_owned(), "true".to_owned());
-        }
-        if let Some(traceparent) = &batch.traceparent {
-            attributes.insert("traceparent".to_owned(), traceparent.clone());
-        }
-        Self {
-            data,
-            attributes,
-            ordering_key: mode.key_for_item(item),
-        }
+        ItemMessage::of(item, batch).build(mode)
     }
 
-    /// Approximate size Pub/Sub counts against its 10 MB message limit.
+    /// Checks the message against Pub/Sub's published limits.
+    ///
+    /// # Errors
+    /// The first limit it breaks.
+    pub fn check_limits(&self) -> Result<(), LimitViolation> {
+        self.check_limits_with_data(self.data.len())
+    }
+
+    fn check_limits_with_data(&self, data_bytes: usize) -> Result<(), LimitViolation> {
+        use limits::*;
+        if self.attributes.len() > MAX_ATTRIBUTES {
+            return Err(LimitViolation::TooManyAttributes {
+                count: self.attributes.len(),
+                limit: MAX_ATTRIBUTES,
+            });
+        }
+        for (name, value) in &self.attributes {
+            if name.len() > MAX_ATTRIBUTE_KEY_BYTES {
+                return Err(LimitViolation::AttributeNameTooLong {
+                    name: name.chars().take(64).collect(),
+                    limit: MAX_ATTRIBUTE_KEY_BYTES,
+                });
+            }
+            if value.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+                return Err(LimitViolation::AttributeTooLong {
+                    name: name.clone(),
+                    bytes: value.len(),
+                    limit: MAX_ATTRIBUTE_VALUE_BYTES,
+                });
+            }
+        }
+        if let Some(key) = &self.ordering_key
+            && key.len() > MAX_ORDERING_KEY_BYTES
+        {
+            return Err(LimitViolation::OrderingKeyTooLong {
+                bytes: key.len(),
+                limit: MAX_ORDERING_KEY_BYTES,
+            });
+        }
+        let bytes = self.size() - self.data.len() + data_bytes;
+        if bytes + REQUEST_RESERVE_BYTES > MAX_MESSAGE_BYTES {
+            return Err(LimitViolation::MessageTooLarge {
+                bytes,
+                limit: MAX_MESSAGE_BYTES - REQUEST_RESERVE_BYTES,
+            });
+        }
+        Ok(())
+    }
+
+    /// The size Pub/Sub counts against its 10 MB limit: data, attribute
+    /// names and values, and the ordering key.
     pub fn size(&self) -> usize {
         self.data.len()
             + self
@@ -250,7 +420,6 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::model::{ItemSequence, Sequence};
 
     fn item(seq: u32, request_id: Option<&str>) -> OutboxItem {
         OutboxItem {

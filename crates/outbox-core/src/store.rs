@@ -71,7 +71,7 @@ pub const DEFAULT_TRANSACTION_RETRY_TIME: Duration = Duration::from_secs(10);
 /// spread out. Every store adapter uses it, so the
 /// in-memory model exercises the same policy as MongoDB.
 ///
-/// ```ignore
+/// ```text
 /// let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
 /// loop {
 ///     match run_transaction().await {

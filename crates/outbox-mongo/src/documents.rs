@@ -33,6 +33,19 @@ pub(crate) fn get_u64(doc: &Document, field: &str) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| malformed(field, doc))
 }
 
+/// A flag however it was stored: MongoDB keeps a boolean, but the
+/// development stand-in reads a boolean written with `$set` back as 1 (and
+/// a hand edit may leave a number). Absent or anything else is `false`.
+pub(crate) fn get_flag(doc: &Document, field: &str) -> bool {
+    match doc.get(field) {
+        Some(Bson::Boolean(b)) => *b,
+        Some(Bson::Int32(n)) => *n != 0,
+        Some(Bson::Int64(n)) => *n != 0,
+        Some(Bson::Double(n)) => *n != 0.0,
+        _ => false,
+    }
+}
+
 fn get_string(doc: &Document, field: &str) -> Result<String, StoreError> {
     doc.get_str(field)
         .map(str::to_owned)
@@ -273,6 +286,23 @@ mod tests {
         }
         assert_eq!(get_opt_datetime(&doc! { "t": "yesterday" }, "t"), None);
         assert_eq!(get_opt_datetime(&doc! { "t": Bson::Null }, "t"), None);
+    }
+
+    #[test]
+    fn flags_read_from_booleans_and_numbers() {
+        for (value, expected) in [
+            (Bson::Boolean(true), true),
+            (Bson::Boolean(false), false),
+            (Bson::Int32(1), true),
+            (Bson::Int32(0), false),
+            (Bson::Int64(1), true),
+            (Bson::Double(1.0), true),
+            (Bson::Null, false),
+            (Bson::String("true".into()), false),
+        ] {
+            assert_eq!(get_flag(&doc! { "f": value.clone() }, "f"), expected, "{value}");
+        }
+        assert!(!get_flag(&doc! {}, "f"));
     }
 }
 

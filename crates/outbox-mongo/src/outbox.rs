@@ -28,7 +28,7 @@ use outbox_core::store::{
 
 use crate::batches::transaction_options;
 use crate::documents::{
-    bson_datetime, get_opt_datetime, get_u64, item_view, outbox_item, pending_batch,
+    bson_datetime, get_flag, get_opt_datetime, get_u64, item_view, outbox_item, pending_batch,
 };
 use crate::errors::classify;
 use crate::{CONTROL_ID, LEASE_ID, MongoStore};
@@ -617,7 +617,7 @@ impl OutboxStore for MongoStore {
             .find_one(doc! { "_id": CONTROL_ID })
             .await
             .map_err(classify)?;
-        Ok(control.is_some_and(|c| c.get_bool("paused").unwrap_or(false)))
+        Ok(control.is_some_and(|c| get_flag(&c, "paused")))
     }
 
     async fn set_paused(&self, paused: bool) -> Result<(), StoreError> {

@@ -168,6 +168,8 @@ pub fn problem_line(status: StatusCode, problem: Option<&Value>, body: &[u8]) ->
             Value::String(s) => format!("{key} {s}"),
             other => format!("{key} {other}"),
         })
+        // Said already (`line 3: ...`): not twice.
+        .filter(|member| !detail.contains(member.as_str()))
         .collect();
     context.sort();
     let code = problem
@@ -194,6 +196,12 @@ mod tests {
         assert_eq!(
             problem_line(StatusCode::UNPROCESSABLE_ENTITY, Some(&problem), b""),
             "row 3 has 2 fields, the header 3 (csv_field_count, HTTP 422); line 3"
+        );
+        let said = json!({"detail": "line 3: 1 fields, but the header has 2",
+            "code": "csv_field_count", "line": 3, "index": 2});
+        assert_eq!(
+            problem_line(StatusCode::UNPROCESSABLE_ENTITY, Some(&said), b""),
+            "line 3: 1 fields, but the header has 2 (csv_field_count, HTTP 422); index 2"
         );
     }
 

@@ -54,12 +54,17 @@ pub struct PubSubArgs {
     /// Google Cloud project of the topic.
     #[arg(long, env = "PUBSUB_PROJECT_ID", default_value = "local-project")]
     pub project_id: String,
-    /// Topic to publish to.
+    /// Pub/Sub topic: the relay publishes the default stream to it; tail reads it.
     #[arg(long, env = "PUBSUB_TOPIC", default_value = "batch-outbox")]
     pub topic: String,
     /// HOST:PORT of Google's Pub/Sub emulator (plain HTTP, no credentials), as Google's own tools take it.
     #[arg(long, env = "PUBSUB_EMULATOR_HOST")]
     pub emulator_host: Option<String>,
+    /// A regional endpoint, e.g. https://us-east1-pubsub.googleapis.com, with the usual
+    /// Google credentials. Pub/Sub keeps a key's order only among messages published in
+    /// one region; the global endpoint may route a relay's publishes to several.
+    #[arg(long, env = "PUBSUB_ENDPOINT")]
+    pub endpoint: Option<String>,
 }
 
 impl PubSubArgs {
@@ -86,10 +91,18 @@ impl PubSubArgs {
                 "PUBSUB_EMULATOR_HOST must be HOST:PORT, got {host:?}"
             ));
         }
+        if let Some(endpoint) = &self.endpoint
+            && (!endpoint.starts_with("https://") || endpoint.len() <= "https://".len())
+        {
+            return Err(format!(
+                "PUBSUB_ENDPOINT must be an https:// URL such as https://us-east1-pubsub.googleapis.com, got {endpoint:?}"
+            ));
+        }
         Ok(PubSubConfig {
             project_id: self.project_id.clone(),
             topic: self.topic.clone(),
             emulator_host: self.emulator_host.clone(),
+            endpoint: self.endpoint.clone(),
             publish_retry_limit,
             batch_delay,
         })

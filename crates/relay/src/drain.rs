@@ -40,9 +40,6 @@ use crate::lease::Leadership;
 use crate::metrics;
 use crate::status::{CurrentBatch, Halt, StatusBoard};
 
-/// Pub/Sub's limit on one message (data, attributes and ordering key).
-pub const MAX_MESSAGE_BYTES: usize = 10 * 1000 * 1000;
-
 /// What to do with an item Pub/Sub will never accept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PoisonPolicy {
@@ -438,22 +435,21 @@ impl Drainer {
 
     /// Publishes a page with every message in flight at once and waits for
     /// all answers. Stops handing messages to the client at the first one
-    /// that is too large to send, so nothing after it goes out first.
+    /// Pub/Sub would refuse (over one of its limits: an item stored before
+    /// the writer checked them), so nothing after it goes out first.
     async fn publish_page(&self, batch: &PendingBatch, items: &[OutboxItem]) -> PageResult {
         let messages: Vec<OutboxMessage> = items
             .iter()
             .map(|item| OutboxMessage::for_item(item, batch, &self.settings.ordering))
             .collect();
-        let oversized = messages.iter().position(|m| m.size() > MAX_MESSAGE_BYTES);
-        let sendable = oversized.unwrap_or(messages.len());
-        let oversize_error = oversized.map(|index| {
-            (
-                index,
-                PublishError::Permanent(format!(
-                    "message is {} bytes, over Pub/Sub's limit of {MAX_MESSAGE_BYTES} bytes",
-                    messages[index].size()
-                )),
-            )
+        let refused = messages
+            .iter()
+            .enumerate()
+            .find_map(|(index, m)| m.check_limits().err().map(|e| (index, e)));
+        let sendable = refused.as_ref().map_or(messages.len(), |(index, _)| *index);
+        let oversize_error = refused.map(|(index, violation)| {
+            ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "over_limit").increment(1);
+            (index, PublishError::Permanent(violation.to_string()))
         });
         let keys: Vec<Option<String>> = messages.iter().map(|m| m.ordering_key.clone()).collect();
         let started = Instant::now();
@@ -506,7 +502,7 @@ impl Drainer {
         item: &OutboxItem,
     ) -> Result<Option<String>, DrainError> {
         let message = OutboxMessage::for_item(item, batch, &self.settings.ordering);
-        if message.size() > MAX_MESSAGE_BYTES {
+        if message.check_limits().is_err() {
             return Ok(None);
         }
         if let Some(key) = &message.ordering_key {

@@ -2,7 +2,9 @@
 //! [`Publisher`] the relay drains through, and topic and subscription
 //! set-up for development.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -10,7 +12,7 @@ use futures::future::BoxFuture;
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_gax::retry_policy::RetryPolicyExt;
 use google_cloud_pubsub::client::{
-    Publisher as GooglePublisher, Subscriber, SubscriptionAdmin, TopicAdmin,
+    BasePublisher, Publisher as GooglePublisher, Subscriber, SubscriptionAdmin, TopicAdmin,
 };
 use google_cloud_pubsub::error::PublishError as GooglePublishError;
 use google_cloud_pubsub::model::Message;
@@ -24,6 +26,11 @@ pub struct PubSubConfig {
     pub topic: String,
     /// `HOST:PORT` of Google's emulator; plain HTTP and no credentials.
     pub emulator_host: Option<String>,
+    /// A regional (locational) endpoint such as
+    /// `https://us-east1-pubsub.googleapis.com`, with the usual credentials:
+    /// Pub/Sub orders a key's messages only among those published in one
+    /// region. `None`: the global endpoint.
+    pub endpoint: Option<String>,
     /// How long the client retries one publish before reporting it failed.
     /// The relay then re-reads MongoDB and publishes again, so this only
     /// bounds how long a failure takes to surface.
@@ -34,49 +41,145 @@ pub struct PubSubConfig {
 
 impl PubSubConfig {
     pub fn topic_path(&self) -> String {
-        format!("projects/{}/topics/{}", self.project_id, self.topic)
+        self.topic_path_of(&self.topic)
+    }
+
+    pub fn topic_path_of(&self, topic: &str) -> String {
+        format!("projects/{}/topics/{topic}", self.project_id)
     }
 
     pub fn subscription_path(&self, subscription: &str) -> String {
         format!("projects/{}/subscriptions/{subscription}", self.project_id)
     }
 
-    fn endpoint(&self) -> Option<String> {
-        self.emulator_host
-            .as_ref()
-            .map(|host| format!("http://{host}"))
+    /// The same service, another topic.
+    #[must_use]
+    pub fn for_topic(&self, topic: &str) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            ..self.clone()
+        }
     }
 }
 
-/// Applies the emulator endpoint and anonymous credentials to any of the
-/// client builders, which share these two setters but no trait.
+/// Applies the emulator endpoint and anonymous credentials, or a regional
+/// endpoint with the default credentials, to any of the client builders,
+/// which share these setters but no trait.
 macro_rules! configured {
     ($builder:expr, $config:expr) => {{
         let mut builder = $builder;
-        if let Some(endpoint) = $config.endpoint() {
-            builder = builder.with_endpoint(endpoint).with_credentials(
+        if let Some(host) = &$config.emulator_host {
+            builder = builder.with_endpoint(format!("http://{host}")).with_credentials(
                 google_cloud_auth::credentials::anonymous::Builder::new().build(),
             );
+        } else if let Some(endpoint) = &$config.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
         }
         builder
     }};
 }
 
-/// A [`Publisher`] over Google's client.
+/// Requests are filled up to Pub/Sub's own limits (1,000 messages, 10 MB
+/// a request), less room for the request's framing: with an ordering key
+/// the client sends one request at a time per key, so a page travels in
+/// as few round trips as the service allows.
+const REQUEST_MESSAGES: u32 = 1000;
+const REQUEST_BYTES: u32 = 9_000_000;
+
+/// After this many distinct ordering keys, a publisher is replaced by a
+/// new one at the next moment nothing is in flight: Google's client keeps
+/// a task and its buffers for every key it has seen, for its whole life
+/// (googleapis/google-cloud-rust#4012), so one key per batch (`batch`
+/// mode) or per value (`field:`) would grow without bound.
+pub const MAX_KEYS_PER_PUBLISHER: usize = 1024;
+
+/// One connection to Pub/Sub, shared by the publishers of every topic.
 #[derive(Clone)]
-pub struct PubSubPublisher {
-    inner: GooglePublisher,
+pub struct PubSubClient {
+    base: BasePublisher,
+    config: PubSubConfig,
 }
 
-impl PubSubPublisher {
+impl PubSubClient {
     /// # Errors
     /// When the client cannot be built (bad endpoint, no credentials).
     pub async fn connect(config: &PubSubConfig) -> anyhow::Result<Self> {
-        let builder = GooglePublisher::builder(config.topic_path())
-            .with_retry_policy(RetryableErrors.with_time_limit(config.publish_retry_limit))
-            .set_delay_threshold(config.batch_delay);
-        let inner = configured!(builder, config).build().await?;
-        Ok(Self { inner })
+        let builder = BasePublisher::builder()
+            .with_retry_policy(RetryableErrors.with_time_limit(config.publish_retry_limit));
+        let base = configured!(builder, config).build().await?;
+        Ok(Self {
+            base,
+            config: config.clone(),
+        })
+    }
+
+    /// A publisher on `topic` (a name in the configured project).
+    pub fn publisher(&self, topic: &str) -> PubSubPublisher {
+        let path = self.config.topic_path_of(topic);
+        let inner = self.build(&path);
+        PubSubPublisher {
+            base: self.clone(),
+            topic_path: path,
+            state: Arc::new(std::sync::Mutex::new(PublisherState {
+                inner,
+                keys: HashSet::new(),
+                generation: 0,
+            })),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn build(&self, topic_path: &str) -> GooglePublisher {
+        self.base
+            .publisher(topic_path.to_owned())
+            .set_message_count_threshold(REQUEST_MESSAGES)
+            .set_byte_threshold(REQUEST_BYTES)
+            .set_delay_threshold(self.config.batch_delay)
+            .build()
+    }
+
+    pub fn config(&self) -> &PubSubConfig {
+        &self.config
+    }
+}
+
+struct PublisherState {
+    inner: GooglePublisher,
+    /// The ordering keys the current publisher has seen.
+    keys: HashSet<String>,
+    /// How many times the publisher was replaced.
+    generation: u64,
+}
+
+/// A [`Publisher`] over Google's client on one topic, replaced by a fresh
+/// one when it has seen [`MAX_KEYS_PER_PUBLISHER`] keys and nothing is in
+/// flight. Replacing it then cannot reorder anything: every earlier message
+/// of every key has its answer before a later one is handed to the new
+/// publisher, and a key paused by a failure has nothing queued behind it.
+#[derive(Clone)]
+pub struct PubSubPublisher {
+    base: PubSubClient,
+    topic_path: String,
+    state: Arc<std::sync::Mutex<PublisherState>>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl PubSubPublisher {
+    /// A publisher on the configured topic, with a connection of its own.
+    ///
+    /// # Errors
+    /// When the client cannot be built (bad endpoint, no credentials).
+    pub async fn connect(config: &PubSubConfig) -> anyhow::Result<Self> {
+        Ok(PubSubClient::connect(config).await?.publisher(&config.topic))
+    }
+
+    /// How many times the underlying client publisher was replaced.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PublisherState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -96,26 +199,55 @@ fn classify(error: GooglePublishError) -> PublishError {
     }
 }
 
+/// Counts a publish in flight until its answer is in.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Publisher for PubSubPublisher {
     fn publish(&self, message: OutboxMessage) -> PublishFuture {
         let mut google = Message::new()
             .set_data(message.data)
             .set_attributes(message.attributes.into_iter().collect::<HashMap<_, _>>());
-        if let Some(key) = message.ordering_key {
-            google = google.set_ordering_key(key);
+        let publish = {
+            let mut state = self.lock();
+            if let Some(key) = &message.ordering_key {
+                if !state.keys.contains(key)
+                    && state.keys.len() >= MAX_KEYS_PER_PUBLISHER
+                    && self.in_flight.load(Ordering::SeqCst) == 0
+                {
+                    // Dropping the old one ends its per-key tasks.
+                    state.inner = self.base.build(&self.topic_path);
+                    state.keys.clear();
+                    state.generation += 1;
+                    tracing::debug!(message = "publisher replaced", topic = %self.topic_path, generation = state.generation);
+                }
+                state.keys.insert(key.clone());
+                google = google.set_ordering_key(key.clone());
+            }
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            state.inner.publish(google)
+        };
+        let counted = InFlight(Arc::clone(&self.in_flight));
+        async move {
+            let result = publish.await.map_err(classify);
+            drop(counted);
+            result
         }
-        self.inner
-            .publish(google)
-            .map(|result| result.map_err(classify))
-            .boxed()
+        .boxed()
     }
 
     fn resume(&self, ordering_key: &str) {
-        self.inner.resume_publish(ordering_key);
+        self.lock().inner.resume_publish(ordering_key);
     }
 
     fn flush(&self) -> BoxFuture<'_, ()> {
-        self.inner.flush().boxed()
+        let inner = self.lock().inner.clone();
+        async move { inner.flush().await }.boxed()
     }
 }
 

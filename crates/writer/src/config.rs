@@ -73,6 +73,7 @@ impl Config {
             request_id_field: self.request_id_field.clone(),
             vendor_field: self.vendor_field.clone(),
             max_items: usize::try_from(self.max_batch_items).unwrap_or(usize::MAX),
+            ..IngestRules::default()
         }
     }
 

@@ -81,10 +81,21 @@ fn ingest_problem(error: IngestError) -> Problem {
             Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", detail)
                 .with("max_items", max)
         }
-        IngestError::ItemTooLarge { index, .. } => {
+        IngestError::ItemTooLarge { index, max, .. } => {
             Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "item_too_large", detail)
                 .with("index", index)
+                .with("max_message_bytes", max)
         }
+        IngestError::AttributeTooLong {
+            index, field, max, ..
+        } => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "attribute_too_long",
+            detail,
+        )
+        .with("index", index)
+        .with("field", field)
+        .with("max_bytes", max),
         IngestError::NumberOutOfRange { index, path, .. } => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "number_out_of_range",
@@ -98,6 +109,9 @@ fn ingest_problem(error: IngestError) -> Problem {
         IngestError::Csv(error) => {
             let problem = match error {
                 CsvError::Malformed { .. } => Problem::bad_request("invalid_csv", detail),
+                CsvError::Quote { .. } => {
+                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_quote", detail)
+                }
                 CsvError::Empty => {
                     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_empty", detail)
                 }
@@ -250,7 +264,10 @@ fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
     let location = format!("/api/v1/batch/{}/status", summary.batch_id);
     let body = BatchAccepted {
         status: "success",
-        message: format!("batch of {} items stored", summary.total_items),
+        message: match summary.total_items {
+            1 => "batch of 1 item stored".to_owned(),
+            n => format!("batch of {n} items stored"),
+        },
         data: AcceptedBatch {
             batch_id: summary.batch_id.to_string(),
             batch_sequence: summary.batch_sequence.0,
@@ -336,9 +353,10 @@ fn parse_batch(
             (`text/csv`, `application/csv`: RFC 4180, UTF-8 with or without BOM, CRLF or LF; \
             the header row names the keys, every cell is a string). Each object's \
             `request_id` and `vendor_name` (configurable) are read for the response and \
-            the messages. Limits: `MAX_BATCH_ITEMS` items, `MAX_BODY_BYTES` bytes, 16 MiB \
-            of BSON per item; a key twice in one object, a NUL in a key and integers \
-            beyond the signed 64-bit range are refused.",
+            the messages. Limits: `MAX_BATCH_ITEMS` items, `MAX_BODY_BYTES` bytes; per item, \
+            what Pub/Sub accepts of its message (10 MB with envelope and attributes, 1,024 \
+            bytes for `request_id` and `vendor_name`) and 16 MiB of BSON; a key twice in one \
+            object, a NUL in a key and integers beyond the signed 64-bit range are refused.",
         content(
             (BatchBody = "application/json",
                 example = json!([{"request_id": "r1", "vendor_name": "acme", "amount": 12}, {"request_id": "r2", "vendor_name": "globex"}])),
@@ -378,14 +396,19 @@ fn parse_batch(
             committed and later removed by retention (`RETENTION_SECONDS`); it is not stored again.",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "`batch_too_large` (items or bytes; `max_items` or `max_body_bytes`), \
-            `item_too_large` (`index`).",
+            `item_too_large` (`index`, `max_message_bytes`): the item's Pub/Sub message (its JSON \
+            envelope, attributes and ordering key) would be over Pub/Sub's 10 MB limit, or its BSON \
+            over MongoDB's 16 MiB.",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`, `unsupported_charset` (only UTF-8).",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_batch`, `empty_batch`, `item_not_object` (`index`), \
             `duplicate_key`, `invalid_key`, `number_out_of_range` (`index`, `path`), \
+            `attribute_too_long` (`index`, `field`, `max_bytes`: a field the message carries as an \
+            attribute, `request_id` or `vendor_name`, is over Pub/Sub's 1,024 bytes), \
             `idempotency_key_reused`, `csv_empty`, `csv_no_rows`, `csv_header` (`line`), \
-            `csv_field_count` (`line`).",
+            `csv_field_count` (`line`), `csv_quote` (`line`: where the quoted field that never \
+            closes starts, or the stray quote).",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited`: the API key's items per second are spent.",
             body = ProblemDocument, content_type = "application/problem+json",

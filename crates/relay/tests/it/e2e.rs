@@ -162,6 +162,7 @@ pub(crate) async fn start_stack_on(
         project_id: "e2e-project".to_owned(),
         topic: format!("outbox-{suffix}"),
         emulator_host: Some(emulator),
+        endpoint: None,
         publish_retry_limit: Duration::from_secs(30),
         batch_delay: Duration::from_millis(1),
     };
