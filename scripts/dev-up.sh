@@ -14,7 +14,11 @@ start_pubsub
 export MONGODB_URL PUBSUB_EMULATOR_HOST
 export PUBSUB_PROJECT_ID="${PUBSUB_PROJECT_ID:-local-project}" PUBSUB_TOPIC="${PUBSUB_TOPIC:-batch-outbox}"
 export LOG_FORMAT="${LOG_FORMAT:-pretty}"
-if [ "${MONGODB_FLAVOR:-}" = standin ]; then export OUTBOX_CHANGE_STREAM=false; fi
+if [ "${MONGODB_FLAVOR:-}" = standin ]; then
+  # The stand-in's change streams are not reliable, and its reads wait for an
+  # open transaction (see LEASE_KILL_ON_BLOCKED_READ in outbox-relay --help).
+  export OUTBOX_CHANGE_STREAM=false LEASE_KILL_ON_BLOCKED_READ=true
+fi
 mkdir -p "$RUN_DIR"
 
 WRITER_BIND="${WRITER_BIND:-127.0.0.1:8000}" target/debug/outbox-writer >"$RUN_DIR/writer.log" 2>&1 &

@@ -215,8 +215,9 @@ async fn run_one(
         .ok_or_else(|| anyhow::anyhow!("the relay's lease could not be renewed"))?
         .fence();
     let started = Instant::now();
-    for (id, marks) in ids.iter().zip(&marks) {
-        store.finish_batch(&fence, id, marks).await?;
+    for (n, (id, marks)) in ids.iter().zip(&marks).enumerate() {
+        let sequence = outbox_core::model::Sequence(n as u64 + 1);
+        store.finish_batch(&fence, id, sequence, marks).await?;
     }
     let fenced_marking = per_second(items, started.elapsed());
     store.drop_database().await?;

@@ -142,6 +142,8 @@ impl Stack {
             ),
             ("OUTBOX_BATCH_SIZE", "100".to_owned()),
             ("OUTBOX_CHANGE_STREAM", (!self.mongo.ours()).to_string()),
+            // The stand-in makes reads wait for an open transaction.
+            ("LEASE_KILL_ON_BLOCKED_READ", self.mongo.ours().to_string()),
             ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
             ("LOG_FORMAT", "pretty".to_owned()),
         ];

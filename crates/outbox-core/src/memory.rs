@@ -94,6 +94,8 @@ struct State {
     lease: Option<Lease>,
     paused: bool,
     dead_letters: Vec<(OutboxItem, String, DateTime<Utc>)>,
+    /// Items [`MemoryStore::hide_item`] took away.
+    hidden: Vec<(BatchId, StoredItem)>,
 }
 
 /// An in-memory store; clones share the same data.
@@ -105,6 +107,8 @@ pub struct MemoryStore {
     wasted_items: Arc<AtomicU64>,
     transactions: Arc<AtomicU64>,
     model: TransactionModel,
+    /// The store's clock (see [`LeaseStore::now_ms`]).
+    clock: Arc<std::sync::OnceLock<(i64, tokio::time::Instant)>>,
 }
 
 impl MemoryStore {
@@ -162,6 +166,64 @@ impl MemoryStore {
             .iter()
             .map(|(s, b)| (*s, b.status))
             .collect()
+    }
+
+    /// Hides one item, as a hand edit (or a commit not yet visible on
+    /// every shard) would leave a batch, until [`restore_items`]: for tests
+    /// of the gap rules.
+    ///
+    /// [`restore_items`]: Self::restore_items
+    pub fn hide_item(&self, batch_id: &BatchId, item_sequence: ItemSequence) {
+        let mut state = self.lock();
+        let Ok(batch) = state.batch_mut(batch_id) else {
+            return;
+        };
+        let Some(index) = batch
+            .items
+            .iter()
+            .position(|i| i.item.item_sequence == item_sequence)
+        else {
+            return;
+        };
+        let item = batch.items.remove(index);
+        state.hidden.push((batch_id.clone(), item));
+    }
+
+    /// Puts back what [`hide_item`](Self::hide_item) hid.
+    pub fn restore_items(&self) {
+        let mut state = self.lock();
+        for (batch_id, item) in std::mem::take(&mut state.hidden) {
+            if let Ok(batch) = state.batch_mut(&batch_id) {
+                let at = batch
+                    .items
+                    .partition_point(|i| i.item.item_sequence < item.item.item_sequence);
+                batch.items.insert(at, item);
+            }
+        }
+    }
+
+    /// Takes a sequence number without storing a batch under it, as a
+    /// batch not yet visible leaves the stream, until [`insert_at`]: for
+    /// tests of the gap rules.
+    ///
+    /// [`insert_at`]: Self::insert_at
+    pub fn skip_sequence(&self) -> Sequence {
+        let mut state = self.lock();
+        state.last_sequence += 1;
+        state.counter_version += 1;
+        Sequence(state.last_sequence)
+    }
+
+    /// Stores `batch` under a sequence [`skip_sequence`](Self::skip_sequence)
+    /// took: the batch that was not visible becomes visible.
+    ///
+    /// # Errors
+    /// When the sequence is in use.
+    pub fn insert_at(&self, sequence: Sequence, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
+        if self.lock().batches.contains_key(&sequence) {
+            return Err(StoreError::Other(format!("sequence {sequence} is in use")));
+        }
+        self.commit_at(batch, Some(sequence))
     }
 
     /// The dead-lettered items with their errors.
@@ -258,14 +320,24 @@ impl MemoryStore {
     }
 
     fn commit(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
+        self.commit_at(batch, None)
+    }
+
+    /// Commits `batch` under the next sequence, or under `at`.
+    fn commit_at(&self, batch: &NewBatch, at: Option<Sequence>) -> Result<BatchSummary, StoreError> {
         let mut state = self.lock();
         if let Some(idem) = &batch.idempotency
             && state.idempotency.contains_key(&idem.key)
         {
             return Err(StoreError::DuplicateIdempotencyKey);
         }
-        state.counter_version += 1;
-        let sequence = Sequence(state.last_sequence + 1);
+        let sequence = match at {
+            Some(sequence) => sequence,
+            None => {
+                state.counter_version += 1;
+                Sequence(state.last_sequence + 1)
+            }
+        };
         let summary = BatchSummary {
             batch_id: batch.batch_id.clone(),
             batch_sequence: sequence,
@@ -293,7 +365,7 @@ impl MemoryStore {
                 error: None,
             })
             .collect();
-        state.last_sequence = sequence.0;
+        state.last_sequence = state.last_sequence.max(sequence.0);
         if let Some(idem) = &batch.idempotency {
             state.idempotency.insert(
                 idem.key.clone(),
@@ -436,6 +508,19 @@ impl BatchStore for MemoryStore {
 
 #[async_trait]
 impl LeaseStore for MemoryStore {
+    /// Wall-clock milliseconds at the store's first reading, advanced by
+    /// tokio's clock: tests pause tokio's clock to expire leases.
+    async fn now_ms(&self) -> Result<i64, StoreError> {
+        self.check_available()?;
+        let (base_ms, base) = *self.clock.get_or_init(|| {
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            (wall, tokio::time::Instant::now())
+        });
+        Ok(base_ms + i64::try_from(base.elapsed().as_millis()).unwrap_or(i64::MAX))
+    }
+
     async fn acquire_or_renew(
         &self,
         holder: &str,
@@ -454,6 +539,7 @@ impl LeaseStore for MemoryStore {
                 holder: holder.to_owned(),
                 epoch: current.as_ref().map_or(0, |l| l.epoch) + 1,
                 expires_at_ms: now_ms + ttl_ms,
+                committed: current.as_ref().and_then(|l| l.committed),
             },
         };
         state.lease = Some(next.clone());
@@ -529,15 +615,26 @@ impl OutboxStore for MemoryStore {
         let batch = state
             .batch(batch_id)
             .ok_or_else(|| StoreError::NotFound(batch_id.clone()))?;
-        Ok(batch
+        let first = u64::from(after.0) + 1;
+        let last = (u64::from(after.0) + u64::from(limit)).min(batch.summary.total_items);
+        let window: Vec<&StoredItem> = batch
             .items
             .iter()
-            .filter(|i| {
-                let sequence = u64::from(i.item.item_sequence.0);
-                sequence > u64::from(after.0)
-                    && sequence <= u64::from(after.0) + u64::from(limit)
-                    && i.status == ItemStatus::Pending
-            })
+            .filter(|i| (first..=last).contains(&u64::from(i.item.item_sequence.0)))
+            .collect();
+        // As MongoDB's adapter: a position with no item ends the read.
+        if let Some(missing) = (first..=last)
+            .zip(window.iter().map(|i| u64::from(i.item.item_sequence.0)).chain(std::iter::repeat(0)))
+            .find(|(expected, found)| expected != found)
+            .map(|(expected, _)| expected)
+        {
+            return Err(StoreError::Incomplete(format!(
+                "batch {batch_id} has no item {missing}"
+            )));
+        }
+        Ok(window
+            .into_iter()
+            .filter(|i| i.status == ItemStatus::Pending)
             .map(|i| i.item.clone())
             .collect())
     }
@@ -622,7 +719,12 @@ impl OutboxStore for MemoryStore {
         Ok(())
     }
 
-    async fn commit_batch(&self, fence: &Fence, batch_id: &BatchId) -> Result<(), StoreError> {
+    async fn commit_batch(
+        &self,
+        fence: &Fence,
+        batch_id: &BatchId,
+        sequence: Sequence,
+    ) -> Result<(), StoreError> {
         let mut state = self.fenced(fence)?;
         let batch = state.batch_mut(batch_id)?;
         if batch.items.iter().any(|i| i.status == ItemStatus::Pending) {
@@ -632,7 +734,23 @@ impl OutboxStore for MemoryStore {
         }
         batch.status = BatchStatus::Committed;
         batch.committed_at = Some(Utc::now());
+        if let Some(lease) = state.lease.as_mut() {
+            lease.committed = lease.committed.max(Some(sequence));
+        }
         Ok(())
+    }
+
+    async fn committed_through(&self) -> Result<Option<Sequence>, StoreError> {
+        self.check_available()?;
+        let state = self.lock();
+        Ok(state.lease.as_ref().and_then(|l| l.committed).or_else(|| {
+            state
+                .batches
+                .values()
+                .rev()
+                .find(|b| b.status == BatchStatus::Committed)
+                .map(|b| b.summary.batch_sequence)
+        }))
     }
 
     async fn fail_batch(
@@ -847,8 +965,8 @@ mod tests {
             ids.push(store.insert_batch(&batch(2), far()).await.unwrap().batch_id);
         }
         // The first two are committed, the third still pending.
-        for id in &ids[..2] {
-            let items = store.unsent_items(id, ItemSequence(0), 10).await.unwrap();
+        for (n, id) in ids[..2].iter().enumerate() {
+            let items = store.unsent_items(id, ItemSequence(0), 2).await.unwrap();
             let marks: Vec<SentMark> = items
                 .iter()
                 .map(|i| SentMark {
@@ -858,7 +976,10 @@ mod tests {
                 })
                 .collect();
             store.mark_sent(&fence, id, &marks).await.unwrap();
-            store.commit_batch(&fence, id).await.unwrap();
+            store
+                .commit_batch(&fence, id, Sequence(n as u64 + 1))
+                .await
+                .unwrap();
         }
         let committed: Vec<_> = store
             .batch_statuses()

@@ -47,6 +47,12 @@ pub enum StoreError {
         bytes: usize,
         limit: usize,
     },
+    /// What the relay must publish next is not all readable: an item of a
+    /// batch's window is absent (a sharded cluster's commit not visible on
+    /// every shard yet, a document removed by hand). Nothing past it may
+    /// be published; the pass ends and reads again later.
+    #[error("incomplete: {0}")]
+    Incomplete(String),
     /// Stored data or a reply did not have the expected shape.
     #[error("store error: {0}")]
     Other(String),
@@ -167,6 +173,10 @@ pub struct Lease {
     pub epoch: u64,
     /// Unix milliseconds after which another replica may take the lease.
     pub expires_at_ms: i64,
+    /// The highest `batch_sequence` committed under any epoch, recorded by
+    /// the commit's own fenced write; `None` before the first commit that
+    /// recorded it.
+    pub committed: Option<Sequence>,
 }
 
 impl Lease {
@@ -189,6 +199,10 @@ pub struct Fence {
 /// The leader lease.
 #[async_trait]
 pub trait LeaseStore: Send + Sync + 'static {
+    /// The store's clock, in Unix milliseconds. Lease expiry is judged by
+    /// it, so every replica judges by one clock, whatever its own says.
+    async fn now_ms(&self) -> Result<i64, StoreError>;
+
     /// Takes the lease when it is free or expired (a new epoch), or renews it
     /// when `holder` has it (the same epoch). `None` when another holder has
     /// a live lease.
@@ -288,11 +302,16 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// The items of a batch not yet sent nor failed whose `item_sequence`
     /// is in the window `after + 1 ..= after + limit`, in `item_sequence`
-    /// order. A window may hold fewer than `limit` of them (some are sent
-    /// already), or none; the caller moves on window by window up to the
-    /// batch's `total_items`. (A window, not "the next `limit` unsent", so
-    /// a store can read it by primary key: [`ItemId::of`] names every item
-    /// in it.)
+    /// order; the window lies within the batch (`after + limit <=
+    /// total_items`). A window may hold fewer than `limit` of them (some
+    /// are sent already), or none; the caller moves on window by window up
+    /// to the batch's `total_items`. (A window, not "the next `limit`
+    /// unsent", so a store can read it by primary key: [`ItemId::of`]
+    /// names every item in it.)
+    ///
+    /// # Errors
+    /// [`StoreError::Incomplete`] when a position of the window has no item
+    /// at all (neither pending, sent nor failed).
     async fn unsent_items(
         &self,
         batch_id: &BatchId,
@@ -323,8 +342,15 @@ pub trait OutboxStore: Send + Sync + 'static {
         marks: &[SentMark],
     ) -> Result<(), StoreError>;
 
-    /// Marks a batch whose items are all sent or failed as committed.
-    async fn commit_batch(&self, fence: &Fence, batch_id: &BatchId) -> Result<(), StoreError>;
+    /// Marks a batch whose items are all sent or failed as committed, and
+    /// records `sequence` as the highest committed (see
+    /// [`committed_through`](Self::committed_through)) in the same write.
+    async fn commit_batch(
+        &self,
+        fence: &Fence,
+        batch_id: &BatchId,
+        sequence: Sequence,
+    ) -> Result<(), StoreError>;
 
     /// The last page's marks and the commit together. Stores that can do
     /// both in one transaction should; the result must be the same as
@@ -334,11 +360,18 @@ pub trait OutboxStore: Send + Sync + 'static {
         &self,
         fence: &Fence,
         batch_id: &BatchId,
+        sequence: Sequence,
         marks: &[SentMark],
     ) -> Result<(), StoreError> {
         self.mark_sent(fence, batch_id, marks).await?;
-        self.commit_batch(fence, batch_id).await
+        self.commit_batch(fence, batch_id, sequence).await
     }
+
+    /// The highest `batch_sequence` committed: the one the next batch to
+    /// publish must follow. Recorded with every commit; for data committed
+    /// before it was, the highest committed batch still stored. `None`
+    /// when nothing says (no commit recorded, none stored).
+    async fn committed_through(&self) -> Result<Option<Sequence>, StoreError>;
 
     /// Halts on an item Pub/Sub rejected for good: the batch becomes failed.
     async fn fail_batch(

@@ -40,6 +40,15 @@ pub struct MongoConfig {
     /// for a majority (`wtimeout`, `maxCommitTimeMS`).
     pub commit_timeout: Duration,
     pub app_name: String,
+    /// When a lease read is blocked past its time limit, kill the session
+    /// recorded in the lease as last read, if that lease had expired.
+    /// MongoDB's reads never wait for transactions, so there a blocked read
+    /// says nothing about the holder and this stays off (a kill would be
+    /// decided on a stale view); the development stand-in makes reads wait
+    /// for an open transaction, so its scripts turn it on.
+    pub kill_on_blocked_lease_read: bool,
+    /// Records every command the store's clients send (tests, benchmarks).
+    pub command_log: Option<crate::monitor::CommandLog>,
 }
 
 impl MongoConfig {
@@ -60,6 +69,8 @@ impl MongoConfig {
             lease_timeout: Duration::from_secs(1),
             commit_timeout: Duration::from_secs(10),
             app_name: "batch-outbox".to_owned(),
+            kill_on_blocked_lease_read: false,
+            command_log: None,
         }
     }
 }

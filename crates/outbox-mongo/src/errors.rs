@@ -18,6 +18,8 @@ const DUPLICATE_KEY: i32 = 11000;
 /// `MaxTimeMSExpired`: an operation's server-side time limit passed (for
 /// us: it waited on a document another transaction holds).
 pub(crate) const MAX_TIME_MS_EXPIRED: i32 = 50;
+/// `Unauthorized`: the user lacks a privilege the command needs.
+pub(crate) const UNAUTHORIZED: i32 = 13;
 const WRITE_CONCERN_FAILED: i32 = 64;
 const EXCEEDED_TIME_LIMIT: i32 = 262;
 const INDEX_NOT_FOUND: i32 = 27;

@@ -19,6 +19,7 @@
 use async_trait::async_trait;
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::options::ReadConcern;
+use outbox_core::model::Sequence;
 use outbox_core::store::{Fence, Lease, LeaseStore, StoreError};
 use tracing::{info, warn};
 
@@ -46,6 +47,9 @@ fn lease_from(doc: &Document) -> Lease {
         holder: doc.get_str("holder").unwrap_or_default().to_owned(),
         epoch: u64::try_from(lenient_i64(doc.get("epoch"))).unwrap_or(0),
         expires_at_ms: lenient_i64(doc.get("expires_at_ms")),
+        committed: doc
+            .get("committed_sequence")
+            .map(|v| Sequence(u64::try_from(lenient_i64(Some(v))).unwrap_or(0))),
     }
 }
 
@@ -162,6 +166,22 @@ impl MongoStore {
 
 #[async_trait]
 impl LeaseStore for MongoStore {
+    /// The primary's clock (`hello`'s `localTime`): every replica judges
+    /// lease expiry by it. (MongoDB's `$$NOW` in an update pipeline would
+    /// compare on the server itself, in the compare-and-swap; the
+    /// development stand-in has no update pipelines, so the time is read
+    /// first, at the cost of one round trip a lease round.)
+    async fn now_ms(&self) -> Result<i64, StoreError> {
+        let hello = self
+            .db
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(classify)?;
+        crate::documents::get_opt_datetime(&hello, "localTime")
+            .map(|at| at.timestamp_millis())
+            .ok_or_else(|| StoreError::Other(format!("hello has no localTime: {hello}")))
+    }
+
     async fn acquire_or_renew(
         &self,
         holder: &str,
@@ -169,28 +189,28 @@ impl LeaseStore for MongoStore {
         ttl_ms: i64,
     ) -> Result<Option<Lease>, StoreError> {
         let expires_at_ms = now_ms + ttl_ms;
-        // Recorded with every acquisition and renewal, so a successor knows
-        // which session to kill even if it never saw a fenced write.
-        let session = match self.fenced.ensure_id().await {
-            Ok(id) => id.map_or(Bson::Null, Bson::Document),
-            Err(error) => return Err(error),
-        };
         let document = match self.read_lease().await {
             Ok(document) => document,
             Err(None) => {
-                // Only a transaction blocks a read (on a server that makes
-                // reads wait for transactions): if the lease we saw last has
-                // expired, that transaction is most likely its dead holder's.
-                let seen = self
-                    .last_lease
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if let Some(seen) = seen {
-                    self.kill_orphan(&seen, holder, now_ms).await;
+                // MongoDB's reads do not wait for transactions: the lease
+                // read failed for another reason, and a kill would be
+                // decided on a stale view, so nothing is killed. A server
+                // that makes reads wait for transactions (the development
+                // stand-in) opts in: there, a read blocked past its time
+                // limit means the lease's holder left a transaction open.
+                if self.config.kill_on_blocked_lease_read {
+                    let seen = self
+                        .last_lease
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    if let Some(seen) = seen {
+                        self.kill_orphan(&seen, holder, now_ms).await;
+                    }
                 }
                 return Err(StoreError::Unavailable(
-                    "the lease document is held by a transaction".to_owned(),
+                    "the lease read did not answer in time (a transaction may hold the document)"
+                        .to_owned(),
                 ));
             }
             Err(Some(error)) => return Err(error),
@@ -200,6 +220,7 @@ impl LeaseStore for MongoStore {
                 holder: holder.to_owned(),
                 epoch: 1,
                 expires_at_ms,
+                committed: None,
             };
             let ms = self.lease_timeout_ms();
             let insert = self
@@ -208,7 +229,7 @@ impl LeaseStore for MongoStore {
                     "insert": &self.config.lease_collection,
                     "documents": [{
                         "_id": LEASE_ID, "holder": holder, "epoch": 1_i64,
-                        "expires_at_ms": expires_at_ms, "txn_session": session,
+                        "expires_at_ms": expires_at_ms, "txn_session": Bson::Null,
                     }],
                     "maxTimeMS": ms,
                     "writeConcern": { "w": "majority", "wtimeout": ms },
@@ -241,19 +262,22 @@ impl LeaseStore for MongoStore {
                 holder: holder.to_owned(),
                 epoch: current.epoch + 1,
                 expires_at_ms,
+                committed: current.committed,
             }
         };
-        // Only if nobody changed the lease since we read it.
+        // Only if nobody changed the lease since we read it. A renewal
+        // leaves the recorded session alone (the fenced write records it);
+        // a new holder clears its predecessor's, just killed.
+        let mut set = doc! {
+            "holder": &next.holder,
+            "epoch": to_i64(next.epoch),
+            "expires_at_ms": next.expires_at_ms,
+        };
+        if next.epoch != current.epoch {
+            set.insert("txn_session", Bson::Null);
+        }
         let matched = self
-            .lease_update(
-                as_read(&document),
-                doc! { "$set": {
-                    "holder": &next.holder,
-                    "epoch": to_i64(next.epoch),
-                    "expires_at_ms": next.expires_at_ms,
-                    "txn_session": session,
-                } },
-            )
+            .lease_update(as_read(&document), doc! { "$set": set })
             .await?;
         Ok((matched == 1).then_some(next))
     }

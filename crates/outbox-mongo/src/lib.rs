@@ -19,11 +19,12 @@ pub mod config;
 pub mod documents;
 mod errors;
 mod lease;
+pub mod monitor;
 mod outbox;
 
 use std::sync::Arc;
 
-use mongodb::bson::{Document, doc};
+use mongodb::bson::{Binary, Document, doc};
 use mongodb::options::{ClientOptions, IndexOptions, ReadPreference, SelectionCriteria};
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 use outbox_core::store::StoreError;
@@ -34,7 +35,7 @@ pub use config::MongoConfig;
 use errors::classify;
 
 /// The id of the one document in the counters collection.
-const SEQUENCE_COUNTER_ID: &str = "batch_sequence";
+pub(crate) const SEQUENCE_COUNTER_ID: &str = "batch_sequence";
 /// The id of the one lease document.
 const LEASE_ID: &str = "relay";
 /// The id of the relay's cluster-wide control document.
@@ -60,39 +61,19 @@ pub struct MongoStore {
 /// The session fenced writes run on, so that its id can be recorded in the
 /// lease document and a successor can kill it (aborting a transaction a
 /// dead leader left open) instead of waiting for MongoDB to reap it.
+///
+/// Only the fenced write itself records the session, under the session's
+/// lock and before its first transaction under a lease epoch: the id in
+/// the lease is always the session in use (renewals never write it).
 struct FencedSession {
     /// The client the session belongs to (the drain client).
     client: Client,
-    session: tokio::sync::Mutex<Option<ClientSession>>,
-    /// The session's id, readable while a fenced write holds `session`.
-    id: std::sync::Mutex<Option<Document>>,
-}
-
-impl FencedSession {
-    fn id(&self) -> Option<Document> {
-        self.id.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn set_id(&self, id: Option<Document>) {
-        *self.id.lock().unwrap_or_else(|e| e.into_inner()) = id;
-    }
-
-    /// The id to record in the lease, starting the session if there is
-    /// none yet (when a fenced write holds it, its id is already known).
-    async fn ensure_id(&self) -> Result<Option<Document>, StoreError> {
-        if let Some(id) = self.id() {
-            return Ok(Some(id));
-        }
-        let Ok(mut slot) = self.session.try_lock() else {
-            return Ok(self.id());
-        };
-        if slot.is_none() {
-            let session = self.client.start_session().await.map_err(classify)?;
-            self.set_id(Some(session.id().clone()));
-            *slot = Some(session);
-        }
-        Ok(self.id())
-    }
+    /// The session, and the lease epoch its id was recorded under.
+    session: tokio::sync::Mutex<Option<(ClientSession, Option<u64>)>>,
+    /// The `uid` MongoDB gives our sessions: SHA-256 of `user@db` of the
+    /// authenticated user (of the empty string without authentication).
+    /// A successor running as another user needs it to kill our session.
+    uid: tokio::sync::OnceCell<Binary>,
 }
 
 impl MongoStore {
@@ -107,6 +88,7 @@ impl MongoStore {
             .map_err(|e| StoreError::Other(format!("invalid MongoDB URL: {e}")))?;
         options.server_selection_timeout = Some(config.server_selection_timeout);
         options.connect_timeout = Some(config.server_selection_timeout);
+        options.command_event_handler = config.command_log.as_ref().map(|log| log.handler());
         // Transactions must run on the primary, and the relay must read what
         // the primary committed: a URL's `readPreference=secondaryPreferred`
         // would make every transaction fail.
@@ -124,7 +106,7 @@ impl MongoStore {
         let fenced = Arc::new(FencedSession {
             client: client.clone(),
             session: tokio::sync::Mutex::new(None),
-            id: std::sync::Mutex::new(None),
+            uid: tokio::sync::OnceCell::new(),
         });
         Ok(Self {
             client,
@@ -152,6 +134,7 @@ impl MongoStore {
         options.app_name = Some(config.app_name.clone());
         options.server_selection_timeout = Some(config.server_selection_timeout);
         options.connect_timeout = Some(config.server_selection_timeout);
+        options.command_event_handler = config.command_log.as_ref().map(|log| log.handler());
         options.selection_criteria =
             Some(SelectionCriteria::ReadPreference(ReadPreference::Primary));
         let client = Client::with_options(options)
@@ -166,15 +149,55 @@ impl MongoStore {
         })
     }
 
-    /// Aborts whatever transaction the session with this id has open, on
-    /// any client of the same user (MongoDB's `killSessions`).
-    pub(crate) async fn kill_session(&self, session_id: &Document) -> Result<(), StoreError> {
-        self.client
-            .database("admin")
-            .run_command(doc! { "killSessions": [session_id.clone()] })
+    /// Aborts whatever transaction the session has open (MongoDB's
+    /// `killSessions`). `session` is the session as recorded: `{id, uid}`.
+    /// Without `uid` MongoDB matches only the calling user's sessions; with
+    /// another user's `uid` the caller needs the `killAnySession` privilege
+    /// (built-in role `hostManager`; see docs/OPERATIONS.md). Refused for
+    /// lack of it, the kill is tried again as our own user's.
+    pub(crate) async fn kill_session(&self, session: &Document) -> Result<(), StoreError> {
+        let admin = self.client.database("admin");
+        match admin
+            .run_command(doc! { "killSessions": [session.clone()] })
             .await
-            .map_err(classify)?;
-        Ok(())
+        {
+            Ok(_) => Ok(()),
+            Err(e) if errors::code(&e) == Some(errors::UNAUTHORIZED) && session.contains_key("uid") => {
+                warn!(
+                    message = "killSessions with the session's uid was refused: this user lacks the killAnySession privilege (role hostManager); trying as our own user's session",
+                    error = %e
+                );
+                let mut own = session.clone();
+                own.remove("uid");
+                admin
+                    .run_command(doc! { "killSessions": [own] })
+                    .await
+                    .map_err(classify)?;
+                Ok(())
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// A session id as recorded for a successor to kill: `{id, uid}`.
+    pub(crate) async fn recordable(&self, session_id: &Document) -> Result<Document, StoreError> {
+        let uid = self
+            .fenced
+            .uid
+            .get_or_try_init(|| async {
+                let status = self
+                    .fenced
+                    .client
+                    .database("admin")
+                    .run_command(doc! { "connectionStatus": 1 })
+                    .await
+                    .map_err(classify)?;
+                Ok::<_, StoreError>(session_uid(&status))
+            })
+            .await?;
+        let mut recorded = session_id.clone();
+        recorded.insert("uid", uid.clone());
+        Ok(recorded)
     }
 
     /// MongoDB's `transactionLifetimeLimitSeconds`: how long a transaction
@@ -244,21 +267,21 @@ impl MongoStore {
             .await
             .map_err(classify)?;
         self.items()
-            .create_indexes([
-                index(doc! { "batch_id": 1, "item_sequence": 1 }, Some(unique())),
-                index(
-                    doc! { "batch_id": 1, "status": 1, "item_sequence": 1 },
-                    None,
-                ),
-            ])
+            .create_indexes([index(
+                doc! { "batch_id": 1, "item_sequence": 1 },
+                Some(unique()),
+            )])
             .await
             .map_err(classify)?;
-        // Items are keyed by item_id (`_id`); earlier versions also indexed
-        // `item_id`, which only cost every insert a second unique index.
-        if let Err(e) = self.items().drop_index("item_id_1").await
-            && !errors::is_missing_index(&e)
-        {
-            return Err(classify(e));
+        // Items are keyed by item_id (`_id`) and read by it; earlier versions
+        // also indexed `item_id`, and (batch_id, status, item_sequence), which
+        // every mark rewrote and only fallbacks read.
+        for unused in ["item_id_1", "batch_id_1_status_1_item_sequence_1"] {
+            if let Err(e) = self.items().drop_index(unused).await
+                && !errors::is_missing_index(&e)
+            {
+                return Err(classify(e));
+            }
         }
         let ttl = IndexOptions::builder()
             .expire_after(std::time::Duration::ZERO)
@@ -345,6 +368,25 @@ impl MongoStore {
 
     fn dead_letters(&self) -> Collection<Document> {
         self.db.collection(&self.config.dead_letter_collection)
+    }
+}
+
+/// MongoDB's `uid` of the sessions of the user a `connectionStatus` reply
+/// names: SHA-256 of `user@db`, or of the empty string when no one is
+/// authenticated (MongoDB's `getLogicalSessionUserDigestFor`).
+pub(crate) fn session_uid(connection_status: &Document) -> Binary {
+    use sha2::Digest;
+    let user = connection_status
+        .get_document("authInfo")
+        .ok()
+        .and_then(|info| info.get_array("authenticatedUsers").ok())
+        .and_then(|users| users.first())
+        .and_then(|user| user.as_document())
+        .and_then(|user| Some(format!("{}@{}", user.get_str("user").ok()?, user.get_str("db").ok()?)))
+        .unwrap_or_default();
+    Binary {
+        subtype: mongodb::bson::spec::BinarySubtype::Generic,
+        bytes: sha2::Sha256::digest(user.as_bytes()).to_vec(),
     }
 }
 

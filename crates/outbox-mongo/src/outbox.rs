@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
+use mongodb::options::ReadConcern;
 use outbox_core::model::{
     BatchId, BatchProgress, BatchStatus, ItemId, ItemSequence, ItemStatus, Sequence,
 };
@@ -47,11 +48,21 @@ fn unfinished() -> Document {
 enum FencedWrite<'a> {
     Start(&'a BatchId),
     Marks(&'a BatchId, &'a [SentMark]),
-    Commit(&'a BatchId),
+    Commit(&'a BatchId, Sequence),
     /// The last page's marks and the commit in one transaction.
-    Finish(&'a BatchId, &'a [SentMark]),
+    Finish(&'a BatchId, Sequence, &'a [SentMark]),
     Fail(&'a BatchId, ItemSequence, &'a str),
     DeadLetter(&'a OutboxItem, &'a str),
+}
+
+impl FencedWrite<'_> {
+    /// The sequence this write commits, if it commits a batch.
+    fn commits(&self) -> Option<Sequence> {
+        match self {
+            Self::Commit(_, sequence) | Self::Finish(_, sequence, _) => Some(*sequence),
+            _ => None,
+        }
+    }
 }
 
 impl MongoStore {
@@ -61,13 +72,19 @@ impl MongoStore {
         let mut slot = self.fenced.session.lock().await;
         if slot.is_none() {
             let session = self.fenced.client.start_session().await.map_err(classify)?;
-            self.record_fenced_session(fence, session.id()).await?;
-            self.fenced.set_id(Some(session.id().clone()));
-            *slot = Some(session);
+            *slot = Some((session, None));
         }
-        let Some(session) = slot.as_mut() else {
+        let Some((session, recorded)) = slot.as_mut() else {
             return Err(StoreError::Other("no fenced session".to_owned()));
         };
+        // Recorded before its first transaction under this epoch (a new
+        // holder's acquisition clears the field), while we hold the session:
+        // the id in the lease is the session in use.
+        if *recorded != Some(fence.epoch) {
+            let id = self.recordable(session.id()).await?;
+            self.record_fenced_session(fence, &id).await?;
+            *recorded = Some(fence.epoch);
+        }
         let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
         let result = loop {
             match self.fenced_once(session, fence, &write).await {
@@ -81,9 +98,8 @@ impl MongoStore {
             // The session may have been killed by a successor, or may still
             // have a transaction open on the server that we gave up on: end
             // it, and start the next write on a fresh, recorded session.
-            if let Some(session) = slot.take() {
-                self.fenced.set_id(None);
-                let id = session.id().clone();
+            if let Some((session, _)) = slot.take() {
+                let id = self.recordable(session.id()).await.unwrap_or_else(|_| session.id().clone());
                 let kill =
                     tokio::time::timeout(std::time::Duration::from_secs(1), self.kill_session(&id));
                 if let Ok(Err(kill_error)) = kill.await {
@@ -106,11 +122,18 @@ impl MongoStore {
             .await
             .map_err(classify)?;
         let result = async {
+            // The fence, and for a commit the record of the highest
+            // committed sequence (what the next batch must follow), in one
+            // statement.
+            let mut claim = doc! { "$inc": { "fenced_writes": 1_i64 } };
+            if let Some(sequence) = write.commits() {
+                claim.insert("$max", doc! { "committed_sequence": to_i64(sequence.0) });
+            }
             let claimed = self
                 .lease()
                 .update_one(
                     doc! { "_id": LEASE_ID, "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
-                    doc! { "$inc": { "fenced_writes": 1_i64 } },
+                    claim,
                 )
                 .session(&mut *session)
                 .await
@@ -289,10 +312,10 @@ impl MongoStore {
                 self.write_marks(session, batch_id, marks, &now, epoch)
                     .await?;
             }
-            FencedWrite::Commit(batch_id) => {
+            FencedWrite::Commit(batch_id, _) => {
                 self.write_commit(session, batch_id, &now, epoch).await?;
             }
-            FencedWrite::Finish(batch_id, marks) => {
+            FencedWrite::Finish(batch_id, _, marks) => {
                 self.write_marks(session, batch_id, marks, &now, epoch)
                     .await?;
                 self.write_commit(session, batch_id, &now, epoch).await?;
@@ -359,6 +382,64 @@ impl MongoStore {
         Ok(())
     }
 
+    /// The highest committed sequence as the commits recorded it in the
+    /// lease document.
+    async fn recorded_commit(&self) -> Result<Option<Sequence>, StoreError> {
+        let lease = self
+            .lease()
+            .find_one(doc! { "_id": LEASE_ID })
+            .projection(doc! { "committed_sequence": 1 })
+            .read_concern(ReadConcern::majority())
+            .await
+            .map_err(classify)?;
+        Ok(lease
+            .as_ref()
+            .and_then(|l| get_u64(l, "committed_sequence").ok())
+            .map(Sequence))
+    }
+
+    /// A window read gave fewer pending items than it has positions: the
+    /// others must be there, sent or failed. A position with no document
+    /// at all ends the read: publishing what follows it would put a later
+    /// item before an earlier one.
+    async fn check_window(
+        &self,
+        batch_id: &BatchId,
+        first: u64,
+        ids: &[String],
+        pending: &[OutboxItem],
+    ) -> Result<(), StoreError> {
+        let read: std::collections::HashSet<String> =
+            pending.iter().map(|i| i.item_id.to_string()).collect();
+        let others: Vec<&String> = ids.iter().filter(|id| !read.contains(*id)).collect();
+        let cursor = self
+            .items()
+            .find(doc! { "_id": { "$in": &others }, "batch_id": batch_id.as_str() })
+            .projection(doc! { "_id": 1 })
+            .read_concern(ReadConcern::majority())
+            .await
+            .map_err(classify)?;
+        let present: std::collections::HashSet<String> = cursor
+            .try_collect::<Vec<Document>>()
+            .await
+            .map_err(classify)?
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .collect();
+        match ids
+            .iter()
+            .position(|id| !read.contains(id) && !present.contains(id))
+        {
+            None => Ok(()),
+            Some(offset) => {
+                Err(StoreError::Incomplete(format!(
+                    "batch {batch_id} has no item {} (not readable at read concern majority); nothing after it is published",
+                    first + offset as u64
+                )))
+            }
+        }
+    }
+
     async fn collect<T>(
         &self,
         cursor: mongodb::Cursor<Document>,
@@ -387,18 +468,36 @@ impl OutboxStore for MongoStore {
             .sort(doc! { "batch_sequence": 1 })
             .limit(i64::from(limit))
             .projection(doc! { "vendor_counts": 0 })
+            .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)?;
         self.collect(cursor, pending_batch).await
     }
 
     async fn backlog(&self) -> Result<Backlog, StoreError> {
-        let pending = self
-            .batches()
-            .count_documents(doc! { "status": unfinished() })
+        // O(1): the counter (the last sequence given out) less the last
+        // committed (recorded by the commits), two reads by `_id`, and the
+        // head batch by the (status, batch_sequence) index.
+        let counter = self
+            .counters()
+            .find_one(doc! { "_id": crate::SEQUENCE_COUNTER_ID })
+            .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)?;
+        let issued = counter.as_ref().and_then(|c| get_u64(c, "value").ok()).unwrap_or(0);
         let head = self.head_batch().await?;
+        let pending = match (self.recorded_commit().await?, &head) {
+            (_, None) => 0,
+            (Some(committed), Some(_)) => issued.saturating_sub(committed.0),
+            // Nothing recorded yet (data committed before commits recorded
+            // it): count, until the next commit records it.
+            (None, Some(_)) => self
+                .batches()
+                .count_documents(doc! { "status": unfinished() })
+                .read_concern(ReadConcern::majority())
+                .await
+                .map_err(classify)?,
+        };
         Ok(Backlog {
             pending_batches: pending,
             oldest_created_at: head.map(|b| b.created_at),
@@ -421,15 +520,19 @@ impl OutboxStore for MongoStore {
         let cursor = self
             .items()
             .find(doc! {
-                "_id": { "$in": ids },
+                "_id": { "$in": &ids },
                 "status": ItemStatus::Pending.as_str(),
             })
             .batch_size(limit)
+            .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)?;
         let mut items = self.collect(cursor, outbox_item).await?;
         items.retain(|item| item.batch_id == *batch_id);
         items.sort_by_key(|item| item.item_sequence);
+        if items.len() < ids.len() {
+            self.check_window(batch_id, first, &ids, &items).await?;
+        }
         Ok(items)
     }
 
@@ -445,6 +548,7 @@ impl OutboxStore for MongoStore {
             .sort(doc! { "item_sequence": 1 })
             .limit(i64::from(limit))
             .projection(doc! { "request_data": 0 })
+            .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)?;
         self.collect(cursor, item_view).await
@@ -474,18 +578,42 @@ impl OutboxStore for MongoStore {
             .await
     }
 
-    async fn commit_batch(&self, fence: &Fence, batch_id: &BatchId) -> Result<(), StoreError> {
-        self.fenced(fence, FencedWrite::Commit(batch_id)).await
+    async fn commit_batch(
+        &self,
+        fence: &Fence,
+        batch_id: &BatchId,
+        sequence: Sequence,
+    ) -> Result<(), StoreError> {
+        self.fenced(fence, FencedWrite::Commit(batch_id, sequence))
+            .await
     }
 
     async fn finish_batch(
         &self,
         fence: &Fence,
         batch_id: &BatchId,
+        sequence: Sequence,
         marks: &[SentMark],
     ) -> Result<(), StoreError> {
-        self.fenced(fence, FencedWrite::Finish(batch_id, marks))
+        self.fenced(fence, FencedWrite::Finish(batch_id, sequence, marks))
             .await
+    }
+
+    async fn committed_through(&self) -> Result<Option<Sequence>, StoreError> {
+        if let Some(sequence) = self.recorded_commit().await? {
+            return Ok(Some(sequence));
+        }
+        // Committed before commits recorded it: the highest committed batch.
+        let last = self
+            .batches()
+            .find_one(doc! { "status": BatchStatus::Committed.as_str() })
+            .sort(doc! { "batch_sequence": -1 })
+            .projection(doc! { "batch_sequence": 1 })
+            .read_concern(ReadConcern::majority())
+            .await
+            .map_err(classify)?;
+        last.map(|b| get_u64(&b, "batch_sequence").map(Sequence))
+            .transpose()
     }
 
     async fn fail_batch(
@@ -615,6 +743,7 @@ impl OutboxStore for MongoStore {
         let control = self
             .control()
             .find_one(doc! { "_id": CONTROL_ID })
+            .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)?;
         Ok(control.is_some_and(|c| get_flag(&c, "paused")))

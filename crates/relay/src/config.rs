@@ -160,6 +160,12 @@ pub struct Config {
     /// Lease time to live in seconds; renewed about every third of it.
     #[arg(long, env = "LEASE_TTL_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
     pub lease_ttl_seconds: u64,
+    /// When a lease read is blocked past its time limit, kill the session the
+    /// expired lease last read names. Only for servers whose reads wait for an
+    /// open transaction (the development stand-in): on MongoDB a blocked read
+    /// says nothing about the holder, and the kill would come from a stale view.
+    #[arg(long, env = "LEASE_KILL_ON_BLOCKED_READ", default_value_t = false, action = clap::ArgAction::Set)]
+    pub kill_on_blocked_lease_read: bool,
     /// This replica's name in the lease (default: host name and process id).
     #[arg(long, env = "RELAY_ID", default_value_t = default_relay_id())]
     pub relay_id: String,

@@ -79,6 +79,14 @@ pub enum DrainError {
     Store(#[from] StoreError),
     #[error("publish failed: {0}")]
     Publish(String),
+    /// The next batch to publish is not the one after the last committed:
+    /// batch `expected` is not readable yet (a writer's commit not visible
+    /// at read concern majority, or a document removed). Nothing after it
+    /// is published until it is.
+    #[error(
+        "batch {expected} is not readable yet (the next stored batch is {found}); nothing after it is published until it is"
+    )]
+    Gap { expected: Sequence, found: Sequence },
 }
 
 impl DrainError {
@@ -100,6 +108,9 @@ pub struct Drainer {
     /// Ordering keys a failed publish paused; resumed once MongoDB was
     /// re-read, before anything is published again.
     paused_keys: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The highest committed sequence, as known under a lease epoch: the
+    /// next batch published must be the one after it.
+    committed: std::sync::Mutex<Option<(u64, Option<Sequence>)>>,
 }
 
 /// A fenced page write running in the background.
@@ -123,6 +134,28 @@ impl Drainer {
             status,
             in_flight: std::sync::Mutex::new(None),
             paused_keys: std::sync::Mutex::default(),
+            committed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The highest committed sequence, read from the store once per lease
+    /// epoch and then kept up to date by our own commits.
+    async fn committed_through(&self, epoch: u64) -> Result<Option<Sequence>, DrainError> {
+        let known = *self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((known_epoch, sequence)) = known
+            && known_epoch == epoch
+        {
+            return Ok(sequence);
+        }
+        let sequence = self.store.committed_through().await?;
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = Some((epoch, sequence));
+        Ok(sequence)
+    }
+
+    fn record_committed(&self, sequence: Sequence) {
+        let mut known = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, last)) = known.as_mut() {
+            *last = (*last).max(Some(sequence));
         }
     }
 
@@ -157,6 +190,7 @@ impl Drainer {
             .map_err(|e| DrainError::Store(StoreError::Other(format!("page write task: {e}"))))?
             .map_err(DrainError::from_store)?;
         if let Some(batch) = in_flight.finishes {
+            self.record_committed(batch.batch_sequence);
             self.committed(&batch);
         }
         Ok(())
@@ -173,9 +207,10 @@ impl Drainer {
         self.settle().await?;
         let store = Arc::clone(&self.store);
         let batch_id = batch.batch_id.clone();
+        let sequence = batch.batch_sequence;
         let write = tokio::spawn(async move {
             if finishes {
-                store.finish_batch(&fence, &batch_id, &marks).await
+                store.finish_batch(&fence, &batch_id, sequence, &marks).await
             } else {
                 store.mark_sent(&fence, &batch_id, &marks).await
             }
@@ -239,7 +274,8 @@ impl Drainer {
     ) -> Result<Pass, DrainError> {
         // While the previous batch's commit is in flight, the head is the
         // first uncommitted batch after it.
-        let head = match self.finishing() {
+        let finishing = self.finishing();
+        let head = match finishing {
             Some(sequence) => self
                 .store
                 .pending_batches(Some(sequence), 1)
@@ -257,6 +293,23 @@ impl Drainer {
             ::metrics::gauge!(metrics::HALTED).set(0.0);
             return Ok(Pass::Idle);
         };
+        // Batch N+1 goes out only after N is committed: the head must be
+        // the batch right after the last committed (or the one whose commit
+        // is in flight). A gap means a batch not readable yet.
+        let epoch = leadership.fence().ok_or(DrainError::NotLeader)?.epoch;
+        let after = match finishing {
+            Some(sequence) => Some(sequence),
+            None => self.committed_through(epoch).await?,
+        };
+        if let Some(after) = after
+            && batch.batch_sequence != after.next()
+        {
+            ::metrics::counter!(metrics::SEQUENCE_GAPS, "kind" => "batch").increment(1);
+            return Err(DrainError::Gap {
+                expected: after.next(),
+                found: batch.batch_sequence,
+            });
+        }
         if batch.status == BatchStatus::Failed {
             self.settle().await?;
             self.status.update(|s| {
@@ -303,9 +356,10 @@ impl Drainer {
                 self.settle().await?;
                 let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
                 self.store
-                    .commit_batch(&fence, &batch.batch_id)
+                    .commit_batch(&fence, &batch.batch_id, batch.batch_sequence)
                     .await
                     .map_err(DrainError::from_store)?;
+                self.record_committed(batch.batch_sequence);
                 self.committed(&batch);
             }
             // Its commit is in flight; `settle` reports it.
@@ -345,13 +399,20 @@ impl Drainer {
             if u64::from(after.0) >= batch.total_items {
                 return Ok(BatchEnd::Published);
             }
-            // The window after+1 ..= after+page_size, read by primary key.
-            let window_end = ItemSequence(after.0.saturating_add(page_size));
+            // The window after+1 ..= after+page_size (within the batch),
+            // read by primary key. A position with no item ends the pass.
+            let window = u32::try_from(batch.total_items - u64::from(after.0))
+                .unwrap_or(u32::MAX)
+                .min(page_size);
+            let window_end = ItemSequence(after.0.saturating_add(window));
             let step = Instant::now();
-            let items = self
-                .store
-                .unsent_items(&batch.batch_id, after, page_size)
-                .await?;
+            let items = match self.store.unsent_items(&batch.batch_id, after, window).await {
+                Err(error @ StoreError::Incomplete(_)) => {
+                    ::metrics::counter!(metrics::SEQUENCE_GAPS, "kind" => "item").increment(1);
+                    return Err(DrainError::Store(error));
+                }
+                other => other?,
+            };
             let read_ms = step.elapsed().as_millis() as u64;
             if items.is_empty() {
                 after = window_end;

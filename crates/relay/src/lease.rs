@@ -2,45 +2,13 @@
 //! calling ourselves leader *before* the lease can expire in the store.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use outbox_core::store::{Fence, Lease, LeaseStore};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// Wall-clock milliseconds as the lease stores them: the wall clock read
-/// once at start, advanced by the monotonic (tokio) clock. Tests pause tokio's
-/// clock to expire leases without sleeping; in production this equals the
-/// wall clock but never jumps when it is stepped.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    base_ms: i64,
-    base: Instant,
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        let base_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        Self {
-            base_ms,
-            base: Instant::now(),
-        }
-    }
-
-    pub fn now_ms(&self) -> i64 {
-        self.base_ms + i64::try_from(self.base.elapsed().as_millis()).unwrap_or(i64::MAX)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 /// A lease this replica holds, and until when it may act on it.
 #[derive(Clone, Debug)]
@@ -110,22 +78,16 @@ impl LeaseSettings {
 pub struct LeaseKeeper {
     store: Arc<dyn LeaseStore>,
     settings: LeaseSettings,
-    clock: Clock,
     tx: watch::Sender<Option<Held>>,
 }
 
 impl LeaseKeeper {
-    pub fn new(
-        store: Arc<dyn LeaseStore>,
-        settings: LeaseSettings,
-        clock: Clock,
-    ) -> (Self, Leadership) {
+    pub fn new(store: Arc<dyn LeaseStore>, settings: LeaseSettings) -> (Self, Leadership) {
         let (tx, rx) = watch::channel(None);
         (
             Self {
                 store,
                 settings,
-                clock,
                 tx,
             },
             Leadership { rx },
@@ -139,11 +101,14 @@ impl LeaseKeeper {
         let was = self.tx.borrow().as_ref().map(|h| h.lease.epoch);
         // A store that does not answer at all (frozen, partitioned) must not
         // stall the loop: the round gives up after half the TTL.
-        let round = tokio::time::timeout(
-            self.settings.ttl / 2,
+        // Expiry is judged by the store's clock (MongoDB's primary's), the
+        // same for every replica.
+        let round = tokio::time::timeout(self.settings.ttl / 2, async {
+            let now_ms = self.store.now_ms().await?;
             self.store
-                .acquire_or_renew(&self.settings.holder, self.clock.now_ms(), ttl_ms),
-        );
+                .acquire_or_renew(&self.settings.holder, now_ms, ttl_ms)
+                .await
+        });
         let result = round.await.unwrap_or_else(|_| {
             Err(outbox_core::store::StoreError::Unavailable(
                 "the lease operation did not answer within half the TTL".to_owned(),

@@ -82,6 +82,7 @@ impl Application {
             .to_config(&format!("outbox-relay:{}", config.relay_id))
             .map_err(anyhow::Error::msg)?;
         mongo_config.lease_timeout = lease_operation_timeout(config.lease_ttl());
+        mongo_config.kill_on_blocked_lease_read = config.kill_on_blocked_lease_read;
         let mongo = MongoStore::connect(mongo_config)
             .await
             .context("configuring the MongoDB client")?;

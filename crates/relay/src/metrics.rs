@@ -18,6 +18,8 @@ pub const RETENTION_REMOVED_ITEMS: &str = "outbox_relay_retention_removed_items_
 pub const RETENTION_REMOVED_DEAD_LETTERS: &str =
     "outbox_relay_retention_removed_dead_letters_total";
 
+pub const SEQUENCE_GAPS: &str = "outbox_relay_sequence_gaps_total";
+
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(PUBLISHED, "Items acknowledged by Pub/Sub and marked sent");
@@ -31,6 +33,10 @@ pub fn describe() {
         "Failed publishes by kind (transient, permanent)"
     );
     describe_counter!(STORE_ERRORS, "Failed MongoDB operations by kind");
+    describe_counter!(
+        SEQUENCE_GAPS,
+        "Passes ended because what comes next was not readable: a batch after a gap in batch_sequence (kind=batch) or a missing item (kind=item)"
+    );
     describe_counter!(
         RETENTION_REMOVED_BATCHES,
         "Committed batches removed by retention"

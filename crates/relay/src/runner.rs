@@ -12,7 +12,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::drain::{DrainError, DrainSettings, Drainer, Pass};
-use crate::lease::{Clock, Leadership, LeaseKeeper, LeaseSettings};
+use crate::lease::{Leadership, LeaseKeeper, LeaseSettings};
 use crate::metrics;
 use crate::status::StatusBoard;
 
@@ -51,7 +51,7 @@ impl Runner {
         wake: Arc<Notify>,
     ) -> Self {
         let (keeper, leadership) =
-            LeaseKeeper::new(lease_store, settings.lease.clone(), Clock::new());
+            LeaseKeeper::new(lease_store, settings.lease.clone());
         let drainer = Drainer::new(
             Arc::clone(&store),
             publisher,
@@ -123,7 +123,7 @@ impl Runner {
                     warn!(message = "drain pass failed; backing off", %error, retry_in_ms = delay.as_millis() as u64);
                     self.status.record_error(&error);
                     let kind = match error {
-                        DrainError::Publish(_) => None,
+                        DrainError::Publish(_) | DrainError::Gap { .. } => None,
                         DrainError::NotLeader => Some("fenced"),
                         DrainError::Store(_) => Some("store"),
                     };

@@ -244,33 +244,65 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
         "{refused:?}"
     );
     assert_eq!(refused.stderr.lines().count(), 1, "one line: {refused:?}");
-    let paused = ctl.run(&["pause"], &token).await;
-    assert_eq!(paused.code, 0, "{paused:?}");
-    assert!(paused.stdout.contains("draining paused"));
-    assert_eq!(
-        ctl.run(&["status", "--json"], &[]).await.json()["paused"],
-        true
-    );
+    // Paused, resumed and paused again: the pause holds (the stand-in
+    // reads a flag set with `$set` back as 1).
+    for command in ["pause", "resume", "pause"] {
+        let run = ctl.run(&[command], &token).await;
+        assert_eq!(run.code, 0, "{run:?}");
+    }
+    let status = ctl.run(&["status", "--json"], &[]).await.json();
+    assert_eq!(status["paused"], true, "{status}");
 
-    // 11 MB: stored by the writer, over Pub/Sub's 10 MB message limit, so
-    // the relay (OUTBOX_ON_POISON=halt) halts on it once resumed.
+    // 11 MB: over Pub/Sub's 10 MB message limit, so the writer refuses it
+    // with the item's index, in one line.
     let huge = json!([
         {"request_id": "first"},
         {"request_id": "huge", "blob": "x".repeat(11_000_000)},
         {"request_id": "last"},
     ]);
     let paths = files("cli-halt", &[("huge.json", &huge.to_string())]);
+    let refused = ctl.run(&["submit", paths[0].to_str().unwrap()], &[]).await;
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("(item_too_large, HTTP 413); index 1"),
+        "{refused:?}"
+    );
+    // A batch stored before the writer checked Pub/Sub's limits: the relay
+    // (OUTBOX_ON_POISON=halt) halts on it once resumed. Stored while
+    // paused, behind a small batch submitted while paused: both stay
+    // pending, however many passes the relay makes.
+    let small = files("cli-small", &[("small.json", r#"[{"request_id": "s1"}]"#)]);
     let submitted = ctl
-        .run(&["--json", "submit", paths[0].to_str().unwrap()], &[])
+        .run(&["--json", "submit", small[0].to_str().unwrap()], &[])
         .await;
     assert_eq!(submitted.code, 0, "{submitted:?}");
-    let batch_id = submitted.json()["batch_id"].as_str().unwrap().to_owned();
+    let batch_id = stack.store_unchecked(huge.as_array().unwrap()).await;
+    let pending = ctl.run(&["pending", "--json"], &[]).await.json();
+    assert_eq!(pending["batches"].as_array().unwrap().len(), 2, "{pending}");
+    assert_eq!(pending["batches"][1]["batch_id"], batch_id.as_str());
+    // The relay reports the backlog it read after the pause: two passes
+    // later (its oldest-pending age moved on), nothing was drained.
+    let ages = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    crate::e2e::eventually(Duration::from_secs(30), "two relay passes while paused", || {
+        let status = ctl.run(&["status", "--json"], &[]);
+        let ages = &ages;
+        async move {
+            let status = status.await.json();
+            let mut ages = ages.lock().unwrap();
+            if status["pending_batches"] == 2 {
+                ages.insert(status["oldest_pending_age_seconds"].to_string());
+            }
+            ages.len() >= 3
+        }
+    })
+    .await;
     let pending = ctl.run(&["pending", "--json"], &[]).await.json();
     assert_eq!(
-        pending["batches"][0]["batch_id"],
-        batch_id.as_str(),
-        "paused: still pending"
+        pending["batches"][0]["status"], "pending",
+        "paused: still pending\n{}",
+        relay.tail()
     );
+    assert_eq!(ctl.run(&["status", "--json"], &[]).await.json()["paused"], true);
 
     let resumed = ctl.run(&["resume"], &token).await;
     assert_eq!(resumed.code, 0, "{resumed:?}");
@@ -290,7 +322,7 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
     assert!(
         status
             .stdout
-            .contains(&format!("halted on batch 1 ({batch_id})")),
+            .contains(&format!("halted on batch 2 ({batch_id})")),
         "{status:?}"
     );
 

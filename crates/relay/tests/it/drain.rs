@@ -355,3 +355,91 @@ async fn field_keys_stay_in_order_each_and_batches_stay_whole_through_a_failure(
     expected.sort_unstable();
     assert_eq!(sorted, expected, "every item delivered once first");
 }
+
+/// A batch whose sequence is taken but which is not readable yet (a
+/// writer's commit not visible at majority, or on every shard): the batches
+/// after it wait, and go out in order once it is there.
+#[tokio::test(start_paused = true)]
+async fn a_batch_after_a_gap_waits_for_the_missing_one() {
+    let store = MemoryStore::new();
+    store_batches(&store, &[2]).await;
+    let missing = store.skip_sequence();
+    store_batches(&store, &[3]).await;
+    let publisher = FakePublisher::new("a");
+    let holder = "relay-gap";
+    let replica = replica(&store, &publisher, settings(holder, 2, PoisonPolicy::Halt));
+    let status = std::sync::Arc::clone(&replica.status);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(replica.runner.run(stop.clone()));
+    // Several passes meet the gap: nothing of batch 3 goes out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let errors = status.snapshot().recent_errors;
+        if errors.iter().filter(|e| e.message.contains("batch 2 is not readable yet")).count() >= 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no gap reported: {errors:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
+    assert_eq!(delivered, [(1, 1), (1, 2)], "nothing after the gap");
+
+    // The missing batch appears: everything goes out, in sequence order.
+    let late = fakes_batch(4);
+    store.insert_at(missing, &late).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while !all_committed(&store) {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", store.batch_statuses());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
+    assert_eq!(delivered, expected_order(&[2, 4, 3]));
+}
+
+/// An item absent from its batch's window ends the pass: nothing at or
+/// after its position goes out until it is readable again.
+#[tokio::test(start_paused = true)]
+async fn a_missing_item_ends_the_pass_and_nothing_after_it_goes_out() {
+    let store = MemoryStore::new();
+    let batches = store_batches(&store, &[6, 2]).await;
+    store.hide_item(&batches[0].batch_id, outbox_core::model::ItemSequence(4));
+    let publisher = FakePublisher::new("a");
+    let replica = replica(&store, &publisher, settings("relay-hole", 2, PoisonPolicy::Halt));
+    let status = std::sync::Arc::clone(&replica.status);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(replica.runner.run(stop.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let errors = status.snapshot().recent_errors;
+        if errors.iter().filter(|e| e.message.contains("has no item 4")).count() >= 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no gap reported: {errors:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
+    assert_eq!(delivered, [(1, 1), (1, 2)], "the window holding the hole is not published");
+
+    store.restore_items();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while !all_committed(&store) {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", store.batch_statuses());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let (firsts, _) = first_deliveries(&publisher.delivered());
+    assert_eq!(firsts, expected_order(&[6, 2]));
+}
+
+fn fakes_batch(size: usize) -> outbox_core::model::NewBatch {
+    outbox_core::ingest::build_batch(
+        (0..size).map(|i| serde_json::json!({ "i": i })).collect(),
+        &outbox_core::ingest::IngestRules::default(),
+        None,
+        chrono::Utc::now(),
+    )
+    .unwrap()
+}

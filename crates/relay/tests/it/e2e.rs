@@ -222,6 +222,8 @@ impl Stack {
             // The stand-in's change-stream getMore blocks other commands on
             // the database; the relay polls there instead.
             ("OUTBOX_CHANGE_STREAM", (!self.standin).to_string()),
+            // The stand-in makes reads wait for an open transaction.
+            ("LEASE_KILL_ON_BLOCKED_READ", self.standin.to_string()),
         ];
         vars.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
         (
@@ -270,6 +272,82 @@ impl Stack {
             }
         });
         futures::future::join_all(requests).await;
+    }
+
+    /// Stores a batch the way a writer before the Pub/Sub limit checks
+    /// did, so it may hold an item Pub/Sub refuses (the writer now answers
+    /// 413 or 422 for those): the items, then the batch document with the
+    /// next sequence. Returns the batch id.
+    pub(crate) async fn store_unchecked(&self, objects: &[Value]) -> String {
+        use outbox_core::model::{BatchId, ItemId, ItemSequence, NewBatch, NewItem, Sequence};
+        let counter = self
+            .db
+            .collection::<Document>("outbox_counters")
+            .find_one_and_update(
+                doc! { "_id": "batch_sequence" },
+                doc! { "$inc": { "value": 1_i64 } },
+            )
+            .return_document(mongodb::options::ReturnDocument::After)
+            .await
+            .unwrap()
+            .expect("the writer created the counter");
+        let sequence = match counter.get("value") {
+            Some(mongodb::bson::Bson::Int32(n)) => u64::try_from(*n).unwrap(),
+            Some(mongodb::bson::Bson::Int64(n)) => u64::try_from(*n).unwrap(),
+            other => panic!("counter {other:?}"),
+        };
+        let batch_id = BatchId::random();
+        let items: Vec<NewItem> = objects
+            .iter()
+            .enumerate()
+            .map(|(index, object)| {
+                let item_sequence = ItemSequence(u32::try_from(index + 1).unwrap());
+                NewItem {
+                    item_id: ItemId::of(&batch_id, item_sequence),
+                    item_sequence,
+                    request_id: object["request_id"].as_str().map(str::to_owned),
+                    vendor_name: object["vendor_name"].as_str().unwrap_or("unknown").to_owned(),
+                    request_data: object.as_object().unwrap().clone(),
+                }
+            })
+            .collect();
+        let mut vendor_counts = std::collections::BTreeMap::new();
+        for item in &items {
+            *vendor_counts.entry(item.vendor_name.clone()).or_insert(0) += 1;
+        }
+        let batch = NewBatch {
+            batch_id: batch_id.clone(),
+            created_at: chrono::Utc::now(),
+            items,
+            vendor_counts,
+            idempotency: None,
+            submitted_by: None,
+            traceparent: None,
+        };
+        let documents: Vec<Document> = batch
+            .items
+            .iter()
+            .map(|item| {
+                let mut document = outbox_mongo::documents::item_document(&batch, item).unwrap();
+                document.insert("batch_sequence", i64::try_from(sequence).unwrap());
+                document
+            })
+            .collect();
+        self.db
+            .collection::<Document>("batch_items")
+            .insert_many(documents)
+            .await
+            .unwrap();
+        self.db
+            .collection::<Document>("batches")
+            .insert_one(outbox_mongo::documents::batch_document(
+                &batch,
+                Sequence(sequence),
+                0,
+            ))
+            .await
+            .unwrap();
+        batch_id.to_string()
     }
 
     pub(crate) async fn items(&self) -> Vec<Document> {
@@ -597,7 +675,7 @@ async fn a_leader_killed_mid_batch_loses_nothing_and_keeps_first_deliveries_in_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_over_the_pubsub_limit_is_dead_lettered_and_the_rest_goes_on() {
+async fn pubsub_limits_are_refused_at_ingest_and_an_older_poison_item_is_dead_lettered() {
     let stack = start_stack().await;
     let (relay, _admin) = stack.relay(
         "relay-poison",
@@ -606,18 +684,48 @@ async fn a_message_over_the_pubsub_limit_is_dead_lettered_and_the_rest_goes_on()
             ("OUTBOX_ON_POISON", "dead-letter"),
         ],
     );
-    // 11 MB: storable in MongoDB (16 MiB), over Pub/Sub's 10 MB message limit.
+    // 11 MB: storable in MongoDB (16 MiB), over Pub/Sub's 10 MB message
+    // limit. The writer refuses it now; one stored before it did is
+    // dead-lettered with the reason.
     let body = json!([
         {"request_id": "first", "vendor_name": "acme"},
         {"request_id": "huge", "vendor_name": "acme", "blob": "x".repeat(11_000_000)},
         {"request_id": "last", "vendor_name": "acme"},
     ]);
-    stack.post_batch(&body).await;
+    let refused = stack
+        .http
+        .post(format!("{}/api/v1/batch/process", stack.writer_url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 413);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "item_too_large");
+    assert_eq!(problem["index"], 1);
+    // A request id over Pub/Sub's 1,024 bytes an attribute: refused too.
+    let long_id = json!([{"request_id": "r".repeat(2000), "vendor_name": "acme"}]);
+    let refused = stack
+        .http
+        .post(format!("{}/api/v1/batch/process", stack.writer_url))
+        .json(&long_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "attribute_too_long");
+    assert_eq!(problem["field"], "request_id");
+    assert_eq!(stack.items().await.len(), 0, "nothing stored");
+
+    let mut stored = body.as_array().unwrap().clone();
+    stored.insert(2, long_id[0].clone());
+    stack.store_unchecked(&stored).await;
 
     let received = receive(&stack, 2, Duration::from_secs(120), |_| {}).await;
     let (firsts, _) = firsts(&received);
     let positions: Vec<_> = firsts.iter().map(|r| r.position).collect();
-    assert_eq!(positions, [(1, 1), (1, 3)], "{}", relay.tail());
+    assert_eq!(positions, [(1, 1), (1, 4)], "{}", relay.tail());
 
     let batches = stack.db.collection::<Document>("batches");
     eventually(Duration::from_secs(30), "the batch to be committed", || {
@@ -631,23 +739,29 @@ async fn a_message_over_the_pubsub_limit_is_dead_lettered_and_the_rest_goes_on()
         Some(mongodb::bson::Bson::Int64(n)) => *n,
         other => panic!("failed_items {other:?}"),
     };
-    assert_eq!(failed, 1);
+    assert_eq!(failed, 2);
     let items = stack.items().await;
     let statuses: Vec<_> = items.iter().map(|i| i.get_str("status").unwrap()).collect();
-    assert_eq!(statuses, ["sent", "failed", "sent"]);
+    assert_eq!(statuses, ["sent", "failed", "failed", "sent"]);
     let dead: Vec<Document> = stack
         .db
         .collection::<Document>("dead_letters")
         .find(doc! {})
+        .sort(doc! { "item_sequence": 1 })
         .projection(doc! { "request_data": 0 })
         .await
         .unwrap()
         .try_collect()
         .await
         .unwrap();
-    assert_eq!(dead.len(), 1);
+    assert_eq!(dead.len(), 2);
     assert_eq!(dead[0].get_str("request_id").unwrap(), "huge");
-    assert!(dead[0].get_str("error").unwrap().contains("limit"));
+    let reasons: Vec<_> = dead.iter().map(|d| d.get_str("error").unwrap()).collect();
+    assert!(reasons[0].contains("over Pub/Sub's limit of 9998976 bytes"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("attribute request_id would be 2000 bytes"),
+        "{reasons:?}"
+    );
     drop(relay);
 }
 

@@ -145,6 +145,13 @@ struct Partitioned {
 
 #[async_trait]
 impl LeaseStore for Partitioned {
+    async fn now_ms(&self) -> Result<i64, StoreError> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("partitioned".into()));
+        }
+        self.inner.now_ms().await
+    }
+
     async fn acquire_or_renew(
         &self,
         holder: &str,

@@ -16,3 +16,4 @@ mod fakes;
 mod faults;
 mod lease;
 mod otlp;
+mod store_rules;
