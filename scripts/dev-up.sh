@@ -7,8 +7,8 @@ source "$(dirname "$0")/lib/services.sh"
 stop_services_on_exit
 cd "$ROOT"
 
-log "building"
-cargo build --workspace --locked 2>&1 | tail -n 1
+log "building (cargo's own progress below; the first build takes 10 to 15 minutes on 2 cores)"
+cargo build --workspace --locked
 start_mongo
 start_pubsub
 export MONGODB_URL PUBSUB_EMULATOR_HOST
@@ -39,6 +39,17 @@ curl -fsS -X PUT "http://$PUBSUB_EMULATOR_HOST/v1/projects/$PUBSUB_PROJECT_ID/su
   -d "{\"topic\": \"projects/$PUBSUB_PROJECT_ID/topics/$PUBSUB_TOPIC\", \"enableMessageOrdering\": true}" >/dev/null 2>&1 \
   || log "subscription batch-outbox-tail exists already or could not be made; outboxctl tail makes it"
 
+# What a new shell needs to reach what dev-up started: `source` it.
+cat >"$RUN_DIR/dev.env" <<ENV
+# Written by scripts/dev-up.sh: what it started. In another shell: source .cache/run/dev.env
+export MONGODB_URL='$MONGODB_URL'
+export PUBSUB_EMULATOR_HOST='$PUBSUB_EMULATOR_HOST'
+export PUBSUB_PROJECT_ID='$PUBSUB_PROJECT_ID'
+export PUBSUB_TOPIC='$PUBSUB_TOPIC'
+export OUTBOX_WRITER_URL='http://127.0.0.1:8000'
+export OUTBOX_ADMIN_URL='http://127.0.0.1:9090'
+ENV
+
 cat <<TXT
 
 batch-outbox is up (logs in $RUN_DIR):
@@ -56,8 +67,9 @@ Submit a batch and follow it to Pub/Sub (or curl, below):
   target/debug/outboxctl status
   curl -sS -X POST localhost:8000/api/v1/batch/process -H 'content-type: application/json' \\
     -d '[{"request_id":"r1","vendor_name":"acme"},{"request_id":"r2","vendor_name":"globex"}]'
-Watch it arrive, in order:
-  PUBSUB_EMULATOR_HOST=$PUBSUB_EMULATOR_HOST target/debug/outboxctl tail
+Watch it arrive, in order (in another shell, from this directory):
+  source $RUN_DIR/dev.env
+  target/debug/outboxctl tail
 Press Ctrl-C to stop.
 TXT
 wait

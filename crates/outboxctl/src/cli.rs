@@ -70,7 +70,8 @@ pub struct Connection {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Send each file as one batch (JSON array, NDJSON or CSV).
+    /// Send each file as one batch (JSON array, NDJSON or CSV); on a terminal, files of
+    /// 1 MiB and more show an upload bar.
     Submit(SubmitArgs),
     /// Follow a batch until it is committed, with a progress bar.
     Watch(WatchArgs),

@@ -12,6 +12,7 @@ macro_rules! out {
 
 mod cli;
 mod client;
+mod progress;
 mod render;
 mod submit;
 mod watch;

@@ -119,6 +119,9 @@ pub fn status(status: &Value, now_ms: i64) -> String {
 
 /// A page of `pending-batches`.
 pub fn pending(page: &Value) -> String {
+    if page["batches"].as_array().is_none_or(Vec::is_empty) && page["next_cursor"].is_null() {
+        return "No batch is waiting: everything stored was published.".to_owned();
+    }
     let mut table = table(&["Sequence", "Batch", "Status", "Items", "Created", "Error"]);
     for batch in page["batches"].as_array().into_iter().flatten() {
         table.add_row(
@@ -250,6 +253,14 @@ mod tests {
 
     fn status_table(status: &Value) -> String {
         super::status(status, 10_000)
+    }
+
+    #[test]
+    fn an_empty_page_says_so() {
+        assert_eq!(
+            pending(&json!({"batches": [], "next_cursor": null})),
+            "No batch is waiting: everything stored was published."
+        );
     }
 
     #[test]

@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::Method;
 use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::client::{Client, Failure, Service};
+use crate::progress;
 
 const POLL: Duration = Duration::from_millis(500);
 /// How long the writer may stay unreachable once the watch has begun.
@@ -23,20 +24,20 @@ pub async fn watch(
 ) -> Result<Value, Failure> {
     let started = Instant::now();
     let path = format!("/api/v1/batch/{batch_id}/status");
+    // The line is built by `progress::line` (to the terminal's width);
+    // indicatif only draws it.
+    let width = usize::from(console::Term::stderr().size_checked().map_or(80, |(_, cols)| cols));
     let progress = if bar {
-        ProgressBar::new(0)
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
     } else {
         ProgressBar::hidden()
     };
     progress.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} items  {per_sec}  eta {eta}  {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    progress.set_prefix(format!("batch {batch_id}"));
-    progress.enable_steady_tick(Duration::from_millis(200));
+    let label = format!("batch {batch_id}");
+    let mut meter = progress::Meter::default();
+    progress.set_message(progress::line(&label, 0, None, None, "waiting for its status", width));
     let mut outage: Option<Instant> = None;
     let mut seen = false;
     let result = loop {
@@ -45,10 +46,17 @@ pub async fn watch(
             Ok(status) => {
                 (outage, seen) = (None, true);
                 let count = |name: &str| status[name].as_u64().unwrap_or(0);
-                progress.set_length(count("total"));
-                progress.set_position(count("sent") + count("failed"));
+                let done = count("sent") + count("failed");
+                meter.record(std::time::Instant::now(), done);
                 let state = status["status"].as_str().unwrap_or("unknown").to_owned();
-                progress.set_message(state.clone());
+                progress.set_message(progress::line(
+                    &label,
+                    done,
+                    status["total"].as_u64(),
+                    meter.rate(),
+                    &state,
+                    width,
+                ));
                 match state.as_str() {
                     "committed" if count("failed") > 0 => {
                         break Err(Failure::Refused(format!(
@@ -73,7 +81,14 @@ pub async fn watch(
             // know, ends at once; a writer lost on the way is waited for.
             Err(Failure::Unavailable(reason)) if seen => {
                 let since = *outage.get_or_insert_with(Instant::now);
-                progress.set_message(format!("writer unreachable: {reason}"));
+                progress.set_message(progress::line(
+                    &label,
+                    0,
+                    None,
+                    None,
+                    &format!("writer unreachable: {reason}"),
+                    width,
+                ));
                 if since.elapsed() > OUTAGE_LIMIT {
                     break Err(Failure::Unavailable(reason));
                 }

@@ -97,19 +97,20 @@ pub async fn tail(
         pubsub::ensure_subscription(config, subscription, true).await?;
         pubsub::subscriber(config).await
     };
+    let hint = if config.emulator_host.is_none() {
+        " (PUBSUB_EMULATOR_HOST is not set; after scripts/dev-up.sh, run `source .cache/run/dev.env` first)"
+    } else {
+        ""
+    };
     let client = match tokio::time::timeout(SETUP_LIMIT, setup).await {
-        Ok(client) => client?,
-        Err(_) => {
-            let hint = if config.emulator_host.is_none() {
-                " (PUBSUB_EMULATOR_HOST is not set; after scripts/dev-up.sh, run `source .cache/run/dev.env` first)"
-            } else {
-                ""
-            };
-            anyhow::bail!(
-                "cannot reach {place} within {} s to open subscription {subscription}{hint}",
-                SETUP_LIMIT.as_secs()
-            );
+        Ok(Ok(client)) => client,
+        Ok(Err(error)) => {
+            anyhow::bail!("cannot open subscription {subscription} on {place}: {error:#}{hint}")
         }
+        Err(_) => anyhow::bail!(
+            "cannot reach {place} within {} s to open subscription {subscription}{hint}",
+            SETUP_LIMIT.as_secs()
+        ),
     };
     // Lease no more ahead than will be printed (the server counts this per
     // stream), and hand back what was not printed when the stream ends.

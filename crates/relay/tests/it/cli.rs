@@ -188,35 +188,58 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
     let pending = ctl.run(&["pending", "--json"], &[]).await.json();
     assert_eq!(pending["batches"], json!([]));
 
-    // `tail` reads what the subscription received, with the relay's code.
-    let tail = ctl
-        .run(
-            &[
-                "tail",
-                "--count",
-                "7",
-                "--subscription",
-                &stack.subscription,
-                "--project-id",
-                &stack.pubsub.project_id,
-                "--topic",
-                &stack.pubsub.topic,
-                "--emulator-host",
-                stack.pubsub.emulator_host.as_deref().unwrap(),
-            ],
-            &[],
-        )
-        .await;
-    assert_eq!(tail.code, 0, "{tail:?}");
-    let request_ids: Vec<String> = tail
-        .json_lines()
-        .iter()
-        .map(|m| m["data"]["request_id"].as_str().unwrap_or("?").to_owned())
-        .collect();
+    // `tail` reads what the subscription received, with the relay's code,
+    // and leaves the rest for the next: run twice on one subscription, each
+    // run gets the next messages at once. (Before, the first run's
+    // acknowledgements were lost at exit and the messages it had leased
+    // were held for their one-minute ack deadline.)
+    let tail_args = |count: &'static str| {
+        vec![
+            "tail".to_owned(),
+            "--count".to_owned(),
+            count.to_owned(),
+            "--subscription".to_owned(),
+            stack.subscription.clone(),
+            "--project-id".to_owned(),
+            stack.pubsub.project_id.clone(),
+            "--topic".to_owned(),
+            stack.pubsub.topic.clone(),
+            "--emulator-host".to_owned(),
+            stack.pubsub.emulator_host.clone().unwrap(),
+        ]
+    };
+    let mut request_ids = Vec::new();
+    for count in ["3", "4"] {
+        let args = tail_args(count);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let tail = tokio::time::timeout(Duration::from_secs(30), ctl.run(&args, &[]))
+            .await
+            .unwrap_or_else(|_| panic!("tail --count {count} waited over 30 s for messages that were there"));
+        assert_eq!(tail.code, 0, "{tail:?}");
+        request_ids.extend(
+            tail.json_lines()
+                .iter()
+                .map(|m| m["data"]["request_id"].as_str().unwrap_or("?").to_owned()),
+        );
+    }
     assert_eq!(
         request_ids,
         ["j1", "j2", "j3", "n1", "n2", "c1", "c2"],
-        "{tail:?}"
+        "each message once, in order, over two runs"
+    );
+
+    // A tail that cannot reach Pub/Sub says so, and what to do, in seconds.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let unreachable = tokio::time::timeout(
+        Duration::from_secs(30),
+        ctl.run(&["tail", "--emulator-host", &nowhere], &[]),
+    )
+    .await
+    .expect("tail gives up on an unreachable emulator");
+    assert_eq!(unreachable.code, 1, "{unreachable:?}");
+    assert!(
+        unreachable.stderr.contains(&format!("the Pub/Sub emulator at {nowhere}")),
+        "{unreachable:?}"
     );
 }
 
