@@ -200,6 +200,7 @@ check(hpa.get("spec", {}).get("scaleTargetRef", {}).get("name") == "outbox-write
 
 lifetime_job = objects.get(("Job", "mongo-transaction-lifetime"), {})
 check("transactionLifetimeLimitSeconds" in json.dumps(lifetime_job), "k8s: a Job must lower MongoDB's transactionLifetimeLimitSeconds")
+check("directConnection" in json.dumps(lifetime_job), "k8s: the lifetime Job must set the parameter on every member (directConnection), not only the primary")
 
 # -- Prometheus and Grafana ---------------------------------------------------
 rules = load_all(ROOT / "deploy/prometheus/alerts.yml")[0]

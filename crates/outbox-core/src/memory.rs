@@ -804,6 +804,7 @@ impl OutboxStore for MemoryStore {
         &self,
         committed_before: Option<DateTime<Utc>>,
         dead_letters_before: Option<DateTime<Utc>>,
+        _abandoned_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<Removed, StoreError> {
         self.check_available()?;
@@ -989,13 +990,13 @@ mod tests {
         assert_eq!(committed.len(), 2, "the test needs two committed batches");
 
         let before = Utc::now() - chrono::Duration::hours(1);
-        let none = store.remove_expired(Some(before), None, 10).await.unwrap();
+        let none = store.remove_expired(Some(before), None, before, 10).await.unwrap();
         assert_eq!(none, Removed::default(), "nothing is that old");
         let now = Utc::now() + chrono::Duration::seconds(1);
-        let one = store.remove_expired(Some(now), None, 1).await.unwrap();
+        let one = store.remove_expired(Some(now), None, now, 1).await.unwrap();
         assert_eq!((one.batches, one.items), (1, 2), "the limit holds");
         let rest = store
-            .remove_expired(Some(now), Some(now), 10)
+            .remove_expired(Some(now), Some(now), now, 10)
             .await
             .unwrap();
         assert_eq!((rest.batches, rest.items), (1, 2));

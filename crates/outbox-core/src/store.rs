@@ -227,6 +227,10 @@ pub struct Removed {
     pub batches: u64,
     pub items: u64,
     pub dead_letters: u64,
+    /// Large batches whose items were stored but whose transaction never
+    /// made them visible (a writer that died or gave up), removed with
+    /// their items.
+    pub abandoned_batches: u64,
 }
 
 /// A batch the relay has still to finish.
@@ -398,12 +402,15 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Retention: removes up to `limit` committed batches, with their items,
     /// whose commit is older than `committed_before` (oldest first), and
     /// the dead letters set aside before `dead_letters_before`. A batch that
-    /// is not committed is never touched. Idempotent: a pass cut short is
-    /// finished by the next.
+    /// is not committed is never touched. Also removes the items of large
+    /// batches staged before `abandoned_before` whose transaction never
+    /// made them visible. Idempotent: a pass cut short is finished by the
+    /// next.
     async fn remove_expired(
         &self,
         committed_before: Option<DateTime<Utc>>,
         dead_letters_before: Option<DateTime<Utc>>,
+        abandoned_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<Removed, StoreError>;
 

@@ -76,8 +76,8 @@ impl std::io::Write for ByteCount {
 }
 
 /// Refuses an item whose BSON is over MongoDB's document limit (BSON of a
-/// numeric array can be several times its JSON text).
-fn check_size(index: usize, document: &Document) -> Result<(), StoreError> {
+/// numeric array can be several times its JSON text). Returns its size.
+fn check_size(index: usize, document: &Document) -> Result<usize, StoreError> {
     let mut count = ByteCount::default();
     document
         .to_writer(&mut count)
@@ -89,8 +89,23 @@ fn check_size(index: usize, document: &Document) -> Result<(), StoreError> {
             limit: MAX_DOCUMENT_BYTES,
         });
     }
-    Ok(())
+    Ok(count.0)
 }
+
+/// Where a batch's items go.
+enum Items<'a> {
+    /// Inserted by the batch's own transaction.
+    Inline(&'a mut [Document]),
+    /// Stored already, outside it ([`MongoStore::stage_items`]): the
+    /// transaction publishes them by inserting the batch document and
+    /// removing the staging record.
+    Staged,
+}
+
+/// At most this much of a staged batch's items per `insert` command: each
+/// step must finish within the request's budget, however large the batch.
+const STAGE_CHUNK_ITEMS: usize = 1000;
+const STAGE_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 
 /// How a transaction attempt that did not commit ended.
 enum Attempt {
@@ -202,6 +217,115 @@ impl MongoStore {
         });
     }
 
+    /// Stores a large batch's items before its transaction: first a staging
+    /// record (so that a sweep finds what a writer that dies leaves behind),
+    /// then the items, a chunk per command, each within `budget` and
+    /// acknowledged by a majority. Nothing reads them until the batch
+    /// document exists: the relay finds items through their batch.
+    async fn stage_items(
+        &self,
+        batch: &NewBatch,
+        items: &[Document],
+        sizes: &[usize],
+        budget: Duration,
+    ) -> Result<(), StoreError> {
+        let majority = WriteConcern::builder()
+            .w(Acknowledgment::Majority)
+            .w_timeout(budget)
+            .build();
+        let step = |what: &'static str| move |_| deadline_passed(what);
+        tokio::time::timeout(
+            budget,
+            self.staged()
+                .insert_one(doc! {
+                    "_id": batch.batch_id.as_str(),
+                    "total_items": i64::try_from(items.len()).unwrap_or(i64::MAX),
+                    "created_at": bson_datetime(Utc::now()),
+                })
+                .write_concern(majority.clone()),
+        )
+        .await
+        .map_err(step("record the staged batch"))?
+        .map_err(classify)?;
+        let mut start = 0;
+        while start < items.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < items.len() && end - start < STAGE_CHUNK_ITEMS && bytes < STAGE_CHUNK_BYTES {
+                bytes += sizes[end];
+                end += 1;
+            }
+            tokio::time::timeout(
+                budget,
+                self.items()
+                    .insert_many(&items[start..end])
+                    .ordered(true)
+                    .write_concern(majority.clone()),
+            )
+            .await
+            .map_err(step("store a chunk of the batch's items"))?
+            .map_err(classify)?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Removes a staged batch that will not be published (its transaction
+    /// failed, or the writer gave up): the staging record first, so that a
+    /// transaction still trying cannot claim half-removed items, then the
+    /// items by primary key. In the background, briefly retried; what is
+    /// left is swept by the relay ([`MongoStore::sweep_staged`]).
+    fn unstage_in_background(&self, batch_id: &BatchId, total_items: usize) {
+        let store = self.clone();
+        let batch_id = batch_id.clone();
+        tokio::spawn(async move {
+            for attempt in 0..5_u32 {
+                match store.unstage(&batch_id, total_items).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        debug!(message = "cannot remove a staged batch yet", %batch_id, %error, attempt);
+                        tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    pub(crate) async fn unstage(&self, batch_id: &BatchId, total_items: usize) -> Result<(), StoreError> {
+        let removed = self
+            .staged()
+            .delete_one(doc! { "_id": batch_id.as_str() })
+            .await
+            .map_err(classify)?;
+        if removed.deleted_count == 0 {
+            // Claimed by its transaction (published), or removed already.
+            let published = self
+                .batches()
+                .find_one(doc! { "batch_id": batch_id.as_str() })
+                .projection(doc! { "_id": 1 })
+                .await
+                .map_err(classify)?
+                .is_some();
+            if published {
+                return Ok(());
+            }
+        }
+        let total = u32::try_from(total_items).unwrap_or(u32::MAX);
+        let mut first = 1;
+        while first <= total {
+            let last = first.saturating_add(999).min(total);
+            let ids: Vec<String> = (first..=last)
+                .map(|n| outbox_core::model::ItemId::of(batch_id, outbox_core::model::ItemSequence(n)).to_string())
+                .collect();
+            self.items()
+                .delete_many(doc! { "_id": { "$in": ids }, "batch_id": batch_id.as_str() })
+                .await
+                .map_err(classify)?;
+            first = last.saturating_add(1);
+        }
+        Ok(())
+    }
+
     async fn kill_once(&self, id: &mongodb::bson::Document) -> bool {
         matches!(
             tokio::time::timeout(Duration::from_secs(2), self.kill_session(id)).await,
@@ -213,7 +337,7 @@ impl MongoStore {
         &self,
         session: &mut ClientSession,
         batch: &NewBatch,
-        items: &mut [Document],
+        items: &mut Items<'_>,
         deadline: Instant,
     ) -> Result<BatchSummary, Attempt> {
         let options = transaction_options(server_budget(deadline));
@@ -245,7 +369,7 @@ impl MongoStore {
         &self,
         session: &mut ClientSession,
         batch: &NewBatch,
-        items: &mut [Document],
+        items: &mut Items<'_>,
         deadline: Instant,
     ) -> Result<BatchSummary, StoreError> {
         // Incrementing the counter inside the transaction is what makes the
@@ -299,10 +423,6 @@ impl MongoStore {
             }
         }
         let sequence = Sequence(get_u64(&counter, "value")?);
-        let sequence_bson = Bson::Int64(i64::try_from(sequence.0).unwrap_or(i64::MAX));
-        for item in items.iter_mut() {
-            item.insert("batch_sequence", sequence_bson.clone());
-        }
         let processing_time_ms = elapsed_ms(batch.created_at);
         let document = batch_document(batch, sequence, processing_time_ms);
         self.batches()
@@ -310,11 +430,35 @@ impl MongoStore {
             .session(&mut *session)
             .await
             .map_err(classify)?;
-        self.items()
-            .insert_many(&*items)
-            .session(&mut *session)
-            .await
-            .map_err(classify)?;
+        match items {
+            Items::Inline(items) => {
+                let sequence_bson = Bson::Int64(i64::try_from(sequence.0).unwrap_or(i64::MAX));
+                for item in items.iter_mut() {
+                    item.insert("batch_sequence", sequence_bson.clone());
+                }
+                self.items()
+                    .insert_many(&**items)
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+            }
+            Items::Staged => {
+                // Ours still: not swept as abandoned (the sweep removes the
+                // record first, so one of the two wins).
+                let claimed = self
+                    .staged()
+                    .delete_one(doc! { "_id": batch.batch_id.as_str() })
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+                if claimed.deleted_count != 1 {
+                    return Err(StoreError::Other(format!(
+                        "the staged items of batch {} were swept as abandoned",
+                        batch.batch_id
+                    )));
+                }
+            }
+        }
         Ok(BatchSummary {
             batch_id: batch.batch_id.clone(),
             batch_sequence: sequence,
@@ -324,6 +468,61 @@ impl MongoStore {
             processing_time_ms,
         })
     }
+
+    /// The batch's transaction: the next sequence, its idempotency key, the
+    /// batch document, and its items (or, staged, the claim of its staged
+    /// items), retried on conflicts until `deadline`.
+    async fn commit_batch(
+        &self,
+        batch: &NewBatch,
+        items: &mut Items<'_>,
+        deadline: Instant,
+    ) -> Result<BatchSummary, StoreError> {
+        // Waiting here, not inside MongoDB, keeps pooled connections free for
+        // the transactions that are running.
+        let _slot = tokio::time::timeout_at(deadline, self.ingest_slots.acquire())
+            .await
+            .map_err(|_| deadline_passed("take the batch (all ingest slots busy)"))?
+            .map_err(|_| StoreError::Other("store is shutting down".to_owned()))?;
+        let mut session = tokio::time::timeout_at(deadline, self.client.start_session())
+            .await
+            .map_err(|_| deadline_passed("answer"))?
+            .map_err(classify)?;
+        let mut retry = ConflictRetry::until(deadline);
+        loop {
+            match self
+                .insert_once(&mut session, batch, items, deadline)
+                .await
+            {
+                Ok(summary) => return Ok(summary),
+                Err(Attempt::Unknown(message)) => {
+                    // Make sure it cannot commit later; say we don't know.
+                    self.end_in_background(session);
+                    return Err(StoreError::OutcomeUnknown(message));
+                }
+                Err(Attempt::Abandoned) => {
+                    self.end_in_background(session);
+                    return Err(deadline_passed("store the batch"));
+                }
+                Err(Attempt::Failed(e)) if retry.again(&e).await => {
+                    debug!(
+                        message = "retrying conflicting batch transaction",
+                        attempt = retry.attempts()
+                    );
+                    metrics::counter!("outbox_writer_transaction_retries_total").increment(1);
+                }
+                Err(Attempt::Failed(StoreError::Conflict(message))) => {
+                    // Conflicts until the deadline: the store is too busy (or a
+                    // dead writer's transaction still holds the counter).
+                    return Err(StoreError::Unavailable(format!(
+                        "the batch kept conflicting until the request deadline: {message}"
+                    )));
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
 
     /// A batch as a majority of the replica set has it: a batch a cut-off
     /// primary committed alone may still roll back, and must not be shown
@@ -371,55 +570,40 @@ impl BatchStore for MongoStore {
         batch: &NewBatch,
         deadline: Instant,
     ) -> Result<BatchSummary, StoreError> {
-        let mut items = Vec::with_capacity(batch.items.len());
+        let mut documents = Vec::with_capacity(batch.items.len());
+        let mut sizes = Vec::with_capacity(batch.items.len());
         for (index, item) in batch.items.iter().enumerate() {
             let document = item_document(batch, item)?;
-            check_size(index, &document)?;
-            items.push(document);
+            sizes.push(check_size(index, &document)?);
+            documents.push(document);
         }
-        // Waiting here, not inside MongoDB, keeps pooled connections free for
-        // the transactions that are running.
-        let _slot = tokio::time::timeout_at(deadline, self.ingest_slots.acquire())
-            .await
-            .map_err(|_| deadline_passed("take the batch (all ingest slots busy)"))?
-            .map_err(|_| StoreError::Other("store is shutting down".to_owned()))?;
-        let mut session = tokio::time::timeout_at(deadline, self.client.start_session())
-            .await
-            .map_err(|_| deadline_passed("answer"))?
-            .map_err(classify)?;
-        let mut retry = ConflictRetry::until(deadline);
-        loop {
-            match self
-                .insert_once(&mut session, batch, &mut items, deadline)
-                .await
-            {
-                Ok(summary) => return Ok(summary),
-                Err(Attempt::Unknown(message)) => {
-                    // Make sure it cannot commit later; say we don't know.
-                    self.end_in_background(session);
-                    return Err(StoreError::OutcomeUnknown(message));
-                }
-                Err(Attempt::Abandoned) => {
-                    self.end_in_background(session);
-                    return Err(deadline_passed("store the batch"));
-                }
-                Err(Attempt::Failed(e)) if retry.again(&e).await => {
-                    debug!(
-                        message = "retrying conflicting batch transaction",
-                        attempt = retry.attempts()
-                    );
-                    metrics::counter!("outbox_writer_transaction_retries_total").increment(1);
-                }
-                Err(Attempt::Failed(StoreError::Conflict(message))) => {
-                    // Conflicts until the deadline: the store is too busy (or a
-                    // dead writer's transaction still holds the counter).
-                    return Err(StoreError::Unavailable(format!(
-                        "the batch kept conflicting until the request deadline: {message}"
-                    )));
-                }
-                Err(Attempt::Failed(e)) => return Err(e),
+        let staged = self.config.stages(documents.len(), sizes.iter().sum());
+        let deadline = if staged {
+            // A large batch's items are stored before the transaction, a
+            // chunk at a time, each chunk within the request's budget: the
+            // deadline bounds waiting for the store, not the batch's size.
+            // The transaction that makes the batch visible then gets the
+            // budget afresh, and holds the sequence counter only for its
+            // few statements.
+            let budget = deadline.saturating_duration_since(Instant::now());
+            if let Err(error) = self.stage_items(batch, &documents, &sizes, budget).await {
+                self.unstage_in_background(&batch.batch_id, batch.items.len());
+                return Err(error);
             }
+            Instant::now() + budget
+        } else {
+            deadline
+        };
+        let mut items = if staged {
+            Items::Staged
+        } else {
+            Items::Inline(&mut documents)
+        };
+        let result = self.commit_batch(batch, &mut items, deadline).await;
+        if staged && result.as_ref().is_err_and(|e| !matches!(e, StoreError::OutcomeUnknown(_))) {
+            self.unstage_in_background(&batch.batch_id, batch.items.len());
         }
+        result
     }
 
     async fn find_idempotent(

@@ -5,6 +5,10 @@ use std::time::Duration;
 /// See [`MongoConfig::transaction_concurrency`].
 pub const DEFAULT_TRANSACTION_CONCURRENCY: usize = 4;
 
+/// See [`MongoConfig::stage_above_items`].
+pub const DEFAULT_STAGE_ABOVE_ITEMS: usize = 1000;
+pub const DEFAULT_STAGE_ABOVE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Where the data lives. Collection names are configurable so several
 /// deployments can share a database.
 #[derive(Clone, Debug)]
@@ -18,6 +22,8 @@ pub struct MongoConfig {
     pub lease_collection: String,
     pub control_collection: String,
     pub dead_letter_collection: String,
+    /// Large batches whose items are stored before their transaction.
+    pub staged_collection: String,
     /// How long an operation waits for a usable server before failing.
     /// Short, so clients get a 503 quickly instead of hanging for the
     /// driver's default 30 s.
@@ -40,6 +46,14 @@ pub struct MongoConfig {
     /// for a majority (`wtimeout`, `maxCommitTimeMS`).
     pub commit_timeout: Duration,
     pub app_name: String,
+    /// A batch with more items than this, or more bytes of items than
+    /// [`stage_above_bytes`](Self::stage_above_bytes), has its items stored
+    /// before its transaction, a chunk at a time, so that the transaction
+    /// (which holds the sequence counter every writer needs) stays short
+    /// whatever the batch's size. `usize::MAX` stores every batch in one
+    /// transaction.
+    pub stage_above_items: usize,
+    pub stage_above_bytes: usize,
     /// When a lease read is blocked past its time limit, kill the session
     /// recorded in the lease as last read, if that lease had expired.
     /// MongoDB's reads never wait for transactions, so there a blocked read
@@ -52,6 +66,11 @@ pub struct MongoConfig {
 }
 
 impl MongoConfig {
+    /// Whether a batch of `items` items of `bytes` bytes is staged.
+    pub fn stages(&self, items: usize, bytes: usize) -> bool {
+        items > self.stage_above_items || bytes > self.stage_above_bytes
+    }
+
     pub fn new(url: impl Into<String>, database: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -63,6 +82,7 @@ impl MongoConfig {
             lease_collection: "relay_lease".to_owned(),
             control_collection: "relay_control".to_owned(),
             dead_letter_collection: "dead_letters".to_owned(),
+            staged_collection: "staged_batches".to_owned(),
             server_selection_timeout: Duration::from_secs(2),
             idempotency_ttl: Duration::from_secs(24 * 60 * 60),
             transaction_concurrency: DEFAULT_TRANSACTION_CONCURRENCY,
@@ -70,6 +90,8 @@ impl MongoConfig {
             commit_timeout: Duration::from_secs(10),
             app_name: "batch-outbox".to_owned(),
             kill_on_blocked_lease_read: false,
+            stage_above_items: DEFAULT_STAGE_ABOVE_ITEMS,
+            stage_above_bytes: DEFAULT_STAGE_ABOVE_BYTES,
             command_log: None,
         }
     }

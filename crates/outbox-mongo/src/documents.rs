@@ -243,7 +243,9 @@ pub(crate) fn outbox_item(doc: &Document) -> Result<OutboxItem, StoreError> {
     Ok(OutboxItem {
         item_id: item_id(doc)?,
         batch_id: get_batch_id(doc)?,
-        batch_sequence: Sequence(get_u64(doc, "batch_sequence")?),
+        // Staged items get their batch's sequence only with the batch
+        // document; the relay takes it from there.
+        batch_sequence: Sequence(get_u64(doc, "batch_sequence").unwrap_or(0)),
         item_sequence: item_sequence(doc)?,
         request_id: get_opt_string(doc, "request_id"),
         vendor_name: get_string(doc, "vendor_name")?,

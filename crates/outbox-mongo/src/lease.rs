@@ -143,6 +143,39 @@ impl MongoStore {
         }
     }
 
+    /// The fenced session to record with a lease this replica is taking
+    /// under `epoch`, held (so no fenced write can swap it) until the
+    /// acquisition's write says whether it was recorded. A successor then
+    /// knows which session to kill from the first moment we lead. `None`
+    /// when a fenced write of an earlier epoch holds the session right now:
+    /// the fenced write records it before its first transaction under the
+    /// new epoch instead.
+    async fn session_for(
+        &self,
+    ) -> Result<Option<(crate::FencedGuard<'_>, Document)>, StoreError> {
+        let Ok(mut slot) = self.fenced.session.try_lock() else {
+            return Ok(None);
+        };
+        if slot.is_none() {
+            let session = self.fenced.client.start_session().await.map_err(classify)?;
+            *slot = Some((session, None));
+        }
+        let Some((session, _)) = slot.as_ref() else {
+            return Ok(None);
+        };
+        let id = self.recordable(session.id()).await?;
+        Ok(Some((slot, id)))
+    }
+
+    /// Notes that the held session was recorded under `epoch`.
+    fn recorded(claim: &mut Option<(crate::FencedGuard<'_>, Document)>, epoch: u64) {
+        if let Some((slot, _)) = claim.as_mut()
+            && let Some((_, recorded)) = slot.as_mut()
+        {
+            *recorded = Some(epoch);
+        }
+    }
+
     /// Records the session fenced transactions run on in the lease document
     /// (filtered by `fence`), before its first transaction.
     pub(crate) async fn record_fenced_session(
@@ -222,6 +255,8 @@ impl LeaseStore for MongoStore {
                 expires_at_ms,
                 committed: None,
             };
+            let mut claim = self.session_for().await?;
+            let session = claim.as_ref().map_or(Bson::Null, |(_, id)| Bson::Document(id.clone()));
             let ms = self.lease_timeout_ms();
             let insert = self
                 .db
@@ -229,7 +264,7 @@ impl LeaseStore for MongoStore {
                     "insert": &self.config.lease_collection,
                     "documents": [{
                         "_id": LEASE_ID, "holder": holder, "epoch": 1_i64,
-                        "expires_at_ms": expires_at_ms, "txn_session": Bson::Null,
+                        "expires_at_ms": expires_at_ms, "txn_session": session,
                     }],
                     "maxTimeMS": ms,
                     "writeConcern": { "w": "majority", "wtimeout": ms },
@@ -243,7 +278,10 @@ impl LeaseStore for MongoStore {
                 Ok(reply) if reply.get_document("writeConcernError").is_ok() => Err(
                     StoreError::Unavailable("lease insert not confirmed by a majority".to_owned()),
                 ),
-                Ok(_) => Ok(Some(lease)),
+                Ok(_) => {
+                    Self::recorded(&mut claim, lease.epoch);
+                    Ok(Some(lease))
+                }
                 Err(e) if is_duplicate_key(&e) => Ok(None),
                 Err(e) => Err(classify(e)),
             };
@@ -266,19 +304,26 @@ impl LeaseStore for MongoStore {
             }
         };
         // Only if nobody changed the lease since we read it. A renewal
-        // leaves the recorded session alone (the fenced write records it);
-        // a new holder clears its predecessor's, just killed.
+        // leaves the recorded session alone (the fenced write records it
+        // when it changes); a new holder records its own, or clears its
+        // predecessor's, just killed.
         let mut set = doc! {
             "holder": &next.holder,
             "epoch": to_i64(next.epoch),
             "expires_at_ms": next.expires_at_ms,
         };
+        let mut claim = None;
         if next.epoch != current.epoch {
-            set.insert("txn_session", Bson::Null);
+            claim = self.session_for().await?;
+            let session = claim.as_ref().map_or(Bson::Null, |(_, id)| Bson::Document(id.clone()));
+            set.insert("txn_session", session);
         }
         let matched = self
             .lease_update(as_read(&document), doc! { "$set": set })
             .await?;
+        if matched == 1 {
+            Self::recorded(&mut claim, next.epoch);
+        }
         Ok((matched == 1).then_some(next))
     }
 

@@ -58,13 +58,18 @@ pub struct MongoStore {
     last_lease: Arc<std::sync::Mutex<Option<Document>>>,
 }
 
+/// The fenced session, locked.
+pub(crate) type FencedGuard<'a> =
+    tokio::sync::MutexGuard<'a, Option<(ClientSession, Option<u64>)>>;
+
 /// The session fenced writes run on, so that its id can be recorded in the
 /// lease document and a successor can kill it (aborting a transaction a
 /// dead leader left open) instead of waiting for MongoDB to reap it.
 ///
-/// Only the fenced write itself records the session, under the session's
-/// lock and before its first transaction under a lease epoch: the id in
-/// the lease is always the session in use (renewals never write it).
+/// It is recorded under the session's lock, so the id in the lease is
+/// always the session in use: when the lease is taken (a new epoch), and by
+/// a fenced write before its first transaction on a new session or under
+/// an epoch it was not recorded under. Renewals never write it.
 struct FencedSession {
     /// The client the session belongs to (the drain client).
     client: Client,
@@ -364,6 +369,10 @@ impl MongoStore {
 
     fn control(&self) -> Collection<Document> {
         self.db.collection(&self.config.control_collection)
+    }
+
+    fn staged(&self) -> Collection<Document> {
+        self.db.collection(&self.config.staged_collection)
     }
 
     fn dead_letters(&self) -> Collection<Document> {

@@ -382,6 +382,35 @@ impl MongoStore {
         Ok(())
     }
 
+    /// Removes large batches staged before `before` that no transaction
+    /// made visible: their writer died or gave up. Dates compared here, as
+    /// retention's.
+    async fn sweep_staged(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        let staged: Vec<Document> = self
+            .staged()
+            .find(doc! {})
+            .limit(i64::from(limit))
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        let mut swept = 0;
+        for record in staged {
+            if !get_opt_datetime(&record, "created_at").is_some_and(|at| at < before) {
+                continue;
+            }
+            let Ok(batch_id) = record.get_str("_id").unwrap_or_default().parse::<BatchId>() else {
+                continue;
+            };
+            let total = usize::try_from(get_u64(&record, "total_items").unwrap_or(0)).unwrap_or(0);
+            self.unstage(&batch_id, total).await?;
+            tracing::warn!(message = "removed an abandoned staged batch", %batch_id, items = total);
+            swept += 1;
+        }
+        Ok(swept)
+    }
+
     /// The highest committed sequence as the commits recorded it in the
     /// lease document.
     async fn recorded_commit(&self) -> Result<Option<Sequence>, StoreError> {
@@ -653,9 +682,11 @@ impl OutboxStore for MongoStore {
         &self,
         committed_before: Option<DateTime<Utc>>,
         dead_letters_before: Option<DateTime<Utc>>,
+        abandoned_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<Removed, StoreError> {
         let mut removed = Removed::default();
+        removed.abandoned_batches = self.sweep_staged(abandoned_before, limit).await?;
         if let Some(cutoff) = committed_before {
             // Oldest committed first (commit order is sequence order), by the
             // (status, batch_sequence) index; the dates are compared here,

@@ -406,13 +406,18 @@ impl Drainer {
                 .min(page_size);
             let window_end = ItemSequence(after.0.saturating_add(window));
             let step = Instant::now();
-            let items = match self.store.unsent_items(&batch.batch_id, after, window).await {
+            let mut items = match self.store.unsent_items(&batch.batch_id, after, window).await {
                 Err(error @ StoreError::Incomplete(_)) => {
                     ::metrics::counter!(metrics::SEQUENCE_GAPS, "kind" => "item").increment(1);
                     return Err(DrainError::Store(error));
                 }
                 other => other?,
             };
+            // The batch says where it is in the stream (a staged item is
+            // stored before its batch has a sequence).
+            for item in &mut items {
+                item.batch_sequence = batch.batch_sequence;
+            }
             let read_ms = step.elapsed().as_millis() as u64;
             if items.is_empty() {
                 after = window_end;

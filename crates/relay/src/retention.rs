@@ -1,6 +1,7 @@
 //! Retention: the leader removes committed batches, with their items, once
-//! their commit is older than `RETENTION_SECONDS`, and dead letters older
-//! than `DEAD_LETTER_RETENTION_SECONDS`.
+//! their commit is older than `RETENTION_SECONDS`, dead letters older than
+//! `DEAD_LETTER_RETENTION_SECONDS`, and the items of large batches staged
+//! over an hour ago whose transaction never made them visible.
 //!
 //! A sweep rather than MongoDB TTL indexes: a TTL index removes documents
 //! one collection at a time, so a batch's items would need a date of their
@@ -24,6 +25,9 @@ use crate::metrics::{
 
 /// Batches one store call removes at most.
 const PASS_LIMIT: u32 = 100;
+/// A staged batch this old without its transaction was abandoned: its
+/// writer's request ended long ago, whatever its deadline.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Debug)]
 pub struct RetentionSettings {
@@ -42,9 +46,6 @@ pub async fn run(
     settings: RetentionSettings,
     token: CancellationToken,
 ) {
-    if settings.committed.is_none() && settings.dead_letters.is_none() {
-        return;
-    }
     loop {
         tokio::select! {
             () = tokio::time::sleep(settings.interval) => {}
@@ -81,11 +82,13 @@ pub async fn sweep(
     };
     let committed_before = before(settings.committed);
     let mut dead_letters_before = before(settings.dead_letters);
+    let abandoned_before = before(Some(ABANDONED_AFTER)).unwrap_or(now);
     let mut total = Removed::default();
     loop {
         let removed = store
-            .remove_expired(committed_before, dead_letters_before, PASS_LIMIT)
+            .remove_expired(committed_before, dead_letters_before, abandoned_before, PASS_LIMIT)
             .await?;
+        total.abandoned_batches += removed.abandoned_batches;
         metrics::counter!(RETENTION_REMOVED_BATCHES).increment(removed.batches);
         metrics::counter!(RETENTION_REMOVED_ITEMS).increment(removed.items);
         metrics::counter!(RETENTION_REMOVED_DEAD_LETTERS).increment(removed.dead_letters);

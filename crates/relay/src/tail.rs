@@ -1,17 +1,23 @@
 //! `tail`: print what a subscription receives, one JSON line a message, in
 //! order. Shared by `outbox-relay tail` and `outboxctl tail`.
 //!
-//! Two things make a tail that ends (after `--count`, or on Ctrl-C) leave
-//! the subscription as it found it:
-//! - acknowledgements are sent by the client in the background, every
-//!   100 ms: the stream is shut down (which flushes them) before the
-//!   process exits, or the printed messages come again;
-//! - the client leases messages ahead of what it hands out (1,000 by
-//!   default). Left alone, those stay leased until their ack deadline, and
-//!   on an ordered subscription nothing after them is delivered meanwhile:
-//!   the next `tail` would wait, silent, for up to a minute. So the stream
-//!   leases no more than `--count` ahead and nacks what it did not print
-//!   when it shuts down.
+//! A tail that ends (after `--count`, or on Ctrl-C) leaves the subscription
+//! as it found it less what it printed: what it printed is acknowledged
+//! before it exits, what it did not print is not held.
+//!
+//! - On Pub/Sub it reads with Google's streaming client, leasing no more
+//!   ahead than it will print (flow control), and shuts the stream down
+//!   before it exits: the client sends acknowledgements in the background
+//!   every 100 ms, so a process that just exits loses the last ones, and
+//!   messages it leased would stay leased until their ack deadline (on an
+//!   ordered subscription nothing after them is delivered meanwhile).
+//! - Google's emulator ignores a streaming subscriber's flow control (it
+//!   sends every waiting message at once), redelivers handed-back messages
+//!   of an ordering key in the order the nacks reach it rather than in
+//!   publish order, and keeps messages that were on their way to a stream
+//!   that closed leased for minutes. So on the emulator `tail` reads with
+//!   the unary `pull` of its REST API: exactly the messages it prints,
+//!   acknowledged before the next pull.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -19,7 +25,7 @@ use std::time::Duration;
 
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use outbox_service::cli;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::config::TailSource;
 use crate::pubsub::{self, PubSubConfig};
@@ -29,6 +35,8 @@ use crate::pubsub::{self, PubSubConfig};
 const SETUP_LIMIT: Duration = Duration::from_secs(10);
 /// After this long without a message, a terminal is told what `tail` waits for.
 const QUIET_NOTICE: Duration = Duration::from_secs(10);
+/// Between two empty pulls of the emulator.
+const EMPTY_PULL_PAUSE: Duration = Duration::from_millis(100);
 
 /// Tails the subscription (created with message ordering when missing) to
 /// stdout. On a terminal, stderr says what it reads and, when nothing comes,
@@ -44,8 +52,7 @@ pub async fn run(source: &TailSource) -> ExitCode {
     let mut out = std::io::stdout().lock();
     let notices = std::io::stderr().is_terminal();
     let stop = async {
-        // Ctrl-C ends the tail cleanly: acknowledgements flushed, the rest
-        // handed back.
+        // Ctrl-C ends the tail cleanly: acknowledgements sent, nothing held.
         let _ = tokio::signal::ctrl_c().await;
     };
     match tail(
@@ -75,11 +82,34 @@ fn describe(config: &PubSubConfig) -> String {
     }
 }
 
+/// One received message as `tail` prints it.
+struct Received {
+    message_id: String,
+    publish_time: Option<String>,
+    ordering_key: String,
+    attributes: Value,
+    data: Vec<u8>,
+}
+
+impl Received {
+    fn line(&self) -> String {
+        let data: Value = serde_json::from_slice(&self.data)
+            .unwrap_or_else(|_| json!(String::from_utf8_lossy(&self.data)));
+        json!({
+            "message_id": self.message_id,
+            "publish_time": self.publish_time,
+            "ordering_key": self.ordering_key,
+            "attributes": self.attributes,
+            "data": data,
+        })
+        .to_string()
+    }
+}
+
 /// Writes each message received on `subscription` to `out` as
 /// `{message_id, publish_time, ordering_key, attributes, data}` (data parsed as JSON when
 /// it is JSON), acknowledging it once written; stops after `count` or when
-/// `stop` resolves, and then shuts the stream down (acknowledgements sent,
-/// the messages it leased but did not print handed back at once).
+/// `stop` resolves.
 ///
 /// # Errors
 /// When the subscription cannot be created or read within
@@ -93,17 +123,17 @@ pub async fn tail(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let place = describe(config);
-    let setup = async {
-        pubsub::ensure_subscription(config, subscription, true).await?;
-        pubsub::subscriber(config).await
-    };
     let hint = if config.emulator_host.is_none() {
         " (PUBSUB_EMULATOR_HOST is not set; after scripts/dev-up.sh, run `source .cache/run/dev.env` first)"
     } else {
         ""
     };
-    let client = match tokio::time::timeout(SETUP_LIMIT, setup).await {
-        Ok(Ok(client)) => client,
+    let setup = tokio::time::timeout(
+        SETUP_LIMIT,
+        pubsub::ensure_subscription(config, subscription, true),
+    );
+    match setup.await {
+        Ok(Ok(())) => {}
         Ok(Err(error)) => {
             anyhow::bail!("cannot open subscription {subscription} on {place}: {error:#}{hint}")
         }
@@ -111,7 +141,43 @@ pub async fn tail(
             "cannot reach {place} within {} s to open subscription {subscription}{hint}",
             SETUP_LIMIT.as_secs()
         ),
+    }
+    if notices {
+        eprintln!(
+            "tailing subscription {subscription} (topic {}) on {place}; Ctrl-C to stop",
+            config.topic
+        );
+    }
+    let waiting = || {
+        if notices {
+            eprintln!(
+                "no message for {} s: waiting for messages on {subscription} (it holds what was published to {} since it was created; an ordered subscription delivers a key's messages only after the earlier ones are acknowledged or their ack deadline passes)",
+                QUIET_NOTICE.as_secs(),
+                config.topic
+            );
+        }
     };
+    match &config.emulator_host {
+        Some(host) => {
+            tail_emulator(config, host, subscription, count, stop, &waiting, out).await
+        }
+        None => tail_stream(config, subscription, count, stop, &waiting, out).await,
+    }
+}
+
+/// Pub/Sub: Google's streaming client with flow control, shut down before
+/// returning (acknowledgements flushed, the rest handed back).
+async fn tail_stream(
+    config: &PubSubConfig,
+    subscription: &str,
+    count: Option<u64>,
+    stop: impl std::future::Future<Output = ()>,
+    waiting: &dyn Fn(),
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let client = tokio::time::timeout(SETUP_LIMIT, pubsub::subscriber(config))
+        .await
+        .map_err(|_| anyhow::anyhow!("the subscriber client did not start in time"))??;
     // Lease no more ahead than will be printed (the server counts this per
     // stream), and hand back what was not printed when the stream ends.
     let outstanding = count.map_or(1000, |n| i64::try_from(n.min(1000)).unwrap_or(1000));
@@ -121,12 +187,6 @@ pub async fn tail(
         .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
         .build();
     let shutdown = stream.shutdown_token();
-    if notices {
-        eprintln!(
-            "tailing subscription {subscription} (topic {}) on {place}; Ctrl-C to stop",
-            config.topic
-        );
-    }
     let mut stop = std::pin::pin!(stop);
     let mut seen = 0;
     let result = loop {
@@ -135,13 +195,7 @@ pub async fn tail(
             next = tokio::time::timeout(QUIET_NOTICE, stream.next()) => next,
         };
         let Ok(next) = next else {
-            if notices {
-                eprintln!(
-                    "no message for {} s: waiting for messages on {subscription} (it holds what was published to {} since it was created; an ordered subscription delivers a key's messages only after the earlier ones are acknowledged or their ack deadline passes)",
-                    QUIET_NOTICE.as_secs(),
-                    config.topic
-                );
-            }
+            waiting();
             continue;
         };
         let (message, handler) = match next.transpose() {
@@ -149,20 +203,17 @@ pub async fn tail(
             Ok(None) => break Ok(()),
             Err(error) => break Err(anyhow::Error::from(error)),
         };
-        let data: serde_json::Value = serde_json::from_slice(&message.data)
-            .unwrap_or_else(|_| json!(String::from_utf8_lossy(&message.data)));
-        let publish_time = message.publish_time.as_ref().and_then(|t| {
-            chrono::DateTime::from_timestamp(t.seconds(), u32::try_from(t.nanos()).unwrap_or(0))
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-        });
-        let line = json!({
-            "message_id": message.message_id,
-            "publish_time": publish_time,
-            "ordering_key": message.ordering_key,
-            "attributes": message.attributes,
-            "data": data,
-        });
-        if let Err(error) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        let received = Received {
+            message_id: message.message_id.clone(),
+            publish_time: message.publish_time.as_ref().and_then(|t| {
+                chrono::DateTime::from_timestamp(t.seconds(), u32::try_from(t.nanos()).unwrap_or(0))
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+            }),
+            ordering_key: message.ordering_key.clone(),
+            attributes: json!(message.attributes),
+            data: message.data.to_vec(),
+        };
+        if let Err(error) = writeln!(out, "{}", received.line()).and_then(|()| out.flush()) {
             // Not printed (a closed pipe): handed back, not acknowledged.
             handler.nack();
             break Err(error.into());
@@ -182,4 +233,97 @@ pub async fn tail(
         eprintln!("warning: the last acknowledgements may not have reached Pub/Sub");
     }
     result
+}
+
+/// The emulator: its REST `pull`, never more than is still to print, each
+/// pull's messages acknowledged before the next.
+async fn tail_emulator(
+    config: &PubSubConfig,
+    host: &str,
+    subscription: &str,
+    count: Option<u64>,
+    stop: impl std::future::Future<Output = ()>,
+    waiting: &dyn Fn(),
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use base64::Engine;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let base = format!("http://{host}/v1/{}", config.subscription_path(subscription));
+    let mut stop = std::pin::pin!(stop);
+    let mut seen = 0_u64;
+    let mut quiet_since = tokio::time::Instant::now();
+    while count.is_none_or(|n| seen < n) {
+        let want = count.map_or(100, |n| (n - seen).min(100));
+        let pull = http
+            .post(format!("{base}:pull"))
+            .json(&json!({ "maxMessages": want, "returnImmediately": true }))
+            .send();
+        let reply: Value = tokio::select! {
+            () = &mut stop => return Ok(()),
+            reply = pull => reply?.error_for_status()?.json().await?,
+        };
+        let received = reply["receivedMessages"].as_array().cloned().unwrap_or_default();
+        if received.is_empty() {
+            if quiet_since.elapsed() >= QUIET_NOTICE {
+                waiting();
+                quiet_since = tokio::time::Instant::now();
+            }
+            tokio::select! {
+                () = &mut stop => return Ok(()),
+                () = tokio::time::sleep(EMPTY_PULL_PAUSE) => continue,
+            }
+        }
+        quiet_since = tokio::time::Instant::now();
+        let mut printed = Vec::with_capacity(received.len());
+        let mut failed = None;
+        for entry in &received {
+            let message = &entry["message"];
+            let data = message["data"]
+                .as_str()
+                .map(|d| base64::engine::general_purpose::STANDARD.decode(d))
+                .transpose()?
+                .unwrap_or_default();
+            let line = Received {
+                message_id: message["messageId"].as_str().unwrap_or_default().to_owned(),
+                publish_time: message["publishTime"].as_str().map(str::to_owned),
+                ordering_key: message["orderingKey"].as_str().unwrap_or_default().to_owned(),
+                attributes: message.get("attributes").cloned().unwrap_or_else(|| json!({})),
+                data,
+            }
+            .line();
+            if let Err(error) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                failed = Some(error);
+                break;
+            }
+            printed.push(entry["ackId"].clone());
+        }
+        // What was printed is acknowledged; the rest of the pull (after a
+        // write failed) is handed back at once, in order.
+        let rest: Vec<Value> = received
+            .iter()
+            .skip(printed.len())
+            .map(|entry| entry["ackId"].clone())
+            .collect();
+        seen += printed.len() as u64;
+        if !printed.is_empty() {
+            http.post(format!("{base}:acknowledge"))
+                .json(&json!({ "ackIds": printed }))
+                .send()
+                .await?
+                .error_for_status()?;
+        }
+        if !rest.is_empty() {
+            http.post(format!("{base}:modifyAckDeadline"))
+                .json(&json!({ "ackIds": rest, "ackDeadlineSeconds": 0 }))
+                .send()
+                .await?
+                .error_for_status()?;
+        }
+        if let Some(error) = failed {
+            return Err(error.into());
+        }
+    }
+    Ok(())
 }

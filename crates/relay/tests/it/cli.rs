@@ -433,7 +433,7 @@ async fn outboxctl_says_what_went_wrong_in_one_line_with_its_exit_code() {
     expect(
         &ctl.run(&["submit", path(2)], &key).await,
         1,
-        "(csv_field_count, HTTP 422); line 2",
+        "line 2: 1 fields, but the header has 2 (csv_field_count, HTTP 422)",
     );
     // 404 from the writer and from the admin port.
     expect(

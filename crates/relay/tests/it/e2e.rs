@@ -953,7 +953,7 @@ async fn retention_removes_committed_batches_and_never_a_pending_one() {
     .unwrap();
     let tomorrow = chrono::Utc::now() + chrono::Duration::days(1);
     let removed = store
-        .remove_expired(Some(tomorrow), Some(tomorrow), 100)
+        .remove_expired(Some(tomorrow), Some(tomorrow), tomorrow, 100)
         .await
         .unwrap();
     assert_eq!(removed.batches, 0);

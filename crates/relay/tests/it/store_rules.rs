@@ -277,7 +277,7 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
     assert_eq!(after_renewal.get_document("txn_session").unwrap(), &session);
 
     // Relay B, once the lease expired by the store's clock, kills it with
-    // both fields, takes the lease and clears the record.
+    // both fields, takes the lease and records its own session.
     let successor_log = CommandLog::new();
     let mut config = store.config().clone();
     config.command_log = Some(successor_log.clone());
@@ -303,7 +303,9 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
     };
     assert_eq!(targets, &[Bson::Document(session.clone())], "killed by id and uid");
     let taken = db.collection::<Document>("relay_lease").find_one(doc! {}).await.unwrap().unwrap();
-    assert_eq!(taken.get("txn_session"), Some(&Bson::Null), "{taken}");
+    let recorded = taken.get_document("txn_session").unwrap();
+    assert_ne!(recorded, &session, "the successor's own session: {taken}");
+    assert!(recorded.contains_key("uid"), "{taken}");
     assert!(store.mark_sent(&lease.fence(), &batch.batch_id, &marks).await.is_err());
 }
 
