@@ -105,6 +105,7 @@ pub fn run(args: ConflictArgs) {
                     counter,
                     statement: Duration::from_micros(args.statement_us),
                     per_item: Duration::from_micros(args.item_us),
+                    staged_above_items: None,
                 };
                 let outcome = measure(model, writers, args.batches, items);
                 let per_batch = |n: u64| n as f64 / outcome.stored as f64;

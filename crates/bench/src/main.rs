@@ -3,6 +3,7 @@
 //! raw ceiling in the same run, and prints a table. `scripts/bench.sh` starts
 //! MongoDB (or its stand-in) and the Pub/Sub emulator and runs all three.
 
+mod big_batch;
 mod conflicts;
 mod latency;
 mod process;
@@ -37,6 +38,10 @@ enum Command {
     /// Where the writer takes the sequence: conflicts per stored batch on
     /// the in-memory model of MongoDB's transactions (no services needed).
     Conflicts(conflicts::ConflictArgs),
+    /// A batch at the writer's limits beside small batches, in three
+    /// designs (one transaction; one whose deadline bounds waiting only;
+    /// staged items and a short transaction), on the model and the writer.
+    BigBatch(big_batch::BigBatchArgs),
     /// The recorded results as docs/BENCHMARKS.md's tables and SVG charts.
     Report(report::ReportArgs),
 }
@@ -73,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || conflicts::run(args)).await?;
             Ok(())
         }
+        Command::BigBatch(args) => big_batch::run(args).await,
         Command::Report(args) => report::run(&args),
     }
 }

@@ -82,16 +82,24 @@ pub async fn writer(
     database: &str,
     http: &reqwest::Client,
 ) -> anyhow::Result<(Child, String)> {
+    writer_with(env, database, http, &[]).await
+}
+
+/// [`writer`] with more environment variables.
+pub async fn writer_with(
+    env: &crate::Env,
+    database: &str,
+    http: &reqwest::Client,
+    extra: &[(&str, String)],
+) -> anyhow::Result<(Child, String)> {
     let port = free_port()?;
-    let child = spawn(
-        &env.bin_dir,
-        "outbox-writer",
-        &[
-            ("WRITER_BIND", format!("127.0.0.1:{port}")),
-            ("MONGODB_URL", env.mongodb_url.clone()),
-            ("MONGODB_DATABASE", database.to_owned()),
-        ],
-    )?;
+    let mut vars = vec![
+        ("WRITER_BIND", format!("127.0.0.1:{port}")),
+        ("MONGODB_URL", env.mongodb_url.clone()),
+        ("MONGODB_DATABASE", database.to_owned()),
+    ];
+    vars.extend(extra.iter().cloned());
+    let child = spawn(&env.bin_dir, "outbox-writer", &vars)?;
     let url = format!("http://127.0.0.1:{port}");
     let ready = format!("{url}/health/ready");
     wait_for(Duration::from_secs(60), "the writer to be ready", || {

@@ -60,6 +60,12 @@ pub struct TransactionModel {
     pub statement: Duration,
     /// Added, per item, to the statement that inserts the items.
     pub per_item: Duration,
+    /// Batches with more items than this have their items written before
+    /// the transaction (staged, as the MongoDB adapter does for large
+    /// batches), so the transaction that takes the counter costs a few
+    /// statements whatever the batch's size. `None`: every batch in one
+    /// transaction.
+    pub staged_above_items: Option<usize>,
 }
 
 /// Where the counter is incremented within an ingest transaction.
@@ -77,6 +83,7 @@ impl Default for TransactionModel {
             counter: CounterStep::First,
             statement: Duration::ZERO,
             per_item: Duration::ZERO,
+            staged_above_items: None,
         }
     }
 }
@@ -290,7 +297,7 @@ impl MemoryStore {
         Ok(())
     }
 
-    async fn try_insert(&self, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
+    async fn try_insert(&self, batch: &NewBatch, staged: bool) -> Result<BatchSummary, StoreError> {
         self.check_available()?;
         let txn = self.transactions.fetch_add(1, Ordering::SeqCst);
         let _release = CounterRelease { store: self, txn };
@@ -302,8 +309,12 @@ impl MemoryStore {
                 self.statement(0).await;
             }
             self.statement(0).await; // the batch document
-            self.statement(batch.items.len()).await;
-            items_written = batch.items.len();
+            if staged {
+                self.statement(0).await; // the staging record's claim
+            } else {
+                self.statement(batch.items.len()).await;
+                items_written = batch.items.len();
+            }
             if self.model.counter == CounterStep::AfterItems {
                 self.write_counter(txn, snapshot)?;
                 self.statement(0).await;
@@ -472,11 +483,36 @@ impl BatchStore for MemoryStore {
         batch: &NewBatch,
         deadline: tokio::time::Instant,
     ) -> Result<BatchSummary, StoreError> {
+        let staged = self
+            .model
+            .staged_above_items
+            .is_some_and(|above| batch.items.len() > above);
+        let deadline = if staged {
+            // As the MongoDB adapter: the items first, outside the
+            // transaction, a chunk of 1,000 at a time, each within the
+            // request's budget; then the transaction with the budget afresh.
+            let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
+            self.statement(0).await; // the staging record
+            for chunk in batch.items.chunks(1000) {
+                tokio::time::timeout(budget, self.statement(chunk.len()))
+                    .await
+                    .map_err(|_| StoreError::Unavailable("a chunk of items took over the request's budget".to_owned()))?;
+            }
+            tokio::time::Instant::now() + budget
+        } else {
+            deadline
+        };
         let mut retry = ConflictRetry::until(deadline);
         loop {
-            match self.try_insert(batch).await {
-                Err(e) if retry.again(&e).await => {}
-                other => return other,
+            let attempt = tokio::time::timeout_at(deadline, self.try_insert(batch, staged));
+            match attempt.await {
+                Err(_) => {
+                    return Err(StoreError::Unavailable(
+                        "the batch's transaction did not commit within the request deadline".to_owned(),
+                    ));
+                }
+                Ok(Err(e)) if retry.again(&e).await => {}
+                Ok(other) => return other,
             }
         }
     }
@@ -913,6 +949,7 @@ mod tests {
                 counter,
                 statement: std::time::Duration::from_millis(1),
                 per_item: std::time::Duration::from_micros(100),
+                staged_above_items: None,
             });
             let (a, b) = (batch(10), batch(10));
             let (first, second) =
@@ -932,6 +969,55 @@ mod tests {
         }
     }
 
+    /// A batch whose insert takes longer than the request deadline: in one
+    /// transaction it can never be stored, and while it tries, small
+    /// batches wait on the counter it holds; staged, it is stored, and the
+    /// small batches barely notice (docs/BENCHMARKS.md, "Big batches").
+    #[tokio::test(start_paused = true)]
+    async fn a_staged_big_batch_is_stored_and_does_not_hold_up_small_ones() {
+        use std::time::Duration;
+        for (staged, big_stored, small_max) in [
+            (None, false, Duration::ZERO),
+            (Some(1000), true, Duration::from_millis(50)),
+        ] {
+            let store = MemoryStore::with_model(TransactionModel {
+                counter: CounterStep::First,
+                statement: Duration::from_millis(1),
+                // 10,000 items: 2.5 s, over the 2 s deadline.
+                per_item: Duration::from_micros(250),
+                staged_above_items: staged,
+            });
+            let deadline = || tokio::time::Instant::now() + Duration::from_secs(2);
+            let big = {
+                let store = store.clone();
+                tokio::spawn(async move { store.insert_batch(&batch(10_000), deadline()).await })
+            };
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let mut slowest = Duration::ZERO;
+            let mut stored = 0;
+            for _ in 0..20 {
+                let started = tokio::time::Instant::now();
+                if store.insert_batch(&batch(10), deadline()).await.is_ok() {
+                    stored += 1;
+                }
+                slowest = slowest.max(started.elapsed());
+            }
+            let big = big.await.unwrap();
+            assert_eq!(big.is_ok(), big_stored, "{staged:?}: {big:?}");
+            if staged.is_some() {
+                assert_eq!(stored, 20);
+                assert!(slowest <= small_max, "a small batch took {slowest:?}");
+            } else {
+                // The first small batch waits on the counter until the big
+                // transaction gives up at the deadline, or fails with it.
+                assert!(
+                    stored < 20 || slowest >= Duration::from_millis(1500),
+                    "one transaction holds the counter: {stored} stored, slowest {slowest:?}"
+                );
+            }
+        }
+    }
+
     /// An insert abandoned while it holds the counter (its future dropped)
     /// does not block the next one, as MongoDB aborts such a transaction.
     #[tokio::test(start_paused = true)]
@@ -940,6 +1026,7 @@ mod tests {
             counter: CounterStep::First,
             statement: std::time::Duration::from_millis(1),
             per_item: std::time::Duration::ZERO,
+            staged_above_items: None,
         });
         let abandoned = tokio::time::timeout(
             std::time::Duration::from_micros(500),

@@ -196,6 +196,11 @@ pub struct Config {
     /// How long dead letters are kept, in seconds (default 30 days; 0 keeps them).
     #[arg(long, env = "DEAD_LETTER_RETENTION_SECONDS", default_value_t = 30 * 86_400)]
     pub dead_letter_retention_seconds: u64,
+    /// After how long a large batch whose items a writer staged, and whose
+    /// transaction never made it visible, is taken as abandoned (its writer
+    /// died or gave up) and its items removed, in seconds.
+    #[arg(long, env = "STAGED_ABANDONED_AFTER_SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..))]
+    pub staged_abandoned_after_seconds: u64,
     /// How often the leader looks for expired data, in seconds.
     #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub retention_interval_seconds: u64,
@@ -221,6 +226,7 @@ impl Config {
             committed: keep(self.retention_seconds),
             dead_letters: keep(self.dead_letter_retention_seconds),
             interval: Duration::from_secs(self.retention_interval_seconds),
+            abandoned: Duration::from_secs(self.staged_abandoned_after_seconds),
         }
     }
 

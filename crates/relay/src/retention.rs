@@ -25,9 +25,7 @@ use crate::metrics::{
 
 /// Batches one store call removes at most.
 const PASS_LIMIT: u32 = 100;
-/// A staged batch this old without its transaction was abandoned: its
-/// writer's request ended long ago, whatever its deadline.
-pub const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
+
 
 #[derive(Clone, Debug)]
 pub struct RetentionSettings {
@@ -37,6 +35,9 @@ pub struct RetentionSettings {
     pub dead_letters: Option<Duration>,
     /// How often the leader sweeps.
     pub interval: Duration,
+    /// A large batch staged this long ago whose transaction never made it
+    /// visible was abandoned by its writer: its items are removed.
+    pub abandoned: Duration,
 }
 
 /// Sweeps every `interval` while this replica leads, until `token` is cancelled.
@@ -82,7 +83,7 @@ pub async fn sweep(
     };
     let committed_before = before(settings.committed);
     let mut dead_letters_before = before(settings.dead_letters);
-    let abandoned_before = before(Some(ABANDONED_AFTER)).unwrap_or(now);
+    let abandoned_before = before(Some(settings.abandoned)).unwrap_or(now);
     let mut total = Removed::default();
     loop {
         let removed = store

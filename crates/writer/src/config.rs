@@ -32,14 +32,24 @@ pub struct Config {
     /// How long idempotency keys are remembered, in seconds.
     #[arg(long, env = "IDEMPOTENCY_TTL_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub idempotency_ttl_seconds: u64,
-    /// How long one request may spend on MongoDB, in seconds: the wait for
-    /// an ingest slot, the idempotency lookup, the transaction and its
-    /// commit. When MongoDB has no primary the answer is 503 within it; a
-    /// batch that cannot commit within it is not stored (503), or, if its
-    /// commit was sent, answered `outcome_unknown`. Raise it for very large
-    /// batches on a slow store.
+    /// How long one request may wait for MongoDB, in seconds: for an ingest
+    /// slot, the idempotency lookup, the transaction and its commit. When
+    /// MongoDB has no primary the answer is 503 within it; a batch that
+    /// cannot commit within it is not stored (503), or, if its commit was
+    /// sent, answered `outcome_unknown`. A large batch (see
+    /// STAGE_ABOVE_ITEMS) gets it afresh for each chunk of its items and
+    /// for its transaction: it bounds waiting, not the batch's size.
     #[arg(long, env = "REQUEST_DEADLINE_SECONDS", default_value_t = 2.0, value_parser = parse_deadline)]
     pub request_deadline_seconds: f64,
+    /// A batch with more items than this has its items stored before its
+    /// transaction, a chunk at a time, and the transaction (which holds the
+    /// sequence counter every writer needs) stays a few statements long
+    /// whatever the batch's size. 0 stages every batch.
+    #[arg(long, env = "STAGE_ABOVE_ITEMS", default_value_t = outbox_mongo::config::DEFAULT_STAGE_ABOVE_ITEMS as u64)]
+    pub stage_above_items: u64,
+    /// As STAGE_ABOVE_ITEMS, for a batch whose items take more bytes than this.
+    #[arg(long, env = "STAGE_ABOVE_BYTES", default_value_t = outbox_mongo::config::DEFAULT_STAGE_ABOVE_BYTES as u64)]
+    pub stage_above_bytes: u64,
     /// How long in-flight requests may take to finish after SIGTERM, in seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,

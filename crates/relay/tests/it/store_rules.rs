@@ -320,3 +320,57 @@ async fn a_pause_holds_after_a_resume() {
         assert_eq!(store.paused().await.unwrap(), paused);
     }
 }
+
+/// A large batch whose items a writer staged but whose transaction never
+/// made it visible (the writer died) is removed by retention after the
+/// abandonment delay; a younger one, or a published one, is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_staged_items_are_swept_and_nothing_else() {
+    let (store, _log, db) = store("staged").await;
+    let published = insert(&store, 3).await;
+    let stage = |batch: &outbox_core::model::NewBatch, age: chrono::Duration| {
+        let db = db.clone();
+        let batch = batch.clone();
+        async move {
+            let items: Vec<Document> = batch
+                .items
+                .iter()
+                .map(|item| outbox_mongo::documents::item_document(&batch, item).unwrap())
+                .collect();
+            db.collection::<Document>("batch_items").insert_many(items).await.unwrap();
+            db.collection::<Document>("staged_batches")
+                .insert_one(doc! {
+                    "_id": batch.batch_id.as_str(),
+                    "total_items": batch.items.len() as i64,
+                    "created_at": mongodb::bson::DateTime::from_chrono(chrono::Utc::now() - age),
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let batch = |n: usize| {
+        outbox_core::ingest::build_batch(
+            (0..n).map(|i| serde_json::json!({ "i": i })).collect(),
+            &outbox_core::ingest::IngestRules::default(),
+            None,
+            chrono::Utc::now(),
+        )
+        .unwrap()
+    };
+    let (old, young) = (batch(1500), batch(4));
+    stage(&old, chrono::Duration::hours(2)).await;
+    stage(&young, chrono::Duration::minutes(1)).await;
+    let removed = store
+        .remove_expired(None, None, chrono::Utc::now() - chrono::Duration::hours(1), 100)
+        .await
+        .unwrap();
+    assert_eq!(removed.abandoned_batches, 1);
+    let items = db.collection::<Document>("batch_items");
+    assert_eq!(items.count_documents(doc! { "batch_id": old.batch_id.as_str() }).await.unwrap(), 0);
+    assert_eq!(items.count_documents(doc! { "batch_id": young.batch_id.as_str() }).await.unwrap(), 4);
+    assert_eq!(
+        items.count_documents(doc! { "batch_id": published.batch_id.as_str() }).await.unwrap(),
+        3
+    );
+    assert_eq!(db.collection::<Document>("staged_batches").count_documents(doc! {}).await.unwrap(), 1);
+}

@@ -1,7 +1,9 @@
+use std::time::Duration;
+
 use mongodb::bson::{Bson, doc};
 use serde_json::json;
 
-use crate::helpers::{get_i64, json, objects, spawn_app};
+use crate::helpers::{eventually, get_i64, json, objects, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn a_batch_is_stored_whole_and_reported() {
@@ -108,18 +110,61 @@ async fn the_requests_wrapper_and_ndjson_are_accepted() {
     assert_eq!(app.count("batch_items").await, 5);
 }
 
+/// A batch at the item limit is staged: its items stored a chunk at a time
+/// before a short transaction takes the sequence and publishes the batch.
 #[tokio::test]
-async fn a_ten_thousand_item_batch_goes_through_in_one_transaction() {
+async fn a_ten_thousand_item_batch_is_staged_and_stored_whole() {
     let app = spawn_app().await;
     let response = app.post_json(&objects(10_000)).await;
     assert_eq!(response.status(), 201);
     let reply = json(response).await;
     assert_eq!(reply["data"]["total_json_objects"], 10_000);
+    assert_eq!(reply["data"]["batch_sequence"], 1);
     assert_eq!(app.count("batch_items").await, 10_000);
+    assert_eq!(app.count("staged_batches").await, 0, "the staging record went with the transaction");
     let last = app
         .find_sorted("batch_items", doc! {}, doc! { "item_sequence": -1 })
         .await;
     assert_eq!(get_i64(&last[0], "item_sequence"), 10_000);
+    // The next batch, small, takes the next sequence in one transaction.
+    let small = json(app.post_json(&objects(3)).await).await;
+    assert_eq!(small["data"]["batch_sequence"], 2);
+    let status: serde_json::Value = app
+        .http
+        .get(app.url(&format!("/api/v1/batch/{}/status", reply["data"]["batch_id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["total"], 10_000);
+    assert_eq!(status["status"], "pending");
+}
+
+/// Two requests with one idempotency key, both staged: one batch is stored,
+/// the other request answers it, and the loser's staged items are removed.
+#[tokio::test]
+async fn a_staged_batch_that_loses_its_idempotency_key_leaves_nothing_behind() {
+    let app = spawn_app_with(&["--stage-above-items", "0"]).await;
+    let body = objects(50);
+    let send = || {
+        app.http
+            .post(app.url("/api/v1/batch/process"))
+            .header("Idempotency-Key", "same-key")
+            .json(&body)
+            .send()
+    };
+    let (a, b) = tokio::join!(send(), send());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a.status() == 201 && b.status() == 201, "{} {}", a.status(), b.status());
+    let (a, b) = (json(a).await, json(b).await);
+    assert_eq!(a["data"]["batch_id"], b["data"]["batch_id"]);
+    assert_eq!(app.count("batches").await, 1);
+    eventually(Duration::from_secs(30), "the loser's staged items removed", || async {
+        app.count("batch_items").await == 50 && app.count("staged_batches").await == 0
+    })
+    .await;
 }
 
 #[tokio::test]
