@@ -110,6 +110,7 @@ async fn run_one(
             .await?;
         let Some(first) = page.first() else { continue };
         let batch = PendingBatch {
+            stream: outbox_core::stream::StreamName::default(),
             batch_id: id.clone(),
             batch_sequence: first.batch_sequence,
             status: BatchStatus::Pending,
@@ -210,7 +211,12 @@ async fn run_one(
         .await?;
     let now_ms = chrono::Utc::now().timestamp_millis();
     let fence = store
-        .acquire_or_renew(crate::process::RELAY_ID, now_ms, 3_600_000)
+        .acquire_or_renew(
+            &outbox_core::stream::StreamName::default(),
+            crate::process::RELAY_ID,
+            now_ms,
+            3_600_000,
+        )
         .await?
         .ok_or_else(|| anyhow::anyhow!("the relay's lease could not be renewed"))?
         .fence();

@@ -8,7 +8,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::model::{
-    BatchId, Idempotency, ItemId, ItemSequence, NewBatch, NewItem, Sequence, VendorCounts,
+    BatchId, Idempotency, ItemId, ItemSequence, NewBatch, NewItem, Sequence, StreamName,
+    VendorCounts,
 };
 use crate::publish::{ItemMessage, LimitViolation, OrderingKeyMode};
 
@@ -30,6 +31,8 @@ pub struct IngestRules {
     /// How the relay will key the batch's messages (their ordering key
     /// counts against Pub/Sub's message limit).
     pub ordering: OrderingKeyMode,
+    /// The stream the batch is for.
+    pub stream: StreamName,
 }
 
 impl Default for IngestRules {
@@ -39,6 +42,7 @@ impl Default for IngestRules {
             vendor_field: "vendor_name".to_owned(),
             max_items: 10_000,
             ordering: OrderingKeyMode::Global,
+            stream: StreamName::default_stream(),
         }
     }
 }
@@ -507,6 +511,7 @@ pub fn build_batch(
     }
     Ok(NewBatch {
         batch_id,
+        stream: rules.stream.clone(),
         created_at: now,
         items,
         vendor_counts,
@@ -578,6 +583,7 @@ fn check_message(
 ) -> Result<(), IngestError> {
     let traceparent = "0".repeat(TRACEPARENT_BYTES);
     let message = ItemMessage {
+        stream: &rules.stream,
         batch_id,
         item_id: &item.item_id,
         batch_sequence: Sequence(u64::MAX),

@@ -10,7 +10,9 @@
 //! - [`ingest`]: request bodies to a validated [`model::NewBatch`].
 //! - [`store`]: the writer's [`store::BatchStore`], the relay's
 //!   [`store::OutboxStore`] and [`store::LeaseStore`], and their errors.
-//! - [`publish`]: the [`publish::Publisher`] the relay sends items through.
+//! - [`publish`]: the [`publish::Publisher`] the relay sends items through,
+//!   and Pub/Sub's limits on a message.
+//! - [`stream`]: streams (name, topic, ordering, schema, writers).
 //! - [`memory`]: in-memory implementations of the store traits, used by tests
 //!   to show properties the MongoDB stand-in cannot (conflicting transactions).
 
@@ -19,6 +21,7 @@ pub mod memory;
 pub mod model;
 pub mod publish;
 pub mod store;
+pub mod stream;
 
 pub use model::{
     BatchId, BatchStatus, BatchSummary, ItemId, ItemSequence, ItemStatus, NewBatch, NewItem,

@@ -20,9 +20,10 @@ use crate::model::{
     NewBatch, Sequence,
 };
 use crate::store::{
-    Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease, LeaseStore, OutboxItem,
-    OutboxStore, PendingBatch, Removed, SentMark, StoreError,
+    Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease, LeaseStore, Member, MemberStore,
+    OutboxItem, OutboxStore, PendingBatch, Removed, SentMark, StoreError, StreamStore,
 };
+use crate::stream::{StreamDefinition, StreamName};
 
 #[derive(Debug)]
 struct StoredBatch {
@@ -88,21 +89,30 @@ impl Default for TransactionModel {
     }
 }
 
+/// One stream's part of the store.
 #[derive(Debug, Default)]
-struct State {
+struct StreamState {
     last_sequence: u64,
     /// Commits of the counter so far: its version, for snapshot checks.
     counter_version: u64,
     /// The transaction holding an uncommitted write to the counter.
     counter_holder: Option<u64>,
     batches: BTreeMap<Sequence, StoredBatch>,
-    by_id: HashMap<BatchId, Sequence>,
-    idempotency: HashMap<String, (String, BatchId)>,
     lease: Option<Lease>,
     paused: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    streams: BTreeMap<StreamName, StreamState>,
+    by_id: HashMap<BatchId, (StreamName, Sequence)>,
+    /// (stream, key) to (body hash, batch).
+    idempotency: HashMap<(StreamName, String), (String, BatchId)>,
     dead_letters: Vec<(OutboxItem, String, DateTime<Utc>)>,
     /// Items [`MemoryStore::hide_item`] took away.
     hidden: Vec<(BatchId, StoredItem)>,
+    definitions: BTreeMap<StreamName, StreamDefinition>,
+    members: BTreeMap<String, Member>,
 }
 
 /// An in-memory store; clones share the same data.
@@ -146,13 +156,23 @@ impl MemoryStore {
         self.conflicts.load(Ordering::SeqCst)
     }
 
-    /// Every item of every batch in (batch_sequence, item_sequence) order,
-    /// with its status and publish id.
+    /// Every item of every batch of the default stream in
+    /// (batch_sequence, item_sequence) order, with its status and publish id.
     pub fn all_items(&self) -> Vec<(Sequence, ItemSequence, ItemStatus, Option<String>)> {
+        self.all_items_in(&StreamName::default_stream())
+    }
+
+    /// [`all_items`](Self::all_items) of one stream.
+    pub fn all_items_in(
+        &self,
+        stream: &StreamName,
+    ) -> Vec<(Sequence, ItemSequence, ItemStatus, Option<String>)> {
         let state = self.lock();
         state
-            .batches
-            .values()
+            .streams
+            .get(stream)
+            .into_iter()
+            .flat_map(|s| s.batches.values())
             .flat_map(|b| {
                 b.items.iter().map(|i| {
                     (
@@ -166,12 +186,18 @@ impl MemoryStore {
             .collect()
     }
 
-    /// The status of each batch in sequence order.
+    /// The status of each batch of the default stream in sequence order.
     pub fn batch_statuses(&self) -> Vec<(Sequence, BatchStatus)> {
+        self.batch_statuses_in(&StreamName::default_stream())
+    }
+
+    /// [`batch_statuses`](Self::batch_statuses) of one stream.
+    pub fn batch_statuses_in(&self, stream: &StreamName) -> Vec<(Sequence, BatchStatus)> {
         self.lock()
-            .batches
-            .iter()
-            .map(|(s, b)| (*s, b.status))
+            .streams
+            .get(stream)
+            .into_iter()
+            .flat_map(|s| s.batches.iter().map(|(n, b)| (*n, b.status)))
             .collect()
     }
 
@@ -216,9 +242,10 @@ impl MemoryStore {
     /// [`insert_at`]: Self::insert_at
     pub fn skip_sequence(&self) -> Sequence {
         let mut state = self.lock();
-        state.last_sequence += 1;
-        state.counter_version += 1;
-        Sequence(state.last_sequence)
+        let stream = state.stream(&StreamName::default_stream());
+        stream.last_sequence += 1;
+        stream.counter_version += 1;
+        Sequence(stream.last_sequence)
     }
 
     /// Stores `batch` under a sequence [`skip_sequence`](Self::skip_sequence)
@@ -227,7 +254,7 @@ impl MemoryStore {
     /// # Errors
     /// When the sequence is in use.
     pub fn insert_at(&self, sequence: Sequence, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
-        if self.lock().batches.contains_key(&sequence) {
+        if self.lock().stream(&batch.stream).batches.contains_key(&sequence) {
             return Err(StoreError::Other(format!("sequence {sequence} is in use")));
         }
         self.commit_at(batch, Some(sequence))
@@ -263,7 +290,8 @@ impl MemoryStore {
     fn fenced(&self, fence: &Fence) -> Result<MutexGuard<'_, State>, StoreError> {
         self.check_available()?;
         let state = self.lock();
-        match &state.lease {
+        let lease = state.streams.get(&fence.stream).and_then(|s| s.lease.as_ref());
+        match lease {
             Some(lease) if lease.epoch == fence.epoch && lease.holder == fence.holder => Ok(state),
             _ => Err(StoreError::Fenced { epoch: fence.epoch }),
         }
@@ -280,9 +308,10 @@ impl MemoryStore {
         }
     }
 
-    /// Transaction `txn`'s write to the counter, by MongoDB's rules.
-    fn write_counter(&self, txn: u64, snapshot: u64) -> Result<(), StoreError> {
-        let mut state = self.lock();
+    /// Transaction `txn`'s write to the stream's counter, by MongoDB's rules.
+    fn write_counter(&self, stream: &StreamName, txn: u64, snapshot: u64) -> Result<(), StoreError> {
+        let mut guard = self.lock();
+        let state = guard.stream(stream);
         if state.counter_holder.is_some_and(|holder| holder != txn) {
             return Err(StoreError::Conflict(
                 "counter written by an open transaction".to_owned(),
@@ -300,12 +329,16 @@ impl MemoryStore {
     async fn try_insert(&self, batch: &NewBatch, staged: bool) -> Result<BatchSummary, StoreError> {
         self.check_available()?;
         let txn = self.transactions.fetch_add(1, Ordering::SeqCst);
-        let _release = CounterRelease { store: self, txn };
-        let snapshot = self.lock().counter_version;
+        let _release = CounterRelease {
+            store: self,
+            stream: &batch.stream,
+            txn,
+        };
+        let snapshot = self.lock().stream(&batch.stream).counter_version;
         let mut items_written = 0;
         let result = async {
             if self.model.counter == CounterStep::First {
-                self.write_counter(txn, snapshot)?;
+                self.write_counter(&batch.stream, txn, snapshot)?;
                 self.statement(0).await;
             }
             self.statement(0).await; // the batch document
@@ -316,7 +349,7 @@ impl MemoryStore {
                 items_written = batch.items.len();
             }
             if self.model.counter == CounterStep::AfterItems {
-                self.write_counter(txn, snapshot)?;
+                self.write_counter(&batch.stream, txn, snapshot)?;
                 self.statement(0).await;
             }
             self.commit(batch)
@@ -338,19 +371,23 @@ impl MemoryStore {
     fn commit_at(&self, batch: &NewBatch, at: Option<Sequence>) -> Result<BatchSummary, StoreError> {
         let mut state = self.lock();
         if let Some(idem) = &batch.idempotency
-            && state.idempotency.contains_key(&idem.key)
+            && state
+                .idempotency
+                .contains_key(&(batch.stream.clone(), idem.key.clone()))
         {
             return Err(StoreError::DuplicateIdempotencyKey);
         }
+        let stream = state.stream(&batch.stream);
         let sequence = match at {
             Some(sequence) => sequence,
             None => {
-                state.counter_version += 1;
-                Sequence(state.last_sequence + 1)
+                stream.counter_version += 1;
+                Sequence(stream.last_sequence + 1)
             }
         };
         let summary = BatchSummary {
             batch_id: batch.batch_id.clone(),
+            stream: batch.stream.clone(),
             batch_sequence: sequence,
             created_at: batch.created_at,
             total_items: batch.items.len() as u64,
@@ -376,15 +413,8 @@ impl MemoryStore {
                 error: None,
             })
             .collect();
-        state.last_sequence = state.last_sequence.max(sequence.0);
-        if let Some(idem) = &batch.idempotency {
-            state.idempotency.insert(
-                idem.key.clone(),
-                (idem.request_hash.clone(), batch.batch_id.clone()),
-            );
-        }
-        state.by_id.insert(batch.batch_id.clone(), sequence);
-        state.batches.insert(
+        stream.last_sequence = stream.last_sequence.max(sequence.0);
+        stream.batches.insert(
             sequence,
             StoredBatch {
                 summary: summary.clone(),
@@ -396,6 +426,15 @@ impl MemoryStore {
                 items,
             },
         );
+        if let Some(idem) = &batch.idempotency {
+            state.idempotency.insert(
+                (batch.stream.clone(), idem.key.clone()),
+                (idem.request_hash.clone(), batch.batch_id.clone()),
+            );
+        }
+        state
+            .by_id
+            .insert(batch.batch_id.clone(), (batch.stream.clone(), sequence));
         Ok(summary)
     }
 }
@@ -404,14 +443,16 @@ impl MemoryStore {
 /// dropped future included (MongoDB aborts an abandoned transaction too).
 struct CounterRelease<'a> {
     store: &'a MemoryStore,
+    stream: &'a StreamName,
     txn: u64,
 }
 
 impl Drop for CounterRelease<'_> {
     fn drop(&mut self) {
         let mut state = self.store.lock();
-        if state.counter_holder == Some(self.txn) {
-            state.counter_holder = None;
+        let stream = state.stream(self.stream);
+        if stream.counter_holder == Some(self.txn) {
+            stream.counter_holder = None;
         }
     }
 }
@@ -422,18 +463,26 @@ pub fn elapsed_ms(since: DateTime<Utc>) -> u64 {
 }
 
 impl State {
+    /// The stream's state, made when first needed.
+    fn stream(&mut self, name: &StreamName) -> &mut StreamState {
+        self.streams.entry(name.clone()).or_default()
+    }
+
     fn batch_mut(&mut self, batch_id: &BatchId) -> Result<&mut StoredBatch, StoreError> {
-        let sequence = *self
+        let (stream, sequence) = self
             .by_id
             .get(batch_id)
+            .cloned()
             .ok_or_else(|| StoreError::NotFound(batch_id.clone()))?;
-        self.batches
-            .get_mut(&sequence)
+        self.streams
+            .get_mut(&stream)
+            .and_then(|s| s.batches.get_mut(&sequence))
             .ok_or_else(|| StoreError::NotFound(batch_id.clone()))
     }
 
     fn batch(&self, batch_id: &BatchId) -> Option<&StoredBatch> {
-        self.by_id.get(batch_id).and_then(|s| self.batches.get(s))
+        let (stream, sequence) = self.by_id.get(batch_id)?;
+        self.streams.get(stream)?.batches.get(sequence)
     }
 }
 
@@ -441,6 +490,7 @@ impl StoredBatch {
     fn pending(&self) -> PendingBatch {
         PendingBatch {
             batch_id: self.summary.batch_id.clone(),
+            stream: self.summary.stream.clone(),
             batch_sequence: self.summary.batch_sequence,
             status: self.status,
             total_items: self.summary.total_items,
@@ -464,6 +514,7 @@ impl StoredBatch {
         }
         BatchProgress {
             batch_id: self.summary.batch_id.clone(),
+            stream: self.summary.stream.clone(),
             batch_sequence: self.summary.batch_sequence,
             status: self.status,
             counts,
@@ -519,13 +570,14 @@ impl BatchStore for MemoryStore {
 
     async fn find_idempotent(
         &self,
+        stream: &StreamName,
         key: &str,
     ) -> Result<Option<(String, Option<BatchSummary>)>, StoreError> {
         self.check_available()?;
         let state = self.lock();
         Ok(state
             .idempotency
-            .get(key)
+            .get(&(stream.clone(), key.to_owned()))
             .map(|(hash, id)| (hash.clone(), state.batch(id).map(|b| b.summary.clone()))))
     }
 
@@ -559,57 +611,132 @@ impl LeaseStore for MemoryStore {
 
     async fn acquire_or_renew(
         &self,
+        stream: &StreamName,
         holder: &str,
         now_ms: i64,
         ttl_ms: i64,
     ) -> Result<Option<Lease>, StoreError> {
         self.check_available()?;
         let mut state = self.lock();
-        let next = match &state.lease {
+        let stream_state = state.stream(stream);
+        let next = match &stream_state.lease {
             Some(lease) if lease.holder == holder => Lease {
                 expires_at_ms: now_ms + ttl_ms,
                 ..lease.clone()
             },
             Some(lease) if lease.expires_at_ms > now_ms => return Ok(None),
             current => Lease {
+                stream: stream.clone(),
                 holder: holder.to_owned(),
                 epoch: current.as_ref().map_or(0, |l| l.epoch) + 1,
                 expires_at_ms: now_ms + ttl_ms,
                 committed: current.as_ref().and_then(|l| l.committed),
             },
         };
-        state.lease = Some(next.clone());
+        stream_state.lease = Some(next.clone());
         Ok(Some(next))
     }
 
     async fn release(&self, fence: &Fence) -> Result<(), StoreError> {
         let mut state = self.fenced(fence)?;
-        if let Some(lease) = state.lease.as_mut() {
+        if let Some(lease) = state.stream(&fence.stream).lease.as_mut() {
             lease.expires_at_ms = 0;
         }
         Ok(())
     }
 
-    async fn current(&self) -> Result<Option<Lease>, StoreError> {
+    async fn current(&self, stream: &StreamName) -> Result<Option<Lease>, StoreError> {
         self.check_available()?;
-        Ok(self.lock().lease.clone())
+        Ok(self.lock().streams.get(stream).and_then(|s| s.lease.clone()))
+    }
+
+    async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        self.check_available()?;
+        Ok(self
+            .lock()
+            .streams
+            .values()
+            .filter_map(|s| s.lease.clone())
+            .collect())
+    }
+}
+
+#[async_trait]
+impl MemberStore for MemoryStore {
+    async fn heartbeat(&self, member: &Member) -> Result<(), StoreError> {
+        self.check_available()?;
+        self.lock().members.insert(member.id.clone(), member.clone());
+        Ok(())
+    }
+
+    async fn members(&self, now_ms: i64) -> Result<Vec<Member>, StoreError> {
+        self.check_available()?;
+        Ok(self
+            .lock()
+            .members
+            .values()
+            .filter(|m| m.expires_at_ms > now_ms)
+            .cloned()
+            .collect())
+    }
+
+    async fn leave(&self, id: &str) -> Result<(), StoreError> {
+        self.check_available()?;
+        self.lock().members.remove(id);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StreamStore for MemoryStore {
+    async fn streams(&self) -> Result<Vec<StreamDefinition>, StoreError> {
+        self.check_available()?;
+        Ok(self.lock().definitions.values().cloned().collect())
+    }
+
+    async fn stream(&self, name: &StreamName) -> Result<Option<StreamDefinition>, StoreError> {
+        self.check_available()?;
+        Ok(self.lock().definitions.get(name).cloned())
+    }
+
+    async fn put_stream(&self, definition: &StreamDefinition) -> Result<bool, StoreError> {
+        self.check_available()?;
+        let mut state = self.lock();
+        let now = Utc::now();
+        let created = !state.definitions.contains_key(&definition.name);
+        let created_at = state
+            .definitions
+            .get(&definition.name)
+            .and_then(|d| d.created_at)
+            .unwrap_or(now);
+        state.definitions.insert(
+            definition.name.clone(),
+            StreamDefinition {
+                created_at: Some(created_at),
+                updated_at: Some(now),
+                ..definition.clone()
+            },
+        );
+        state.stream(&definition.name);
+        Ok(created)
     }
 }
 
 #[async_trait]
 impl OutboxStore for MemoryStore {
-    async fn head_batch(&self) -> Result<Option<PendingBatch>, StoreError> {
+    async fn head_batch(&self, stream: &StreamName) -> Result<Option<PendingBatch>, StoreError> {
         self.check_available()?;
         let state = self.lock();
         Ok(state
-            .batches
-            .values()
-            .find(|b| b.status != BatchStatus::Committed)
+            .streams
+            .get(stream)
+            .and_then(|s| s.batches.values().find(|b| b.status != BatchStatus::Committed))
             .map(StoredBatch::pending))
     }
 
     async fn pending_batches(
         &self,
+        stream: &StreamName,
         after: Option<Sequence>,
         limit: u32,
     ) -> Result<Vec<PendingBatch>, StoreError> {
@@ -617,8 +744,10 @@ impl OutboxStore for MemoryStore {
         let state = self.lock();
         let start = after.map_or(Sequence(0), Sequence::next);
         Ok(state
-            .batches
-            .range(start..)
+            .streams
+            .get(stream)
+            .into_iter()
+            .flat_map(|s| s.batches.range(start..))
             .map(|(_, b)| b)
             .filter(|b| b.status != BatchStatus::Committed)
             .take(limit as usize)
@@ -626,12 +755,14 @@ impl OutboxStore for MemoryStore {
             .collect())
     }
 
-    async fn backlog(&self) -> Result<Backlog, StoreError> {
+    async fn backlog(&self, stream: &StreamName) -> Result<Backlog, StoreError> {
         self.check_available()?;
         let state = self.lock();
         let mut pending = state
-            .batches
-            .values()
+            .streams
+            .get(stream)
+            .into_iter()
+            .flat_map(|s| s.batches.values())
             .filter(|b| b.status != BatchStatus::Committed);
         let oldest = pending.next().map(|b| b.summary.created_at);
         Ok(Backlog {
@@ -770,17 +901,20 @@ impl OutboxStore for MemoryStore {
         }
         batch.status = BatchStatus::Committed;
         batch.committed_at = Some(Utc::now());
-        if let Some(lease) = state.lease.as_mut() {
+        if let Some(lease) = state.stream(&fence.stream).lease.as_mut() {
             lease.committed = lease.committed.max(Some(sequence));
         }
         Ok(())
     }
 
-    async fn committed_through(&self) -> Result<Option<Sequence>, StoreError> {
+    async fn committed_through(&self, stream: &StreamName) -> Result<Option<Sequence>, StoreError> {
         self.check_available()?;
         let state = self.lock();
-        Ok(state.lease.as_ref().and_then(|l| l.committed).or_else(|| {
-            state
+        let Some(stream) = state.streams.get(stream) else {
+            return Ok(None);
+        };
+        Ok(stream.lease.as_ref().and_then(|l| l.committed).or_else(|| {
+            stream
                 .batches
                 .values()
                 .rev()
@@ -838,6 +972,7 @@ impl OutboxStore for MemoryStore {
 
     async fn remove_expired(
         &self,
+        stream: &StreamName,
         committed_before: Option<DateTime<Utc>>,
         dead_letters_before: Option<DateTime<Utc>>,
         _abandoned_before: DateTime<Utc>,
@@ -848,6 +983,7 @@ impl OutboxStore for MemoryStore {
         let mut removed = Removed::default();
         if let Some(cutoff) = committed_before {
             let expired: Vec<Sequence> = state
+                .stream(stream)
                 .batches
                 .iter()
                 .filter(|(_, b)| b.status == BatchStatus::Committed)
@@ -856,7 +992,7 @@ impl OutboxStore for MemoryStore {
                 .take(limit as usize)
                 .collect();
             for sequence in expired {
-                if let Some(batch) = state.batches.remove(&sequence) {
+                if let Some(batch) = state.stream(stream).batches.remove(&sequence) {
                     state.by_id.remove(&batch.summary.batch_id);
                     removed.batches += 1;
                     removed.items += batch.items.len() as u64;
@@ -865,20 +1001,28 @@ impl OutboxStore for MemoryStore {
         }
         if let Some(cutoff) = dead_letters_before {
             let before = state.dead_letters.len();
-            state.dead_letters.retain(|(_, _, at)| *at >= cutoff);
+            let of_stream: std::collections::HashSet<BatchId> = state
+                .by_id
+                .iter()
+                .filter(|(_, (s, _))| s == stream)
+                .map(|(id, _)| id.clone())
+                .collect();
+            state
+                .dead_letters
+                .retain(|(item, _, at)| *at >= cutoff || !of_stream.contains(&item.batch_id));
             removed.dead_letters = (before - state.dead_letters.len()) as u64;
         }
         Ok(removed)
     }
 
-    async fn paused(&self) -> Result<bool, StoreError> {
+    async fn paused(&self, stream: &StreamName) -> Result<bool, StoreError> {
         self.check_available()?;
-        Ok(self.lock().paused)
+        Ok(self.lock().streams.get(stream).is_some_and(|s| s.paused))
     }
 
-    async fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+    async fn set_paused(&self, stream: &StreamName, paused: bool) -> Result<(), StoreError> {
         self.check_available()?;
-        self.lock().paused = paused;
+        self.lock().stream(stream).paused = paused;
         Ok(())
     }
 }
@@ -1043,7 +1187,7 @@ mod tests {
     async fn retention_removes_only_committed_batches_older_than_the_cutoff() {
         let store = MemoryStore::new();
         let fence = store
-            .acquire_or_renew("r", 0, 3_600_000)
+            .acquire_or_renew(&StreamName::default(), "r", 0, 3_600_000)
             .await
             .unwrap()
             .unwrap()
@@ -1077,13 +1221,13 @@ mod tests {
         assert_eq!(committed.len(), 2, "the test needs two committed batches");
 
         let before = Utc::now() - chrono::Duration::hours(1);
-        let none = store.remove_expired(Some(before), None, before, 10).await.unwrap();
+        let none = store.remove_expired(&StreamName::default(), Some(before), None, before, 10).await.unwrap();
         assert_eq!(none, Removed::default(), "nothing is that old");
         let now = Utc::now() + chrono::Duration::seconds(1);
-        let one = store.remove_expired(Some(now), None, now, 1).await.unwrap();
+        let one = store.remove_expired(&StreamName::default(), Some(now), None, now, 1).await.unwrap();
         assert_eq!((one.batches, one.items), (1, 2), "the limit holds");
         let rest = store
-            .remove_expired(Some(now), Some(now), now, 10)
+            .remove_expired(&StreamName::default(), Some(now), Some(now), now, 10)
             .await
             .unwrap();
         assert_eq!((rest.batches, rest.items), (1, 2));
@@ -1106,10 +1250,10 @@ mod tests {
     async fn a_stale_epoch_cannot_write() {
         let store = MemoryStore::new();
         let summary = store.insert_batch(&batch(1), far()).await.unwrap();
-        let first = store.acquire_or_renew("a", 0, 100).await.unwrap().unwrap();
-        assert_eq!(store.acquire_or_renew("b", 50, 100).await.unwrap(), None);
+        let first = store.acquire_or_renew(&StreamName::default(), "a", 0, 100).await.unwrap().unwrap();
+        assert_eq!(store.acquire_or_renew(&StreamName::default(), "b", 50, 100).await.unwrap(), None);
         let second = store
-            .acquire_or_renew("b", 101, 100)
+            .acquire_or_renew(&StreamName::default(), "b", 101, 100)
             .await
             .unwrap()
             .unwrap();

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+pub use crate::stream::StreamName;
+
 /// A batch id: 16 lowercase hexadecimal characters (64 random bits).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -199,6 +201,8 @@ pub struct NewItem {
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewBatch {
     pub batch_id: BatchId,
+    /// The stream the batch belongs to (its sequence is the stream's).
+    pub stream: StreamName,
     pub created_at: DateTime<Utc>,
     pub items: Vec<NewItem>,
     pub vendor_counts: VendorCounts,
@@ -224,6 +228,8 @@ pub struct Idempotency {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BatchSummary {
     pub batch_id: BatchId,
+    #[serde(default)]
+    pub stream: StreamName,
     pub batch_sequence: Sequence,
     pub created_at: DateTime<Utc>,
     pub total_items: u64,
@@ -255,6 +261,7 @@ impl ItemCounts {
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchProgress {
     pub batch_id: BatchId,
+    pub stream: StreamName,
     pub batch_sequence: Sequence,
     pub status: BatchStatus,
     pub counts: ItemCounts,

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::model::{BatchId, ItemId, ItemSequence, Sequence};
+use crate::stream::StreamName;
 use crate::store::{OutboxItem, PendingBatch};
 
 /// How messages are grouped for Pub/Sub's per-key ordering.
@@ -97,6 +98,16 @@ impl OrderingKeyMode {
             Self::Global => Some(Self::GLOBAL_KEY.to_owned()),
             Self::Batch => Some(batch_id.to_string()),
             Self::Field { .. } | Self::None => None,
+        }
+    }
+
+    /// The key of every message of a batch of `stream`, in the modes where
+    /// it is one key per batch: the stream's name in `global` mode
+    /// (`batch-outbox` for the default stream), the batch id in `batch`.
+    pub fn stream_key(&self, stream: &StreamName, batch_id: &BatchId) -> Option<String> {
+        match self {
+            Self::Global if !stream.is_default() => Some(stream.to_string()),
+            other => other.key_for(batch_id),
         }
     }
 
@@ -215,6 +226,7 @@ struct MessageBody<'a> {
 /// message an item will become before it stores it.
 #[derive(Clone, Copy, Debug)]
 pub struct ItemMessage<'a> {
+    pub stream: &'a StreamName,
     pub batch_id: &'a BatchId,
     pub item_id: &'a ItemId,
     pub batch_sequence: Sequence,
@@ -230,6 +242,7 @@ impl<'a> ItemMessage<'a> {
     /// The parts of a stored item's message.
     pub fn of(item: &'a OutboxItem, batch: &'a PendingBatch) -> Self {
         Self {
+            stream: &batch.stream,
             batch_id: &item.batch_id,
             item_id: &item.item_id,
             batch_sequence: batch.batch_sequence,
@@ -254,6 +267,7 @@ impl<'a> ItemMessage<'a> {
 
     fn attributes(&self) -> BTreeMap<String, String> {
         let mut attributes = BTreeMap::from([
+            ("stream".to_owned(), self.stream.to_string()),
             ("batch_id".to_owned(), self.batch_id.to_string()),
             ("batch_sequence".to_owned(), self.batch_sequence.to_string()),
             ("item_sequence".to_owned(), self.item_sequence.to_string()),
@@ -273,6 +287,20 @@ impl<'a> ItemMessage<'a> {
         attributes
     }
 
+    /// The message's ordering key. The one key of `global` mode (and the
+    /// default key of `field:` mode) is the stream's name, `batch-outbox`
+    /// for the default stream as before streams: two streams never share
+    /// a key, so one's failure never pauses the other's.
+    fn ordering_key(&self, mode: &OrderingKeyMode) -> Option<String> {
+        mode.key_for_payload(self.batch_id, self.payload).map(|key| {
+            if key == OrderingKeyMode::GLOBAL_KEY && !self.stream.is_default() {
+                self.stream.to_string()
+            } else {
+                key
+            }
+        })
+    }
+
     /// The message.
     pub fn build(&self, mode: &OrderingKeyMode) -> OutboxMessage {
         // Serializing a map of JSON values cannot fail.
@@ -280,7 +308,7 @@ impl<'a> ItemMessage<'a> {
         OutboxMessage {
             data,
             attributes: self.attributes(),
-            ordering_key: mode.key_for_payload(self.batch_id, self.payload),
+            ordering_key: self.ordering_key(mode),
         }
     }
 
@@ -296,7 +324,7 @@ impl<'a> ItemMessage<'a> {
         let message = OutboxMessage {
             data: Vec::new(),
             attributes: self.attributes(),
-            ordering_key: mode.key_for_payload(self.batch_id, self.payload),
+            ordering_key: self.ordering_key(mode),
         };
         message.check_limits_with_data(count.0)
     }
@@ -439,6 +467,7 @@ mod tests {
     fn batch_of(total_items: u64, traceparent: Option<&str>) -> PendingBatch {
         PendingBatch {
             batch_id: "00000000000000aa".parse().unwrap(),
+            stream: crate::stream::StreamName::default(),
             batch_sequence: Sequence(7),
             status: crate::model::BatchStatus::Pending,
             total_items,

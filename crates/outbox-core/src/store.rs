@@ -12,6 +12,7 @@ use crate::model::{
     BatchId, BatchProgress, BatchStatus, BatchSummary, ItemId, ItemSequence, ItemStatus, NewBatch,
     Sequence,
 };
+use crate::stream::{StreamDefinition, StreamName};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -149,11 +150,13 @@ pub trait BatchStore: Send + Sync + 'static {
         deadline: tokio::time::Instant,
     ) -> Result<BatchSummary, StoreError>;
 
-    /// The body hash an idempotency key was stored with and its batch, if
-    /// the key is known and not expired. The batch is `None` when retention
-    /// removed it after it was committed.
+    /// The body hash an idempotency key of `stream` was stored with and
+    /// its batch, if the key is known and not expired (keys are scoped to
+    /// their stream). The batch is `None` when retention removed it after
+    /// it was committed.
     async fn find_idempotent(
         &self,
+        stream: &StreamName,
         key: &str,
     ) -> Result<Option<(String, Option<BatchSummary>)>, StoreError>;
 
@@ -165,9 +168,10 @@ pub trait BatchStore: Send + Sync + 'static {
     async fn ready(&self) -> Result<(), StoreError>;
 }
 
-/// A lease on the right to drain the outbox.
+/// A lease on the right to drain one stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Lease {
+    pub stream: StreamName,
     pub holder: String,
     /// Increases on every change of holder; progress writes carry it.
     pub epoch: u64,
@@ -182,6 +186,7 @@ pub struct Lease {
 impl Lease {
     pub fn fence(&self) -> Fence {
         Fence {
+            stream: self.stream.clone(),
             holder: self.holder.clone(),
             epoch: self.epoch,
         }
@@ -192,22 +197,24 @@ impl Lease {
 /// with [`StoreError::Fenced`] when the lease has moved on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fence {
+    pub stream: StreamName,
     pub holder: String,
     pub epoch: u64,
 }
 
-/// The leader lease.
+/// The leases, one per stream.
 #[async_trait]
 pub trait LeaseStore: Send + Sync + 'static {
     /// The store's clock, in Unix milliseconds. Lease expiry is judged by
     /// it, so every replica judges by one clock, whatever its own says.
     async fn now_ms(&self) -> Result<i64, StoreError>;
 
-    /// Takes the lease when it is free or expired (a new epoch), or renews it
-    /// when `holder` has it (the same epoch). `None` when another holder has
-    /// a live lease.
+    /// Takes the stream's lease when it is free or expired (a new epoch),
+    /// or renews it when `holder` has it (the same epoch). `None` when
+    /// another holder has a live lease.
     async fn acquire_or_renew(
         &self,
+        stream: &StreamName,
         holder: &str,
         now_ms: i64,
         ttl_ms: i64,
@@ -217,8 +224,56 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// take over at once.
     async fn release(&self, fence: &Fence) -> Result<(), StoreError>;
 
-    /// The lease as stored, whoever holds it.
-    async fn current(&self) -> Result<Option<Lease>, StoreError>;
+    /// The stream's lease as stored, whoever holds it.
+    async fn current(&self, stream: &StreamName) -> Result<Option<Lease>, StoreError>;
+
+    /// Every stream's lease as stored.
+    async fn leases(&self) -> Result<Vec<Lease>, StoreError>;
+}
+
+/// A relay replica, as the others see it: what the share of the streams is
+/// computed from, and what the cluster's status pages show.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Member {
+    pub id: String,
+    /// Where its admin port answers (empty when not known).
+    pub admin_url: String,
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    /// By the store's clock, Unix milliseconds: a member past it is gone.
+    pub expires_at_ms: i64,
+    /// What it publishes, per stream it leads: items published since it
+    /// started.
+    pub published: std::collections::BTreeMap<String, u64>,
+}
+
+/// The relay replicas' registry: each announces itself every few seconds.
+#[async_trait]
+pub trait MemberStore: Send + Sync + 'static {
+    /// Announces (or refreshes) `member` until `expires_at_ms`.
+    async fn heartbeat(&self, member: &Member) -> Result<(), StoreError>;
+
+    /// The members whose announcement has not expired at `now_ms`.
+    async fn members(&self, now_ms: i64) -> Result<Vec<Member>, StoreError>;
+
+    /// Removes a member that stops.
+    async fn leave(&self, id: &str) -> Result<(), StoreError>;
+}
+
+/// Stream definitions.
+#[async_trait]
+pub trait StreamStore: Send + Sync + 'static {
+    /// Every stored definition (`default` only when one was stored).
+    async fn streams(&self) -> Result<Vec<StreamDefinition>, StoreError>;
+
+    /// One stored definition.
+    async fn stream(&self, name: &StreamName) -> Result<Option<StreamDefinition>, StoreError>;
+
+    /// Creates or replaces a definition (its sequence counter is created
+    /// with it). Returns whether it was created.
+    async fn put_stream(&self, definition: &StreamDefinition) -> Result<bool, StoreError>;
 }
 
 /// What one retention pass removed.
@@ -237,6 +292,7 @@ pub struct Removed {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PendingBatch {
     pub batch_id: BatchId,
+    pub stream: StreamName,
     pub batch_sequence: Sequence,
     pub status: BatchStatus,
     pub total_items: u64,
@@ -291,18 +347,21 @@ pub struct Backlog {
 /// [`Fence`] and fails with [`StoreError::Fenced`] once the lease moved on.
 #[async_trait]
 pub trait OutboxStore: Send + Sync + 'static {
-    /// The first batch, in `batch_sequence` order, that is not committed.
-    async fn head_batch(&self) -> Result<Option<PendingBatch>, StoreError>;
+    /// The stream's first batch, in `batch_sequence` order, that is not
+    /// committed.
+    async fn head_batch(&self, stream: &StreamName) -> Result<Option<PendingBatch>, StoreError>;
 
-    /// Uncommitted batches in processing order, after `after` when given.
+    /// The stream's uncommitted batches in processing order, after `after`
+    /// when given.
     async fn pending_batches(
         &self,
+        stream: &StreamName,
         after: Option<Sequence>,
         limit: u32,
     ) -> Result<Vec<PendingBatch>, StoreError>;
 
-    /// How many batches wait, and since when.
-    async fn backlog(&self) -> Result<Backlog, StoreError>;
+    /// How many of the stream's batches wait, and since when.
+    async fn backlog(&self, stream: &StreamName) -> Result<Backlog, StoreError>;
 
     /// The items of a batch not yet sent nor failed whose `item_sequence`
     /// is in the window `after + 1 ..= after + limit`, in `item_sequence`
@@ -375,7 +434,7 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// publish must follow. Recorded with every commit; for data committed
     /// before it was, the highest committed batch still stored. `None`
     /// when nothing says (no commit recorded, none stored).
-    async fn committed_through(&self) -> Result<Option<Sequence>, StoreError>;
+    async fn committed_through(&self, stream: &StreamName) -> Result<Option<Sequence>, StoreError>;
 
     /// Halts on an item Pub/Sub rejected for good: the batch becomes failed.
     async fn fail_batch(
@@ -399,7 +458,7 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Returns whether the batch was failed.
     async fn retry_batch(&self, batch_id: &BatchId) -> Result<bool, StoreError>;
 
-    /// Retention: removes up to `limit` committed batches, with their items,
+    /// Retention, for one stream: removes up to `limit` committed batches, with their items,
     /// whose commit is older than `committed_before` (oldest first), and
     /// the dead letters set aside before `dead_letters_before`. A batch that
     /// is not committed is never touched. Also removes the items of large
@@ -408,17 +467,18 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// next.
     async fn remove_expired(
         &self,
+        stream: &StreamName,
         committed_before: Option<DateTime<Utc>>,
         dead_letters_before: Option<DateTime<Utc>>,
         abandoned_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<Removed, StoreError>;
 
-    /// Whether draining is paused for the whole cluster.
-    async fn paused(&self) -> Result<bool, StoreError>;
+    /// Whether draining the stream is paused (for every replica).
+    async fn paused(&self, stream: &StreamName) -> Result<bool, StoreError>;
 
-    /// Pauses or resumes draining for the whole cluster.
-    async fn set_paused(&self, paused: bool) -> Result<(), StoreError>;
+    /// Pauses or resumes draining the stream, for every replica.
+    async fn set_paused(&self, stream: &StreamName, paused: bool) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

@@ -22,7 +22,9 @@ use crate::documents::{
     batch_document, batch_progress, batch_summary, bson_datetime, get_u64, item_document,
 };
 use crate::errors::{classify, is_duplicate_key, is_unknown_commit_result};
-use crate::{MongoStore, SEQUENCE_COUNTER_ID};
+use outbox_core::stream::StreamName;
+
+use crate::{MongoStore, ids};
 
 /// MongoDB's limit on one document (`maxBsonObjectSize`).
 pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
@@ -239,6 +241,7 @@ impl MongoStore {
             self.staged()
                 .insert_one(doc! {
                     "_id": batch.batch_id.as_str(),
+                    "stream": ids::field(&batch.stream),
                     "total_items": i64::try_from(items.len()).unwrap_or(i64::MAX),
                     "created_at": bson_datetime(Utc::now()),
                 })
@@ -381,7 +384,7 @@ impl MongoStore {
         let counter = self
             .counters()
             .find_one_and_update(
-                doc! { "_id": SEQUENCE_COUNTER_ID },
+                doc! { "_id": ids::counter(&batch.stream) },
                 doc! { "$inc": { "value": 1_i64 } },
             )
             .return_document(ReturnDocument::After)
@@ -398,14 +401,14 @@ impl MongoStore {
             let now = Utc::now();
             // The TTL monitor runs once a minute: clear an expired key first.
             self.idempotency()
-                .delete_one(doc! { "_id": &idem.key, "expires_at": { "$lte": bson_datetime(now) } })
+                .delete_one(doc! { "_id": ids::idempotency(&batch.stream, &idem.key), "expires_at": { "$lte": bson_datetime(now) } })
                 .session(&mut *session)
                 .await
                 .map_err(classify)?;
             let ttl = chrono::Duration::from_std(self.config.idempotency_ttl)
                 .unwrap_or(chrono::Duration::hours(24));
             let record = doc! {
-                "_id": &idem.key,
+                "_id": ids::idempotency(&batch.stream, &idem.key),
                 "request_hash": &idem.request_hash,
                 "batch_id": batch.batch_id.as_str(),
                 "created_at": bson_datetime(now),
@@ -461,6 +464,7 @@ impl MongoStore {
         }
         Ok(BatchSummary {
             batch_id: batch.batch_id.clone(),
+            stream: batch.stream.clone(),
             batch_sequence: sequence,
             created_at: batch.created_at,
             total_items: batch.items.len() as u64,
@@ -480,7 +484,8 @@ impl MongoStore {
     ) -> Result<BatchSummary, StoreError> {
         // Waiting here, not inside MongoDB, keeps pooled connections free for
         // the transactions that are running.
-        let _slot = tokio::time::timeout_at(deadline, self.ingest_slots.acquire())
+        let slots = self.ingest_slots(&batch.stream);
+        let _slot = tokio::time::timeout_at(deadline, slots.acquire())
             .await
             .map_err(|_| deadline_passed("take the batch (all ingest slots busy)"))?
             .map_err(|_| StoreError::Other("store is shutting down".to_owned()))?;
@@ -608,11 +613,12 @@ impl BatchStore for MongoStore {
 
     async fn find_idempotent(
         &self,
+        stream: &StreamName,
         key: &str,
     ) -> Result<Option<(String, Option<BatchSummary>)>, StoreError> {
         let record = self
             .idempotency()
-            .find_one(doc! { "_id": key, "expires_at": { "$gt": bson_datetime(Utc::now()) } })
+            .find_one(doc! { "_id": ids::idempotency(stream, key), "expires_at": { "$gt": bson_datetime(Utc::now()) } })
             .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)?;

@@ -24,6 +24,10 @@ pub struct MongoConfig {
     pub dead_letter_collection: String,
     /// Large batches whose items are stored before their transaction.
     pub staged_collection: String,
+    /// Stream definitions.
+    pub streams_collection: String,
+    /// The relay replicas' registry.
+    pub members_collection: String,
     /// How long an operation waits for a usable server before failing.
     /// Short, so clients get a 503 quickly instead of hanging for the
     /// driver's default 30 s.
@@ -83,6 +87,8 @@ impl MongoConfig {
             control_collection: "relay_control".to_owned(),
             dead_letter_collection: "dead_letters".to_owned(),
             staged_collection: "staged_batches".to_owned(),
+            streams_collection: "outbox_streams".to_owned(),
+            members_collection: "relay_members".to_owned(),
             server_selection_timeout: Duration::from_secs(2),
             idempotency_ttl: Duration::from_secs(24 * 60 * 60),
             transaction_concurrency: DEFAULT_TRANSACTION_CONCURRENCY,

@@ -10,7 +10,11 @@ use outbox_core::model::{
     BatchId, BatchProgress, BatchStatus, BatchSummary, ItemCounts, ItemId, ItemSequence,
     ItemStatus, NewBatch, NewItem, Sequence, VendorCounts,
 };
-use outbox_core::store::{ItemView, OutboxItem, PendingBatch, StoreError};
+use outbox_core::publish::OrderingKeyMode;
+use outbox_core::store::{ItemView, Member, OutboxItem, PendingBatch, StoreError};
+#[cfg(test)]
+use outbox_core::stream::PoisonPolicy;
+use outbox_core::stream::{StreamDefinition, StreamName};
 use serde_json::{Map, Value};
 
 fn malformed(field: &str, doc: &Document) -> StoreError {
@@ -119,6 +123,9 @@ pub fn batch_document(batch: &NewBatch, sequence: Sequence, processing_time_ms: 
         "sent_items": 0_i64,
         "failed_items": 0_i64,
     };
+    if !batch.stream.is_default() {
+        document.insert("stream", batch.stream.as_str());
+    }
     if let Some(idem) = &batch.idempotency {
         document.insert("idempotency_key", idem.key.as_str());
         document.insert("request_hash", idem.request_hash.as_str());
@@ -174,6 +181,7 @@ pub(crate) fn batch_summary(doc: &Document) -> Result<BatchSummary, StoreError> 
     }
     Ok(BatchSummary {
         batch_id: get_batch_id(doc)?,
+        stream: crate::ids::stream_of(doc),
         batch_sequence: Sequence(get_u64(doc, "batch_sequence")?),
         created_at: get_datetime(doc, "created_at")?,
         total_items: get_u64(doc, "total_items")?,
@@ -185,6 +193,7 @@ pub(crate) fn batch_summary(doc: &Document) -> Result<BatchSummary, StoreError> 
 pub(crate) fn pending_batch(doc: &Document) -> Result<PendingBatch, StoreError> {
     Ok(PendingBatch {
         batch_id: get_batch_id(doc)?,
+        stream: crate::ids::stream_of(doc),
         batch_sequence: Sequence(get_u64(doc, "batch_sequence")?),
         status: parse_status(doc, "status")?,
         total_items: get_u64(doc, "total_items")?,
@@ -202,6 +211,7 @@ pub(crate) fn batch_progress(
     let total = get_u64(doc, "total_items")?;
     Ok(BatchProgress {
         batch_id: get_batch_id(doc)?,
+        stream: crate::ids::stream_of(doc),
         batch_sequence: Sequence(get_u64(doc, "batch_sequence")?),
         status: parse_status(doc, "status")?,
         counts: ItemCounts {
@@ -266,9 +276,141 @@ pub(crate) fn item_view(doc: &Document) -> Result<ItemView, StoreError> {
     })
 }
 
+/// A stream definition as stored. The schema is kept as JSON text: a JSON
+/// Schema's keys (`$ref`, `$defs`, ...) start with `$`, which MongoDB
+/// reserves in documents.
+pub(crate) fn stream_document(definition: &StreamDefinition, now: DateTime<Utc>) -> Document {
+    let mut document = doc! {
+        "_id": definition.name.as_str(),
+        "topic": &definition.topic,
+        "ordering_key": definition.ordering.to_string(),
+        "on_poison": definition.on_poison.to_string(),
+        "updated_at": bson_datetime(now),
+    };
+    if let OrderingKeyMode::Field { default_key, .. } = &definition.ordering {
+        document.insert("ordering_key_default", default_key.as_str());
+    }
+    if let Some(schema) = &definition.schema {
+        document.insert("schema", schema.to_string());
+    }
+    if let Some(writers) = &definition.writers {
+        document.insert("writers", writers.clone());
+    }
+    document
+}
+
+pub(crate) fn stream_definition(doc: &Document) -> Result<StreamDefinition, StoreError> {
+    let name: StreamName = get_string(doc, "_id")?
+        .parse()
+        .map_err(|_| malformed("_id", doc))?;
+    let mut ordering: OrderingKeyMode = get_string(doc, "ordering_key")?
+        .parse()
+        .map_err(|_| malformed("ordering_key", doc))?;
+    if let Some(default_key) = get_opt_string(doc, "ordering_key_default") {
+        ordering = ordering.with_default_key(&default_key);
+    }
+    let schema = match get_opt_string(doc, "schema") {
+        Some(text) => Some(serde_json::from_str(&text).map_err(|_| malformed("schema", doc))?),
+        None => None,
+    };
+    let writers = match doc.get_array("writers") {
+        Ok(names) => Some(
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect(),
+        ),
+        Err(_) => None,
+    };
+    Ok(StreamDefinition {
+        name,
+        topic: get_string(doc, "topic")?,
+        ordering,
+        on_poison: get_string(doc, "on_poison")?
+            .parse()
+            .map_err(|_| malformed("on_poison", doc))?,
+        schema,
+        writers,
+        created_at: get_opt_datetime(doc, "created_at"),
+        updated_at: get_opt_datetime(doc, "updated_at"),
+    })
+}
+
+pub(crate) fn member_document(member: &Member) -> Document {
+    let published: Document = member
+        .published
+        .iter()
+        .map(|(stream, n)| (stream.clone(), Bson::Int64(to_i64(*n))))
+        .collect();
+    doc! {
+        "_id": &member.id,
+        "admin_url": &member.admin_url,
+        "host": &member.host,
+        "pid": i64::from(member.pid),
+        "version": &member.version,
+        "started_at": bson_datetime(member.started_at),
+        "expires_at_ms": member.expires_at_ms,
+        "published": published,
+    }
+}
+
+pub(crate) fn member(doc: &Document) -> Result<Member, StoreError> {
+    let published = doc
+        .get_document("published")
+        .map(|d| {
+            d.iter()
+                .filter_map(|(k, v)| {
+                    let n = match v {
+                        Bson::Int32(n) => u64::try_from(*n).ok(),
+                        Bson::Int64(n) => u64::try_from(*n).ok(),
+                        Bson::Double(n) if *n >= 0.0 => Some(*n as u64),
+                        _ => None,
+                    };
+                    n.map(|n| (k.clone(), n))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Member {
+        id: get_string(doc, "_id")?,
+        admin_url: get_opt_string(doc, "admin_url").unwrap_or_default(),
+        host: get_opt_string(doc, "host").unwrap_or_default(),
+        pid: u32::try_from(get_u64(doc, "pid").unwrap_or(0)).unwrap_or(0),
+        version: get_opt_string(doc, "version").unwrap_or_default(),
+        started_at: get_opt_datetime(doc, "started_at").unwrap_or_else(Utc::now),
+        expires_at_ms: get_u64(doc, "expires_at_ms")
+            .ok()
+            .and_then(|n| i64::try_from(n).ok())
+            .unwrap_or(0),
+        published,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_definition_round_trips() {
+        let definition = StreamDefinition {
+            name: "orders".parse().unwrap(),
+            topic: "orders".into(),
+            ordering: "field:/customer/id".parse::<OrderingKeyMode>().unwrap().with_default_key("none"),
+            on_poison: PoisonPolicy::DeadLetter,
+            schema: Some(serde_json::json!({"$defs": {"id": {"type": "string"}}, "properties": {"id": {"$ref": "#/$defs/id"}}})),
+            writers: Some(vec!["billing".into()]),
+            created_at: None,
+            updated_at: None,
+        };
+        let now = Utc::now();
+        let read = stream_definition(&stream_document(&definition, now)).unwrap();
+        assert_eq!(read.name, definition.name);
+        assert_eq!(read.ordering, definition.ordering);
+        assert_eq!(read.on_poison, definition.on_poison);
+        assert_eq!(read.schema, definition.schema);
+        assert_eq!(read.writers, definition.writers);
+        assert!(read.updated_at.is_some());
+    }
 
     #[test]
     fn dates_read_from_bson_and_from_strings() {

@@ -24,7 +24,11 @@ use outbox_core::store::{Fence, Lease, LeaseStore, StoreError};
 use tracing::{info, warn};
 
 use crate::errors::{MAX_TIME_MS_EXPIRED, classify, code, is_duplicate_key};
-use crate::{LEASE_ID, MongoStore};
+use std::sync::Arc;
+
+use outbox_core::stream::StreamName;
+
+use crate::{MongoStore, ids};
 
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -42,8 +46,9 @@ fn lenient_i64(value: Option<&Bson>) -> i64 {
     }
 }
 
-fn lease_from(doc: &Document) -> Lease {
+fn lease_from(stream: &StreamName, doc: &Document) -> Lease {
     Lease {
+        stream: stream.clone(),
         holder: doc.get_str("holder").unwrap_or_default().to_owned(),
         epoch: u64::try_from(lenient_i64(doc.get("epoch"))).unwrap_or(0),
         expires_at_ms: lenient_i64(doc.get("expires_at_ms")),
@@ -55,8 +60,8 @@ fn lease_from(doc: &Document) -> Lease {
 
 /// A filter matching the lease document exactly as it was read: the stored
 /// values themselves, whatever their types, or their absence.
-fn as_read(doc: &Document) -> Document {
-    let mut filter = doc! { "_id": LEASE_ID };
+fn as_read(stream: &StreamName, doc: &Document) -> Document {
+    let mut filter = doc! { "_id": ids::lease(stream) };
     for field in ["holder", "epoch", "expires_at_ms"] {
         match doc.get(field) {
             Some(value) => filter.insert(field, value.clone()),
@@ -104,16 +109,23 @@ impl MongoStore {
 
     /// The lease document as a majority has it. `Err(None)` when the read
     /// hit its time limit: a transaction holds the document.
-    async fn read_lease(&self) -> Result<Option<Document>, Option<StoreError>> {
+    async fn read_lease(
+        &self,
+        stream: &StreamName,
+    ) -> Result<Option<Document>, Option<StoreError>> {
         let result = self
             .lease()
-            .find_one(doc! { "_id": LEASE_ID })
+            .find_one(doc! { "_id": ids::lease(stream) })
             .read_concern(ReadConcern::majority())
             .max_time(self.config.lease_timeout)
             .await;
         match result {
             Ok(document) => {
-                *self.last_lease.lock().unwrap_or_else(|e| e.into_inner()) = document.clone();
+                let mut seen = self.last_lease.lock().unwrap_or_else(|e| e.into_inner());
+                match &document {
+                    Some(document) => seen.insert(stream.clone(), document.clone()),
+                    None => seen.remove(stream),
+                };
                 Ok(document)
             }
             Err(e) if code(&e) == Some(MAX_TIME_MS_EXPIRED) => Err(None),
@@ -125,8 +137,8 @@ impl MongoStore {
     /// another holder, so its open transaction (if any) stops holding the
     /// lease document. Failures are logged: the takeover's own write will
     /// tell whether the document is free.
-    async fn kill_orphan(&self, lease: &Document, holder: &str, now_ms: i64) {
-        let current = lease_from(lease);
+    async fn kill_orphan(&self, stream: &StreamName, lease: &Document, holder: &str, now_ms: i64) {
+        let current = lease_from(stream, lease);
         if current.holder == holder || current.expires_at_ms > now_ms {
             return;
         }
@@ -136,6 +148,7 @@ impl MongoStore {
         match self.kill_session(session).await {
             Ok(()) => info!(
                 message = "killed the expired leader's transaction session",
+                %stream,
                 holder = %current.holder,
                 epoch = current.epoch
             ),
@@ -152,8 +165,9 @@ impl MongoStore {
     /// new epoch instead.
     async fn session_for(
         &self,
-    ) -> Result<Option<(crate::FencedGuard<'_>, Document)>, StoreError> {
-        let Ok(mut slot) = self.fenced.session.try_lock() else {
+        stream: &StreamName,
+    ) -> Result<Option<(crate::FencedGuard, Document)>, StoreError> {
+        let Ok(mut slot) = Arc::clone(&self.fenced.of(stream).session).try_lock_owned() else {
             return Ok(None);
         };
         if slot.is_none() {
@@ -168,7 +182,7 @@ impl MongoStore {
     }
 
     /// Notes that the held session was recorded under `epoch`.
-    fn recorded(claim: &mut Option<(crate::FencedGuard<'_>, Document)>, epoch: u64) {
+    fn recorded(claim: &mut Option<(crate::FencedGuard, Document)>, epoch: u64) {
         if let Some((slot, _)) = claim.as_mut()
             && let Some((_, recorded)) = slot.as_mut()
         {
@@ -185,7 +199,7 @@ impl MongoStore {
     ) -> Result<(), StoreError> {
         let matched = self
             .lease_update(
-                doc! { "_id": LEASE_ID, "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
+                doc! { "_id": ids::lease(&fence.stream), "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
                 doc! { "$set": { "txn_session": session_id.clone() } },
             )
             .await?;
@@ -217,12 +231,13 @@ impl LeaseStore for MongoStore {
 
     async fn acquire_or_renew(
         &self,
+        stream: &StreamName,
         holder: &str,
         now_ms: i64,
         ttl_ms: i64,
     ) -> Result<Option<Lease>, StoreError> {
         let expires_at_ms = now_ms + ttl_ms;
-        let document = match self.read_lease().await {
+        let document = match self.read_lease(stream).await {
             Ok(document) => document,
             Err(None) => {
                 // MongoDB's reads do not wait for transactions: the lease
@@ -236,9 +251,10 @@ impl LeaseStore for MongoStore {
                         .last_lease
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .clone();
+                        .get(stream)
+                        .cloned();
                     if let Some(seen) = seen {
-                        self.kill_orphan(&seen, holder, now_ms).await;
+                        self.kill_orphan(stream, &seen, holder, now_ms).await;
                     }
                 }
                 return Err(StoreError::Unavailable(
@@ -250,12 +266,13 @@ impl LeaseStore for MongoStore {
         };
         let Some(document) = document else {
             let lease = Lease {
+                stream: stream.clone(),
                 holder: holder.to_owned(),
                 epoch: 1,
                 expires_at_ms,
                 committed: None,
             };
-            let mut claim = self.session_for().await?;
+            let mut claim = self.session_for(stream).await?;
             let session = claim.as_ref().map_or(Bson::Null, |(_, id)| Bson::Document(id.clone()));
             let ms = self.lease_timeout_ms();
             let insert = self
@@ -263,7 +280,7 @@ impl LeaseStore for MongoStore {
                 .run_command(doc! {
                     "insert": &self.config.lease_collection,
                     "documents": [{
-                        "_id": LEASE_ID, "holder": holder, "epoch": 1_i64,
+                        "_id": ids::lease(stream), "holder": holder, "epoch": 1_i64,
                         "expires_at_ms": expires_at_ms, "txn_session": session,
                     }],
                     "maxTimeMS": ms,
@@ -286,7 +303,7 @@ impl LeaseStore for MongoStore {
                 Err(e) => Err(classify(e)),
             };
         };
-        let current = lease_from(&document);
+        let current = lease_from(stream, &document);
         let next = if current.holder == holder {
             Lease {
                 expires_at_ms,
@@ -295,8 +312,9 @@ impl LeaseStore for MongoStore {
         } else if current.expires_at_ms > now_ms {
             return Ok(None);
         } else {
-            self.kill_orphan(&document, holder, now_ms).await;
+            self.kill_orphan(stream, &document, holder, now_ms).await;
             Lease {
+                stream: stream.clone(),
                 holder: holder.to_owned(),
                 epoch: current.epoch + 1,
                 expires_at_ms,
@@ -314,12 +332,12 @@ impl LeaseStore for MongoStore {
         };
         let mut claim = None;
         if next.epoch != current.epoch {
-            claim = self.session_for().await?;
+            claim = self.session_for(stream).await?;
             let session = claim.as_ref().map_or(Bson::Null, |(_, id)| Bson::Document(id.clone()));
             set.insert("txn_session", session);
         }
         let matched = self
-            .lease_update(as_read(&document), doc! { "$set": set })
+            .lease_update(as_read(stream, &document), doc! { "$set": set })
             .await?;
         if matched == 1 {
             Self::recorded(&mut claim, next.epoch);
@@ -329,21 +347,43 @@ impl LeaseStore for MongoStore {
 
     async fn release(&self, fence: &Fence) -> Result<(), StoreError> {
         self.lease_update(
-            doc! { "_id": LEASE_ID, "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
+            doc! { "_id": ids::lease(&fence.stream), "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
             doc! { "$set": { "expires_at_ms": 0_i64 } },
         )
         .await?;
         Ok(())
     }
 
-    async fn current(&self) -> Result<Option<Lease>, StoreError> {
-        match self.read_lease().await {
-            Ok(document) => Ok(document.as_ref().map(lease_from)),
+    async fn current(&self, stream: &StreamName) -> Result<Option<Lease>, StoreError> {
+        match self.read_lease(stream).await {
+            Ok(document) => Ok(document.as_ref().map(|d| lease_from(stream, d))),
             Err(None) => Err(StoreError::Unavailable(
                 "the lease document is held by a transaction".to_owned(),
             )),
             Err(Some(error)) => Err(error),
         }
+    }
+
+    async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        use futures::TryStreamExt;
+        let documents: Vec<Document> = self
+            .lease()
+            .find(doc! {})
+            .projection(doc! { "txn_session": 0 })
+            .read_concern(ReadConcern::majority())
+            .max_time(self.config.lease_timeout)
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(documents
+            .iter()
+            .filter_map(|d| {
+                let stream = ids::stream_of_lease(d.get_str("_id").ok()?)?;
+                Some(lease_from(&stream, d))
+            })
+            .collect())
     }
 }
 
@@ -353,27 +393,29 @@ mod tests {
 
     #[test]
     fn a_hand_edited_lease_still_reads() {
-        let lease = lease_from(&doc! {
+        let stream = StreamName::default();
+        let lease = lease_from(&stream, &doc! {
             "holder": "a", "epoch": 3.0, "expires_at_ms": 1_700_000_000_000.5_f64,
         });
         assert_eq!(lease.epoch, 3);
         assert_eq!(lease.expires_at_ms, 1_700_000_000_000);
-        let broken = lease_from(&doc! { "holder": "a", "expires_at_ms": "soon" });
+        let broken = lease_from(&stream, &doc! { "holder": "a", "expires_at_ms": "soon" });
         assert_eq!((broken.epoch, broken.expires_at_ms), (0, 0));
     }
 
     #[test]
     fn the_compare_and_swap_matches_the_values_as_read() {
-        let read = doc! { "_id": LEASE_ID, "holder": "a", "epoch": 2.0, "expires_at_ms": 5_i32 };
+        let stream: StreamName = "orders".parse().unwrap();
+        let read = doc! { "_id": "relay:orders", "holder": "a", "epoch": 2.0, "expires_at_ms": 5_i32 };
         assert_eq!(
-            as_read(&read),
-            doc! { "_id": LEASE_ID, "holder": "a", "epoch": 2.0, "expires_at_ms": 5_i32 }
+            as_read(&stream, &read),
+            doc! { "_id": "relay:orders", "holder": "a", "epoch": 2.0, "expires_at_ms": 5_i32 }
         );
-        let partial = doc! { "_id": LEASE_ID, "holder": "a" };
+        let partial = doc! { "_id": "relay", "holder": "a" };
         assert_eq!(
-            as_read(&partial),
+            as_read(&StreamName::default(), &partial),
             doc! {
-                "_id": LEASE_ID, "holder": "a",
+                "_id": "relay", "holder": "a",
                 "epoch": { "$exists": false }, "expires_at_ms": { "$exists": false },
             }
         );

@@ -21,6 +21,7 @@ mod errors;
 mod lease;
 pub mod monitor;
 mod outbox;
+mod registry;
 
 use std::sync::Arc;
 
@@ -28,18 +29,83 @@ use mongodb::bson::{Binary, Document, doc};
 use mongodb::options::{ClientOptions, IndexOptions, ReadPreference, SelectionCriteria};
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 use outbox_core::store::StoreError;
+use outbox_core::stream::StreamName;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 pub use config::MongoConfig;
 use errors::classify;
 
-/// The id of the one document in the counters collection.
-pub(crate) const SEQUENCE_COUNTER_ID: &str = "batch_sequence";
-/// The id of the one lease document.
-const LEASE_ID: &str = "relay";
-/// The id of the relay's cluster-wide control document.
-const CONTROL_ID: &str = "relay";
+/// A stream's documents in the shared collections. The default stream keeps
+/// the ids (and, on batches, the absent `stream` field) it had before
+/// streams existed, so an existing database needs no migration.
+pub(crate) mod ids {
+    use mongodb::bson::Bson;
+    use outbox_core::stream::StreamName;
+
+    const COUNTER: &str = "batch_sequence";
+    const LEASE: &str = "relay";
+    const CONTROL: &str = "relay";
+
+    fn scoped(base: &str, stream: &StreamName) -> String {
+        if stream.is_default() {
+            base.to_owned()
+        } else {
+            format!("{base}:{stream}")
+        }
+    }
+
+    /// The stream's sequence counter.
+    pub fn counter(stream: &StreamName) -> String {
+        scoped(COUNTER, stream)
+    }
+
+    /// The stream's lease.
+    pub fn lease(stream: &StreamName) -> String {
+        scoped(LEASE, stream)
+    }
+
+    /// The stream's control document (the paused flag).
+    pub fn control(stream: &StreamName) -> String {
+        scoped(CONTROL, stream)
+    }
+
+    /// The stream a lease document's id names.
+    pub fn stream_of_lease(id: &str) -> Option<StreamName> {
+        if id == LEASE {
+            return Some(StreamName::default_stream());
+        }
+        id.strip_prefix("relay:")?.parse().ok()
+    }
+
+    /// An idempotency key's id: the key itself for the default stream,
+    /// `"<stream> <key>"` for another (a key has no space in it).
+    pub fn idempotency(stream: &StreamName, key: &str) -> String {
+        if stream.is_default() {
+            key.to_owned()
+        } else {
+            format!("{stream} {key}")
+        }
+    }
+
+    /// The value of a batch's (or dead letter's) `stream` field, and what
+    /// matches it: absent (null) for the default stream.
+    pub fn field(stream: &StreamName) -> Bson {
+        if stream.is_default() {
+            Bson::Null
+        } else {
+            Bson::String(stream.to_string())
+        }
+    }
+
+    /// The stream a stored document's `stream` field names.
+    pub fn stream_of(doc: &mongodb::bson::Document) -> StreamName {
+        doc.get_str("stream")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_default()
+    }
+}
 
 /// A handle on the store; cheap to clone (the driver pools connections).
 #[derive(Clone)]
@@ -47,38 +113,55 @@ pub struct MongoStore {
     client: Client,
     db: Database,
     config: MongoConfig,
-    /// Bounds the ingest transactions in flight (see
+    /// Per stream, the session the relay runs that stream's fenced
+    /// transactions on; shared with the lease handle (see
+    /// [`MongoStore::lease_handle`]).
+    fenced: Arc<FencedSessions>,
+    /// Per stream, the lease document as last read, for when a read is
+    /// blocked (see `lease.rs`).
+    last_lease: Arc<std::sync::Mutex<std::collections::HashMap<StreamName, Document>>>,
+    /// Per stream, the ingest transactions in flight (see
     /// [`MongoConfig::transaction_concurrency`]).
-    ingest_slots: Arc<Semaphore>,
-    /// The one session the relay runs its fenced transactions on; shared
-    /// with the lease handle (see [`MongoStore::lease_handle`]).
-    fenced: Arc<FencedSession>,
-    /// The lease document as last read, for when a read is blocked (see
-    /// `lease.rs`).
-    last_lease: Arc<std::sync::Mutex<Option<Document>>>,
+    stream_slots: Arc<std::sync::Mutex<std::collections::HashMap<StreamName, Arc<Semaphore>>>>,
 }
 
-/// The fenced session, locked.
-pub(crate) type FencedGuard<'a> =
-    tokio::sync::MutexGuard<'a, Option<(ClientSession, Option<u64>)>>;
+/// The fenced sessions of the streams this process leads, and the `uid`
+/// MongoDB gives our sessions: SHA-256 of `user@db` of the authenticated
+/// user (of the empty string without authentication). A successor running
+/// as another user needs it to kill our sessions.
+struct FencedSessions {
+    /// The client the sessions belong to (the drain client).
+    client: Client,
+    streams: std::sync::Mutex<std::collections::HashMap<StreamName, Arc<FencedSession>>>,
+    uid: tokio::sync::OnceCell<Binary>,
+}
 
-/// The session fenced writes run on, so that its id can be recorded in the
-/// lease document and a successor can kill it (aborting a transaction a
-/// dead leader left open) instead of waiting for MongoDB to reap it.
+impl FencedSessions {
+    fn of(&self, stream: &StreamName) -> Arc<FencedSession> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(streams.entry(stream.clone()).or_insert_with(|| {
+            Arc::new(FencedSession {
+                session: Arc::new(tokio::sync::Mutex::new(None)),
+            })
+        }))
+    }
+}
+
+/// A stream's fenced session, locked.
+pub(crate) type FencedGuard = tokio::sync::OwnedMutexGuard<Option<(ClientSession, Option<u64>)>>;
+
+/// The session one stream's fenced writes run on, so that its id can be
+/// recorded in the stream's lease document and a successor can kill it
+/// (aborting a transaction a dead leader left open) instead of waiting for
+/// MongoDB to reap it.
 ///
 /// It is recorded under the session's lock, so the id in the lease is
 /// always the session in use: when the lease is taken (a new epoch), and by
 /// a fenced write before its first transaction on a new session or under
 /// an epoch it was not recorded under. Renewals never write it.
 struct FencedSession {
-    /// The client the session belongs to (the drain client).
-    client: Client,
     /// The session, and the lease epoch its id was recorded under.
-    session: tokio::sync::Mutex<Option<(ClientSession, Option<u64>)>>,
-    /// The `uid` MongoDB gives our sessions: SHA-256 of `user@db` of the
-    /// authenticated user (of the empty string without authentication).
-    /// A successor running as another user needs it to kill our session.
-    uid: tokio::sync::OnceCell<Binary>,
+    session: Arc<tokio::sync::Mutex<Option<(ClientSession, Option<u64>)>>>,
 }
 
 impl MongoStore {
@@ -107,19 +190,18 @@ impl MongoStore {
         let client = Client::with_options(options)
             .map_err(|e| StoreError::Other(format!("invalid MongoDB options: {e}")))?;
         let db = client.database(&config.database);
-        let ingest_slots = Arc::new(Semaphore::new(config.transaction_concurrency.max(1)));
-        let fenced = Arc::new(FencedSession {
+        let fenced = Arc::new(FencedSessions {
             client: client.clone(),
-            session: tokio::sync::Mutex::new(None),
+            streams: std::sync::Mutex::default(),
             uid: tokio::sync::OnceCell::new(),
         });
         Ok(Self {
             client,
             db,
             config,
-            ingest_slots,
             fenced,
             last_lease: Arc::default(),
+            stream_slots: Arc::default(),
         })
     }
 
@@ -148,9 +230,9 @@ impl MongoStore {
             db: client.database(&config.database),
             client,
             config,
-            ingest_slots: Arc::clone(&self.ingest_slots),
             fenced: Arc::clone(&self.fenced),
             last_lease: Arc::clone(&self.last_lease),
+            stream_slots: Arc::clone(&self.stream_slots),
         })
     }
 
@@ -249,6 +331,21 @@ impl MongoStore {
         }
     }
 
+    /// The stream's ingest transactions in flight, at most
+    /// [`MongoConfig::transaction_concurrency`]: every ingest transaction of
+    /// a stream writes its one counter, so more would only conflict; other
+    /// streams' counters are other documents, and their writers never wait
+    /// on these.
+    pub(crate) fn ingest_slots(&self, stream: &StreamName) -> Arc<Semaphore> {
+        let mut slots = self.stream_slots.lock().unwrap_or_else(|e| e.into_inner());
+        let permits = self.config.transaction_concurrency.max(1);
+        Arc::clone(
+            slots
+                .entry(stream.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(permits))),
+        )
+    }
+
     pub fn config(&self) -> &MongoConfig {
         &self.config
     }
@@ -263,14 +360,26 @@ impl MongoStore {
         let index = |keys: Document, options: Option<IndexOptions>| {
             IndexModel::builder().keys(keys).options(options).build()
         };
+        // A stream's batches by sequence: the default stream's have no
+        // `stream` field (the index keys them under null), as before
+        // streams existed.
         self.batches()
             .create_indexes([
                 index(doc! { "batch_id": 1 }, Some(unique())),
-                index(doc! { "batch_sequence": 1 }, Some(unique())),
-                index(doc! { "status": 1, "batch_sequence": 1 }, None),
+                index(doc! { "stream": 1, "batch_sequence": 1 }, Some(unique())),
+                index(doc! { "stream": 1, "status": 1, "batch_sequence": 1 }, None),
             ])
             .await
             .map_err(classify)?;
+        // The indexes of a single stream: the unique sequence would refuse a
+        // second stream's batch 1.
+        for replaced in ["batch_sequence_1", "status_1_batch_sequence_1"] {
+            if let Err(e) = self.batches().drop_index(replaced).await
+                && !errors::is_missing_index(&e)
+            {
+                return Err(classify(e));
+            }
+        }
         self.items()
             .create_indexes([index(
                 doc! { "batch_id": 1, "item_sequence": 1 },
@@ -296,10 +405,15 @@ impl MongoStore {
             .await
             .map_err(classify)?;
         // The counter starts at 0; `$setOnInsert` leaves an existing one alone.
+        self.ensure_counter(&StreamName::default_stream()).await
+    }
+
+    /// Creates the stream's sequence counter, starting at 0, unless it exists.
+    pub(crate) async fn ensure_counter(&self, stream: &StreamName) -> Result<(), StoreError> {
         let result = self
             .counters()
             .update_one(
-                doc! { "_id": SEQUENCE_COUNTER_ID },
+                doc! { "_id": ids::counter(stream) },
                 doc! { "$setOnInsert": { "value": 0_i64 } },
             )
             .upsert(true)
@@ -369,6 +483,14 @@ impl MongoStore {
 
     fn control(&self) -> Collection<Document> {
         self.db.collection(&self.config.control_collection)
+    }
+
+    fn streams(&self) -> Collection<Document> {
+        self.db.collection(&self.config.streams_collection)
+    }
+
+    fn members(&self) -> Collection<Document> {
+        self.db.collection(&self.config.members_collection)
     }
 
     fn staged(&self) -> Collection<Document> {

@@ -32,7 +32,9 @@ use crate::documents::{
     bson_datetime, get_flag, get_opt_datetime, get_u64, item_view, outbox_item, pending_batch,
 };
 use crate::errors::classify;
-use crate::{CONTROL_ID, LEASE_ID, MongoStore};
+use outbox_core::stream::StreamName;
+
+use crate::{MongoStore, ids};
 
 const UNFINISHED: [&str; 3] = ["pending", "processing", "failed"];
 
@@ -69,7 +71,9 @@ impl MongoStore {
     /// Runs `write` in a transaction fenced by the lease epoch, retrying
     /// conflicts, on the process's one fenced session.
     async fn fenced(&self, fence: &Fence, write: FencedWrite<'_>) -> Result<(), StoreError> {
-        let mut slot = self.fenced.session.lock().await;
+        let mut slot = std::sync::Arc::clone(&self.fenced.of(&fence.stream).session)
+            .lock_owned()
+            .await;
         if slot.is_none() {
             let session = self.fenced.client.start_session().await.map_err(classify)?;
             *slot = Some((session, None));
@@ -132,7 +136,7 @@ impl MongoStore {
             let claimed = self
                 .lease()
                 .update_one(
-                    doc! { "_id": LEASE_ID, "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
+                    doc! { "_id": ids::lease(&fence.stream), "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
                     claim,
                 )
                 .session(&mut *session)
@@ -362,8 +366,7 @@ impl MongoStore {
                     .map_err(classify)?;
                 let request_data = mongodb::bson::to_document(&item.request_data)
                     .map_err(|e| StoreError::Other(e.to_string()))?;
-                self.dead_letters()
-                    .insert_one(doc! {
+                let mut letter = doc! {
                         "item_id": item.item_id.to_string(),
                         "batch_id": item.batch_id.as_str(),
                         "batch_sequence": to_i64(item.batch_sequence.0),
@@ -373,7 +376,12 @@ impl MongoStore {
                         "request_data": request_data,
                         "error": error,
                         "dead_lettered_at": now,
-                    })
+                };
+                if !fence.stream.is_default() {
+                    letter.insert("stream", fence.stream.as_str());
+                }
+                self.dead_letters()
+                    .insert_one(letter)
                     .session(&mut *session)
                     .await
                     .map_err(classify)?;
@@ -385,10 +393,15 @@ impl MongoStore {
     /// Removes large batches staged before `before` that no transaction
     /// made visible: their writer died or gave up. Dates compared here, as
     /// retention's.
-    async fn sweep_staged(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+    async fn sweep_staged(
+        &self,
+        stream: &StreamName,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
         let staged: Vec<Document> = self
             .staged()
-            .find(doc! {})
+            .find(doc! { "stream": ids::field(stream) })
             .limit(i64::from(limit))
             .await
             .map_err(classify)?
@@ -413,10 +426,10 @@ impl MongoStore {
 
     /// The highest committed sequence as the commits recorded it in the
     /// lease document.
-    async fn recorded_commit(&self) -> Result<Option<Sequence>, StoreError> {
+    async fn recorded_commit(&self, stream: &StreamName) -> Result<Option<Sequence>, StoreError> {
         let lease = self
             .lease()
-            .find_one(doc! { "_id": LEASE_ID })
+            .find_one(doc! { "_id": ids::lease(stream) })
             .projection(doc! { "committed_sequence": 1 })
             .read_concern(ReadConcern::majority())
             .await
@@ -481,19 +494,28 @@ impl MongoStore {
 
 #[async_trait]
 impl OutboxStore for MongoStore {
-    async fn head_batch(&self) -> Result<Option<PendingBatch>, StoreError> {
-        Ok(self.pending_batches(None, 1).await?.into_iter().next())
+    async fn head_batch(&self, stream: &StreamName) -> Result<Option<PendingBatch>, StoreError> {
+        Ok(self
+            .pending_batches(stream, None, 1)
+            .await?
+            .into_iter()
+            .next())
     }
 
     async fn pending_batches(
         &self,
+        stream: &StreamName,
         after: Option<Sequence>,
         limit: u32,
     ) -> Result<Vec<PendingBatch>, StoreError> {
         let after = after.map_or(0, |s| to_i64(s.0));
         let cursor = self
             .batches()
-            .find(doc! { "status": unfinished(), "batch_sequence": { "$gt": after } })
+            .find(doc! {
+                "stream": ids::field(stream),
+                "status": unfinished(),
+                "batch_sequence": { "$gt": after },
+            })
             .sort(doc! { "batch_sequence": 1 })
             .limit(i64::from(limit))
             .projection(doc! { "vendor_counts": 0 })
@@ -503,26 +525,26 @@ impl OutboxStore for MongoStore {
         self.collect(cursor, pending_batch).await
     }
 
-    async fn backlog(&self) -> Result<Backlog, StoreError> {
+    async fn backlog(&self, stream: &StreamName) -> Result<Backlog, StoreError> {
         // O(1): the counter (the last sequence given out) less the last
         // committed (recorded by the commits), two reads by `_id`, and the
         // head batch by the (status, batch_sequence) index.
         let counter = self
             .counters()
-            .find_one(doc! { "_id": crate::SEQUENCE_COUNTER_ID })
+            .find_one(doc! { "_id": ids::counter(stream) })
             .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)?;
         let issued = counter.as_ref().and_then(|c| get_u64(c, "value").ok()).unwrap_or(0);
-        let head = self.head_batch().await?;
-        let pending = match (self.recorded_commit().await?, &head) {
+        let head = self.head_batch(stream).await?;
+        let pending = match (self.recorded_commit(stream).await?, &head) {
             (_, None) => 0,
             (Some(committed), Some(_)) => issued.saturating_sub(committed.0),
             // Nothing recorded yet (data committed before commits recorded
             // it): count, until the next commit records it.
             (None, Some(_)) => self
                 .batches()
-                .count_documents(doc! { "status": unfinished() })
+                .count_documents(doc! { "stream": ids::field(stream), "status": unfinished() })
                 .read_concern(ReadConcern::majority())
                 .await
                 .map_err(classify)?,
@@ -628,14 +650,14 @@ impl OutboxStore for MongoStore {
             .await
     }
 
-    async fn committed_through(&self) -> Result<Option<Sequence>, StoreError> {
-        if let Some(sequence) = self.recorded_commit().await? {
+    async fn committed_through(&self, stream: &StreamName) -> Result<Option<Sequence>, StoreError> {
+        if let Some(sequence) = self.recorded_commit(stream).await? {
             return Ok(Some(sequence));
         }
         // Committed before commits recorded it: the highest committed batch.
         let last = self
             .batches()
-            .find_one(doc! { "status": BatchStatus::Committed.as_str() })
+            .find_one(doc! { "stream": ids::field(stream), "status": BatchStatus::Committed.as_str() })
             .sort(doc! { "batch_sequence": -1 })
             .projection(doc! { "batch_sequence": 1 })
             .read_concern(ReadConcern::majority())
@@ -680,13 +702,16 @@ impl OutboxStore for MongoStore {
 
     async fn remove_expired(
         &self,
+        stream: &StreamName,
         committed_before: Option<DateTime<Utc>>,
         dead_letters_before: Option<DateTime<Utc>>,
         abandoned_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<Removed, StoreError> {
-        let mut removed = Removed::default();
-        removed.abandoned_batches = self.sweep_staged(abandoned_before, limit).await?;
+        let mut removed = Removed {
+            abandoned_batches: self.sweep_staged(stream, abandoned_before, limit).await?,
+            ..Removed::default()
+        };
         if let Some(cutoff) = committed_before {
             // Oldest committed first (commit order is sequence order), by the
             // (status, batch_sequence) index; the dates are compared here,
@@ -694,7 +719,7 @@ impl OutboxStore for MongoStore {
             // stand-in's strings) can never match too much.
             let committed: Vec<Document> = self
                 .batches()
-                .find(doc! { "status": BatchStatus::Committed.as_str() })
+                .find(doc! { "stream": ids::field(stream), "status": BatchStatus::Committed.as_str() })
                 .sort(doc! { "batch_sequence": 1 })
                 .limit(i64::from(limit))
                 .projection(doc! { "batch_id": 1, "total_items": 1, "committed_at": 1 })
@@ -745,7 +770,7 @@ impl OutboxStore for MongoStore {
         if let Some(cutoff) = dead_letters_before {
             let letters: Vec<Document> = self
                 .dead_letters()
-                .find(doc! {})
+                .find(doc! { "stream": ids::field(stream) })
                 .projection(doc! { "_id": 1, "dead_lettered_at": 1 })
                 .limit(10_000)
                 .await
@@ -770,20 +795,20 @@ impl OutboxStore for MongoStore {
         Ok(removed)
     }
 
-    async fn paused(&self) -> Result<bool, StoreError> {
+    async fn paused(&self, stream: &StreamName) -> Result<bool, StoreError> {
         let control = self
             .control()
-            .find_one(doc! { "_id": CONTROL_ID })
+            .find_one(doc! { "_id": ids::control(stream) })
             .read_concern(ReadConcern::majority())
             .await
             .map_err(classify)?;
         Ok(control.is_some_and(|c| get_flag(&c, "paused")))
     }
 
-    async fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+    async fn set_paused(&self, stream: &StreamName, paused: bool) -> Result<(), StoreError> {
         self.control()
             .update_one(
-                doc! { "_id": CONTROL_ID },
+                doc! { "_id": ids::control(stream) },
                 doc! { "$set": { "paused": paused } },
             )
             .upsert(true)

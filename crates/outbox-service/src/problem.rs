@@ -176,6 +176,33 @@ pub fn query_config() -> actix_web::web::QueryConfig {
     })
 }
 
+/// JSON bodies that do not parse, or are over `limit` bytes, are a
+/// problem+json 400 `invalid_json` (413 `body_too_large`).
+pub fn json_config(limit: usize) -> actix_web::web::JsonConfig {
+    actix_web::web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(|error, _| {
+            use actix_web::error::JsonPayloadError;
+            match error {
+                JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
+                    Problem::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the body is over {limit} bytes"),
+                    )
+                    .into()
+                }
+                JsonPayloadError::ContentType => Problem::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send application/json",
+                )
+                .into(),
+                other => Problem::bad_request("invalid_json", format!("the body is not the JSON expected: {other}")).into(),
+            }
+        })
+}
+
 /// The methods each route pattern answers, from a service's OpenAPI
 /// document, so that a request with another method gets 405 with `Allow`.
 #[derive(Debug, Default, Clone)]

@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use outbox_core::publish::OrderingKeyMode;
 use outbox_service::cli::{LogArgs, MongoArgs};
 
-use crate::drain::PoisonPolicy;
+use outbox_core::stream::{DEFAULT_MAX_STREAMS, PoisonPolicy, StreamDefinition, StreamName};
+
 use crate::pubsub::PubSubConfig;
 
 /// Publishes the batches the writer stored in MongoDB to Google Cloud
@@ -145,8 +146,9 @@ pub struct Config {
         default_value = OrderingKeyMode::GLOBAL_KEY
     )]
     pub ordering_default_key: String,
-    /// What to do with an item Pub/Sub rejects for good.
-    #[arg(long, env = "OUTBOX_ON_POISON", value_enum, default_value = "halt")]
+    /// What to do with an item Pub/Sub rejects for good: halt the stream until an operator
+    /// retries the batch (halt), or set the item aside and go on (dead-letter).
+    #[arg(long, env = "OUTBOX_ON_POISON", default_value = "halt")]
     pub on_poison: PoisonPolicy,
     /// Items read, published and marked per round trip.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -175,6 +177,17 @@ pub struct Config {
     /// Admin HTTP address.
     #[arg(long, env = "RELAY_ADMIN_BIND", default_value = "0.0.0.0:9090")]
     pub admin_bind: SocketAddr,
+    /// The URL other replicas' pages link to for this replica's admin port (default:
+    /// http:// and the bound address, the host name in place of 0.0.0.0).
+    #[arg(long, env = "RELAY_ADMIN_URL")]
+    pub admin_url: Option<String>,
+    /// Most streams the cluster runs (and values the metrics' `stream` label takes).
+    #[arg(long, env = "MAX_STREAMS", default_value_t = DEFAULT_MAX_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub max_streams: usize,
+    /// A Pub/Sub publisher is replaced by a new one, when nothing is in flight, after this
+    /// many distinct ordering keys: Google's client keeps every key's task for its life.
+    #[arg(long, env = "PUBLISHER_MAX_KEYS", default_value_t = crate::pubsub::MAX_KEYS_PER_PUBLISHER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub publisher_max_keys: usize,
     /// Bearer token required by the admin POST endpoints when set.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -212,6 +225,40 @@ pub struct Config {
 }
 
 impl Config {
+    /// The default stream as this configuration describes it (a stored
+    /// definition of `default` replaces it).
+    pub fn default_stream(&self) -> StreamDefinition {
+        StreamDefinition {
+            name: StreamName::default_stream(),
+            topic: self.pubsub.topic.clone(),
+            ordering: self
+                .ordering
+                .clone()
+                .with_default_key(&self.ordering_default_key),
+            on_poison: self.on_poison,
+            schema: None,
+            writers: None,
+            created_at: None,
+            updated_at: None,
+        }
+    }
+
+    /// Where this replica's admin port answers, for links from the others.
+    pub fn admin_url(&self, bound: SocketAddr) -> String {
+        if let Some(url) = &self.admin_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        if bound.ip().is_unspecified() {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".to_owned());
+            format!("http://{host}:{}", bound.port())
+        } else {
+            format!("http://{bound}")
+        }
+    }
+
     pub fn poll_interval(&self) -> Duration {
         Duration::from_secs_f64(self.poll_interval_seconds)
     }

@@ -32,6 +32,8 @@ use futures::FutureExt;
 use outbox_core::model::{BatchId, BatchStatus, ItemSequence, Sequence};
 use outbox_core::publish::{OrderingKeyMode, OutboxMessage, PublishError, Publisher};
 use outbox_core::store::{Fence, OutboxItem, OutboxStore, PendingBatch, SentMark, StoreError};
+use outbox_core::stream::{StreamDefinition, StreamName};
+use tokio::sync::watch;
 use outbox_service::trace_context::TraceParent;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
@@ -40,21 +42,52 @@ use crate::lease::Leadership;
 use crate::metrics;
 use crate::status::{CurrentBatch, Halt, StatusBoard};
 
-/// What to do with an item Pub/Sub will never accept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum PoisonPolicy {
-    /// Mark the batch failed and stop advancing until an operator retries it.
-    Halt,
-    /// Set the item aside in the dead-letter collection and go on.
-    DeadLetter,
+pub use outbox_core::stream::PoisonPolicy;
+
+/// Where a stream's messages go: a publisher per topic.
+pub trait Publishers: Send + Sync + 'static {
+    fn for_topic(&self, topic: &str) -> Arc<dyn Publisher>;
+}
+
+/// The same publisher whatever the topic (tests, benchmarks).
+pub struct OnePublisher(pub Arc<dyn Publisher>);
+
+impl Publishers for OnePublisher {
+    fn for_topic(&self, _topic: &str) -> Arc<dyn Publisher> {
+        Arc::clone(&self.0)
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct DrainSettings {
     /// Items read, published and marked per round trip.
     pub page_size: u32,
-    pub ordering: OrderingKeyMode,
-    pub on_poison: PoisonPolicy,
+    /// The stream's definition as it changes: a pass takes it as it is when
+    /// it starts a batch.
+    pub definition: watch::Receiver<StreamDefinition>,
+}
+
+impl DrainSettings {
+    /// Settings whose definition never changes.
+    pub fn fixed(page_size: u32, definition: StreamDefinition) -> Self {
+        Self {
+            page_size,
+            definition: watch::channel(definition).1,
+        }
+    }
+
+    pub fn stream(&self) -> StreamName {
+        self.definition.borrow().name.clone()
+    }
+}
+
+/// What one pass works with: the definition as the pass started, and the
+/// publisher of its topic.
+struct PassSettings {
+    stream: StreamName,
+    ordering: OrderingKeyMode,
+    on_poison: PoisonPolicy,
+    publisher: Arc<dyn Publisher>,
 }
 
 /// How a pass ended.
@@ -100,7 +133,7 @@ impl DrainError {
 
 pub struct Drainer {
     store: Arc<dyn OutboxStore>,
-    publisher: Arc<dyn Publisher>,
+    publishers: Arc<dyn Publishers>,
     settings: DrainSettings,
     status: Arc<StatusBoard>,
     /// The page write running in the background, if any.
@@ -123,19 +156,24 @@ struct InFlight {
 impl Drainer {
     pub fn new(
         store: Arc<dyn OutboxStore>,
-        publisher: Arc<dyn Publisher>,
+        publishers: Arc<dyn Publishers>,
         settings: DrainSettings,
         status: Arc<StatusBoard>,
     ) -> Self {
         Self {
             store,
-            publisher,
+            publishers,
             settings,
             status,
             in_flight: std::sync::Mutex::new(None),
             paused_keys: std::sync::Mutex::default(),
             committed: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The stream, as metrics label it.
+    fn label(&self) -> String {
+        self.settings.definition.borrow().name.to_string()
     }
 
     /// The highest committed sequence, read from the store once per lease
@@ -147,7 +185,7 @@ impl Drainer {
         {
             return Ok(sequence);
         }
-        let sequence = self.store.committed_through().await?;
+        let sequence = self.store.committed_through(&self.settings.stream()).await?;
         *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = Some((epoch, sequence));
         Ok(sequence)
     }
@@ -227,8 +265,8 @@ impl Drainer {
             .num_milliseconds()
             .max(0) as f64
             / 1000.0;
-        ::metrics::histogram!(metrics::END_TO_END_LATENCY).record(age);
-        ::metrics::counter!(metrics::BATCHES_COMMITTED).increment(1);
+        ::metrics::histogram!(metrics::END_TO_END_LATENCY, "stream" => self.label()).record(age);
+        ::metrics::counter!(metrics::BATCHES_COMMITTED, "stream" => self.label()).increment(1);
         self.status.update(|s| {
             s.batches_committed_total += 1;
             if s.current_batch
@@ -272,17 +310,27 @@ impl Drainer {
         leadership: &Leadership,
         shutdown: &CancellationToken,
     ) -> Result<Pass, DrainError> {
+        // The definition as it is now, for this batch.
+        let settings = {
+            let definition = self.settings.definition.borrow();
+            PassSettings {
+                stream: definition.name.clone(),
+                ordering: definition.ordering.clone(),
+                on_poison: definition.on_poison,
+                publisher: self.publishers.for_topic(&definition.topic),
+            }
+        };
         // While the previous batch's commit is in flight, the head is the
         // first uncommitted batch after it.
         let finishing = self.finishing();
         let head = match finishing {
             Some(sequence) => self
                 .store
-                .pending_batches(Some(sequence), 1)
+                .pending_batches(&settings.stream, Some(sequence), 1)
                 .await?
                 .into_iter()
                 .next(),
-            None => self.store.head_batch().await?,
+            None => self.store.head_batch(&settings.stream).await?,
         };
         let Some(batch) = head else {
             self.settle().await?;
@@ -290,7 +338,7 @@ impl Drainer {
                 s.current_batch = None;
                 s.halted = None;
             });
-            ::metrics::gauge!(metrics::HALTED).set(0.0);
+            ::metrics::gauge!(metrics::HALTED, "stream" => self.label()).set(0.0);
             return Ok(Pass::Idle);
         };
         // Batch N+1 goes out only after N is committed: the head must be
@@ -304,7 +352,7 @@ impl Drainer {
         if let Some(after) = after
             && batch.batch_sequence != after.next()
         {
-            ::metrics::counter!(metrics::SEQUENCE_GAPS, "kind" => "batch").increment(1);
+            ::metrics::counter!(metrics::SEQUENCE_GAPS, "kind" => "batch", "stream" => self.label()).increment(1);
             return Err(DrainError::Gap {
                 expected: after.next(),
                 found: batch.batch_sequence,
@@ -320,10 +368,10 @@ impl Drainer {
                     error: batch.last_error.clone(),
                 });
             });
-            ::metrics::gauge!(metrics::HALTED).set(1.0);
+            ::metrics::gauge!(metrics::HALTED, "stream" => self.label()).set(1.0);
             return Ok(Pass::Halted(batch.batch_id));
         }
-        ::metrics::gauge!(metrics::HALTED).set(0.0);
+        ::metrics::gauge!(metrics::HALTED, "stream" => self.label()).set(0.0);
         self.status.update(|s| {
             s.halted = None;
             s.current_batch = Some(CurrentBatch {
@@ -348,7 +396,7 @@ impl Drainer {
             outbox_service::telemetry::set_remote_parent(&span, &parent);
         }
         let published = self
-            .publish_batch(&batch, leadership, shutdown)
+            .publish_batch(&settings, &batch, leadership, shutdown)
             .instrument(span)
             .await?;
         match published {
@@ -372,21 +420,22 @@ impl Drainer {
 
     async fn publish_batch(
         &self,
+        settings: &PassSettings,
         batch: &PendingBatch,
         leadership: &Leadership,
         shutdown: &CancellationToken,
     ) -> Result<BatchEnd, DrainError> {
-        let key = self.settings.ordering.key_for(&batch.batch_id);
+        let key = settings.ordering.stream_key(&batch.stream, &batch.batch_id);
         // Whatever paused a key before, MongoDB has just told us (below)
         // what is unsent; publishing again from there keeps the order.
         let resume = || {
             if let Some(key) = &key {
-                self.publisher.resume(key);
+                settings.publisher.resume(key);
             }
             let paused =
                 std::mem::take(&mut *self.paused_keys.lock().unwrap_or_else(|e| e.into_inner()));
             for key in paused {
-                self.publisher.resume(&key);
+                settings.publisher.resume(&key);
             }
         };
         resume();
@@ -408,7 +457,7 @@ impl Drainer {
             let step = Instant::now();
             let mut items = match self.store.unsent_items(&batch.batch_id, after, window).await {
                 Err(error @ StoreError::Incomplete(_)) => {
-                    ::metrics::counter!(metrics::SEQUENCE_GAPS, "kind" => "item").increment(1);
+                    ::metrics::counter!(metrics::SEQUENCE_GAPS, "kind" => "item", "stream" => self.label()).increment(1);
                     return Err(DrainError::Store(error));
                 }
                 other => other?,
@@ -427,7 +476,7 @@ impl Drainer {
             // publishes nothing more.
             let fence = leadership.fence().ok_or(DrainError::NotLeader)?;
             let step = Instant::now();
-            let page = self.publish_page(batch, &items).await;
+            let page = self.publish_page(settings, batch, &items).await;
             let publish_ms = step.elapsed().as_millis() as u64;
             // Items are numbered 1..=total: the window that reaches the last
             // one, without a failure, leaves nothing pending (earlier windows
@@ -450,7 +499,7 @@ impl Drainer {
                 // The failure paths write synchronously, after the marks.
                 self.settle().await?;
             }
-            ::metrics::counter!(metrics::PUBLISHED).increment(published);
+            ::metrics::counter!(metrics::PUBLISHED, "stream" => self.label()).increment(published);
             self.status.update(|s| {
                 s.published_total += published;
                 if let Some(current) = s.current_batch.as_mut() {
@@ -461,7 +510,7 @@ impl Drainer {
                 None if finishes => return Ok(BatchEnd::Committed),
                 None => after = window_end,
                 Some((index, PublishError::Transient(error))) => {
-                    ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "transient")
+                    ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "transient", "stream" => self.label())
                         .increment(1);
                     warn!(
                         message = "publish failed; will retry from the first unsent item",
@@ -473,7 +522,7 @@ impl Drainer {
                 }
                 Some((index, PublishError::Permanent(error))) => {
                     let item = &items[index];
-                    if let Some(message_id) = self.confirm_poison(batch, item).await? {
+                    if let Some(message_id) = self.confirm_poison(settings, batch, item).await? {
                         // Alone it went through: another message of the
                         // failed request was the problem. Mark and go on.
                         let mark = SentMark {
@@ -486,9 +535,9 @@ impl Drainer {
                             .await
                             .map_err(DrainError::from_store)?;
                     } else {
-                        ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "permanent")
+                        ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "permanent", "stream" => self.label())
                             .increment(1);
-                        if self.poisoned(&fence, batch, item, &error).await? == BatchEnd::Halted {
+                        if self.poisoned(settings, &fence, batch, item, &error).await? == BatchEnd::Halted {
                             return Ok(BatchEnd::Halted);
                         }
                     }
@@ -503,10 +552,15 @@ impl Drainer {
     /// all answers. Stops handing messages to the client at the first one
     /// Pub/Sub would refuse (over one of its limits: an item stored before
     /// the writer checked them), so nothing after it goes out first.
-    async fn publish_page(&self, batch: &PendingBatch, items: &[OutboxItem]) -> PageResult {
+    async fn publish_page(
+        &self,
+        settings: &PassSettings,
+        batch: &PendingBatch,
+        items: &[OutboxItem],
+    ) -> PageResult {
         let messages: Vec<OutboxMessage> = items
             .iter()
-            .map(|item| OutboxMessage::for_item(item, batch, &self.settings.ordering))
+            .map(|item| OutboxMessage::for_item(item, batch, &settings.ordering))
             .collect();
         let refused = messages
             .iter()
@@ -514,7 +568,7 @@ impl Drainer {
             .find_map(|(index, m)| m.check_limits().err().map(|e| (index, e)));
         let sendable = refused.as_ref().map_or(messages.len(), |(index, _)| *index);
         let oversize_error = refused.map(|(index, violation)| {
-            ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "over_limit").increment(1);
+            ::metrics::counter!(metrics::PUBLISH_ERRORS, "kind" => "over_limit", "stream" => self.label()).increment(1);
             (index, PublishError::Permanent(violation.to_string()))
         });
         let keys: Vec<Option<String>> = messages.iter().map(|m| m.ordering_key.clone()).collect();
@@ -523,7 +577,8 @@ impl Drainer {
             .into_iter()
             .take(sendable)
             .map(|message| {
-                self.publisher
+                settings
+                    .publisher
                     .publish(message)
                     .map(move |result| (result, started.elapsed()))
             })
@@ -534,7 +589,7 @@ impl Drainer {
         for (index, (result, latency)) in results.into_iter().enumerate() {
             match result {
                 Ok(message_id) => {
-                    ::metrics::histogram!(metrics::PUBLISH_LATENCY).record(latency.as_secs_f64());
+                    ::metrics::histogram!(metrics::PUBLISH_LATENCY, "stream" => self.label()).record(latency.as_secs_f64());
                     marks.push(SentMark {
                         item_id: items[index].item_id,
                         item_sequence: items[index].item_sequence,
@@ -564,17 +619,18 @@ impl Drainer {
     /// through after all, `None` if Pub/Sub rejects it for good.
     async fn confirm_poison(
         &self,
+        settings: &PassSettings,
         batch: &PendingBatch,
         item: &OutboxItem,
     ) -> Result<Option<String>, DrainError> {
-        let message = OutboxMessage::for_item(item, batch, &self.settings.ordering);
+        let message = OutboxMessage::for_item(item, batch, &settings.ordering);
         if message.check_limits().is_err() {
             return Ok(None);
         }
         if let Some(key) = &message.ordering_key {
-            self.publisher.resume(key);
+            settings.publisher.resume(key);
         }
-        match self.publisher.publish(message).await {
+        match settings.publisher.publish(message).await {
             Ok(message_id) => Ok(Some(message_id)),
             Err(PublishError::Permanent(_)) => Ok(None),
             Err(PublishError::Transient(error)) => Err(DrainError::Publish(error)),
@@ -583,12 +639,13 @@ impl Drainer {
 
     async fn poisoned(
         &self,
+        settings: &PassSettings,
         fence: &Fence,
         batch: &PendingBatch,
         item: &OutboxItem,
         error: &str,
     ) -> Result<BatchEnd, DrainError> {
-        match self.settings.on_poison {
+        match settings.on_poison {
             PoisonPolicy::Halt => {
                 warn!(
                     message = "item rejected for good; halting on this batch until it is retried",
@@ -610,7 +667,7 @@ impl Drainer {
                 });
                 self.status
                     .record_error(format!("batch {} halted: {error}", batch.batch_id));
-                ::metrics::gauge!(metrics::HALTED).set(1.0);
+                ::metrics::gauge!(metrics::HALTED, "stream" => self.label()).set(1.0);
                 Ok(BatchEnd::Halted)
             }
             PoisonPolicy::DeadLetter => {
@@ -624,7 +681,7 @@ impl Drainer {
                     .dead_letter(fence, item, error)
                     .await
                     .map_err(DrainError::from_store)?;
-                ::metrics::counter!(metrics::DEAD_LETTERED).increment(1);
+                ::metrics::counter!(metrics::DEAD_LETTERED, "stream" => self.label()).increment(1);
                 Ok(BatchEnd::Published)
             }
         }

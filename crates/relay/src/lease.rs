@@ -54,6 +54,8 @@ impl Leadership {
 
 #[derive(Clone, Debug)]
 pub struct LeaseSettings {
+    /// The stream whose lease this is.
+    pub stream: outbox_core::stream::StreamName,
     pub holder: String,
     pub ttl: Duration,
     /// How often a standby tries to take the lease.
@@ -106,7 +108,7 @@ impl LeaseKeeper {
         let round = tokio::time::timeout(self.settings.ttl / 2, async {
             let now_ms = self.store.now_ms().await?;
             self.store
-                .acquire_or_renew(&self.settings.holder, now_ms, ttl_ms)
+                .acquire_or_renew(&self.settings.stream, &self.settings.holder, now_ms, ttl_ms)
                 .await
         });
         let result = round.await.unwrap_or_else(|_| {
@@ -117,7 +119,7 @@ impl LeaseKeeper {
         match result {
             Ok(Some(lease)) => {
                 if was != Some(lease.epoch) {
-                    info!(message = "became leader", holder = %lease.holder, epoch = lease.epoch);
+                    info!(message = "became leader", stream = %lease.stream, holder = %lease.holder, epoch = lease.epoch);
                 }
                 let valid_until = started + self.settings.ttl - self.settings.safety_margin();
                 self.tx.send_replace(Some(Held { lease, valid_until }));
@@ -125,7 +127,7 @@ impl LeaseKeeper {
             }
             Ok(None) => {
                 if was.is_some() {
-                    warn!(message = "lost the lease to another replica");
+                    warn!(message = "lost the lease to another replica", stream = %self.settings.stream);
                 }
                 self.tx.send_replace(None);
                 self.settings.standby_poll.min(self.settings.renew_every())
@@ -155,7 +157,7 @@ impl LeaseKeeper {
         let held = self.tx.send_replace(None);
         if let Some(held) = held {
             match self.store.release(&held.lease.fence()).await {
-                Ok(()) => info!(message = "released the lease", epoch = held.lease.epoch),
+                Ok(()) => info!(message = "released the lease", stream = %held.lease.stream, epoch = held.lease.epoch),
                 Err(error) => warn!(message = "cannot release the lease; it will expire", %error),
             }
         }

@@ -5,7 +5,8 @@
 //! - [`config`]: flags and environment variables.
 //! - [`drain`]: one pass over the head batch: read, publish, mark, commit.
 //! - [`lease`]: acquiring and renewing the lease; local validity.
-//! - [`runner`]: the loop that ties lease, pause, wake-ups and passes together.
+//! - [`runner`]: one stream's loop: lease, pause, wake-ups and passes.
+//! - [`cluster`]: the streams this replica leads (the share rule) and their runners.
 //! - [`pubsub`]: Google's Pub/Sub client behind the core `Publisher` trait.
 //! - [`admin`]: the admin HTTP port and its OpenAPI description.
 //! - [`retention`]: the leader removes expired committed batches and dead letters.
@@ -15,6 +16,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod drain;
@@ -35,33 +37,28 @@ use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use futures::StreamExt;
-use outbox_core::publish::Publisher;
-use outbox_core::store::{LeaseStore, OutboxStore};
+use outbox_core::store::{LeaseStore, MemberStore, OutboxStore, StreamStore};
+use outbox_core::stream::StreamName;
 use outbox_mongo::MongoStore;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use utoipa_actix_web::AppExt;
 
+pub use cluster::{Cluster, ClusterSettings, ClusterStores};
 pub use config::{Cli, Command, Config};
-use drain::DrainSettings;
-use lease::LeaseSettings;
-use runner::{Runner, RunnerSettings};
-use status::StatusBoard;
+use drain::Publishers;
 
 /// A bound, not yet running, relay replica.
 pub struct Application {
     admin: Server,
     admin_addr: SocketAddr,
-    runner: Runner,
+    cluster: Arc<Cluster>,
     mongo: Option<MongoStore>,
-    wake: Arc<Notify>,
     start_paused: bool,
     change_stream: bool,
     lease_ttl: Duration,
-    store: Arc<dyn OutboxStore>,
-    retention: retention::RetentionSettings,
-    status: Arc<StatusBoard>,
+    /// Topics to create for streams as they appear (development).
+    create_topics: Option<pubsub::PubSubConfig>,
 }
 
 /// The server-side time limit of each lease operation: a quarter of the
@@ -69,6 +66,22 @@ pub struct Application {
 /// fails, and is retried, well before the lease runs out.
 fn lease_operation_timeout(ttl: Duration) -> Duration {
     (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(5))
+}
+
+impl ClusterStores {
+    /// Every store from one value implementing all of them (the MongoDB
+    /// adapter, the in-memory model).
+    pub fn all<S>(store: S) -> Self
+    where
+        S: OutboxStore + LeaseStore + StreamStore + MemberStore + Clone,
+    {
+        Self {
+            outbox: Arc::new(store.clone()),
+            leases: Arc::new(store.clone()),
+            streams: Arc::new(store.clone()),
+            members: Arc::new(store),
+        }
+    }
 }
 
 impl Application {
@@ -92,77 +105,63 @@ impl Application {
             .await
             .context("configuring the lease's MongoDB client")?;
         let pubsub = config.pubsub_config().map_err(anyhow::Error::msg)?;
-        if config.create_topic {
-            create_topic_with_retries(&pubsub).await?;
-        }
-        let publisher = pubsub::PubSubPublisher::connect(&pubsub)
+        let client = pubsub::PubSubClient::connect(&pubsub)
             .await
-            .context("building the Pub/Sub publisher")?;
-        let store = Arc::new(mongo.clone());
-        let mut app = Self::with_parts(&config, store, Arc::new(lease_store), Arc::new(publisher))?;
+            .context("building the Pub/Sub publisher")?
+            .with_max_keys(config.publisher_max_keys);
+        let stores = ClusterStores {
+            outbox: Arc::new(mongo.clone()),
+            leases: Arc::new(lease_store),
+            streams: Arc::new(mongo.clone()),
+            members: Arc::new(mongo.clone()),
+        };
+        let mut app = Self::with_parts(&config, stores, Arc::new(client))?;
         app.mongo = Some(mongo);
         app.change_stream = config.change_stream;
-        app.lease_ttl = config.lease_ttl();
+        app.create_topics = config.create_topic.then_some(pubsub);
         Ok(app)
     }
 
-    /// Binds a replica over any store and publisher.
+    /// Binds a replica over any stores and publishers.
     ///
     /// # Errors
     /// When the admin port cannot be bound.
     pub fn with_parts(
         config: &Config,
-        store: Arc<dyn OutboxStore>,
-        lease_store: Arc<dyn LeaseStore>,
-        publisher: Arc<dyn Publisher>,
+        stores: ClusterStores,
+        publishers: Arc<dyn Publishers>,
     ) -> anyhow::Result<Self> {
         metrics::describe();
-        let status = Arc::new(StatusBoard::default());
-        let wake = Arc::new(Notify::new());
-        let settings = RunnerSettings {
-            drain: DrainSettings {
-                page_size: config.page_size,
-                ordering: config
-                    .ordering
-                    .clone()
-                    .with_default_key(&config.ordering_default_key),
-                on_poison: config.on_poison,
-            },
-            lease: LeaseSettings {
-                holder: config.relay_id.clone(),
-                ttl: config.lease_ttl(),
-                standby_poll: config.poll_interval(),
-            },
-            poll_interval: config.poll_interval(),
-            backoff_base: Duration::from_millis(100),
-            backoff_cap: Duration::from_secs_f64(config.max_backoff_seconds),
-            shutdown_grace: Duration::from_secs(config.publish_retry_seconds),
-        };
-        let runner = Runner::new(
-            Arc::clone(&store),
-            Arc::clone(&lease_store),
-            publisher,
-            settings,
-            Arc::clone(&status),
-            Arc::clone(&wake),
-        );
-        let state = web::Data::new(admin::AdminState {
-            store: Arc::clone(&store),
-            lease_store,
-            leadership: runner.leadership(),
-            status: Arc::clone(&status),
-            wake: Arc::clone(&wake),
-            relay_id: config.relay_id.clone(),
-            admin_token: config.admin_token.clone(),
-            prometheus: outbox_service::telemetry::prometheus(),
-        });
         let listener = TcpListener::bind(config.admin_bind)
             .with_context(|| format!("binding {}", config.admin_bind))?;
         let admin_addr = listener.local_addr().context("reading the bound address")?;
+        let cluster = Arc::new(Cluster::new(
+            ClusterSettings {
+                relay_id: config.relay_id.clone(),
+                admin_url: config.admin_url(admin_addr),
+                page_size: config.page_size,
+                ttl: config.lease_ttl(),
+                poll_interval: config.poll_interval(),
+                backoff_base: Duration::from_millis(100),
+                backoff_cap: Duration::from_secs_f64(config.max_backoff_seconds),
+                shutdown_grace: Duration::from_secs(config.publish_retry_seconds),
+                retention: config.retention(),
+                default_stream: config.default_stream(),
+                max_streams: config.max_streams,
+            },
+            stores,
+            publishers,
+        ));
+        let state = web::Data::new(admin::AdminState {
+            cluster: Arc::clone(&cluster),
+            admin_token: config.admin_token.clone(),
+            prometheus: outbox_service::telemetry::prometheus(),
+        });
         let admin = HttpServer::new(move || {
             let (app, api) = App::new()
                 .app_data(state.clone())
                 .app_data(outbox_service::problem::query_config())
+                .app_data(admin::json_config())
                 .wrap(actix_web::middleware::from_fn(
                     outbox_service::problem::limit_headers,
                 ))
@@ -182,15 +181,12 @@ impl Application {
         Ok(Self {
             admin,
             admin_addr,
-            runner,
+            cluster,
             mongo: None,
-            wake,
             start_paused: !config.enable_processor,
             change_stream: false,
             lease_ttl: config.lease_ttl(),
-            store,
-            retention: config.retention(),
-            status,
+            create_topics: None,
         })
     }
 
@@ -198,8 +194,9 @@ impl Application {
         self.admin_addr
     }
 
-    /// Runs until `shutdown` resolves: finishes the page in flight, releases
-    /// the lease, stops the admin port.
+    /// Runs until `shutdown` resolves: finishes each stream's page in
+    /// flight, releases the leases, leaves the registry, stops the admin
+    /// port.
     ///
     /// # Errors
     /// When the admin server fails.
@@ -211,23 +208,24 @@ impl Application {
         let trigger = token.clone();
         tokio::spawn(async move {
             shutdown.await;
-            info!(message = "stopping: finishing the page in flight");
+            info!(message = "stopping: finishing the pages in flight");
             trigger.cancel();
         });
         let admin_handle = self.admin.handle();
         let admin = tokio::spawn(self.admin);
+        let stores = self.cluster.stores().clone();
         if let Some(mongo) = &self.mongo {
             if self.change_stream {
                 tokio::spawn(watch_batches(
                     mongo.clone(),
-                    Arc::clone(&self.wake),
+                    Arc::clone(&self.cluster),
                     token.clone(),
                 ));
             } else {
                 info!(message = "change stream disabled; polling only");
             }
             tokio::select! {
-                () = prepare(mongo, self.start_paused, self.store.as_ref()) => {}
+                () = prepare(mongo, self.start_paused, stores.outbox.as_ref()) => {}
                 () = token.cancelled() => {}
             }
             // A leader killed inside a transaction is replaced after the TTL
@@ -240,30 +238,61 @@ impl Application {
                 )
                 .await;
         } else if self.start_paused {
-            let _ = self.store.set_paused(true).await;
+            let _ = stores
+                .outbox
+                .set_paused(&StreamName::default_stream(), true)
+                .await;
         }
-        tokio::spawn(sample_history(Arc::clone(&self.status), token.clone()));
-        tokio::spawn(retention::run(
-            Arc::clone(&self.store),
-            self.runner.leadership(),
-            self.retention.clone(),
-            token.clone(),
-        ));
+        tokio::spawn(sample_history(Arc::clone(&self.cluster), token.clone()));
+        if let Some(pubsub) = self.create_topics.clone() {
+            tokio::spawn(create_topics(pubsub, Arc::clone(&self.cluster), token.clone()));
+        }
         if !token.is_cancelled() {
-            self.runner.run(token).await;
+            Arc::clone(&self.cluster).run(token).await;
         }
         admin_handle.stop(true).await;
         admin.await.map_err(std::io::Error::other)?
     }
 }
 
-/// Records the replica's counters every [`status::SAMPLE_INTERVAL`] for the
-/// dashboard's charts (`GET /api/v1/outbox/history`), from the start.
-async fn sample_history(status: Arc<StatusBoard>, token: CancellationToken) {
+/// Creates the topic of every stream as it appears (development, with
+/// `PUBSUB_CREATE_TOPIC`).
+async fn create_topics(
+    pubsub: pubsub::PubSubConfig,
+    cluster: Arc<Cluster>,
+    token: CancellationToken,
+) {
+    let mut created = std::collections::BTreeSet::new();
+    loop {
+        for stream in cluster.streams() {
+            let topic = stream.definition.topic.clone();
+            if !created.contains(&topic) {
+                match create_topic_with_retries(&pubsub.for_topic(&topic)).await {
+                    Ok(()) => {
+                        created.insert(topic);
+                    }
+                    Err(error) => warn!(message = "cannot create the stream's topic", stream = %stream.definition.name, %error),
+                }
+            }
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Records each stream's counters every [`status::SAMPLE_INTERVAL`] for
+/// the dashboard's charts (`GET /api/v1/outbox/history`), from the start.
+async fn sample_history(cluster: Arc<Cluster>, token: CancellationToken) {
     let mut ticks = tokio::time::interval(status::SAMPLE_INTERVAL);
     loop {
         tokio::select! {
-            _ = ticks.tick() => status.sample(),
+            _ = ticks.tick() => {
+                for stream in cluster.streams() {
+                    stream.status.sample();
+                }
+            }
             () = token.cancelled() => return,
         }
     }
@@ -277,8 +306,8 @@ async fn prepare(mongo: &MongoStore, start_paused: bool, store: &dyn OutboxStore
         let result = async {
             mongo.ensure_schema().await?;
             if start_paused {
-                store.set_paused(true).await?;
-                info!(message = "ENABLE_OUTBOX_PROCESSOR=false: draining paused cluster-wide");
+                store.set_paused(&StreamName::default_stream(), true).await?;
+                info!(message = "ENABLE_OUTBOX_PROCESSOR=false: the default stream is paused");
             }
             Ok::<_, outbox_core::store::StoreError>(())
         }
@@ -312,7 +341,7 @@ async fn create_topic_with_retries(pubsub: &pubsub::PubSubConfig) -> anyhow::Res
 /// Wakes the runner on every change to the batches collection. Where the
 /// server has no change streams the runner still polls; we retry the watch
 /// now and then.
-async fn watch_batches(mongo: MongoStore, wake: Arc<Notify>, shutdown: CancellationToken) {
+async fn watch_batches(mongo: MongoStore, cluster: Arc<Cluster>, shutdown: CancellationToken) {
     let mut backoff = backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut warned = false;
     while !shutdown.is_cancelled() {
@@ -325,7 +354,7 @@ async fn watch_batches(mongo: MongoStore, wake: Arc<Notify>, shutdown: Cancellat
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         event = stream.next() => match event {
-                            Some(Ok(())) => wake.notify_one(),
+                            Some(Ok(())) => cluster.wake_all(),
                             Some(Err(error)) => { warn!(message = "change stream failed", %error); break; }
                             None => break,
                         }

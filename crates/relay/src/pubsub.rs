@@ -93,11 +93,14 @@ const REQUEST_BYTES: u32 = 9_000_000;
 /// mode) or per value (`field:`) would grow without bound.
 pub const MAX_KEYS_PER_PUBLISHER: usize = 1024;
 
-/// One connection to Pub/Sub, shared by the publishers of every topic.
+/// One connection to Pub/Sub, shared by the publishers of every topic: one
+/// publisher per topic, whatever the number of streams on it.
 #[derive(Clone)]
 pub struct PubSubClient {
     base: BasePublisher,
     config: PubSubConfig,
+    max_keys: usize,
+    topics: Arc<std::sync::Mutex<HashMap<String, Arc<dyn Publisher>>>>,
 }
 
 impl PubSubClient {
@@ -110,7 +113,17 @@ impl PubSubClient {
         Ok(Self {
             base,
             config: config.clone(),
+            max_keys: MAX_KEYS_PER_PUBLISHER,
+            topics: Arc::default(),
         })
+    }
+
+    /// Replaces a publisher after this many ordering keys (see
+    /// [`MAX_KEYS_PER_PUBLISHER`]).
+    #[must_use]
+    pub fn with_max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys.max(1);
+        self
     }
 
     /// A publisher on `topic` (a name in the configured project).
@@ -119,6 +132,7 @@ impl PubSubClient {
         let inner = self.build(&path);
         PubSubPublisher {
             base: self.clone(),
+            max_keys: self.max_keys,
             topic_path: path,
             state: Arc::new(std::sync::Mutex::new(PublisherState {
                 inner,
@@ -159,6 +173,7 @@ struct PublisherState {
 #[derive(Clone)]
 pub struct PubSubPublisher {
     base: PubSubClient,
+    max_keys: usize,
     topic_path: String,
     state: Arc<std::sync::Mutex<PublisherState>>,
     in_flight: Arc<AtomicUsize>,
@@ -199,6 +214,20 @@ fn classify(error: GooglePublishError) -> PublishError {
     }
 }
 
+impl crate::drain::Publishers for PubSubClient {
+    fn for_topic(&self, topic: &str) -> Arc<dyn Publisher> {
+        let mut topics = self
+            .topics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            topics
+                .entry(topic.to_owned())
+                .or_insert_with(|| Arc::new(self.publisher(topic))),
+        )
+    }
+}
+
 /// Counts a publish in flight until its answer is in.
 struct InFlight(Arc<AtomicUsize>);
 
@@ -217,7 +246,7 @@ impl Publisher for PubSubPublisher {
             let mut state = self.lock();
             if let Some(key) = &message.ordering_key {
                 if !state.keys.contains(key)
-                    && state.keys.len() >= MAX_KEYS_PER_PUBLISHER
+                    && state.keys.len() >= self.max_keys
                     && self.in_flight.load(Ordering::SeqCst) == 0
                 {
                     // Dropping the old one ends its per-key tasks.

@@ -1,4 +1,4 @@
-//! Retention: the leader removes committed batches, with their items, once
+//! Retention, per stream: its leader removes committed batches, with their items, once
 //! their commit is older than `RETENTION_SECONDS`, dead letters older than
 //! `DEAD_LETTER_RETENTION_SECONDS`, and the items of large batches staged
 //! over an hour ago whose transaction never made them visible.
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use outbox_core::store::{OutboxStore, Removed, StoreError};
+use outbox_core::stream::StreamName;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -43,6 +44,7 @@ pub struct RetentionSettings {
 /// Sweeps every `interval` while this replica leads, until `token` is cancelled.
 pub async fn run(
     store: Arc<dyn OutboxStore>,
+    stream: StreamName,
     leadership: Leadership,
     settings: RetentionSettings,
     token: CancellationToken,
@@ -55,7 +57,7 @@ pub async fn run(
         if !leadership.is_leader() {
             continue;
         }
-        match sweep(store.as_ref(), &settings).await {
+        match sweep(store.as_ref(), &stream, &settings).await {
             Ok(removed) if removed != Removed::default() => info!(
                 message = "retention removed expired data",
                 batches = removed.batches,
@@ -74,6 +76,7 @@ pub async fn run(
 /// The store's, when a call fails; what was removed before stays removed.
 pub async fn sweep(
     store: &dyn OutboxStore,
+    stream: &StreamName,
     settings: &RetentionSettings,
 ) -> Result<Removed, StoreError> {
     let now = Utc::now();
@@ -87,7 +90,13 @@ pub async fn sweep(
     let mut total = Removed::default();
     loop {
         let removed = store
-            .remove_expired(committed_before, dead_letters_before, abandoned_before, PASS_LIMIT)
+            .remove_expired(
+                stream,
+                committed_before,
+                dead_letters_before,
+                abandoned_before,
+                PASS_LIMIT,
+            )
             .await?;
         total.abandoned_batches += removed.abandoned_batches;
         metrics::counter!(RETENTION_REMOVED_BATCHES).increment(removed.batches);

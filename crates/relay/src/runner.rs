@@ -1,17 +1,20 @@
-//! The relay's main loop: keep the lease, honour pause, drain when leader,
-//! sleep until woken (change stream or poll interval), back off on errors.
+//! One stream's loop: keep its lease, honour its pause, drain it when
+//! leader, sleep until woken (change stream or poll interval), back off on
+//! errors. The cluster (`cluster.rs`) runs one for each stream this replica
+//! may lead, and stops it (finishing the page in flight, releasing the
+//! lease) to hand the stream over.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_core::publish::Publisher;
 use outbox_core::store::{LeaseStore, OutboxStore};
+use outbox_core::stream::StreamName;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::backoff::Backoff;
-use crate::drain::{DrainError, DrainSettings, Drainer, Pass};
+use crate::drain::{DrainError, DrainSettings, Drainer, Pass, Publishers};
 use crate::lease::{Leadership, LeaseKeeper, LeaseSettings};
 use crate::metrics;
 use crate::status::StatusBoard;
@@ -30,8 +33,9 @@ pub struct RunnerSettings {
     pub shutdown_grace: Duration,
 }
 
-/// Everything one relay replica runs.
+/// Everything one replica runs for one stream.
 pub struct Runner {
+    stream: StreamName,
     store: Arc<dyn OutboxStore>,
     drainer: Drainer,
     keeper: LeaseKeeper,
@@ -45,7 +49,7 @@ impl Runner {
     pub fn new(
         store: Arc<dyn OutboxStore>,
         lease_store: Arc<dyn LeaseStore>,
-        publisher: Arc<dyn Publisher>,
+        publishers: Arc<dyn Publishers>,
         settings: RunnerSettings,
         status: Arc<StatusBoard>,
         wake: Arc<Notify>,
@@ -54,11 +58,12 @@ impl Runner {
             LeaseKeeper::new(lease_store, settings.lease.clone());
         let drainer = Drainer::new(
             Arc::clone(&store),
-            publisher,
+            publishers,
             settings.drain.clone(),
             Arc::clone(&status),
         );
         Self {
+            stream: settings.drain.stream(),
             store,
             drainer,
             keeper,
@@ -104,8 +109,8 @@ impl Runner {
         if release.await.is_err() {
             warn!(message = "cannot release the lease in time; it will expire");
         }
-        ::metrics::gauge!(metrics::IS_LEADER).set(0.0);
-        info!(message = "relay stopped");
+        ::metrics::gauge!(metrics::IS_LEADER, "stream" => self.stream.to_string()).set(0.0);
+        info!(message = "stopped draining the stream", stream = %self.stream);
     }
 
     async fn drain_loop(&self, shutdown: &CancellationToken) {
@@ -120,7 +125,7 @@ impl Runner {
                 }
                 Err(error) => {
                     let delay = backoff.next_delay();
-                    warn!(message = "drain pass failed; backing off", %error, retry_in_ms = delay.as_millis() as u64);
+                    warn!(message = "drain pass failed; backing off", stream = %self.stream, %error, retry_in_ms = delay.as_millis() as u64);
                     self.status.record_error(&error);
                     let kind = match error {
                         DrainError::Publish(_) | DrainError::Gap { .. } => None,
@@ -128,7 +133,7 @@ impl Runner {
                         DrainError::Store(_) => Some("store"),
                     };
                     if let Some(kind) = kind {
-                        ::metrics::counter!(metrics::STORE_ERRORS, "kind" => kind).increment(1);
+                        ::metrics::counter!(metrics::STORE_ERRORS, "kind" => kind, "stream" => self.stream.to_string()).increment(1);
                     }
                     delay
                 }
@@ -149,17 +154,21 @@ impl Runner {
         last_backlog: &mut Option<tokio::time::Instant>,
     ) -> Result<(), DrainError> {
         let held = self.leadership.held();
-        ::metrics::gauge!(metrics::IS_LEADER).set(if self.leadership.is_leader() {
-            1.0
-        } else {
-            0.0
-        });
+        let stream = self.stream.to_string();
+        ::metrics::gauge!(metrics::IS_LEADER, "stream" => stream.clone()).set(
+            if self.leadership.is_leader() {
+                1.0
+            } else {
+                0.0
+            },
+        );
         if let Some(held) = &held {
-            ::metrics::gauge!(metrics::LEASE_EPOCH).set(held.lease.epoch as f64);
+            ::metrics::gauge!(metrics::LEASE_EPOCH, "stream" => stream).set(held.lease.epoch as f64);
         }
-        let paused = self.store.paused().await?;
+        let paused = self.store.paused(&self.stream).await?;
         self.status.update(|s| s.paused = paused);
-        ::metrics::gauge!(metrics::PAUSED).set(if paused { 1.0 } else { 0.0 });
+        ::metrics::gauge!(metrics::PAUSED, "stream" => self.stream.to_string())
+            .set(if paused { 1.0 } else { 0.0 });
         // Every replica reports the backlog, at most once a second.
         if last_backlog.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             self.refresh_backlog().await?;
@@ -188,7 +197,7 @@ impl Runner {
                         *last_backlog = Some(tokio::time::Instant::now());
                     }
                     // A stop request is honoured between batches.
-                    if self.store.paused().await? {
+                    if self.store.paused(&self.stream).await? {
                         self.status.update(|s| s.paused = true);
                         return Ok(());
                     }
@@ -203,12 +212,14 @@ impl Runner {
     }
 
     async fn refresh_backlog(&self) -> Result<(), DrainError> {
-        let backlog = self.store.backlog().await?;
+        let backlog = self.store.backlog(&self.stream).await?;
         let age = backlog
             .oldest_created_at
             .map(|at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0);
-        ::metrics::gauge!(metrics::PENDING_BATCHES).set(backlog.pending_batches as f64);
-        ::metrics::gauge!(metrics::OLDEST_PENDING_AGE).set(age.unwrap_or(0.0));
+        let stream = self.stream.to_string();
+        ::metrics::gauge!(metrics::PENDING_BATCHES, "stream" => stream.clone())
+            .set(backlog.pending_batches as f64);
+        ::metrics::gauge!(metrics::OLDEST_PENDING_AGE, "stream" => stream).set(age.unwrap_or(0.0));
         self.status.update(|s| {
             s.pending_batches = Some(backlog.pending_batches);
             s.oldest_pending_age_seconds = age;

@@ -15,6 +15,7 @@ pub mod config;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod streams;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use actix_web::dev::{Server, Service};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
-use outbox_core::store::BatchStore;
+use outbox_core::store::{BatchStore, StreamStore};
 use outbox_mongo::MongoStore;
 use tracing::{info, warn};
 
@@ -71,11 +72,14 @@ impl Application {
     ///
     /// # Errors
     /// When the address cannot be bound or the API keys cannot be read.
-    pub fn with_store(
+    pub fn with_store<S>(
         config: &Config,
-        store: Arc<dyn BatchStore>,
+        store: Arc<S>,
         schema_ready: Arc<AtomicBool>,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<Self>
+    where
+        S: BatchStore + StreamStore,
+    {
         crate::metrics::describe();
         let listener =
             TcpListener::bind(config.bind).with_context(|| format!("binding {}", config.bind))?;
@@ -85,6 +89,7 @@ impl Application {
             info!(message = "API keys required on /api/v1/");
         }
         let state = web::Data::new(AppState {
+            catalog: streams::Catalog::new(Arc::clone(&store) as Arc<dyn StreamStore>),
             store,
             rules: config.ingest_rules(),
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),

@@ -11,6 +11,7 @@ use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox_core::ingest::{self, BodyFormat, CsvError, IngestError, IngestRules};
+use outbox_core::stream::{SchemaViolation, StreamName};
 use outbox_core::model::{BatchId, BatchSummary, Idempotency, NewBatch};
 use outbox_core::store::{BatchStore, StoreError};
 use outbox_service::problem::{Problem, ProblemDocument};
@@ -32,6 +33,8 @@ pub const IDEMPOTENT_REPLAYED: &str = "Idempotent-Replayed";
 /// What the handlers share.
 pub struct AppState {
     pub store: Arc<dyn BatchStore>,
+    /// The streams' definitions (schema, writers, ordering).
+    pub catalog: crate::streams::Catalog,
     pub rules: IngestRules,
     pub max_body_bytes: usize,
     /// How long one request may spend on the store.
@@ -45,6 +48,7 @@ pub struct AppState {
 /// registrations, so it lists exactly the routes the app serves.
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(process_batch)
+        .service(stream_batches)
         .service(batch_status)
         .service(live)
         .service(ready)
@@ -133,6 +137,17 @@ fn ingest_problem(error: IngestError) -> Problem {
             }
         }
     }
+}
+
+fn schema_problem(violation: SchemaViolation) -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "schema_violation",
+        violation.to_string(),
+    )
+    .with("index", violation.index)
+    .with("pointer", violation.pointer)
+    .with("schema_pointer", violation.schema_pointer)
 }
 
 fn store_problem(error: &StoreError) -> Problem {
@@ -270,6 +285,7 @@ fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
         },
         data: AcceptedBatch {
             batch_id: summary.batch_id.to_string(),
+            stream: summary.stream.to_string(),
             batch_sequence: summary.batch_sequence.0,
             timestamp: summary
                 .created_at
@@ -293,10 +309,11 @@ fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
 /// replayed), within the request deadline.
 async fn replay(
     store: &dyn BatchStore,
+    stream: &StreamName,
     idem: &Idempotency,
     deadline: tokio::time::Instant,
 ) -> Result<Option<HttpResponse>, Problem> {
-    let found = tokio::time::timeout_at(deadline, store.find_idempotent(&idem.key))
+    let found = tokio::time::timeout_at(deadline, store.find_idempotent(stream, &idem.key))
         .await
         .map_err(|_| {
             store_problem(&StoreError::Unavailable(
@@ -431,13 +448,90 @@ async fn process_batch(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, Problem> {
-    let span = info_span!("ingest", trace_id = tracing::field::Empty);
+    ingest_into(&state, &access, &req, payload, StreamName::default_stream()).await
+}
+
+/// Store a batch in a stream
+///
+/// The same as `POST /api/v1/batch/process`, into the named stream: the
+/// batch takes the stream's next gap-free `batch_sequence`, its items must
+/// satisfy the stream's JSON Schema when it has one, and the caller's API
+/// key must be among the stream's `writers` when it names them.
+/// Idempotency keys are the stream's own. The answer names the stream.
+#[utoipa::path(
+    tag = "batches",
+    params(
+        ("stream" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$", description = "The stream's name."),
+        (
+            "Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
+            description = "As for `POST /api/v1/batch/process`, within the stream."
+        ),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context."),
+    ),
+    request_body(
+        description = "The batch, in any of the forms `POST /api/v1/batch/process` takes.",
+        content(
+            (BatchBody = "application/json"),
+            (RequestList = "application/x-ndjson"),
+            (CsvRows = "text/csv"),
+        )
+    ),
+    responses(
+        (status = 201, description = "Stored (or replayed for its Idempotency-Key).", body = BatchAccepted,
+            headers(
+                ("Location" = String, description = "The batch's status."),
+                ("Idempotent-Replayed" = String, description = "`true` when this answer is a replay."),
+                ("traceparent" = String, description = "The writer's span in the request's trace."),
+            )),
+        (status = 400, description = "`invalid_stream_name`, `invalid_json`, `invalid_csv`, `invalid_idempotency_key`, `invalid_body`.",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`.", body = ProblemDocument, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"batch-outbox\"`"))),
+        (status = 403, description = "`stream_forbidden`: the stream names its writers and this API key (or a caller without one) is not among them.",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "`stream_not_found`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 410, description = "`batch_expired`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 413, description = "`batch_too_large`, `item_too_large`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`, `unsupported_charset`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "`schema_violation` (`index`, `pointer`: JSON Pointer into the item, `schema_pointer`), and the codes of `POST /api/v1/batch/process`.",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`.", body = ProblemDocument, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds until the budget allows this batch."))),
+        (status = 431, description = "`headers_too_large`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`, `outcome_unknown`.", body = ProblemDocument, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
+    ),
+    security((), ("api_key" = []))
+)]
+#[post("/api/v1/streams/{stream}/batches")]
+async fn stream_batches(
+    state: web::Data<AppState>,
+    access: web::Data<Access>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, Problem> {
+    let stream = match path.parse::<StreamName>() {
+        Ok(stream) => stream,
+        Err(e) => return Err(counted(Problem::bad_request("invalid_stream_name", e.to_string()))),
+    };
+    ingest_into(&state, &access, &req, payload, stream).await
+}
+
+async fn ingest_into(
+    state: &AppState,
+    access: &Access,
+    req: &HttpRequest,
+    payload: web::Payload,
+    stream: StreamName,
+) -> Result<HttpResponse, Problem> {
+    let span = info_span!("ingest", stream = %stream, trace_id = tracing::field::Empty);
     let traceparent = TraceParent::for_span(
         &span,
         req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
     );
     span.record("trace_id", traceparent.trace_id.as_str());
-    let mut response = process(&state, &access, &req, payload, &traceparent)
+    let mut response = process(state, access, req, payload, &traceparent, &stream)
         .instrument(span)
         .await
         .map_err(counted)?;
@@ -455,6 +549,7 @@ async fn process(
     req: &HttpRequest,
     payload: web::Payload,
     traceparent: &TraceParent,
+    stream_name: &StreamName,
 ) -> Result<HttpResponse, Problem> {
     let caller = req
         .extensions()
@@ -462,6 +557,27 @@ async fn process(
         .cloned()
         .ok_or_else(Problem::internal)?;
     let submitted_by = access.name(&caller).to_owned();
+    let stream = state
+        .catalog
+        .get(stream_name)
+        .await
+        .map_err(|e| store_problem(&e))?
+        .ok_or_else(|| {
+            Problem::not_found(
+                "stream_not_found",
+                format!("no stream {stream_name}: an operator defines it with PUT /api/v1/streams/{stream_name} on a relay's admin port"),
+            )
+        })?;
+    if !stream
+        .definition
+        .admits(access.required().then_some(submitted_by.as_str()))
+    {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "stream_forbidden",
+            format!("this API key may not write stream {stream_name}"),
+        ));
+    }
     let format = body_format(req)?;
     let key = idempotency_key(req)?;
     let body = read_body(req, payload, state.max_body_bytes).await?;
@@ -475,19 +591,32 @@ async fn process(
         request_hash: ingest::request_hash(&body),
     });
     if let Some(idem) = &idempotency
-        && let Some(response) = replay(state.store.as_ref(), idem, deadline).await?
+        && let Some(response) = replay(state.store.as_ref(), stream_name, idem, deadline).await?
     {
         return Ok(response);
     }
+    let rules = IngestRules {
+        ordering: stream.definition.ordering.clone(),
+        stream: stream_name.clone(),
+        ..state.rules.clone()
+    };
+    let schema = stream.schema.clone();
+    let check = move |body: &[u8], rules: &IngestRules, idempotency| {
+        let batch = parse_batch(body, format, rules, idempotency).map_err(ingest_problem)?;
+        if let Some(schema) = &schema {
+            schema
+                .check(batch.items.iter().map(|i| &i.request_data))
+                .map_err(schema_problem)?;
+        }
+        Ok::<_, Problem>(batch)
+    };
     let batch = if body.len() > BLOCKING_PARSE_BYTES {
-        let rules = state.rules.clone();
-        web::block(move || parse_batch(&body, format, &rules, idempotency))
+        web::block(move || check(&body, &rules, idempotency))
             .await
-            .map_err(|_| Problem::internal())?
+            .map_err(|_| Problem::internal())??
     } else {
-        parse_batch(&body, format, &state.rules, idempotency)
-    }
-    .map_err(ingest_problem)?;
+        check(&body, &rules, idempotency)?
+    };
     access.admit(&caller, batch.items.len())?;
     let batch = NewBatch {
         submitted_by: access.required().then(|| submitted_by.clone()),
@@ -530,7 +659,7 @@ async fn process(
             // Not found by a majority read yet: its commit is not majority
             // committed; the client retries shortly.
             let idem = batch.idempotency.as_ref().ok_or_else(Problem::internal)?;
-            replay(state.store.as_ref(), idem, deadline)
+            replay(state.store.as_ref(), stream_name, idem, deadline)
                 .await?
                 .ok_or_else(Problem::store_unavailable)
         }
@@ -581,6 +710,7 @@ async fn batch_status(
         let time = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Millis, true);
         Ok(HttpResponse::Ok().json(BatchStatusView {
             batch_id: progress.batch_id.to_string(),
+            stream: progress.stream.to_string(),
             batch_sequence: progress.batch_sequence.0,
             status: progress.status.as_str(),
             total: progress.counts.total,
@@ -732,6 +862,9 @@ pub struct AcceptedBatch {
     /// 16 lowercase hex digits.
     #[schema(example = "4f1c2a9e0b7d3c58")]
     pub batch_id: String,
+    /// The stream the batch is in (`default` for `/api/v1/batch/process`).
+    #[schema(example = "default")]
+    pub stream: String,
     /// Gap-free, in commit order; the relay publishes batches in this order.
     #[schema(example = 42)]
     pub batch_sequence: u64,
@@ -749,6 +882,8 @@ pub struct AcceptedBatch {
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct BatchStatusView {
     pub batch_id: String,
+    /// The stream the batch is in.
+    pub stream: String,
     pub batch_sequence: u64,
     /// `pending`, `processing`, `committed` or `failed`.
     #[schema(example = "committed")]

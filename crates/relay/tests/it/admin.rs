@@ -1,6 +1,5 @@
 //! The admin port, over the in-memory store.
 
-use std::sync::Arc;
 
 use clap::Parser;
 use outbox_core::memory::MemoryStore;
@@ -60,9 +59,8 @@ async fn admin(store: &MemoryStore, extra: &[&str]) -> Admin {
     let config = Cli::try_parse_from(args).unwrap().config;
     let app = Application::with_parts(
         &config,
-        Arc::new(store.clone()),
-        Arc::new(store.clone()),
-        Arc::new(FakePublisher::new("a")),
+        relay::ClusterStores::all(store.clone()),
+        crate::fakes::publishers(&FakePublisher::new("a")),
     )
     .unwrap();
     let base = format!("http://{}", app.admin_addr());
@@ -77,7 +75,7 @@ async fn admin(store: &MemoryStore, extra: &[&str]) -> Admin {
     };
     // The replica pauses the cluster as it starts.
     for _ in 0..500 {
-        if store.paused().await.unwrap() {
+        if store.paused(&outbox_core::stream::StreamName::default()).await.unwrap() {
             break;
         }
         tokio::task::yield_now().await;
@@ -102,17 +100,17 @@ async fn status_start_stop_and_tokens() {
         401
     );
     assert!(
-        store.paused().await.unwrap(),
+        store.paused(&outbox_core::stream::StreamName::default()).await.unwrap(),
         "an unauthorized start changed nothing"
     );
     let (code, body) = admin.post("/api/v1/outbox/start", Some("s3cret")).await;
     assert_eq!((code, body["paused"].clone()), (200, Value::Bool(false)));
-    assert!(!store.paused().await.unwrap());
+    assert!(!store.paused(&outbox_core::stream::StreamName::default()).await.unwrap());
     assert_eq!(
         admin.post("/api/v1/outbox/stop", Some("s3cret")).await.0,
         200
     );
-    assert!(store.paused().await.unwrap());
+    assert!(store.paused(&outbox_core::stream::StreamName::default()).await.unwrap());
 }
 
 #[tokio::test]

@@ -287,7 +287,7 @@ async fn dead_letter_policy_sets_the_item_aside_and_goes_on() {
 async fn stop_pauses_the_cluster_and_start_resumes_it() {
     let store = MemoryStore::new();
     store_batches(&store, &[2, 2]).await;
-    store.set_paused(true).await.unwrap();
+    store.set_paused(&outbox_core::stream::StreamName::default(), true).await.unwrap();
     let publisher = FakePublisher::new("a");
     let replica = replica(
         &store,
@@ -302,7 +302,7 @@ async fn stop_pauses_the_cluster_and_start_resumes_it() {
         "a paused cluster publishes nothing"
     );
     assert!(replica.status.snapshot().paused);
-    store.set_paused(false).await.unwrap();
+    store.set_paused(&outbox_core::stream::StreamName::default(), false).await.unwrap();
     while !all_committed(&store) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -322,8 +322,9 @@ async fn field_keys_stay_in_order_each_and_batches_stay_whole_through_a_failure(
     let publisher = FakePublisher::new("a");
     // Batch 2's second item (key k1) fails once: k1 pauses, k0 and k2 go on.
     publisher.fail_once(2, 2);
-    let mut settings = settings("relay-a", 6, PoisonPolicy::Halt);
-    settings.drain.ordering = "field:/k".parse().unwrap();
+    let mut definition = crate::fakes::definition(PoisonPolicy::Halt);
+    definition.ordering = "field:/k".parse().unwrap();
+    let settings = crate::fakes::settings_for("relay-a", 6, definition);
     let replica = replica(&store, &publisher, settings);
     let stop = CancellationToken::new();
     let task = tokio::spawn(replica.runner.run(stop.clone()));

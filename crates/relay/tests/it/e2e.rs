@@ -317,6 +317,7 @@ impl Stack {
         }
         let batch = NewBatch {
             batch_id: batch_id.clone(),
+            stream: outbox_core::stream::StreamName::default(),
             created_at: chrono::Utc::now(),
             items,
             vendor_counts,
@@ -953,7 +954,7 @@ async fn retention_removes_committed_batches_and_never_a_pending_one() {
     .unwrap();
     let tomorrow = chrono::Utc::now() + chrono::Duration::days(1);
     let removed = store
-        .remove_expired(Some(tomorrow), Some(tomorrow), tomorrow, 100)
+        .remove_expired(&outbox_core::stream::StreamName::default(), Some(tomorrow), Some(tomorrow), tomorrow, 100)
         .await
         .unwrap();
     assert_eq!(removed.batches, 0);

@@ -13,7 +13,8 @@ use outbox_core::publish::{
     OrderingKeyMode, OutboxMessage, PublishError, PublishFuture, Publisher,
 };
 use outbox_core::store::BatchStore;
-use relay::drain::{DrainSettings, PoisonPolicy};
+use outbox_core::stream::{StreamDefinition, StreamName};
+use relay::drain::{DrainSettings, OnePublisher, PoisonPolicy, Publishers};
 use relay::lease::LeaseSettings;
 use relay::runner::{Runner, RunnerSettings};
 use relay::status::StatusBoard;
@@ -162,14 +163,29 @@ impl Publisher for FakePublisher {
     }
 }
 
+/// The default stream with `on_poison`, publishing to `batch-outbox`.
+pub fn definition(on_poison: PoisonPolicy) -> StreamDefinition {
+    StreamDefinition {
+        name: StreamName::default_stream(),
+        topic: "batch-outbox".to_owned(),
+        ordering: OrderingKeyMode::Global,
+        on_poison,
+        schema: None,
+        writers: None,
+        created_at: None,
+        updated_at: None,
+    }
+}
+
 pub fn settings(holder: &str, page_size: u32, on_poison: PoisonPolicy) -> RunnerSettings {
+    settings_for(holder, page_size, definition(on_poison))
+}
+
+/// Settings of a runner for `definition`'s stream.
+pub fn settings_for(holder: &str, page_size: u32, definition: StreamDefinition) -> RunnerSettings {
     RunnerSettings {
-        drain: DrainSettings {
-            page_size,
-            ordering: OrderingKeyMode::Global,
-            on_poison,
-        },
         lease: LeaseSettings {
+            stream: definition.name.clone(),
             holder: holder.to_owned(),
             ttl: Duration::from_secs(10),
             standby_poll: Duration::from_secs(1),
@@ -178,6 +194,7 @@ pub fn settings(holder: &str, page_size: u32, on_poison: PoisonPolicy) -> Runner
         backoff_base: Duration::from_millis(100),
         backoff_cap: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(30),
+        drain: DrainSettings::fixed(page_size, definition),
     }
 }
 
@@ -195,12 +212,17 @@ pub fn replica(
     let runner = Runner::new(
         Arc::new(store.clone()),
         Arc::new(store.clone()),
-        Arc::new(publisher.clone()),
+        publishers(publisher),
         settings,
         Arc::clone(&status),
         Arc::new(Notify::new()),
     );
     Replica { runner, status }
+}
+
+/// One fake publisher for every topic.
+pub fn publishers(publisher: &FakePublisher) -> Arc<dyn Publishers> {
+    Arc::new(OnePublisher(Arc::new(publisher.clone())))
 }
 
 /// Stores batches of the given sizes through the writer's store trait.

@@ -68,7 +68,7 @@ fn run(
     let runner = Runner::new(
         Arc::new(store.clone()),
         Arc::new(store.clone()),
-        Arc::new(publisher.clone()),
+        crate::fakes::publishers(publisher),
         settings,
         Arc::clone(&status),
         Arc::new(Notify::new()),
@@ -229,7 +229,7 @@ async fn a_batch_after_a_gap_in_the_sequence_is_not_published() {
     let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
     assert_eq!(delivered, expected_order(&[2, 4, 3]));
     // The backlog is the counter less the last committed: nothing left.
-    assert_eq!(store.backlog().await.unwrap().pending_batches, 0);
+    assert_eq!(store.backlog(&outbox_core::stream::StreamName::default()).await.unwrap().pending_batches, 0);
 }
 
 /// A successor kills its predecessor's fenced session with the session's
@@ -241,7 +241,7 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
     let batch = insert(&store, 1).await;
     let ttl_ms = 1_000;
     let now = store.now_ms().await.unwrap();
-    let lease = store.acquire_or_renew("relay-a", now, ttl_ms).await.unwrap().unwrap();
+    let lease = store.acquire_or_renew(&outbox_core::stream::StreamName::default(), "relay-a", now, ttl_ms).await.unwrap().unwrap();
     let items = store
         .unsent_items(&batch.batch_id, outbox_core::model::ItemSequence(0), 1)
         .await
@@ -272,7 +272,7 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
 
     // A renewal does not rewrite it.
     let now = store.now_ms().await.unwrap();
-    store.acquire_or_renew("relay-a", now, ttl_ms).await.unwrap().unwrap();
+    store.acquire_or_renew(&outbox_core::stream::StreamName::default(), "relay-a", now, ttl_ms).await.unwrap().unwrap();
     let after_renewal = db.collection::<Document>("relay_lease").find_one(doc! {}).await.unwrap().unwrap();
     assert_eq!(after_renewal.get_document("txn_session").unwrap(), &session);
 
@@ -286,7 +286,7 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
     eventually(Duration::from_secs(30), "relay-b to take the lease", || async {
         let now = successor.now_ms().await.unwrap();
         successor
-            .acquire_or_renew("relay-b", now, ttl_ms)
+            .acquire_or_renew(&outbox_core::stream::StreamName::default(), "relay-b", now, ttl_ms)
             .await
             .unwrap()
             .is_some_and(|l| l.holder == "relay-b" && l.epoch == 2)
@@ -314,10 +314,10 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_holds_after_a_resume() {
     let (store, _log, _db) = store("pause").await;
-    assert!(!store.paused().await.unwrap());
+    assert!(!store.paused(&outbox_core::stream::StreamName::default()).await.unwrap());
     for paused in [true, false, true] {
-        store.set_paused(paused).await.unwrap();
-        assert_eq!(store.paused().await.unwrap(), paused);
+        store.set_paused(&outbox_core::stream::StreamName::default(), paused).await.unwrap();
+        assert_eq!(store.paused(&outbox_core::stream::StreamName::default()).await.unwrap(), paused);
     }
 }
 
@@ -361,7 +361,7 @@ async fn abandoned_staged_items_are_swept_and_nothing_else() {
     stage(&old, chrono::Duration::hours(2)).await;
     stage(&young, chrono::Duration::minutes(1)).await;
     let removed = store
-        .remove_expired(None, None, chrono::Utc::now() - chrono::Duration::hours(1), 100)
+        .remove_expired(&outbox_core::stream::StreamName::default(), None, None, chrono::Utc::now() - chrono::Duration::hours(1), 100)
         .await
         .unwrap();
     assert_eq!(removed.abandoned_batches, 1);

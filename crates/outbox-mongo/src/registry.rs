@@ -1,0 +1,106 @@
+//! Stream definitions and the relay replicas' registry.
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
+use mongodb::options::ReadConcern;
+use outbox_core::store::{Member, MemberStore, StoreError, StreamStore};
+use outbox_core::stream::{StreamDefinition, StreamName};
+
+use crate::MongoStore;
+use crate::documents::{bson_datetime, member, member_document, stream_definition, stream_document};
+use crate::errors::classify;
+
+#[async_trait]
+impl StreamStore for MongoStore {
+    async fn streams(&self) -> Result<Vec<StreamDefinition>, StoreError> {
+        let documents: Vec<Document> = self
+            .streams()
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .read_concern(ReadConcern::majority())
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        documents.iter().map(stream_definition).collect()
+    }
+
+    async fn stream(&self, name: &StreamName) -> Result<Option<StreamDefinition>, StoreError> {
+        self.streams()
+            .find_one(doc! { "_id": name.as_str() })
+            .read_concern(ReadConcern::majority())
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(stream_definition)
+            .transpose()
+    }
+
+    async fn put_stream(&self, definition: &StreamDefinition) -> Result<bool, StoreError> {
+        // The counter first: a writer only stores batches for a stream whose
+        // definition it can read, and then the counter exists.
+        self.ensure_counter(&definition.name).await?;
+        let now = Utc::now();
+        let mut document = stream_document(definition, now);
+        document.remove("_id");
+        let result = self
+            .streams()
+            .update_one(
+                doc! { "_id": definition.name.as_str() },
+                doc! {
+                    "$set": document,
+                    "$setOnInsert": { "created_at": bson_datetime(now) },
+                },
+            )
+            .upsert(true)
+            .await
+            .map_err(classify)?;
+        Ok(result.upserted_id.is_some())
+    }
+}
+
+#[async_trait]
+impl MemberStore for MongoStore {
+    async fn heartbeat(&self, member: &Member) -> Result<(), StoreError> {
+        let mut document = member_document(member);
+        document.remove("_id");
+        self.members()
+            .update_one(doc! { "_id": &member.id }, doc! { "$set": document })
+            .upsert(true)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn members(&self, now_ms: i64) -> Result<Vec<Member>, StoreError> {
+        // Compared here, not in the query: an expiry stored in another
+        // numeric type still reads.
+        let documents: Vec<Document> = self
+            .members()
+            .find(doc! {})
+            .read_concern(ReadConcern::majority())
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        let mut members: Vec<Member> = documents
+            .iter()
+            .filter_map(|d| member(d).ok())
+            .filter(|m| m.expires_at_ms > now_ms)
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(members)
+    }
+
+    async fn leave(&self, id: &str) -> Result<(), StoreError> {
+        self.members()
+            .delete_one(doc! { "_id": id })
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+}

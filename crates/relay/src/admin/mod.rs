@@ -1,0 +1,265 @@
+//! The admin HTTP port: the cluster and its streams, their status, pause
+//! and resume, inspection, retry, health and metrics.
+//!
+//! - [`streams`]: `/api/v1/streams` (define, list, each stream's status and
+//!   control) and `/api/v1/cluster`;
+//! - [`outbox`]: `/api/v1/outbox/...`, what it meant before streams: the
+//!   default stream;
+//! - [`batches`]: a batch's status, items and retry, by id;
+//! - [`views`]: the answers' shapes, for the OpenAPI document.
+
+pub mod batches;
+pub mod outbox;
+pub mod streams;
+pub mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, get};
+use metrics_exporter_prometheus::PrometheusHandle;
+use outbox_core::model::{BatchId, InvalidBatchId};
+use outbox_core::store::StoreError;
+use outbox_core::stream::StreamName;
+use outbox_service::problem::Problem;
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tracing::{error, warn};
+
+use crate::cluster::Cluster;
+
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest stream definition taken (a schema can be long).
+const MAX_DEFINITION_BYTES: usize = 1024 * 1024;
+
+pub struct AdminState {
+    pub cluster: Arc<Cluster>,
+    pub admin_token: Option<String>,
+    pub prometheus: PrometheusHandle,
+}
+
+/// Definitions of streams in the body of a PUT: problem+json on bad JSON.
+pub fn json_config() -> actix_web::web::JsonConfig {
+    outbox_service::problem::json_config(MAX_DEFINITION_BYTES)
+}
+
+/// Registers every route; the OpenAPI document is collected from these
+/// registrations, so it lists exactly the routes the port serves.
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(outbox::status)
+        .service(outbox::history)
+        .service(outbox::start)
+        .service(outbox::stop)
+        .service(outbox::pending_batches)
+        .service(batches::batch_status)
+        .service(batches::batch_items)
+        .service(batches::retry_batch)
+        .service(streams::cluster)
+        .service(streams::list)
+        .service(streams::show)
+        .service(streams::put)
+        .service(streams::status)
+        .service(streams::history)
+        .service(streams::pause)
+        .service(streams::resume)
+        .service(streams::pending_batches)
+        .service(batches::stream_batch_status)
+        .service(batches::stream_batch_items)
+        .service(batches::stream_retry_batch)
+        .service(live)
+        .service(ready)
+        .service(render_metrics)
+        .service(crate::dashboard::page)
+        .service(crate::dashboard::script)
+        .service(crate::dashboard::style);
+}
+
+/// The admin API's OpenAPI description; paths come from [`configure`].
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "batch-outbox relay admin",
+        description = "Each relay replica's admin port. The cluster runs streams: independent, \
+            strictly ordered outboxes, each with its own sequence, lease, topic and pause; \
+            `/api/v1/streams` defines them and shows each one's leader and state, and every \
+            stream's status, pause, resume, pending batches, batches, items and retry live \
+            under `/api/v1/streams/{stream}/`. The `/api/v1/outbox/` endpoints are the \
+            `default` stream's, as before streams existed. Any replica answers for every \
+            stream. PUT and POST need `Authorization: Bearer <ADMIN_TOKEN>` when the relay \
+            has a token. Errors are `application/problem+json` with a stable `code`.",
+        license(name = "Apache-2.0")
+    ),
+    tags(
+        (name = "streams", description = "Streams: define, list, status and control"),
+        (name = "outbox", description = "The default stream, as before streams"),
+        (name = "batches", description = "Pending and failed batches"),
+        (name = "operations", description = "Health and metrics"),
+        (name = "dashboard", description = "The operator's page")
+    ),
+    modifiers(&AdminTokenScheme)
+)]
+pub struct AdminApi;
+
+struct AdminTokenScheme;
+
+impl utoipa::Modify for AdminTokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        outbox_service::openapi::add_bearer_scheme(
+            openapi,
+            "admin_token",
+            "The relay's ADMIN_TOKEN, when it has one.",
+        );
+    }
+}
+
+pub(crate) fn store_problem(error: &StoreError) -> Problem {
+    match error {
+        StoreError::Unavailable(_) | StoreError::Conflict(_) => {
+            warn!(message = "store unavailable", %error);
+            Problem::store_unavailable()
+        }
+        StoreError::NotFound(id) => Problem::not_found("batch_not_found", format!("no batch {id}")),
+        _ => {
+            error!(message = "store error", %error);
+            Problem::internal()
+        }
+    }
+}
+
+pub(crate) fn parse_batch_id(raw: &str) -> Result<BatchId, Problem> {
+    raw.parse()
+        .map_err(|e: InvalidBatchId| Problem::bad_request("invalid_batch_id", e.to_string()))
+}
+
+pub(crate) fn parse_stream(raw: &str) -> Result<StreamName, Problem> {
+    raw.parse()
+        .map_err(|e: outbox_core::stream::InvalidStreamName| {
+            Problem::bad_request("invalid_stream_name", e.to_string())
+        })
+}
+
+/// The stream, when this cluster knows it: 404 `stream_not_found` otherwise.
+pub(crate) fn known_stream(state: &AdminState, raw: &str) -> Result<StreamName, Problem> {
+    let name = parse_stream(raw)?;
+    if state.cluster.stream(&name).is_some() {
+        Ok(name)
+    } else {
+        Err(Problem::not_found(
+            "stream_not_found",
+            format!("no stream {name}: define it with PUT /api/v1/streams/{name}"),
+        ))
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` when a token is configured,
+/// comparing in constant time.
+pub(crate) fn authorize(state: &AdminState, req: &HttpRequest) -> Result<(), Problem> {
+    let Some(expected) = &state.admin_token else {
+        return Ok(());
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Page {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+impl Page {
+    pub(crate) fn limit(&self) -> Result<u32, Problem> {
+        match self.limit {
+            None => Ok(DEFAULT_LIMIT),
+            Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            Some(_) => Err(Problem::bad_request(
+                "invalid_limit",
+                format!("limit must be 1 to {MAX_LIMIT}"),
+            )),
+        }
+    }
+
+    pub(crate) fn cursor(&self) -> Result<Option<u64>, Problem> {
+        self.cursor
+            .as_deref()
+            .map(|c| {
+                c.parse::<u64>().map_err(|_| {
+                    Problem::bad_request(
+                        "invalid_cursor",
+                        "cursor must be a number from next_cursor",
+                    )
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Liveness
+#[utoipa::path(tag = "operations", responses((status = 200, description = "Alive.", body = views::HealthView)))]
+#[get("/health/live")]
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+/// Readiness
+///
+/// 200 when MongoDB answers.
+#[utoipa::path(tag = "operations", responses(
+    (status = 200, description = "Ready.", body = views::HealthView),
+    (status = 503, description = "Not ready, with the reason.", body = views::HealthView,
+        headers(("Retry-After" = u32, description = "Seconds to wait."))),
+))]
+#[get("/health/ready")]
+async fn ready(state: actix_web::web::Data<AdminState>) -> HttpResponse {
+    let store = &state.cluster.stores().outbox;
+    match tokio::time::timeout(READY_TIMEOUT, store.paused(&StreamName::default_stream())).await {
+        Ok(Ok(_)) => HttpResponse::Ok().json(json!({ "status": "ready" })),
+        Ok(Err(e)) => not_ready(&e.to_string()),
+        Err(_) => not_ready("MongoDB did not answer in time"),
+    }
+}
+
+fn not_ready(reason: &str) -> HttpResponse {
+    HttpResponse::ServiceUnavailable()
+        .insert_header((header::RETRY_AFTER, "2"))
+        .json(json!({ "status": "unavailable", "reason": reason }))
+}
+
+/// Prometheus metrics
+#[utoipa::path(tag = "operations", responses(
+    (status = 200, description = "Prometheus text exposition format 0.0.4.", body = String, content_type = "text/plain"),
+))]
+#[get("/metrics")]
+async fn render_metrics(state: actix_web::web::Data<AdminState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        ))
+        .body(state.prometheus.render())
+}
+
+/// Unknown routes get a problem+json 404, known routes with another method
+/// a 405 with `Allow`.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    let (problem, allow) = outbox_service::problem::no_route(&req);
+    outbox_service::problem::no_route_response(&problem, allow)
+}

@@ -1,0 +1,561 @@
+//! The cluster: which streams this replica leads, and the runners that lead
+//! them.
+//!
+//! Every replica announces itself in the members registry every TTL/3
+//! (expiring after the TTL, by the store's clock) and, every poll interval,
+//! reads the stream definitions, the live members and every stream's lease.
+//! Its share is `ceil(streams / live members)`:
+//!
+//! - it runs a [`Runner`] for each stream it leads, and for as many streams
+//!   without a live leader (never led, released, or led by a member whose
+//!   announcement expired) as its share leaves room for, in the order of a
+//!   rendezvous hash of (stream, replica), so that replicas mostly prefer
+//!   different streams; a runner takes the lease the usual way (acquire
+//!   when free or expired, compare-and-swap, a new epoch);
+//! - when it leads more than its share (a replica joined), it stops the
+//!   runners of the excess, least preferred first: a stopped runner
+//!   finishes its page in flight, settles its write and releases the lease,
+//!   exactly as at shutdown, so a stream changes hands only the way a lease
+//!   changes hands, and every ordering and fencing rule holds per stream;
+//! - a runner that is only standing by for a stream another live member
+//!   leads is stopped.
+//!
+//! Once the cluster is stable no replica leads more than its share. A
+//! replica that starts takes its share within a few polls (the others hand
+//! streams over at their next poll); the streams of one that dies are led
+//! again once their leases expire (TTL + poll); one that stops (SIGTERM)
+//! releases its leases and leaves the registry at once. Each stream has its
+//! own runner, lease, status and backoff: a halted, paused or slow stream
+//! never delays another.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox_core::store::{Lease, LeaseStore, Member, MemberStore, OutboxStore, StreamStore};
+use outbox_core::stream::{StreamDefinition, StreamName};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::drain::{DrainSettings, Publishers};
+use crate::lease::{Leadership, LeaseSettings};
+use crate::retention::RetentionSettings;
+use crate::runner::{Runner, RunnerSettings};
+use crate::status::StatusBoard;
+
+/// What the cluster runs each stream with.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    pub relay_id: String,
+    /// Where this replica's admin port answers, for the others' pages.
+    pub admin_url: String,
+    pub page_size: u32,
+    pub ttl: Duration,
+    pub poll_interval: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub shutdown_grace: Duration,
+    pub retention: RetentionSettings,
+    /// The default stream as the configuration describes it, used until a
+    /// definition of `default` is stored.
+    pub default_stream: StreamDefinition,
+    /// Most streams the cluster runs (and values the metrics' `stream`
+    /// label can take).
+    pub max_streams: usize,
+}
+
+/// The stores the cluster works with.
+#[derive(Clone)]
+pub struct ClusterStores {
+    pub outbox: Arc<dyn OutboxStore>,
+    pub leases: Arc<dyn LeaseStore>,
+    pub streams: Arc<dyn StreamStore>,
+    pub members: Arc<dyn MemberStore>,
+}
+
+/// A runner this replica runs.
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    leadership: Leadership,
+}
+
+/// What this replica keeps for one stream.
+struct Slot {
+    definition: watch::Sender<StreamDefinition>,
+    status: Arc<StatusBoard>,
+    wake: Arc<Notify>,
+    running: Option<Running>,
+}
+
+/// One stream as this replica sees it, for the admin API.
+#[derive(Clone)]
+pub struct StreamView {
+    pub definition: StreamDefinition,
+    pub status: Arc<StatusBoard>,
+    /// Whether this replica leads it (its runner holds a valid lease).
+    pub leading: bool,
+    /// Whether this replica runs it (leading or standing by).
+    pub running: bool,
+}
+
+/// The streams, the runners and the share rule of one replica.
+pub struct Cluster {
+    settings: ClusterSettings,
+    stores: ClusterStores,
+    publishers: Arc<dyn Publishers>,
+    slots: Mutex<BTreeMap<StreamName, Slot>>,
+    /// Wakes the supervisor (a stream was defined, a replica stopped).
+    wake: Notify,
+    /// The live members and the leases as last read.
+    seen: Mutex<(Vec<Member>, Vec<Lease>)>,
+}
+
+/// A deterministic score of (stream, replica): each replica prefers the
+/// streams it scores highest (rendezvous hashing), so replicas mostly
+/// reach for different free streams.
+fn preference(stream: &StreamName, replica: &str) -> u64 {
+    // FNV-1a: stable across builds and platforms.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in stream
+        .as_str()
+        .bytes()
+        .chain([0])
+        .chain(replica.bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// How many streams each live member should lead: the ceiling of
+/// streams / members (at least one member: this one).
+pub fn share(streams: usize, members: usize) -> usize {
+    streams.div_ceil(members.max(1))
+}
+
+impl Cluster {
+    pub fn new(
+        settings: ClusterSettings,
+        stores: ClusterStores,
+        publishers: Arc<dyn Publishers>,
+    ) -> Self {
+        let cluster = Self {
+            settings,
+            stores,
+            publishers,
+            slots: Mutex::default(),
+            wake: Notify::new(),
+            seen: Mutex::default(),
+        };
+        let default = cluster.settings.default_stream.clone();
+        cluster.slot_for(&default);
+        cluster
+    }
+
+    pub fn relay_id(&self) -> &str {
+        &self.settings.relay_id
+    }
+
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    pub fn stores(&self) -> &ClusterStores {
+        &self.stores
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<StreamName, Slot>> {
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes (or updates) the slot of a stream.
+    fn slot_for(&self, definition: &StreamDefinition) {
+        let mut slots = self.lock();
+        match slots.get(&definition.name) {
+            Some(slot) => {
+                slot.definition.send_if_modified(|current| {
+                    // Dates aside: only a real change reaches the runner.
+                    let changed = current.topic != definition.topic
+                        || current.ordering != definition.ordering
+                        || current.on_poison != definition.on_poison
+                        || current.schema != definition.schema
+                        || current.writers != definition.writers;
+                    *current = definition.clone();
+                    changed
+                });
+            }
+            None => {
+                slots.insert(
+                    definition.name.clone(),
+                    Slot {
+                        definition: watch::channel(definition.clone()).0,
+                        status: Arc::new(StatusBoard::default()),
+                        wake: Arc::new(Notify::new()),
+                        running: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Every stream this replica knows, with its status here.
+    pub fn streams(&self) -> Vec<StreamView> {
+        self.lock()
+            .values()
+            .map(|slot| StreamView {
+                definition: slot.definition.borrow().clone(),
+                status: Arc::clone(&slot.status),
+                leading: slot
+                    .running
+                    .as_ref()
+                    .is_some_and(|r| r.leadership.is_leader()),
+                running: slot.running.as_ref().is_some_and(|r| !r.task.is_finished()),
+            })
+            .collect()
+    }
+
+    /// One stream, when known.
+    pub fn stream(&self, name: &StreamName) -> Option<StreamView> {
+        self.streams().into_iter().find(|s| &s.definition.name == name)
+    }
+
+    /// The live members and the leases as the last supervision read them.
+    pub fn seen(&self) -> (Vec<Member>, Vec<Lease>) {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Wakes one stream's runner (a batch to retry, a pause lifted).
+    pub fn wake_stream(&self, name: &StreamName) {
+        if let Some(slot) = self.lock().get(name) {
+            slot.wake.notify_one();
+        }
+    }
+
+    /// Wakes every runner (new batches) and the supervisor.
+    pub fn wake_all(&self) {
+        for slot in self.lock().values() {
+            slot.wake.notify_one();
+        }
+        self.wake.notify_one();
+    }
+
+    /// Items this replica published, per stream, since it started.
+    fn published(&self) -> BTreeMap<String, u64> {
+        self.lock()
+            .iter()
+            .map(|(name, slot)| (name.to_string(), slot.status.snapshot().published_total))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// The definitions to run: the stored ones, and the default stream from
+    /// the configuration unless it was stored too.
+    async fn definitions(&self) -> Vec<StreamDefinition> {
+        match self.stores.streams.streams().await {
+            Ok(mut stored) => {
+                if !stored.iter().any(|d| d.name.is_default()) {
+                    stored.push(self.settings.default_stream.clone());
+                }
+                stored.sort_by(|a, b| a.name.cmp(&b.name));
+                if stored.len() > self.settings.max_streams {
+                    warn!(
+                        message = "more streams are defined than MAX_STREAMS; the rest are not run",
+                        defined = stored.len(),
+                        max_streams = self.settings.max_streams
+                    );
+                    // The default stream always runs.
+                    let default = stored.iter().position(|d| d.name.is_default());
+                    let default = default.map(|i| stored.remove(i));
+                    stored.truncate(self.settings.max_streams.saturating_sub(1));
+                    stored.extend(default);
+                }
+                stored
+            }
+            Err(error) => {
+                warn!(message = "cannot read the stream definitions; keeping the last", %error);
+                self.lock()
+                    .values()
+                    .map(|slot| slot.definition.borrow().clone())
+                    .collect()
+            }
+        }
+    }
+
+    /// Runs the share rule every poll interval until `shutdown`, then stops
+    /// every runner (each releases its lease) and leaves the registry.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut last_heartbeat: Option<tokio::time::Instant> = None;
+        while !shutdown.is_cancelled() {
+            if last_heartbeat.is_none_or(|at| at.elapsed() >= self.settings.ttl / 3) {
+                match self.heartbeat().await {
+                    Ok(()) => last_heartbeat = Some(tokio::time::Instant::now()),
+                    Err(error) => warn!(message = "cannot announce this replica", %error),
+                }
+            }
+            if let Err(error) = self.supervise(&shutdown).await {
+                warn!(message = "cannot work out this replica's streams; trying again", %error);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+        }
+        self.stop_all().await;
+        let leave = tokio::time::timeout(
+            self.settings.ttl / 2,
+            self.stores.members.leave(&self.settings.relay_id),
+        );
+        if !matches!(leave.await, Ok(Ok(()))) {
+            warn!(message = "cannot leave the members registry; the announcement expires");
+        }
+    }
+
+    async fn heartbeat(&self) -> Result<(), outbox_core::store::StoreError> {
+        let now_ms = self.stores.leases.now_ms().await?;
+        let ttl_ms = i64::try_from(self.settings.ttl.as_millis()).unwrap_or(i64::MAX);
+        self.stores
+            .members
+            .heartbeat(&Member {
+                id: self.settings.relay_id.clone(),
+                admin_url: self.settings.admin_url.clone(),
+                host: hostname(),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_at: started_at(),
+                expires_at_ms: now_ms + ttl_ms,
+                published: self.published(),
+            })
+            .await
+    }
+
+    /// One round of the share rule.
+    async fn supervise(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<(), outbox_core::store::StoreError> {
+        let definitions = self.definitions().await;
+        for definition in &definitions {
+            self.slot_for(definition);
+        }
+        let now_ms = self.stores.leases.now_ms().await?;
+        let members = self.stores.members.members(now_ms).await?;
+        let leases = self.stores.leases.leases().await?;
+        *self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (members.clone(), leases.clone());
+        let me = self.settings.relay_id.as_str();
+        let live = |id: &str| id == me || members.iter().any(|m| m.id == id);
+        let holder = |stream: &StreamName| {
+            leases
+                .iter()
+                .find(|l| &l.stream == stream && l.expires_at_ms > now_ms && !l.holder.is_empty())
+                .map(|l| l.holder.as_str())
+        };
+        let count = members.len().max(1) + usize::from(!members.iter().any(|m| m.id == me));
+        let target = share(definitions.len(), count);
+
+        let mut to_stop = Vec::new();
+        let mut to_start = Vec::new();
+        {
+            let mut slots = self.lock();
+            // Forget runners that ended by themselves.
+            for slot in slots.values_mut() {
+                if slot.running.as_ref().is_some_and(|r| r.task.is_finished()) {
+                    slot.running = None;
+                }
+            }
+            let names: Vec<StreamName> = definitions.iter().map(|d| d.name.clone()).collect();
+            let leading: Vec<StreamName> = names
+                .iter()
+                .filter(|name| {
+                    slots
+                        .get(*name)
+                        .and_then(|s| s.running.as_ref())
+                        .is_some_and(|r| r.leadership.is_leader())
+                        || holder(name) == Some(me)
+                })
+                .cloned()
+                .collect();
+            // Over the share: hand the least preferred over.
+            let mut excess = leading.clone();
+            excess.sort_by_key(|name| preference(name, me));
+            let over = leading.len().saturating_sub(target);
+            let handed: Vec<StreamName> = excess.into_iter().take(over).collect();
+            // Standing by for a stream a live member leads: stop.
+            for (name, slot) in slots.iter() {
+                let Some(running) = &slot.running else {
+                    continue;
+                };
+                let led_elsewhere = holder(name).is_some_and(|h| h != me && live(h));
+                if handed.contains(name) || (led_elsewhere && !running.leadership.is_leader()) {
+                    to_stop.push(name.clone());
+                }
+            }
+            // Room left: free streams, most preferred first.
+            let kept = leading.len() - handed.len();
+            let standing_by = slots
+                .iter()
+                .filter(|(name, slot)| {
+                    slot.running.is_some() && !leading.contains(name) && !to_stop.contains(name)
+                })
+                .count();
+            let room = target.saturating_sub(kept + standing_by);
+            let mut free: Vec<StreamName> = names
+                .iter()
+                .filter(|name| slots.get(*name).is_some_and(|s| s.running.is_none()))
+                .filter(|name| holder(name).is_none_or(|h| !live(h)))
+                .cloned()
+                .collect();
+            free.sort_by_key(|name| std::cmp::Reverse(preference(name, me)));
+            to_start.extend(free.into_iter().take(room));
+        }
+        for name in &to_stop {
+            info!(message = "handing the stream over", stream = %name, share = target);
+            self.stop(name).await;
+        }
+        if !shutdown.is_cancelled() {
+            for name in &to_start {
+                self.start(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a runner for the stream.
+    fn start(&self, name: &StreamName) {
+        let mut slots = self.lock();
+        let Some(slot) = slots.get_mut(name) else {
+            return;
+        };
+        if slot.running.is_some() {
+            return;
+        }
+        let settings = RunnerSettings {
+            drain: DrainSettings {
+                page_size: self.settings.page_size,
+                definition: slot.definition.subscribe(),
+            },
+            lease: LeaseSettings {
+                stream: name.clone(),
+                holder: self.settings.relay_id.clone(),
+                ttl: self.settings.ttl,
+                standby_poll: self.settings.poll_interval,
+            },
+            poll_interval: self.settings.poll_interval,
+            backoff_base: self.settings.backoff_base,
+            backoff_cap: self.settings.backoff_cap,
+            shutdown_grace: self.settings.shutdown_grace,
+        };
+        let runner = Runner::new(
+            Arc::clone(&self.stores.outbox),
+            Arc::clone(&self.stores.leases),
+            Arc::clone(&self.publishers),
+            settings,
+            Arc::clone(&slot.status),
+            Arc::clone(&slot.wake),
+        );
+        let leadership = runner.leadership();
+        let stop = CancellationToken::new();
+        let retention = tokio::spawn(crate::retention::run(
+            Arc::clone(&self.stores.outbox),
+            name.clone(),
+            runner.leadership(),
+            self.settings.retention.clone(),
+            stop.clone(),
+        ));
+        let span = info_span!("stream", stream = %name);
+        let token = stop.clone();
+        let task = tokio::spawn(
+            async move {
+                runner.run(token).await;
+                let _ = retention.await;
+            }
+            .instrument(span),
+        );
+        info!(message = "running the stream", stream = %name);
+        slot.running = Some(Running {
+            stop,
+            task,
+            leadership,
+        });
+    }
+
+    /// Stops the stream's runner: the page in flight finishes, the lease is
+    /// released.
+    async fn stop(&self, name: &StreamName) {
+        let running = self.lock().get_mut(name).and_then(|s| s.running.take());
+        if let Some(running) = running {
+            running.stop.cancel();
+            let _ = running.task.await;
+        }
+    }
+
+    async fn stop_all(&self) {
+        let running: Vec<Running> = self
+            .lock()
+            .values_mut()
+            .filter_map(|s| s.running.take())
+            .collect();
+        for r in &running {
+            r.stop.cancel();
+        }
+        for r in running {
+            let _ = r.task.await;
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// When this process started (first asked).
+fn started_at() -> chrono::DateTime<chrono::Utc> {
+    static STARTED: std::sync::OnceLock<chrono::DateTime<chrono::Utc>> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(chrono::Utc::now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_share_is_the_ceiling() {
+        assert_eq!(share(6, 3), 2);
+        assert_eq!(share(7, 3), 3);
+        assert_eq!(share(1, 3), 1);
+        assert_eq!(share(0, 3), 0);
+        assert_eq!(share(5, 0), 5);
+    }
+
+    #[test]
+    fn replicas_prefer_different_streams() {
+        let streams: Vec<StreamName> = (0..60).map(|i| format!("s{i}").parse().unwrap()).collect();
+        let favourite = |replica: &str| {
+            streams
+                .iter()
+                .max_by_key(|s| preference(s, replica))
+                .cloned()
+                .unwrap()
+        };
+        assert_ne!(favourite("relay-1"), favourite("relay-2"));
+        assert_eq!(preference(&streams[0], "a"), preference(&streams[0], "a"));
+    }
+}

@@ -1,0 +1,94 @@
+//! The streams as the writer sees them: each definition read from the store
+//! at most once a second (a stream defined or changed takes effect within a
+//! second, without a restart), its schema compiled once per change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox_core::publish::OrderingKeyMode;
+use outbox_core::store::{StoreError, StreamStore};
+use outbox_core::stream::{ItemSchema, PoisonPolicy, StreamDefinition, StreamName};
+use tokio::time::Instant;
+
+/// How long a definition read from the store is used.
+const FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// A stream, ready for ingest.
+pub struct Stream {
+    pub definition: StreamDefinition,
+    pub schema: Option<Arc<ItemSchema>>,
+}
+
+/// The definitions, cached.
+pub struct Catalog {
+    store: Arc<dyn StreamStore>,
+    cache: Mutex<HashMap<StreamName, (Instant, Option<Arc<Stream>>)>>,
+}
+
+impl Catalog {
+    pub fn new(store: Arc<dyn StreamStore>) -> Self {
+        Self {
+            store,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// The stream, `None` when it is not defined. The default stream always
+    /// exists: as stored when it was defined, else without schema or writers.
+    ///
+    /// # Errors
+    /// The store's, when it cannot be read and nothing is cached.
+    pub async fn get(&self, name: &StreamName) -> Result<Option<Arc<Stream>>, StoreError> {
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned();
+        if let Some((at, stream)) = &cached
+            && at.elapsed() < FRESH_FOR
+        {
+            return Ok(stream.clone());
+        }
+        let stored = match self.store.stream(name).await {
+            Ok(stored) => stored,
+            // A stale definition beats a refusal while the store is away.
+            Err(error) => return cached.map(|(_, s)| s).ok_or(error),
+        };
+        let definition = match stored {
+            Some(definition) => Some(definition),
+            None if name.is_default() => Some(StreamDefinition {
+                name: name.clone(),
+                topic: "default".to_owned(),
+                ordering: OrderingKeyMode::Global,
+                on_poison: PoisonPolicy::Halt,
+                schema: None,
+                writers: None,
+                created_at: None,
+                updated_at: None,
+            }),
+            None => None,
+        };
+        // Compile the schema again only when the definition changed.
+        let stream = match (definition, cached.and_then(|(_, s)| s)) {
+            (None, _) => None,
+            (Some(definition), Some(previous)) if previous.definition == definition => {
+                Some(previous)
+            }
+            (Some(definition), _) => {
+                let schema = definition.compile_schema().unwrap_or_else(|error| {
+                    // Stored through the admin API, which compiles it first.
+                    tracing::error!(message = "a stored schema does not compile; the stream takes any item", stream = %name, %error);
+                    None
+                });
+                Some(Arc::new(Stream { definition, schema }))
+            }
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone(), (Instant::now(), stream.clone()));
+        Ok(stream)
+    }
+}
