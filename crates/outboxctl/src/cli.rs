@@ -15,7 +15,11 @@ Examples:
   outboxctl pending --limit 20                 the batches not yet committed
   outboxctl items 4f1c2a9e0b7d3c58 --limit 50  a batch's items with their Pub/Sub ids
   outboxctl retry 4f1c2a9e0b7d3c58             drain a failed batch again
-  outboxctl pause / outboxctl resume           stop and restart draining, cluster-wide
+  outboxctl pause / outboxctl resume           stop and restart draining the stream
+  outboxctl --stream orders submit day.ndjson  a batch into the stream `orders`
+  outboxctl stream list                        every stream: topic, leader, state, backlog
+  outboxctl stream create orders --topic orders --ordering-key field:/customer/id
+  outboxctl stream apply -f streams.yaml       make the declared streams true (GitOps)
   outboxctl tail --count 10                    what a subscription receives
   outboxctl completions bash > ~/.local/share/bash-completion/completions/outboxctl
 
@@ -66,6 +70,9 @@ pub struct Connection {
     /// Seconds one HTTP request may take.
     #[arg(long, default_value = "60", value_parser = seconds, global = true)]
     pub timeout: Duration,
+    /// The stream to work with.
+    #[arg(long, env = "OUTBOX_STREAM", default_value = "default", global = true)]
+    pub stream: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,7 +82,8 @@ pub enum Command {
     Submit(SubmitArgs),
     /// Follow a batch until it is committed, with a progress bar.
     Watch(WatchArgs),
-    /// The relay cluster: leader, epoch, paused, current batch, backlog, last error.
+    /// The stream (leader, epoch, paused or halted, current batch, backlog, last error)
+    /// and the cluster: which replica leads which stream.
     Status,
     /// Batches not yet committed, in sequence order.
     Pending(PageArgs),
@@ -89,14 +97,72 @@ pub enum Command {
     },
     /// Put a failed batch back to draining from its first unsent item.
     Retry { batch_id: String },
-    /// Pause draining, cluster-wide, after the page in flight.
+    /// Pause draining the stream (every replica), after the page in flight.
     Pause,
-    /// Resume draining.
+    /// Resume draining the stream.
     Resume,
+    /// Define and list streams.
+    #[command(subcommand)]
+    Stream(StreamCommand),
     /// Print what a Pub/Sub subscription receives, one JSON line a message.
     Tail(TailSource),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StreamCommand {
+    /// Every stream with its topic, leader, state and backlog.
+    List,
+    /// One stream's definition and live state.
+    Show { name: String },
+    /// Define a new stream (refused when it exists: use update).
+    Create {
+        name: String,
+        #[command(flatten)]
+        definition: DefinitionArgs,
+    },
+    /// Change a stream's definition: what is given replaces what is stored.
+    Update {
+        name: String,
+        #[command(flatten)]
+        definition: DefinitionArgs,
+    },
+    /// Make the streams a file declares true: create the missing ones,
+    /// update the changed ones (JSON or YAML: a list of streams, or
+    /// `{streams: [...]}`, each `{name, topic, ordering_key, ...}`).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+pub struct DefinitionArgs {
+    /// The Pub/Sub topic.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// global, batch, none or field:<json-pointer>.
+    #[arg(long)]
+    pub ordering_key: Option<String>,
+    /// With field:, the key of items without the field.
+    #[arg(long)]
+    pub ordering_key_default: Option<String>,
+    /// halt or dead-letter.
+    #[arg(long)]
+    pub on_poison: Option<String>,
+    /// A file holding the JSON Schema every item must satisfy.
+    #[arg(long)]
+    pub schema: Option<PathBuf>,
+    /// Drop the stream's schema.
+    #[arg(long, conflicts_with = "schema")]
+    pub no_schema: bool,
+    /// An API key name allowed to write the stream (repeat for more).
+    #[arg(long = "writer")]
+    pub writers: Vec<String>,
+    /// Let any writer in.
+    #[arg(long, conflicts_with = "writers")]
+    pub any_writer: bool,
 }
 
 #[derive(Args, Debug)]

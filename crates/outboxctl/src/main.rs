@@ -14,6 +14,7 @@ mod cli;
 mod client;
 mod progress;
 mod render;
+mod streams;
 mod submit;
 mod watch;
 
@@ -24,7 +25,7 @@ use clap::Parser;
 use reqwest::Method;
 use serde_json::Value;
 
-use cli::{Cli, Command, PageArgs};
+use cli::{Cli, Command, PageArgs, StreamCommand};
 use client::{Client, Failure, Service};
 
 fn main() -> ExitCode {
@@ -66,6 +67,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
     // Progress bars only for a person watching, never in a pipe or for --json.
     let bars = !json && std::io::stderr().is_terminal();
+    let stream = stream_name(&cli.connection.stream)?.to_owned();
+    // Everything about batches, pause and status is the stream's.
+    let scoped = |rest: &str| format!("/api/v1/streams/{stream}{rest}");
     let client = Client::new(cli.connection)?;
     match cli.command {
         Command::Submit(args) => {
@@ -84,7 +88,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .collect::<Result<Vec<_>, _>>()?;
             let mut stored = Vec::with_capacity(uploads.len());
             for upload in &uploads {
-                let batch = submit::submit(&client, upload, args.retries, bars).await?;
+                let batch = submit::submit(&client, &stream, upload, args.retries, bars).await?;
                 if json {
                     out!("{}", batch.to_json(upload));
                 } else {
@@ -120,18 +124,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Status => {
-            let status = admin_get(&client, "/api/v1/outbox/status", &[]).await?;
+            let status = admin_get(&client, &scoped("/status"), &[]).await?;
+            let streams = admin_get(&client, "/api/v1/streams", &[]).await?;
+            let cluster = admin_get(&client, "/api/v1/cluster", &[]).await?;
             if json {
-                out!("{status}");
+                out!("{}", serde_json::json!({ "stream": status, "streams": streams["streams"], "cluster": cluster }));
             } else {
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
                 out!("{}", render::status(&status, now_ms));
+                out!("{}", render::streams(&streams, &cluster));
             }
         }
         Command::Pending(page) => {
-            let page = admin_get(&client, "/api/v1/outbox/pending-batches", &query(&page)).await?;
+            let page = admin_get(&client, &scoped("/pending-batches"), &query(&page)).await?;
             print(&page, json, render::pending);
         }
         Command::Batch { batch_id: id } => {
@@ -144,7 +151,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Items { batch_id: id, page } => {
-            let path = format!("/api/v1/outbox/batch/{}/items", batch_id(&id)?);
+            let path = scoped(&format!("/batch/{}/items", batch_id(&id)?));
             print(
                 &admin_get(&client, &path, &query(&page)).await?,
                 json,
@@ -152,25 +159,81 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Retry { batch_id: id } => {
-            let path = format!("/api/v1/outbox/batch/{}/retry", batch_id(&id)?);
+            let path = scoped(&format!("/batch/{}/retry", batch_id(&id)?));
             let answer = admin_post(&client, &path).await?;
             say(&answer, json, || {
                 format!("batch {id} is draining again from its first unsent item")
             });
         }
         Command::Pause => {
-            let answer = admin_post(&client, "/api/v1/outbox/stop").await?;
-            say(&answer, json, || "draining paused, cluster-wide".to_owned());
+            let answer = admin_post(&client, &scoped("/pause")).await?;
+            say(&answer, json, || {
+                format!("draining of stream {stream} paused, on every replica")
+            });
         }
         Command::Resume => {
-            let answer = admin_post(&client, "/api/v1/outbox/start").await?;
-            say(&answer, json, || "draining resumed".to_owned());
+            let answer = admin_post(&client, &scoped("/resume")).await?;
+            say(&answer, json, || format!("draining of stream {stream} resumed"));
         }
+        Command::Stream(command) => stream_command(&client, command, json).await?,
         Command::Tail(_) | Command::Completions { .. } => {
             unreachable!("handled before the client is built")
         }
     }
     Ok(())
+}
+
+async fn stream_command(client: &Client, command: StreamCommand, json: bool) -> Result<(), Failure> {
+    match command {
+        StreamCommand::List => {
+            let streams = admin_get(client, "/api/v1/streams", &[]).await?;
+            let cluster = admin_get(client, "/api/v1/cluster", &[]).await?;
+            if json {
+                out!("{streams}");
+            } else {
+                out!("{}", render::streams(&streams, &cluster));
+            }
+        }
+        StreamCommand::Show { name } => {
+            stream_name(&name)?;
+            let stream = streams::get(client, &name)
+                .await?
+                .ok_or_else(|| Failure::Refused(format!("no stream {name}")))?;
+            print(&stream, json, render::stream);
+        }
+        StreamCommand::Create { name, definition } => {
+            stream_name(&name)?;
+            let stream = streams::create(client, &name, &definition).await?;
+            say(&stream, json, || format!("stream {name} created"));
+        }
+        StreamCommand::Update { name, definition } => {
+            stream_name(&name)?;
+            let stream = streams::update(client, &name, &definition).await?;
+            say(&stream, json, || format!("stream {name} updated"));
+        }
+        StreamCommand::Apply { file } => {
+            let applied = streams::apply(client, &file).await?;
+            if json {
+                let lines: Vec<Value> = applied
+                    .iter()
+                    .map(|a| serde_json::json!({ "stream": a.name, "outcome": a.outcome }))
+                    .collect();
+                out!("{}", Value::Array(lines));
+            } else {
+                for a in &applied {
+                    out!("stream {}: {}", a.name, a.outcome);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A stream name as the services take it.
+fn stream_name(raw: &str) -> Result<&str, Failure> {
+    raw.parse::<outbox_core::stream::StreamName>()
+        .map(|_| raw)
+        .map_err(|e| Failure::Usage(e.to_string()))
 }
 
 /// A batch id as the services print it; checked here so that nothing else

@@ -33,19 +33,37 @@ pub fn age(seconds: f64) -> String {
     }
 }
 
-/// The relay cluster as `GET /api/v1/outbox/status` describes it.
+/// A stream as `GET /api/v1/streams/{stream}/status` describes it.
 pub fn status(status: &Value, now_ms: i64) -> String {
-    let mut rows: Vec<(&str, String)> = vec![(
-        "Replica",
-        format!("{} ({})", text(&status["relay_id"]), text(&status["role"])),
-    )];
+    let mut rows: Vec<(&str, String)> = vec![
+        (
+            "Stream",
+            format!("{} (topic {})", text(&status["stream"]), text(&status["topic"])),
+        ),
+        (
+            "This replica",
+            format!(
+                "{} (pid {}), {} of this stream",
+                text(&status["relay_id"]),
+                text(&status["relay_pid"]),
+                text(&status["role"])
+            ),
+        ),
+    ];
     let lease = &status["lease"];
     if let Some(error) = lease["error"].as_str() {
         rows.push(("Lease", format!("unknown: {error}")));
     } else if lease.is_null() {
         rows.push(("Lease", "nobody has taken it yet".to_owned()));
     } else {
-        rows.push(("Leader", text(&lease["holder"])));
+        let leader = &status["leader"];
+        rows.push((
+            "Leader",
+            match leader["admin_url"].as_str() {
+                Some(url) => format!("{} (pid {}, {url})", text(&lease["holder"]), text(&leader["pid"])),
+                None => text(&lease["holder"]),
+            },
+        ));
         rows.push(("Epoch", text(&lease["epoch"])));
         if let Some(expires) = lease["expires_at_ms"].as_i64() {
             let left = (expires - now_ms) as f64 / 1000.0;
@@ -98,7 +116,14 @@ pub fn status(status: &Value, now_ms: i64) -> String {
             .map(age)
             .unwrap_or_else(|| "–".to_owned()),
     ));
-    rows.push(("Published (this replica)", text(&status["published_total"])));
+    rows.push((
+        "Published",
+        format!(
+            "{} by every replica, {} by this one",
+            text(&status["cluster_published_total"]),
+            text(&status["published_total"])
+        ),
+    ));
     rows.push((
         "Committed (this replica)",
         text(&status["batches_committed_total"]),
@@ -111,6 +136,89 @@ pub fn status(status: &Value, now_ms: i64) -> String {
         },
     ));
     let mut table = table(&[]);
+    for (name, value) in rows {
+        table.add_row(vec![name.to_owned(), value]);
+    }
+    table.to_string()
+}
+
+/// Every stream and who leads it (`GET /api/v1/streams`), then the
+/// replicas (`GET /api/v1/cluster`).
+pub fn streams(streams: &Value, cluster: &Value) -> String {
+    let mut table = table(&["Stream", "Topic", "Leader", "State", "Backlog", "Oldest", "Published"]);
+    for stream in streams["streams"].as_array().into_iter().flatten() {
+        table.add_row(vec![
+            text(&stream["stream"]),
+            text(&stream["topic"]),
+            stream["leader"]["relay_id"]
+                .as_str()
+                .map_or_else(|| "–".to_owned(), str::to_owned),
+            text(&stream["state"]),
+            text(&stream["backlog"]),
+            stream["oldest_pending_age_seconds"]
+                .as_f64()
+                .map_or_else(|| "–".to_owned(), age),
+            text(&stream["published_total"]),
+        ]);
+    }
+    let mut replicas = table_of(&["Replica", "Pid", "Admin", "Leads"]);
+    for replica in cluster["replicas"].as_array().into_iter().flatten() {
+        let leads: Vec<String> = replica["leads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        let name = if replica["this"] == true {
+            format!("{} (this one)", text(&replica["relay_id"]))
+        } else {
+            text(&replica["relay_id"])
+        };
+        replicas.add_row(vec![
+            name,
+            text(&replica["pid"]),
+            text(&replica["admin_url"]),
+            if leads.is_empty() { "–".to_owned() } else { leads.join(", ") },
+        ]);
+    }
+    format!(
+        "{table}\n{replicas}\n{} streams over {} replicas: each leads at most {}",
+        text(&cluster["streams"]),
+        cluster["replicas"].as_array().map_or(0, Vec::len),
+        text(&cluster["share"])
+    )
+}
+
+fn table_of(header: &[&str]) -> Table {
+    table(header)
+}
+
+/// One stream's definition and live state.
+pub fn stream(stream: &Value) -> String {
+    let mut table = table(&[]);
+    let rows = [
+        ("Stream", text(&stream["stream"])),
+        ("Topic", text(&stream["topic"])),
+        ("Ordering key", text(&stream["ordering_key"])),
+        ("Default key", text(&stream["ordering_key_default"])),
+        ("On poison", text(&stream["on_poison"])),
+        (
+            "Schema",
+            if stream["schema"].is_null() { "none".to_owned() } else { stream["schema"].to_string() },
+        ),
+        (
+            "Writers",
+            stream["writers"]
+                .as_array()
+                .map_or_else(|| "any".to_owned(), |w| w.iter().map(text).collect::<Vec<_>>().join(", ")),
+        ),
+        ("Leader", text(&stream["leader"]["relay_id"])),
+        ("Epoch", text(&stream["epoch"])),
+        ("State", text(&stream["state"])),
+        ("Backlog", text(&stream["backlog"])),
+        ("Published", text(&stream["published_total"])),
+        ("Updated", text(&stream["updated_at"])),
+    ];
     for (name, value) in rows {
         table.add_row(vec![name.to_owned(), value]);
     }
@@ -232,14 +340,14 @@ mod tests {
 
     #[test]
     fn the_status_table_says_who_leads_and_why_draining_stopped() {
-        let status = json!({"relay_id": "relay-1", "role": "leader",
+        let status = json!({"stream": "default", "topic": "batch-outbox", "relay_id": "relay-1", "relay_pid": 42, "role": "leader",
             "lease": {"holder": "relay-1", "epoch": 7, "expires_at_ms": 11_500},
             "paused": false, "halted": {"batch_id": "00000000000000aa", "batch_sequence": 3, "error": "poison"},
             "current_batch": null, "pending_batches": 4, "oldest_pending_age_seconds": 75.0,
             "published_total": 10, "batches_committed_total": 2, "last_error": null});
         let table = status_table(&status);
         for expected in [
-            "relay-1 (leader)",
+            "relay-1 (pid 42), leader of this stream",
             "Epoch",
             "7",
             "expires in 1.5 s",

@@ -129,13 +129,14 @@ impl Stored {
 /// again `retries` times, which the Idempotency-Key makes safe.
 pub async fn submit(
     client: &Client,
+    stream: &str,
     upload: &Upload,
     retries: u32,
     bars: bool,
 ) -> Result<Stored, Failure> {
     let mut attempt = 0;
     loop {
-        match send_once(client, upload, bars).await {
+        match send_once(client, stream, upload, bars).await {
             Ok(stored) => return Ok(stored),
             Err((Failure::Unavailable(reason), retry_after)) if attempt < retries => {
                 attempt += 1;
@@ -156,6 +157,7 @@ pub async fn submit(
 
 async fn send_once(
     client: &Client,
+    stream: &str,
     upload: &Upload,
     bars: bool,
 ) -> Result<Stored, (Failure, Option<Duration>)> {
@@ -181,16 +183,20 @@ async fn send_once(
         })
         .collect();
     let counted = bar.clone();
-    let stream = futures::stream::iter(chunks).map(move |chunk| {
+    let body = futures::stream::iter(chunks).map(move |chunk| {
         counted.inc(chunk.len() as u64);
         Ok::<_, std::io::Error>(chunk)
     });
     let request = client
-        .request(Service::Writer, Method::POST, "/api/v1/batch/process")
+        .request(
+            Service::Writer,
+            Method::POST,
+            &format!("/api/v1/streams/{stream}/batches"),
+        )
         .header(CONTENT_TYPE, content_type(upload.format))
         .header(CONTENT_LENGTH, upload.body.len())
         .header("Idempotency-Key", &upload.key)
-        .body(reqwest::Body::wrap_stream(stream));
+        .body(reqwest::Body::wrap_stream(body));
     let response = client.send(Service::Writer, request).await;
     bar.finish_and_clear();
     let response = response.map_err(|f| (f, None))?;
