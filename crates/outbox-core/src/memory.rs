@@ -764,10 +764,11 @@ impl OutboxStore for MemoryStore {
             .into_iter()
             .flat_map(|s| s.batches.values())
             .filter(|b| b.status != BatchStatus::Committed);
-        let oldest = pending.next().map(|b| b.summary.created_at);
+        let head = pending.next().map(StoredBatch::pending);
         Ok(Backlog {
-            pending_batches: u64::from(oldest.is_some()) + pending.count() as u64,
-            oldest_created_at: oldest,
+            pending_batches: u64::from(head.is_some()) + pending.count() as u64,
+            oldest_created_at: head.as_ref().map(|b| b.created_at),
+            head,
         })
     }
 

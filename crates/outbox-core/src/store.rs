@@ -341,6 +341,8 @@ pub struct SentMark {
 pub struct Backlog {
     pub pending_batches: u64,
     pub oldest_created_at: Option<DateTime<Utc>>,
+    /// The first batch not committed, if any.
+    pub head: Option<PendingBatch>,
 }
 
 /// The relay's view of the store. Every write that records progress takes a

@@ -366,21 +366,46 @@ impl LeaseStore for MongoStore {
 
     async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
         use futures::TryStreamExt;
-        let documents: Vec<Document> = self
-            .lease()
-            .find(doc! {})
-            .projection(doc! { "txn_session": 0 })
-            .read_concern(ReadConcern::majority())
-            .max_time(self.config.lease_timeout)
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
+        let read = async {
+            self.lease()
+                .find(doc! {})
+                .read_concern(ReadConcern::majority())
+                .max_time(self.config.lease_timeout)
+                .await?
+                .try_collect::<Vec<Document>>()
+                .await
+        };
+        let documents = match read.await {
+            Ok(documents) => documents,
+            Err(e) if code(&e) == Some(MAX_TIME_MS_EXPIRED) => {
+                // As in `acquire_or_renew`: only where reads wait for open
+                // transactions, the sessions of the expired leases last read.
+                if self.config.kill_on_blocked_lease_read {
+                    let seen: Vec<(StreamName, Document)> = self
+                        .last_lease
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .map(|(s, d)| (s.clone(), d.clone()))
+                        .collect();
+                    if let Ok(now_ms) = self.now_ms().await {
+                        for (stream, lease) in seen {
+                            self.kill_orphan(&stream, &lease, "", now_ms).await;
+                        }
+                    }
+                }
+                return Err(StoreError::Unavailable(
+                    "the leases did not answer in time (a transaction may hold one)".to_owned(),
+                ));
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        let mut seen = self.last_lease.lock().unwrap_or_else(|e| e.into_inner());
         Ok(documents
             .iter()
             .filter_map(|d| {
                 let stream = ids::stream_of_lease(d.get_str("_id").ok()?)?;
+                seen.insert(stream.clone(), d.clone());
                 Some(lease_from(&stream, d))
             })
             .collect())

@@ -528,16 +528,23 @@ impl OutboxStore for MongoStore {
     async fn backlog(&self, stream: &StreamName) -> Result<Backlog, StoreError> {
         // O(1): the counter (the last sequence given out) less the last
         // committed (recorded by the commits), two reads by `_id`, and the
-        // head batch by the (status, batch_sequence) index.
-        let counter = self
-            .counters()
-            .find_one(doc! { "_id": ids::counter(stream) })
-            .read_concern(ReadConcern::majority())
-            .await
-            .map_err(classify)?;
-        let issued = counter.as_ref().and_then(|c| get_u64(c, "value").ok()).unwrap_or(0);
-        let head = self.head_batch(stream).await?;
-        let pending = match (self.recorded_commit(stream).await?, &head) {
+        // head batch by the (stream, status, batch_sequence) index; the
+        // three at once.
+        let counter = async {
+            let counter = self
+                .counters()
+                .find_one(doc! { "_id": ids::counter(stream) })
+                .read_concern(ReadConcern::majority())
+                .await
+                .map_err(classify)?;
+            Ok::<_, StoreError>(counter.as_ref().and_then(|c| get_u64(c, "value").ok()).unwrap_or(0))
+        };
+        let (issued, committed, head) = futures::try_join!(
+            counter,
+            self.recorded_commit(stream),
+            self.head_batch(stream)
+        )?;
+        let pending = match (committed, &head) {
             (_, None) => 0,
             (Some(committed), Some(_)) => issued.saturating_sub(committed.0),
             // Nothing recorded yet (data committed before commits recorded
@@ -551,7 +558,8 @@ impl OutboxStore for MongoStore {
         };
         Ok(Backlog {
             pending_batches: pending,
-            oldest_created_at: head.map(|b| b.created_at),
+            oldest_created_at: head.as_ref().map(|b| b.created_at),
+            head,
         })
     }
 

@@ -20,6 +20,7 @@ impl StreamStore for MongoStore {
             .find(doc! {})
             .sort(doc! { "_id": 1 })
             .read_concern(ReadConcern::majority())
+            .max_time(self.config().lease_timeout)
             .await
             .map_err(classify)?
             .try_collect()
@@ -67,11 +68,25 @@ impl MemberStore for MongoStore {
     async fn heartbeat(&self, member: &Member) -> Result<(), StoreError> {
         let mut document = member_document(member);
         document.remove("_id");
-        self.members()
-            .update_one(doc! { "_id": &member.id }, doc! { "$set": document })
-            .upsert(true)
+        // With the lease's time limit: an announcement that waits (on a
+        // store whose writes queue behind an open transaction) fails and is
+        // tried again instead of holding the replica's supervision.
+        let ms = i64::try_from(self.config().lease_timeout.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let reply = self
+            .database()
+            .run_command(doc! {
+                "update": &self.config().members_collection,
+                "updates": [{ "q": { "_id": &member.id }, "u": { "$set": document }, "upsert": true }],
+                "maxTimeMS": ms,
+                "writeConcern": { "w": "majority", "wtimeout": ms },
+            })
             .await
             .map_err(classify)?;
+        if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty()) {
+            return Err(StoreError::Other(format!("announcing {}: {reply}", member.id)));
+        }
         Ok(())
     }
 
@@ -82,6 +97,7 @@ impl MemberStore for MongoStore {
             .members()
             .find(doc! {})
             .read_concern(ReadConcern::majority())
+            .max_time(self.config().lease_timeout)
             .await
             .map_err(classify)?
             .try_collect()

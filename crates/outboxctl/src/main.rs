@@ -128,7 +128,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let streams = admin_get(&client, "/api/v1/streams", &[]).await?;
             let cluster = admin_get(&client, "/api/v1/cluster", &[]).await?;
             if json {
-                out!("{}", serde_json::json!({ "stream": status, "streams": streams["streams"], "cluster": cluster }));
+                // The stream's status, with every stream and the replicas.
+                let mut all = status;
+                if let Some(object) = all.as_object_mut() {
+                    object.insert("streams".to_owned(), streams["streams"].clone());
+                    object.insert("cluster".to_owned(), cluster);
+                }
+                out!("{all}");
             } else {
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

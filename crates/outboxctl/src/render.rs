@@ -181,10 +181,14 @@ pub fn streams(streams: &Value, cluster: &Value) -> String {
             if leads.is_empty() { "–".to_owned() } else { leads.join(", ") },
         ]);
     }
+    let plural = |n: u64, one: &str, many: &str| {
+        if n == 1 { format!("1 {one}") } else { format!("{n} {many}") }
+    };
+    let replica_count = cluster["replicas"].as_array().map_or(0, Vec::len) as u64;
     format!(
-        "{table}\n{replicas}\n{} streams over {} replicas: each leads at most {}",
-        text(&cluster["streams"]),
-        cluster["replicas"].as_array().map_or(0, Vec::len),
+        "{table}\n{replicas}\n{} over {}: each leads at most {}",
+        plural(cluster["streams"].as_u64().unwrap_or(0), "stream", "streams"),
+        plural(replica_count, "replica", "replicas"),
         text(&cluster["share"])
     )
 }

@@ -557,10 +557,22 @@ async fn process(
         .cloned()
         .ok_or_else(Problem::internal)?;
     let submitted_by = access.name(&caller).to_owned();
-    let stream = state
-        .catalog
-        .get(stream_name)
+    let format = body_format(req)?;
+    let key = idempotency_key(req)?;
+    let body = read_body(req, payload, state.max_body_bytes).await?;
+    if !state.schema_ready.load(Ordering::Acquire) {
+        return Err(schema_not_ready());
+    }
+    // Everything the store does for this request fits in one deadline,
+    // reading the stream's definition included.
+    let deadline = tokio::time::Instant::now() + state.request_deadline;
+    let stream = tokio::time::timeout_at(deadline, state.catalog.get(stream_name))
         .await
+        .map_err(|_| {
+            store_problem(&StoreError::Unavailable(
+                "the stream's definition could not be read within the request deadline".to_owned(),
+            ))
+        })?
         .map_err(|e| store_problem(&e))?
         .ok_or_else(|| {
             Problem::not_found(
@@ -578,14 +590,6 @@ async fn process(
             format!("this API key may not write stream {stream_name}"),
         ));
     }
-    let format = body_format(req)?;
-    let key = idempotency_key(req)?;
-    let body = read_body(req, payload, state.max_body_bytes).await?;
-    if !state.schema_ready.load(Ordering::Acquire) {
-        return Err(schema_not_ready());
-    }
-    // Everything the store does for this request fits in one deadline.
-    let deadline = tokio::time::Instant::now() + state.request_deadline;
     let idempotency = key.map(|key| Idempotency {
         key,
         request_hash: ingest::request_hash(&body),

@@ -54,11 +54,7 @@ pub(crate) async fn live_state(
     let store = &state.cluster.stores().outbox;
     let (backlog, paused) = futures::try_join!(store.backlog(name), store.paused(name))
         .map_err(|e| store_problem(&e))?;
-    let head = if backlog.pending_batches > 0 {
-        store.head_batch(name).await.map_err(|e| store_problem(&e))?
-    } else {
-        None
-    };
+    let head = backlog.head.clone();
     let now_ms = chrono::Utc::now().timestamp_millis();
     let lease = leases.iter().find(|l| &l.stream == name);
     let leader = lease
@@ -83,10 +79,19 @@ pub(crate) async fn live_state(
     } else {
         "idle"
     };
+    // The others' counts as they last announced them, this replica's own
+    // as it is now.
+    let me = state.cluster.relay_id();
+    let own = state
+        .cluster
+        .stream(name)
+        .map_or(0, |view| view.status.snapshot().published_total);
     let published: u64 = members
         .iter()
+        .filter(|m| m.id != me)
         .filter_map(|m| m.published.get(name.as_str()))
-        .sum();
+        .sum::<u64>()
+        + own;
     let age = backlog
         .oldest_created_at
         .map(|at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0);
@@ -370,15 +375,12 @@ pub(crate) async fn status_json(state: &AdminState, name: &StreamName) -> Result
         .stream(name)
         .ok_or_else(|| Problem::not_found("stream_not_found", format!("no stream {name}")))?;
     let snapshot = view.status.snapshot();
+    // The leases as the last supervision read them (every poll interval);
+    // this replica's own, when it leads, as it holds it now.
     let (members, mut leases) = seen(state).await;
-    // The lease as stored now, for this stream.
-    match state.cluster.stores().leases.current(name).await {
-        Ok(Some(lease)) => {
-            leases.retain(|l| &l.stream != name);
-            leases.push(lease);
-        }
-        Ok(None) => leases.retain(|l| &l.stream != name),
-        Err(_) => {}
+    if let Some(lease) = &view.lease {
+        leases.retain(|l| &l.stream != name);
+        leases.push(lease.clone());
     }
     let lease_json = match leases.iter().find(|l| &l.stream == name) {
         Some(lease) => {

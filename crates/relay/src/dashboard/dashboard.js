@@ -10,6 +10,14 @@ const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 const number = new Intl.NumberFormat("en");
 const samples = []; // {t (s since the epoch), published, lag}, oldest first
+// The stream shown below the cluster table: ?stream=NAME, default "default".
+const STREAM = (() => {
+  const name = new URLSearchParams(location.search).get("stream") || "default";
+  return /^[a-z0-9][a-z0-9-]{0,62}$/.test(name) ? name : "default";
+})();
+const api = (rest) => `/api/v1/streams/${encodeURIComponent(STREAM)}${rest}`;
+// Each stream's published count over the last seconds, for its rate.
+const published = new Map(); // stream -> [{t, n}]
 
 function age(seconds) {
   if (seconds == null) return "–";
@@ -61,13 +69,96 @@ function say(message, tone) {
   answer.textContent = message;
 }
 
+function cell(row, value, className) {
+  const td = document.createElement("td");
+  if (value instanceof Node) td.append(value); else td.textContent = value;
+  if (className) td.className = className;
+  row.append(td);
+}
+
+function link(href, label) {
+  const a = document.createElement("a");
+  a.href = href;
+  a.textContent = label;
+  return a;
+}
+
+const STATE_TONE = { running: "ok", idle: "ok", paused: "warn", halted: "bad", "no leader": "bad" };
+
+// Items/s of a stream from the counts seen over the last 10 s.
+function rateOf(stream, total) {
+  const now = Date.now() / 1000;
+  const seen = published.get(stream) || [];
+  seen.push({ t: now, n: total });
+  while (seen.length > 2 && seen[0].t < now - 10) seen.shift();
+  published.set(stream, seen);
+  const first = seen[0], last = seen[seen.length - 1];
+  return last.t - first.t > 0 ? Math.max(0, (last.n - first.n) / (last.t - first.t)) : null;
+}
+
+function renderStreams(list, cluster) {
+  const streams = list.streams || [];
+  const replicas = cluster.replicas || [];
+  const backlog = streams.reduce((sum, s) => sum + (s.backlog || 0), 0);
+  const lag = Math.max(0, ...streams.map((s) => s.oldest_pending_age_seconds || 0));
+  const stuck = streams.filter((s) => s.state === "halted" || s.state === "no leader").length;
+  const paused = streams.filter((s) => s.state === "paused").length;
+  let summary = `${streams.length} stream${streams.length === 1 ? "" : "s"} on ${replicas.length} replica${replicas.length === 1 ? "" : "s"}: `;
+  summary += backlog === 0 ? "everything stored is published." : `${number.format(backlog)} batch${backlog === 1 ? "" : "es"} waiting, the oldest for ${age(lag)}.`;
+  if (stuck) summary += ` ${stuck} stream${stuck === 1 ? "" : "s"} halted or without a leader.`;
+  if (paused) summary += ` ${paused} paused.`;
+  text("cluster-summary", summary);
+  const byId = new Map(replicas.map((r) => [r.relay_id, r]));
+  $("streams").replaceChildren(...streams.map((s) => {
+    const row = document.createElement("tr");
+    if (s.stream === STREAM) {
+      row.className = "selected";
+      row.setAttribute("aria-current", "true");
+    }
+    cell(row, link(`?stream=${encodeURIComponent(s.stream)}`, s.stream));
+    cell(row, s.topic);
+    const leader = s.leader;
+    if (!leader) {
+      cell(row, "none", "bad");
+    } else {
+      const replica = byId.get(leader.relay_id);
+      const url = leader.admin_url || (replica && replica.admin_url);
+      const here = replica && replica.this;
+      cell(row, here || !url ? `${leader.relay_id}${here ? " (this one)" : ""}`
+        : link(`${url}/?stream=${encodeURIComponent(s.stream)}`, leader.relay_id));
+    }
+    cell(row, s.state, STATE_TONE[s.state] || "");
+    cell(row, number.format(s.backlog));
+    cell(row, age(s.oldest_pending_age_seconds));
+    const rate = rateOf(s.stream, s.published_total || 0);
+    cell(row, rate == null ? "–" : `${number.format(Math.round(rate))}/s`);
+    return row;
+  }));
+  $("replicas").replaceChildren(...replicas.map((r) => {
+    const item = document.createElement("li");
+    const name = r.this ? `${r.relay_id} (this one)` : r.relay_id;
+    item.append(r.this || !r.admin_url ? name : link(`${r.admin_url}/?stream=${encodeURIComponent(STREAM)}`, name));
+    const leads = (r.leads || []).length ? `leads ${r.leads.join(", ")}` : "leads nothing";
+    item.append(` · pid ${r.pid} on ${r.host || "?"} · ${leads}`);
+    return item;
+  }));
+}
+
 function renderStatus(status) {
   text("relay-id", status.relay_id);
+  text("stream-name", status.stream);
+  text("stream-topic", `topic ${status.topic}`);
   const role = $("role");
   role.className = `badge ${status.role}`;
-  text("role", status.role === "leader" ? "leader" : "standby");
+  text("role", status.role === "leader" ? `leader of ${status.stream}` : `standby for ${status.stream}`);
   const lease = status.lease || {};
-  text("holder", lease.error ? "unknown (MongoDB)" : lease.holder || "nobody");
+  const leader = status.leader;
+  const holder = $("holder");
+  if (leader && leader.admin_url && leader.relay_id !== status.relay_id) {
+    holder.replaceChildren(link(`${leader.admin_url}/?stream=${encodeURIComponent(status.stream)}`, leader.relay_id));
+  } else {
+    text("holder", lease.error ? "unknown (MongoDB)" : lease.holder || "nobody");
+  }
   text("epoch", lease.epoch == null ? "–" : String(lease.epoch));
   const state = $("state");
   if (status.halted) {
@@ -82,7 +173,7 @@ function renderStatus(status) {
   }
   text("pending-count", status.pending_batches == null ? "–" : number.format(status.pending_batches));
   text("oldest", age(status.oldest_pending_age_seconds));
-  text("published", number.format(status.published_total));
+  text("published", number.format(status.cluster_published_total ?? status.published_total));
 
   const current = status.current_batch;
   $("current").hidden = !current;
@@ -141,7 +232,7 @@ function failedItem(b) {
   const sent = document.createElement("span");
   sent.id = `sent-${b.batch_id}`;
   sent.className = "muted";
-  getJson(`/api/v1/outbox/batch/${encodeURIComponent(b.batch_id)}/status`).then((s) => {
+  getJson(api(`/batch/${encodeURIComponent(b.batch_id)}/status`)).then((s) => {
     bar.max = Math.max(s.items.total, 1);
     bar.value = s.items.sent + s.items.failed;
     sent.textContent = `${number.format(s.items.sent)} of ${number.format(s.items.total)} items sent`;
@@ -151,7 +242,7 @@ function failedItem(b) {
   button.textContent = "Retry";
   button.setAttribute("aria-label", `Retry batch ${b.batch_sequence}`);
   button.addEventListener("click", () => command(
-    `/api/v1/outbox/batch/${encodeURIComponent(b.batch_id)}/retry`, button,
+    api(`/batch/${encodeURIComponent(b.batch_id)}/retry`), button,
     (body) => `Batch ${body.batch_id} is ${body.status} again.`));
   item.append(label, bar, sent, button);
   return item;
@@ -159,6 +250,16 @@ function failedItem(b) {
 
 function renderPending(page) {
   const now = Date.now();
+  if (page.batches.length === 0) {
+    const row = document.createElement("tr");
+    const none = document.createElement("td");
+    none.colSpan = 6;
+    none.textContent = "None: everything stored in this stream is published.";
+    row.append(none);
+    $("pending").replaceChildren(row);
+    text("pending-more", "");
+    return;
+  }
   $("pending").replaceChildren(...page.batches.map((b) => {
     const row = document.createElement("tr");
     const cells = [
@@ -226,7 +327,7 @@ function renderCharts(status) {
 // has charts at once.
 async function loadHistory() {
   try {
-    const history = await getJson("/api/v1/outbox/history");
+    const history = await getJson(api("/history"));
     for (const s of history.samples) {
       addSample(Date.parse(s.at) / 1000, s.published_total, s.oldest_pending_age_seconds);
     }
@@ -243,11 +344,13 @@ async function poll() {
   if (polling) return;
   polling = true;
   try {
-    const status = await getJson("/api/v1/outbox/status");
+    const [streams, cluster] = await Promise.all([getJson("/api/v1/streams"), getJson("/api/v1/cluster")]);
+    renderStreams(streams, cluster);
+    const status = await getJson(api("/status"));
     lastStatus = status;
     renderStatus(status);
     renderCharts(status);
-    lastPending = await getJson("/api/v1/outbox/pending-batches?limit=20");
+    lastPending = await getJson(api("/pending-batches?limit=20"));
     renderPending(lastPending);
     renderFailed(lastStatus, lastPending && lastPending.batches);
     $("offline").hidden = true;
@@ -262,10 +365,12 @@ async function poll() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("pause").addEventListener("click", (e) => command("/api/v1/outbox/stop", e.currentTarget,
-    () => "Draining paused cluster-wide."));
-  $("resume").addEventListener("click", (e) => command("/api/v1/outbox/start", e.currentTarget,
-    () => "Draining resumed."));
+  $("pause").addEventListener("click", (e) => command(api("/pause"), e.currentTarget,
+    () => `Stream ${STREAM} paused on every replica.`));
+  $("resume").addEventListener("click", (e) => command(api("/resume"), e.currentTarget,
+    () => `Stream ${STREAM} resumed.`));
+  $("status-link").href = api("/status");
+  document.title = `batch-outbox relay · ${STREAM}`;
   $("controls").addEventListener("submit", (e) => e.preventDefault());
   loadHistory().then(poll);
   setInterval(poll, POLL_MS);

@@ -222,11 +222,19 @@ async fn the_openapi_document_describes_every_admin_route_and_docs_are_served() 
     assert_eq!(document_problems(&doc), Vec::<String>::new());
     let routes: Vec<(String, String)> = [
         ("GET", "/"),
+        ("GET", "/api/v1/cluster"),
         ("GET", "/api/v1/outbox/batch/{batch_id}/items"),
         ("GET", "/api/v1/outbox/batch/{batch_id}/status"),
         ("GET", "/api/v1/outbox/history"),
         ("GET", "/api/v1/outbox/pending-batches"),
         ("GET", "/api/v1/outbox/status"),
+        ("GET", "/api/v1/streams"),
+        ("GET", "/api/v1/streams/{stream}"),
+        ("GET", "/api/v1/streams/{stream}/batch/{batch_id}/items"),
+        ("GET", "/api/v1/streams/{stream}/batch/{batch_id}/status"),
+        ("GET", "/api/v1/streams/{stream}/history"),
+        ("GET", "/api/v1/streams/{stream}/pending-batches"),
+        ("GET", "/api/v1/streams/{stream}/status"),
         ("GET", "/dashboard.css"),
         ("GET", "/dashboard.js"),
         ("GET", "/health/live"),
@@ -235,6 +243,10 @@ async fn the_openapi_document_describes_every_admin_route_and_docs_are_served() 
         ("POST", "/api/v1/outbox/batch/{batch_id}/retry"),
         ("POST", "/api/v1/outbox/start"),
         ("POST", "/api/v1/outbox/stop"),
+        ("POST", "/api/v1/streams/{stream}/batch/{batch_id}/retry"),
+        ("POST", "/api/v1/streams/{stream}/pause"),
+        ("POST", "/api/v1/streams/{stream}/resume"),
+        ("PUT", "/api/v1/streams/{stream}"),
     ]
     .iter()
     .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
@@ -244,6 +256,9 @@ async fn the_openapi_document_describes_every_admin_route_and_docs_are_served() 
     let text = doc.to_string();
     for code in [
         "unauthorized",
+        "stream_not_found",
+        "invalid_stream",
+        "too_many_streams",
         "batch_not_found",
         "batch_not_failed",
         "invalid_batch_id",

@@ -157,7 +157,15 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
     assert_eq!(status["lease"]["holder"], "relay-cli");
     let table = ctl.run(&["status"], &[]).await;
     assert_eq!(table.code, 0);
-    for expected in ["relay-cli (leader)", "Leader", "Epoch", "running"] {
+    // The stream, this replica's part, and who leads what.
+    for expected in [
+        "leader of this stream",
+        "Leader",
+        "Epoch",
+        "running",
+        "relay-cli (this one)",
+        "1 stream over 1 replica: each leads at most 1",
+    ] {
         assert!(
             table.stdout.contains(expected),
             "{expected} missing: {table:?}"

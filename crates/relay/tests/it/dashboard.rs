@@ -200,7 +200,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
 
     // The page loads, offline-capable and quiet, and shows this replica leading.
     browser.goto(&format!("{admin}/")).await.unwrap();
-    until(&browser, "role", "leader", |t| t == "leader").await;
+    until(&browser, "role", "leader", |t| t == "leader of default").await;
     assert_eq!(text(&browser, "relay-id").await, "relay-dash");
     until(&browser, "holder", "the lease holder", |t| {
         t == "relay-dash"
@@ -233,7 +233,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     type_token(&browser, "s3cret").await;
     click(&browser, "#pause").await;
     until(&browser, "answer", "paused", |t| {
-        t == "Draining paused cluster-wide."
+        t == "Stream default paused on every replica."
     })
     .await;
     until(&browser, "state", "paused", |t| t == "paused").await;
@@ -264,7 +264,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     // Resume: the first batch drains (published count and drain rate move),
     // the second halts, and shows up with how far it got and a Retry button.
     click(&browser, "#resume").await;
-    until(&browser, "answer", "resumed", |t| t == "Draining resumed.").await;
+    until(&browser, "answer", "resumed", |t| t == "Stream default resumed.").await;
     until(&browser, "published", "3,002 published", |t| t == "3,002").await;
     until(&browser, "state", "halted", |t| t == "halted on batch 2").await;
     until(&browser, "failed", "the halted batch", |t| {

@@ -19,6 +19,7 @@ async fn the_openapi_document_describes_every_route_and_the_docs_page_works_offl
         ("GET", "/health/ready"),
         ("GET", "/metrics"),
         ("POST", "/api/v1/batch/process"),
+        ("POST", "/api/v1/streams/{stream}/batches"),
     ]
     .iter()
     .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
