@@ -484,8 +484,14 @@ impl MongoStore {
     ) -> Result<BatchSummary, StoreError> {
         // Waiting here, not inside MongoDB, keeps pooled connections free for
         // the transactions that are running.
+        // The stream's slot, then one of the process's.
         let slots = self.ingest_slots(&batch.stream);
         let _slot = tokio::time::timeout_at(deadline, slots.acquire())
+            .await
+            .map_err(|_| deadline_passed("take the batch (all ingest slots busy)"))?
+            .map_err(|_| StoreError::Other("store is shutting down".to_owned()))?;
+        let all = self.all_ingest_slots();
+        let _process_slot = tokio::time::timeout_at(deadline, all.acquire())
             .await
             .map_err(|_| deadline_passed("take the batch (all ingest slots busy)"))?
             .map_err(|_| StoreError::Other("store is shutting down".to_owned()))?;

@@ -40,6 +40,15 @@ pub struct MongoConfig {
     /// flight only means more write conflicts and retries. Keep it below the
     /// driver's connection pool size (`maxPoolSize`, default 10).
     pub transaction_concurrency: usize,
+    /// Ingest transactions one process runs at once over every stream: at
+    /// most the connection pool holds (a transaction takes a connection for
+    /// each statement; with more in flight than connections, a transaction
+    /// can wait for a connection others hold while they wait for it).
+    pub max_transactions: usize,
+    /// The connection pool's size when the URL does not set `maxPoolSize`
+    /// (`None`: the driver's 10). The relay runs a runner per stream it
+    /// leads, each with a read or a transaction in flight.
+    pub pool_size: Option<u32>,
     /// Server-side time limit (`maxTimeMS`, and `wtimeout` of the majority
     /// write concern) of each lease read and write: a lease operation that
     /// waits on a document another transaction holds fails after this long
@@ -92,6 +101,8 @@ impl MongoConfig {
             server_selection_timeout: Duration::from_secs(2),
             idempotency_ttl: Duration::from_secs(24 * 60 * 60),
             transaction_concurrency: DEFAULT_TRANSACTION_CONCURRENCY,
+            max_transactions: 8,
+            pool_size: None,
             lease_timeout: Duration::from_secs(1),
             commit_timeout: Duration::from_secs(10),
             app_name: "batch-outbox".to_owned(),

@@ -123,6 +123,9 @@ pub struct MongoStore {
     /// Per stream, the ingest transactions in flight (see
     /// [`MongoConfig::transaction_concurrency`]).
     stream_slots: Arc<std::sync::Mutex<std::collections::HashMap<StreamName, Arc<Semaphore>>>>,
+    /// The ingest transactions in flight over every stream (see
+    /// [`MongoConfig::max_transactions`]).
+    all_slots: Arc<Semaphore>,
 }
 
 /// The fenced sessions of the streams this process leads, and the `uid`
@@ -177,6 +180,9 @@ impl MongoStore {
         options.server_selection_timeout = Some(config.server_selection_timeout);
         options.connect_timeout = Some(config.server_selection_timeout);
         options.command_event_handler = config.command_log.as_ref().map(|log| log.handler());
+        if options.max_pool_size.is_none() {
+            options.max_pool_size = config.pool_size;
+        }
         // Transactions must run on the primary, and the relay must read what
         // the primary committed: a URL's `readPreference=secondaryPreferred`
         // would make every transaction fail.
@@ -190,6 +196,7 @@ impl MongoStore {
         let client = Client::with_options(options)
             .map_err(|e| StoreError::Other(format!("invalid MongoDB options: {e}")))?;
         let db = client.database(&config.database);
+        let all_slots = Arc::new(Semaphore::new(config.max_transactions.max(1)));
         let fenced = Arc::new(FencedSessions {
             client: client.clone(),
             streams: std::sync::Mutex::default(),
@@ -202,6 +209,7 @@ impl MongoStore {
             fenced,
             last_lease: Arc::default(),
             stream_slots: Arc::default(),
+            all_slots,
         })
     }
 
@@ -233,6 +241,7 @@ impl MongoStore {
             fenced: Arc::clone(&self.fenced),
             last_lease: Arc::clone(&self.last_lease),
             stream_slots: Arc::clone(&self.stream_slots),
+            all_slots: Arc::clone(&self.all_slots),
         })
     }
 
@@ -344,6 +353,11 @@ impl MongoStore {
                 .entry(stream.clone())
                 .or_insert_with(|| Arc::new(Semaphore::new(permits))),
         )
+    }
+
+    /// The ingest transactions in flight over every stream.
+    pub(crate) fn all_ingest_slots(&self) -> Arc<Semaphore> {
+        Arc::clone(&self.all_slots)
     }
 
     pub fn config(&self) -> &MongoConfig {

@@ -45,11 +45,16 @@ pub struct MongoArgs {
     /// How long to wait for a usable MongoDB server before answering 503, in milliseconds.
     #[arg(long, env = "MONGODB_SERVER_SELECTION_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub server_selection_timeout_ms: u64,
-    /// Ingest transactions run at once by this process; more queue in memory.
-    /// They all write the sequence counter, so MongoDB serializes them
-    /// anyway. Keep it below the connection pool size (maxPoolSize, default 10).
+    /// Ingest transactions this process runs at once per stream; more queue in memory.
+    /// A stream's transactions all write its sequence counter, so MongoDB serializes
+    /// them anyway.
     #[arg(long, env = "MONGODB_TRANSACTION_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub transaction_concurrency: u16,
+    /// Ingest transactions this process runs at once over every stream. Keep it below
+    /// the connection pool size (maxPoolSize in MONGODB_URL, default 10): a transaction
+    /// takes a connection for each of its statements.
+    #[arg(long, env = "MONGODB_MAX_TRANSACTIONS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_transactions: u16,
 }
 
 impl MongoArgs {
@@ -77,6 +82,7 @@ impl MongoArgs {
             .clone_from(&self.idempotency_collection);
         config.server_selection_timeout = Duration::from_millis(self.server_selection_timeout_ms);
         config.transaction_concurrency = usize::from(self.transaction_concurrency);
+        config.max_transactions = usize::from(self.max_transactions);
         config.app_name = app_name.to_owned();
         Ok(config)
     }

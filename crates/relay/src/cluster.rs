@@ -4,7 +4,10 @@
 //! Every replica announces itself in the members registry every TTL/3
 //! (expiring after the TTL, by the store's clock) and, every poll interval,
 //! reads the stream definitions, the live members and every stream's lease.
-//! Its share is `ceil(streams / live members)`:
+//! Its share is `floor(streams / live members)`, plus one for the first
+//! `streams mod members` members by id: every replica computes the same
+//! shares from the same registry, they add up to the streams, and none is
+//! above `ceil(streams / members)`:
 //!
 //! - it runs a [`Runner`] for each stream it leads, and for as many streams
 //!   without a live leader (never led, released, or led by a member whose
@@ -138,10 +141,24 @@ fn preference(stream: &StreamName, replica: &str) -> u64 {
     hash ^ (hash >> 33)
 }
 
-/// How many streams each live member should lead: the ceiling of
-/// streams / members (at least one member: this one).
+/// The most streams a live member leads: the ceiling of streams / members
+/// (at least one member: this one).
 pub fn share(streams: usize, members: usize) -> usize {
     streams.div_ceil(members.max(1))
+}
+
+/// The share of the member `me` among `members` (ids, `me` among them):
+/// `streams / members`, one more for the first `streams % members` by id.
+pub fn share_of(streams: usize, members: &[&str], me: &str) -> usize {
+    let mut ids: Vec<&str> = members.to_vec();
+    if !ids.contains(&me) {
+        ids.push(me);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let count = ids.len();
+    let rank = ids.iter().position(|id| *id == me).unwrap_or(0);
+    streams / count + usize::from(rank < streams % count)
 }
 
 impl Cluster {
@@ -376,8 +393,8 @@ impl Cluster {
                 .find(|l| &l.stream == stream && l.expires_at_ms > now_ms && !l.holder.is_empty())
                 .map(|l| l.holder.as_str())
         };
-        let count = members.len().max(1) + usize::from(!members.iter().any(|m| m.id == me));
-        let target = share(definitions.len(), count);
+        let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+        let target = share_of(definitions.len(), &ids, me);
 
         let mut to_stop = Vec::new();
         let mut to_start = Vec::new();
@@ -551,6 +568,23 @@ fn started_at() -> chrono::DateTime<chrono::Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shares_add_up_and_none_is_over_the_ceiling() {
+        for streams in 0..20 {
+            for count in 1..6 {
+                let ids: Vec<String> = (0..count).map(|i| format!("relay-{i}")).collect();
+                let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                let shares: Vec<usize> = refs.iter().map(|me| share_of(streams, &refs, me)).collect();
+                assert_eq!(shares.iter().sum::<usize>(), streams, "{streams} over {count}");
+                assert!(shares.iter().all(|s| *s <= share(streams, count)));
+                assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1);
+            }
+        }
+        // A member missing from the registry (its announcement failed)
+        // counts itself.
+        assert_eq!(share_of(7, &["relay-b", "relay-c"], "relay-a"), 3);
+    }
 
     #[test]
     fn the_share_is_the_ceiling() {

@@ -96,6 +96,9 @@ impl Application {
             .map_err(anyhow::Error::msg)?;
         mongo_config.lease_timeout = lease_operation_timeout(config.lease_ttl());
         mongo_config.kill_on_blocked_lease_read = config.kill_on_blocked_lease_read;
+        // A runner per stream led, each with a read or a transaction in
+        // flight, and the admin port's reads: more than the driver's 10.
+        mongo_config.pool_size = Some(100);
         let mongo = MongoStore::connect(mongo_config)
             .await
             .context("configuring the MongoDB client")?;

@@ -279,12 +279,27 @@ impl Stack {
     /// 413 or 422 for those): the items, then the batch document with the
     /// next sequence. Returns the batch id.
     pub(crate) async fn store_unchecked(&self, objects: &[Value]) -> String {
+        self.store_unchecked_in(&outbox_core::stream::StreamName::default(), objects)
+            .await
+    }
+
+    /// [`Stack::store_unchecked`] into `stream`.
+    pub(crate) async fn store_unchecked_in(
+        &self,
+        stream: &outbox_core::stream::StreamName,
+        objects: &[Value],
+    ) -> String {
         use outbox_core::model::{BatchId, ItemId, ItemSequence, NewBatch, NewItem, Sequence};
+        let counter_id = if stream.is_default() {
+            "batch_sequence".to_owned()
+        } else {
+            format!("batch_sequence:{stream}")
+        };
         let counter = self
             .db
             .collection::<Document>("outbox_counters")
             .find_one_and_update(
-                doc! { "_id": "batch_sequence" },
+                doc! { "_id": counter_id },
                 doc! { "$inc": { "value": 1_i64 } },
             )
             .return_document(mongodb::options::ReturnDocument::After)
@@ -317,7 +332,7 @@ impl Stack {
         }
         let batch = NewBatch {
             batch_id: batch_id.clone(),
-            stream: outbox_core::stream::StreamName::default(),
+            stream: stream.clone(),
             created_at: chrono::Utc::now(),
             items,
             vendor_counts,
@@ -375,9 +390,11 @@ pub(crate) fn traceparent_of(b: usize) -> String {
 pub(crate) struct Received {
     /// The message's ordering key ("" when none).
     pub(crate) key: String,
+    /// Its `stream` attribute.
+    pub(crate) stream: String,
     message_id: String,
     item_id: String,
-    position: (u64, u64),
+    pub(crate) position: (u64, u64),
     last: bool,
     traceparent: Option<String>,
     /// When Pub/Sub accepted the message (its `publish_time`), in ns.
@@ -424,6 +441,7 @@ pub(crate) async fn receive_on(
         assert_eq!(data["item_id"], message.attributes["item_id"].as_str());
         received.push(Received {
             key: message.ordering_key.clone(),
+            stream: message.attributes.get("stream").cloned().unwrap_or_default(),
             message_id: message.message_id.clone(),
             item_id: message.attributes["item_id"].clone(),
             position: (number("batch_sequence"), number("item_sequence")),

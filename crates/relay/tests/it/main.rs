@@ -17,3 +17,4 @@ mod faults;
 mod lease;
 mod otlp;
 mod store_rules;
+mod streams;

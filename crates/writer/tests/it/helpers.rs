@@ -128,7 +128,9 @@ impl TestApp {
     pub async fn wait_ready(&self) {
         let url = self.url("/health/ready");
         let http = self.http.clone();
-        eventually(Duration::from_secs(30), "the writer to be ready", || {
+        // The shared stand-in runs every test's transactions one at a time:
+        // creating the schema can wait behind another test's load.
+        eventually(Duration::from_secs(60), "the writer to be ready", || {
             let request = http.get(&url).send();
             async move { request.await.is_ok_and(|r| r.status() == 200) }
         })

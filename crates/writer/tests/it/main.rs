@@ -12,3 +12,4 @@ mod errors;
 mod helpers;
 mod idempotency;
 mod openapi;
+mod streams;
