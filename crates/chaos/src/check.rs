@@ -35,6 +35,21 @@ pub struct Invariants {
 }
 
 impl Invariants {
+    /// Adds another stream's counts.
+    pub fn add(&mut self, other: &Self) {
+        self.batches += other.batches;
+        self.items += other.items;
+        self.lost += other.lost;
+        self.unexpected += other.unexpected;
+        self.out_of_order += other.out_of_order;
+        self.duplicates += other.duplicates;
+        self.bad_marks += other.bad_marks;
+        self.uncommitted += other.uncommitted;
+        self.sequence_gaps += other.sequence_gaps;
+        self.half_stored += other.half_stored;
+        self.stale_epoch_writes += other.stale_epoch_writes;
+    }
+
     pub fn held(&self) -> bool {
         self.lost
             + self.unexpected
@@ -60,11 +75,12 @@ fn number(value: Option<&Bson>) -> Option<i64> {
 async fn all(
     db: &mongodb::Database,
     collection: &str,
+    filter: Document,
     sort: Document,
 ) -> anyhow::Result<Vec<Document>> {
     Ok(db
         .collection::<Document>(collection)
-        .find(doc! {})
+        .find(filter)
         .projection(doc! { "request_data": 0, "vendor_counts": 0 })
         .sort(sort)
         .await?
@@ -81,20 +97,47 @@ pub async fn check(
     accepted: &[Accepted],
     consumer: &Consumer,
 ) -> anyhow::Result<Invariants> {
+    check_stream(db, "default", accepted, consumer).await
+}
+
+/// [`check`] of one stream, whose messages `consumer` receives.
+///
+/// # Errors
+/// When MongoDB cannot be read.
+pub async fn check_stream(
+    db: &mongodb::Database,
+    stream: &str,
+    accepted: &[Accepted],
+    consumer: &Consumer,
+) -> anyhow::Result<Invariants> {
+    // The default stream's batches have no `stream` field.
+    let of_stream = if stream == "default" {
+        doc! { "stream": null }
+    } else {
+        doc! { "stream": stream }
+    };
     let batches_collection = db.collection::<Document>("batches");
     let _ = crate::cluster::eventually(Duration::from_secs(60), "every batch committed", || {
-        let pending = batches_collection.count_documents(doc! { "status": { "$ne": "committed" } });
+        let mut filter = of_stream.clone();
+        filter.insert("status", doc! { "$ne": "committed" });
+        let pending = batches_collection.count_documents(filter);
         async move { pending.await.is_ok_and(|n| n == 0) }
     })
     .await;
     // A stored publish_id may be a republished copy still on its way.
+    let batch_ids: Vec<String> = all(db, "batches", of_stream.clone(), doc! { "batch_sequence": 1 })
+        .await?
+        .iter()
+        .filter_map(|b| b.get_str("batch_id").ok().map(str::to_owned))
+        .collect();
+    let of_batches = doc! { "batch_id": { "$in": &batch_ids } };
     let items_collection = db.collection::<Document>("batch_items");
     let _ = crate::cluster::eventually(
         Duration::from_secs(30),
         "every stored publish_id delivered",
         || {
             let cursor = items_collection
-                .find(doc! {})
+                .find(of_batches.clone())
                 .projection(doc! { "publish_id": 1 });
             async move {
                 let Ok(cursor) = cursor.await else {
@@ -147,10 +190,11 @@ pub async fn check(
         .count();
     invariants.out_of_order = firsts.windows(2).filter(|w| w[1] <= w[0]).count();
 
-    let batches = all(db, "batches", doc! { "batch_sequence": 1 }).await?;
+    let batches = all(db, "batches", of_stream, doc! { "batch_sequence": 1 }).await?;
     let items = all(
         db,
         "batch_items",
+        of_batches,
         doc! { "batch_sequence": 1, "item_sequence": 1 },
     )
     .await?;

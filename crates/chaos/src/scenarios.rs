@@ -7,8 +7,8 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::check::{Invariants, check};
-use crate::stack::{Consumer, LEASE_TTL, Stack, load};
+use crate::check::{Invariants, check, check_stream};
+use crate::stack::{ADMIN_TOKEN, Consumer, LEASE_TTL, Stack, load, load_into};
 
 /// How long a scenario runs: `Short` for `scripts/test.sh` (seconds),
 /// `Full` for the figures in docs/RELIABILITY.md.
@@ -29,8 +29,9 @@ pub struct Report {
     pub took: Duration,
 }
 
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 9] = [
     "leader-kills",
+    "streams",
     "frozen-leader",
     "pubsub-outage",
     "mongodb-outage",
@@ -49,6 +50,7 @@ pub async fn run(name: &str, length: Length) -> anyhow::Result<Option<Report>> {
     let started = Instant::now();
     let report = match name {
         "leader-kills" => leader_kills(length).await?,
+        "streams" => streams(length).await?,
         "frozen-leader" => frozen_leader(length).await?,
         "pubsub-outage" => pubsub_outage(length).await?,
         "mongodb-outage" => match mongodb_outage(length).await? {
@@ -130,6 +132,88 @@ async fn leader_kills(length: Length) -> anyhow::Result<Report> {
         ),
         invariants,
         figures: vec![("takeover".into(), summary(&mut takeovers))],
+        took: Duration::ZERO,
+    })
+}
+
+/// Several streams on their own topics, shared by three relays, under load;
+/// `kill -9` of the relay leading a random stream at random moments, each
+/// restarted. Checked stream by stream.
+async fn streams(length: Length) -> anyhow::Result<Report> {
+    let (kills, batches) = match length {
+        Length::Short => (2, 10),
+        Length::Full => (8, 200),
+    };
+    let mut stack = Stack::start("streams", 1, 3).await?;
+    let names: Vec<String> = (1..=4).map(|n| format!("s{n}")).collect();
+    let admin = stack.relays[0].url.clone();
+    let mut consumers = Vec::new();
+    for name in &names {
+        let topic = format!("{}-{name}", stack.pubsub.topic);
+        let on_topic = stack.pubsub.for_topic(&topic);
+        relay::pubsub::ensure_topic(&on_topic).await?;
+        let subscription = format!("{topic}-ordered");
+        relay::pubsub::ensure_subscription(&on_topic, &subscription, true).await?;
+        let response = stack
+            .http
+            .put(format!("{admin}/api/v1/streams/{name}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({ "topic": topic }))
+            .send()
+            .await?;
+        anyhow::ensure!(response.status().is_success(), "defining {name}: {}", response.status());
+        consumers.push(Consumer::start_on(&stack, &subscription).await?);
+    }
+    let producers: Vec<_> = names
+        .iter()
+        .map(|name| load_into(&stack, name, batches, 50, 2, Duration::from_millis(20)))
+        .collect();
+    let mut takeovers = Vec::new();
+    for _ in 0..kills {
+        random_moment(Duration::from_millis(500), Duration::from_millis(2000)).await;
+        let target = &names[rand::rng().random_range(0..names.len())];
+        let Some((victim, led)) = stack.stream_leader(target).await else {
+            continue;
+        };
+        stack.relays[victim].kill9().await;
+        let killed = Instant::now();
+        let victim_id = stack.relays[victim].id.clone();
+        // Every stream the killed relay led is led again by another.
+        crate::cluster::eventually(Duration::from_secs(60), "the killed relay's streams led again", || {
+            let stack = &stack;
+            let led = &led;
+            let victim_id = &victim_id;
+            async move {
+                let leaders = stack.stream_leaders().await;
+                led.iter().all(|s| {
+                    leaders.get(s).is_some_and(|l| l.as_ref().is_some_and(|l| l != victim_id))
+                })
+            }
+        })
+        .await?;
+        takeovers.push(killed.elapsed());
+        stack.relays[victim].restart()?;
+    }
+    let mut invariants = Invariants::default();
+    let db = stack.db().await?;
+    for ((name, producer), consumer) in names.iter().zip(producers).zip(&consumers) {
+        let report = producer.await?;
+        let expected: u64 = report.accepted.iter().map(|a| a.items).sum();
+        consumer.wait_for(expected as usize, Duration::from_secs(600)).await?;
+        invariants.add(&check_stream(&db, name, &report.accepted, consumer).await?);
+    }
+    Ok(Report {
+        scenario: "streams",
+        faults: format!(
+            "{} streams on their own topics, 3 relays; {kills} x kill -9 of the relay leading a random stream (TTL {} s)",
+            names.len(),
+            LEASE_TTL.as_secs()
+        ),
+        invariants,
+        figures: vec![(
+            "all of the killed relay's streams led again".into(),
+            summary(&mut takeovers),
+        )],
         took: Duration::ZERO,
     })
 }

@@ -175,6 +175,52 @@ impl Stack {
         }
     }
 
+    /// Which relay (by id) leads each stream, as a live relay says.
+    pub async fn stream_leaders(&self) -> std::collections::BTreeMap<String, Option<String>> {
+        for relay in &self.relays {
+            if relay.process.is_none() {
+                continue;
+            }
+            let Ok(response) = self
+                .http
+                .get(format!("{}/api/v1/streams", relay.url))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let Ok(body) = response.json::<Value>().await else {
+                continue;
+            };
+            return body["streams"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    (
+                        s["stream"].as_str().unwrap_or_default().to_owned(),
+                        s["leader"]["relay_id"].as_str().map(str::to_owned),
+                    )
+                })
+                .collect();
+        }
+        std::collections::BTreeMap::new()
+    }
+
+    /// The index of the relay leading `stream`, and every stream it leads.
+    pub async fn stream_leader(&self, stream: &str) -> Option<(usize, Vec<String>)> {
+        let leaders = self.stream_leaders().await;
+        let leader = leaders.get(stream)?.clone()?;
+        let index = self.relays.iter().position(|r| r.id == leader)?;
+        let led = leaders
+            .iter()
+            .filter(|(_, l)| l.as_deref() == Some(leader.as_str()))
+            .map(|(s, _)| s.clone())
+            .collect();
+        Some((index, led))
+    }
+
     /// Waits until a relay leads with an epoch above `epoch`; returns how
     /// long that took.
     ///
@@ -240,6 +286,19 @@ pub fn load(
     concurrency: usize,
     pace: Duration,
 ) -> JoinHandle<LoadReport> {
+    load_into(stack, "default", batches, size, concurrency, pace)
+}
+
+/// [`load`] into a stream.
+pub fn load_into(
+    stack: &Stack,
+    stream: &str,
+    batches: usize,
+    size: usize,
+    concurrency: usize,
+    pace: Duration,
+) -> JoinHandle<LoadReport> {
+    let stream = stream.to_owned();
     let http = stack.http.clone();
     let writers: Vec<String> = stack.writers.iter().map(|w| w.url.clone()).collect();
     // Keys unique to this load: a second load in one scenario must store
@@ -251,6 +310,7 @@ pub fn load(
         let workers = (0..concurrency).map(|worker| {
             let (http, writers, report, next) = (http.clone(), writers.clone(), Arc::clone(&report), Arc::clone(&next));
             let run = run.clone();
+            let stream = stream.clone();
             async move {
                 loop {
                     let b = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -265,7 +325,7 @@ pub fn load(
                     let mut attempt = worker;
                     let submitted = Instant::now();
                     loop {
-                        let url = format!("{}/api/v1/batch/process", writers[attempt % writers.len()]);
+                        let url = format!("{}/api/v1/streams/{stream}/batches", writers[attempt % writers.len()]);
                         attempt += 1;
                         let started = Instant::now();
                         let response = http.post(url).header("Idempotency-Key", &key).json(&body).timeout(Duration::from_secs(30)).send().await;
@@ -325,8 +385,16 @@ impl Consumer {
     /// # Errors
     /// When the subscriber cannot be built.
     pub async fn start(stack: &Stack) -> anyhow::Result<Self> {
+        Self::start_on(stack, &stack.subscription).await
+    }
+
+    /// A consumer of another subscription (of another stream's topic).
+    ///
+    /// # Errors
+    /// When the subscriber cannot be built.
+    pub async fn start_on(stack: &Stack, subscription: &str) -> anyhow::Result<Self> {
         let client = pubsub::subscriber(&stack.pubsub).await?;
-        let path = stack.pubsub.subscription_path(&stack.subscription);
+        let path = stack.pubsub.subscription_path(subscription);
         let deliveries = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&deliveries);
         let task = tokio::spawn(async move {

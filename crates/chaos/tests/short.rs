@@ -51,3 +51,8 @@ async fn chaos_slow_network() {
 async fn chaos_soak() {
     short("soak").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_streams() {
+    short("streams").await;
+}
