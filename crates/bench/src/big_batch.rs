@@ -244,8 +244,7 @@ async fn writer_run(design: Design, args: &BigBatchArgs) -> anyhow::Result<(Outc
             }
         }
     }
-    let _ = writer.kill();
-    let _ = writer.wait();
+    let _ = writer.kill().await;
     Ok((
         Outcome {
             big_stored,

@@ -164,8 +164,11 @@ pub(crate) type FencedGuard = tokio::sync::OwnedMutexGuard<Option<(ClientSession
 /// an epoch it was not recorded under. Renewals never write it.
 struct FencedSession {
     /// The session, and the lease epoch its id was recorded under.
-    session: Arc<tokio::sync::Mutex<Option<(ClientSession, Option<u64>)>>>,
+    session: Arc<tokio::sync::Mutex<Option<RecordedSession>>>,
 }
+
+/// A session and the lease epoch its id was recorded under, if any.
+type RecordedSession = (ClientSession, Option<u64>);
 
 impl MongoStore {
     /// Connects lazily: the driver finds the servers in the background, and

@@ -410,7 +410,7 @@ impl MongoStore {
             .map_err(classify)?;
         let mut swept = 0;
         for record in staged {
-            if !get_opt_datetime(&record, "created_at").is_some_and(|at| at < before) {
+            if get_opt_datetime(&record, "created_at").is_none_or(|at| at >= before) {
                 continue;
             }
             let Ok(batch_id) = record.get_str("_id").unwrap_or_default().parse::<BatchId>() else {

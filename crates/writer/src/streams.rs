@@ -20,10 +20,13 @@ pub struct Stream {
     pub schema: Option<Arc<ItemSchema>>,
 }
 
+/// When a definition was read, and what was read (`None`: no such stream).
+type Cached = (Instant, Option<Arc<Stream>>);
+
 /// The definitions, cached.
 pub struct Catalog {
     store: Arc<dyn StreamStore>,
-    cache: Mutex<HashMap<StreamName, (Instant, Option<Arc<Stream>>)>>,
+    cache: Mutex<HashMap<StreamName, Cached>>,
 }
 
 impl Catalog {
