@@ -51,6 +51,18 @@ fn batch(items: usize) -> NewBatch {
 /// its own with tokio's paused clock, so the model's costs are virtual
 /// time and the run takes as long as the computing does.
 pub fn measure(model: TransactionModel, writers: usize, batches: usize, items: usize) -> Outcome {
+    measure_on(model, writers, batches, items, 1)
+}
+
+/// [`measure`] with writer `w` storing into stream `w{w % streams}` (one
+/// stream: the default one).
+pub fn measure_on(
+    model: TransactionModel,
+    writers: usize,
+    batches: usize,
+    items: usize,
+    streams: usize,
+) -> Outcome {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -61,9 +73,14 @@ pub fn measure(model: TransactionModel, writers: usize, batches: usize, items: u
         let started = tokio::time::Instant::now();
         let far = started + Duration::from_secs(24 * 3600);
         let tasks: Vec<_> = (0..writers)
-            .map(|_| {
+            .map(|w| {
                 let store = store.clone();
-                let sample = batch(items);
+                let mut sample = batch(items);
+                if streams > 1 {
+                    sample.stream = format!("w{}", w % streams)
+                        .parse()
+                        .unwrap_or_else(|e| panic!("a stream name: {e}"));
+                }
                 tokio::spawn(async move {
                     for _ in 0..batches {
                         let mut next = sample.clone();

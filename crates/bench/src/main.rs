@@ -11,6 +11,7 @@ mod relay_drain;
 mod report;
 mod results;
 mod stats;
+mod streams;
 mod writer;
 
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ enum Command {
     /// designs (one transaction; one whose deadline bounds waiting only;
     /// staged items and a short transaction), on the model and the writer.
     BigBatch(big_batch::BigBatchArgs),
+    /// Aggregate drain rate with the backlog spread over 1 to 8 streams
+    /// and 1 to 3 relays; the writer on one stream or several.
+    Streams(streams::StreamArgs),
     /// The recorded results as docs/BENCHMARKS.md's tables and SVG charts.
     Report(report::ReportArgs),
 }
@@ -79,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::BigBatch(args) => big_batch::run(args).await,
+        Command::Streams(args) => streams::run(args).await,
         Command::Report(args) => report::run(&args),
     }
 }

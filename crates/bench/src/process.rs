@@ -37,8 +37,18 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// Starts `bin_dir/name` with `vars`, its output in `name.log` next to it;
 /// killed when dropped.
 pub fn spawn(bin_dir: &Path, name: &str, vars: &[(&str, String)]) -> anyhow::Result<Child> {
+    spawn_logged(bin_dir, name, name, vars)
+}
+
+/// [`spawn`] with its output in `outbox-bench-{log}.log`.
+pub fn spawn_logged(
+    bin_dir: &Path,
+    name: &str,
+    log: &str,
+    vars: &[(&str, String)],
+) -> anyhow::Result<Child> {
     let program = bin_dir.join(name);
-    let log = std::env::temp_dir().join(format!("outbox-bench-{name}.log"));
+    let log = std::env::temp_dir().join(format!("outbox-bench-{log}.log"));
     let file = std::fs::File::create(&log)?;
     Command::new(&program)
         .env("LOG_FORMAT", "json")

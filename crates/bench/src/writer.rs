@@ -50,14 +50,14 @@ pub fn sample_items(n: usize, tag: &str) -> Vec<Value> {
         .collect()
 }
 
-struct Cell {
+pub(crate) struct Cell {
     items: usize,
     elapsed: Duration,
-    latency: Percentiles,
+    pub(crate) latency: Percentiles,
 }
 
 impl Cell {
-    fn items_per_second(&self) -> f64 {
+    pub(crate) fn items_per_second(&self) -> f64 {
         per_second(self.items, self.elapsed)
     }
 }
@@ -106,12 +106,41 @@ async fn writer_cell(
     clients: usize,
     batches: usize,
 ) -> anyhow::Result<Cell> {
+    post_cell(http, vec![format!("{url}/api/v1/batch/process")], size, clients, batches).await
+}
+
+/// [`writer_cell`] on streams `w0` .. `w{spread - 1}`: the n-th batch goes
+/// to stream `w{n % spread}`, so with `spread == clients` each client keeps
+/// to about one stream.
+pub(crate) async fn stream_cell(
+    http: &reqwest::Client,
+    url: &str,
+    size: usize,
+    clients: usize,
+    batches: usize,
+    spread: usize,
+) -> anyhow::Result<Cell> {
+    let endpoints = (0..spread)
+        .map(|n| format!("{url}/api/v1/streams/w{n}/batches"))
+        .collect();
+    post_cell(http, endpoints, size, clients, batches).await
+}
+
+/// Posts `batches` batches of `size` items over `clients` clients, the
+/// n-th to `endpoints[n % len]`.
+async fn post_cell(
+    http: &reqwest::Client,
+    endpoints: Vec<String>,
+    size: usize,
+    clients: usize,
+    batches: usize,
+) -> anyhow::Result<Cell> {
     let body = Arc::new(serde_json::to_vec(&sample_items(size, "w"))?);
-    let endpoint = Arc::new(format!("{url}/api/v1/batch/process"));
+    let endpoints = Arc::new(endpoints);
     let http = http.clone();
-    measure(clients, batches, size, move |_| {
+    measure(clients, batches, size, move |n| {
         let request = http
-            .post(endpoint.as_str())
+            .post(endpoints[n % endpoints.len()].as_str())
             .header("content-type", "application/json")
             .body(body.as_ref().clone())
             .send();
