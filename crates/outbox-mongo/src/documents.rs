@@ -148,7 +148,7 @@ pub fn item_document(batch: &NewBatch, item: &NewItem) -> Result<Document, Store
         StoreError::Other(format!("item {} cannot be stored: {e}", item.item_sequence))
     })?;
     let item_id = item.item_id.0.to_string();
-    Ok(doc! {
+    let mut document = doc! {
         // The item id is the primary key too, so the relay's marks are
         // primary-key updates.
         "_id": &item_id,
@@ -164,7 +164,12 @@ pub fn item_document(batch: &NewBatch, item: &NewItem) -> Result<Document, Store
         "publish_id": Bson::Null,
         "created_at": bson_datetime(batch.created_at),
         "sent_at": Bson::Null,
-    })
+    };
+    // The shard key's first field on a sharded cluster (`sharding`).
+    if !batch.stream.is_default() {
+        document.insert("stream", batch.stream.as_str());
+    }
+    Ok(document)
 }
 
 pub(crate) fn batch_summary(doc: &Document) -> Result<BatchSummary, StoreError> {

@@ -39,6 +39,8 @@ use errors::classify;
 /// A stream's documents in the shared collections. The default stream keeps
 /// the ids (and, on batches, the absent `stream` field) it had before
 /// streams existed, so an existing database needs no migration.
+pub mod sharding;
+
 pub(crate) mod ids {
     use mongodb::bson::Bson;
     use outbox_core::stream::StreamName;
@@ -377,12 +379,16 @@ impl MongoStore {
         let index = |keys: Document, options: Option<IndexOptions>| {
             IndexModel::builder().keys(keys).options(options).build()
         };
+        // On mongos a unique index must start with the shard key
+        // (`sharding`): batch ids are then indexed, not unique, and items
+        // are unique within their stream.
+        let mongos = self.is_mongos().await?;
         // A stream's batches by sequence: the default stream's have no
         // `stream` field (the index keys them under null), as before
         // streams existed.
         self.batches()
             .create_indexes([
-                index(doc! { "batch_id": 1 }, Some(unique())),
+                index(doc! { "batch_id": 1 }, (!mongos).then(unique)),
                 index(doc! { "stream": 1, "batch_sequence": 1 }, Some(unique())),
                 index(doc! { "stream": 1, "status": 1, "batch_sequence": 1 }, None),
             ])
@@ -397,11 +403,13 @@ impl MongoStore {
                 return Err(classify(e));
             }
         }
+        let item_keys = if mongos {
+            doc! { "stream": 1, "batch_id": 1, "item_sequence": 1 }
+        } else {
+            doc! { "batch_id": 1, "item_sequence": 1 }
+        };
         self.items()
-            .create_indexes([index(
-                doc! { "batch_id": 1, "item_sequence": 1 },
-                Some(unique()),
-            )])
+            .create_indexes([index(item_keys, Some(unique()))])
             .await
             .map_err(classify)?;
         // Items are keyed by item_id (`_id`) and read by it; earlier versions
@@ -449,6 +457,42 @@ impl MongoStore {
     /// [`StoreError::Unavailable`] when MongoDB cannot be reached.
     pub async fn drop_database(&self) -> Result<(), StoreError> {
         self.db.drop().await.map_err(classify)
+    }
+
+    /// Whether the server is mongos (a sharded cluster's router).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when MongoDB cannot be reached.
+    pub async fn is_mongos(&self) -> Result<bool, StoreError> {
+        let hello = self
+            .db
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(classify)?;
+        Ok(hello.get_str("msg").is_ok_and(|m| m == "isdbgrid"))
+    }
+
+    /// Runs the sharding plan ([`sharding::plan`]) for `streams` through
+    /// mongos; refuses anything but mongos.
+    ///
+    /// # Errors
+    /// [`StoreError::Other`] when the server is not mongos or refuses a
+    /// command (named in the message).
+    pub async fn shard(&self, streams: &[StreamName]) -> Result<Vec<sharding::Step>, StoreError> {
+        if !self.is_mongos().await? {
+            return Err(StoreError::Other(
+                "not a sharded cluster: shard keys apply through mongos (this is a replica set or standalone server)".to_owned(),
+            ));
+        }
+        let steps = sharding::plan(&self.config, streams);
+        let admin = self.client.database("admin");
+        for step in &steps {
+            admin
+                .run_command(step.command.clone())
+                .await
+                .map_err(|e| StoreError::Other(format!("{}: {e}", step.what)))?;
+        }
+        Ok(steps)
     }
 
     /// Checks that the server is a replica-set member or mongos, which

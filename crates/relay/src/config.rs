@@ -26,6 +26,20 @@ pub struct Cli {
 pub enum Command {
     /// Print the messages arriving on a subscription, in order, one JSON object per line.
     Tail(TailArgs),
+    /// Print the shard keys and zones of a sharded cluster for the stored
+    /// streams as a mongosh script; with --apply, run them through mongos.
+    ShardPlan(ShardPlanArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ShardPlanArgs {
+    #[command(flatten)]
+    pub mongo: MongoArgs,
+    /// Run the commands through mongos instead of printing them.
+    #[arg(long)]
+    pub apply: bool,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Args, Clone, Debug)]

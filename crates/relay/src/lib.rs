@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod pubsub;
 pub mod retention;
 pub mod runner;
+pub mod sharding;
 pub mod status;
 pub mod tail;
 

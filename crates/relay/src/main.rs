@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let config = cli.config;
     let log = match &cli.command {
         Some(Command::Tail(args)) => &args.log,
+        Some(Command::ShardPlan(args)) => &args.log,
         None => {
             if let Err(problem) = config.validate() {
                 return cli::config_error(problem);
@@ -34,7 +35,22 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Tail(args)) => runtime.block_on(relay::tail::run(&args.source)),
+        Some(Command::ShardPlan(args)) => runtime.block_on(shard_plan(&args)),
         None => runtime.block_on(serve(config)),
+    }
+}
+
+/// `outbox-relay shard-plan`: the sharding plan for the stored streams.
+async fn shard_plan(args: &relay::config::ShardPlanArgs) -> ExitCode {
+    match relay::sharding::run(args).await {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outbox-relay shard-plan: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

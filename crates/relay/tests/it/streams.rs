@@ -14,7 +14,7 @@ use relay::pubsub;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::e2e::{Stack, assert_in_order, eventually, firsts, receive_on, start_stack};
+use crate::e2e::{Stack, assert_in_order, binary, eventually, firsts, receive_on, start_stack};
 
 const TTL: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(300);
@@ -331,4 +331,58 @@ async fn a_poison_batch_halts_only_its_own_stream() {
     assert_eq!(body["state"], "halted", "{body}");
     assert!(body["halted"]["error"].as_str().unwrap().contains("limit"), "{body}");
     drop(relay);
+}
+
+/// `outbox-relay shard-plan` names every stored stream's zone over its
+/// batches, items and counter (the items of a stream carry its name, the
+/// shard key's first field); `--apply` refuses anything but mongos.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shard_plan_covers_every_stream_and_applies_only_through_mongos() {
+    let stack = start_stack().await;
+    let (_relay, admin) = stack.relay("relay-shard-plan", &relay_vars());
+    stack.admin_ready(&admin).await;
+    define(
+        &stack,
+        &admin,
+        "orders",
+        json!({"topic": format!("{}-orders", stack.pubsub.topic)}),
+    )
+    .await;
+    post(&stack, "orders", 3, "shard").await;
+    let items: Vec<Document> = stack
+        .db
+        .collection::<Document>("batch_items")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 3);
+    assert!(items.iter().all(|i| i.get_str("stream") == Ok("orders")), "{items:?}");
+
+    let run = |apply: bool| {
+        let mut command = tokio::process::Command::new(binary("outbox-relay"));
+        command
+            .arg("shard-plan")
+            .env("MONGODB_URL", &stack.mongo_url)
+            .env("MONGODB_DATABASE", &stack.database);
+        if apply {
+            command.arg("--apply");
+        }
+        command.output()
+    };
+    let plan = run(false).await.unwrap();
+    assert!(plan.status.success(), "{plan:?}");
+    let script = String::from_utf8(plan.stdout).unwrap();
+    for zone in ["outbox-default", "outbox-orders"] {
+        assert_eq!(script.matches(&format!("\"zone\":\"{zone}\"")).count(), 3, "{script}");
+    }
+    assert!(script.contains(&format!("\"shardCollection\":\"{}.batches\"", stack.database)));
+    let applied = run(true).await.unwrap();
+    assert_eq!(applied.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&applied.stderr).contains("not a sharded cluster"),
+        "{applied:?}"
+    );
 }
