@@ -38,7 +38,7 @@ pub struct MongoConfig {
     /// queue in memory. Every ingest transaction writes the one sequence
     /// counter, so MongoDB runs them one after another anyway: more in
     /// flight only means more write conflicts and retries. Keep it below the
-    /// driver's connection pool size (`maxPoolSize`, default 10).
+    /// connection pool size (`maxPoolSize`, or [`Self::pool_size`]).
     pub transaction_concurrency: usize,
     /// Ingest transactions one process runs at once over every stream: at
     /// most the connection pool holds (a transaction takes a connection for

@@ -1,5 +1,6 @@
 //! MongoDB adapter of batch-outbox: the writer's [`BatchStore`], the relay's
-//! [`OutboxStore`] and the leader [`LeaseStore`] over one replica set.
+//! [`OutboxStore`] and the leader [`LeaseStore`] over one replica set (or
+//! a sharded cluster: `sharding`).
 //!
 //! # Layout
 //! - [`config`]: connection settings and collection names.
@@ -7,7 +8,10 @@
 //! - `errors`: driver errors to [`StoreError`] (what is transient, what not).
 //! - `batches`: atomic batch ingest with the gap-free sequence.
 //! - `outbox`: the relay's reads and its fenced progress writes.
-//! - `lease`: the leader lease (compare-and-swap on holder and epoch).
+//! - `lease`: each stream's leader lease (compare-and-swap on holder and epoch).
+//! - `registry`: the stream definitions and the relay replicas (members).
+//! - [`sharding`]: shard keys and zones of a sharded cluster.
+//! - [`monitor`]: command monitoring (the tests' command log).
 //!
 //! [`BatchStore`]: outbox_core::store::BatchStore
 //! [`OutboxStore`]: outbox_core::store::OutboxStore

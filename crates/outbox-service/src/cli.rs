@@ -51,7 +51,7 @@ pub struct MongoArgs {
     #[arg(long, env = "MONGODB_TRANSACTION_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub transaction_concurrency: u16,
     /// Ingest transactions this process runs at once over every stream. Keep it below
-    /// the connection pool size (maxPoolSize in MONGODB_URL, default 10): a transaction
+    /// the connection pool size (maxPoolSize in MONGODB_URL; the writer and relay default to 100): a transaction
     /// takes a connection for each of its statements.
     #[arg(long, env = "MONGODB_MAX_TRANSACTIONS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub max_transactions: u16,

@@ -97,7 +97,7 @@ pub enum Command {
     },
     /// Put a failed batch back to draining from its first unsent item.
     Retry { batch_id: String },
-    /// Pause draining the stream (every replica), after the page in flight.
+    /// Pause draining the stream (every replica), once the batch in flight is published.
     Pause,
     /// Resume draining the stream.
     Resume,

@@ -194,6 +194,15 @@ pub async fn apply(client: &Client, file: &Path) -> Result<Vec<Applied>, Failure
                 .or_insert_with(|| json!("halt"));
             wanted.retain(|_, v| !v.is_null());
             let mut stored = stored;
+            // A default key means something in `field:` mode only; the
+            // server keeps none otherwise.
+            let field_mode = wanted
+                .get("ordering_key")
+                .and_then(Value::as_str)
+                .is_some_and(|m| m.starts_with("field:"));
+            if !field_mode {
+                wanted.remove("ordering_key_default");
+            }
             if !wanted.contains_key("ordering_key_default") {
                 stored.remove("ordering_key_default");
             }

@@ -91,6 +91,9 @@ struct Slot {
     status: Arc<StatusBoard>,
     wake: Arc<Notify>,
     running: Option<Running>,
+    /// A runner handing the stream over (settling its page, releasing the
+    /// lease): a new one starts only after it ended.
+    stopping: Option<JoinHandle<()>>,
 }
 
 /// One stream as this replica sees it, for the admin API.
@@ -220,6 +223,7 @@ impl Cluster {
                         status: Arc::new(StatusBoard::default()),
                         wake: Arc::new(Notify::new()),
                         running: None,
+                        stopping: None,
                     },
                 );
             }
@@ -451,9 +455,11 @@ impl Cluster {
             free.sort_by_key(|name| std::cmp::Reverse(preference(name, me)));
             to_start.extend(free.into_iter().take(room));
         }
+        // Hand-overs run in the background: one waiting for its page in
+        // flight delays neither the other streams nor the heartbeat.
         for name in &to_stop {
             info!(message = "handing the stream over", stream = %name, share = target);
-            self.stop(name).await;
+            self.begin_stop(name);
         }
         if !shutdown.is_cancelled() {
             for name in &to_start {
@@ -469,9 +475,10 @@ impl Cluster {
         let Some(slot) = slots.get_mut(name) else {
             return;
         };
-        if slot.running.is_some() {
+        if slot.running.is_some() || slot.stopping.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
+        slot.stopping = None;
         let settings = RunnerSettings {
             drain: DrainSettings {
                 page_size: self.settings.page_size,
@@ -524,25 +531,34 @@ impl Cluster {
 
     /// Stops the stream's runner: the page in flight finishes, the lease is
     /// released.
-    async fn stop(&self, name: &StreamName) {
-        let running = self.lock().get_mut(name).and_then(|s| s.running.take());
-        if let Some(running) = running {
+    /// Tells the stream's runner to hand the stream over; it settles and
+    /// releases in the background.
+    fn begin_stop(&self, name: &StreamName) {
+        let mut slots = self.lock();
+        let Some(slot) = slots.get_mut(name) else {
+            return;
+        };
+        if let Some(running) = slot.running.take() {
             running.stop.cancel();
-            let _ = running.task.await;
+            slot.stopping = Some(running.task);
         }
     }
 
     async fn stop_all(&self) {
-        let running: Vec<Running> = self
-            .lock()
-            .values_mut()
-            .filter_map(|s| s.running.take())
-            .collect();
-        for r in &running {
-            r.stop.cancel();
-        }
-        for r in running {
-            let _ = r.task.await;
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut slots = self.lock();
+            let mut tasks = Vec::new();
+            for slot in slots.values_mut() {
+                if let Some(running) = slot.running.take() {
+                    running.stop.cancel();
+                    tasks.push(running.task);
+                }
+                tasks.extend(slot.stopping.take());
+            }
+            tasks
+        };
+        for task in tasks {
+            let _ = task.await;
         }
     }
 }

@@ -185,7 +185,7 @@ pub struct Config {
     /// This replica's name in the lease (default: host name and process id).
     #[arg(long, env = "RELAY_ID", default_value_t = default_relay_id())]
     pub relay_id: String,
-    /// Start the cluster paused when false (stored in MongoDB; POST /api/v1/outbox/start resumes it).
+    /// Start the default stream paused when false (stored in MongoDB; POST /api/v1/outbox/start resumes it).
     #[arg(long, env = "ENABLE_OUTBOX_PROCESSOR", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_processor: bool,
     /// Admin HTTP address.

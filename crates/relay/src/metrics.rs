@@ -1,4 +1,5 @@
-//! The relay's metric names. Labels are bounded (error kinds), never ids.
+//! The relay's metric names. Labels are bounded (error kinds, and the
+//! stream, at most `MAX_STREAMS` values), never ids.
 
 pub const PUBLISHED: &str = "outbox_relay_published_total";
 pub const PUBLISH_LATENCY: &str = "outbox_relay_publish_latency_seconds";
@@ -62,8 +63,8 @@ pub fn describe() {
         Unit::Seconds,
         "Writer commit to acknowledgement of the batch's last item"
     );
-    describe_gauge!(IS_LEADER, "1 while this replica holds the lease");
-    describe_gauge!(LEASE_EPOCH, "Fencing epoch of the lease this replica holds");
-    describe_gauge!(HALTED, "1 while draining is halted on a failed batch");
-    describe_gauge!(PAUSED, "1 while draining is paused cluster-wide");
+    describe_gauge!(IS_LEADER, "1 while this replica holds the stream's lease");
+    describe_gauge!(LEASE_EPOCH, "Fencing epoch of the stream's lease this replica holds");
+    describe_gauge!(HALTED, "1 while the stream is halted on a failed batch");
+    describe_gauge!(PAUSED, "1 while the stream is paused (on every replica)");
 }

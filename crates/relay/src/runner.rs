@@ -109,7 +109,20 @@ impl Runner {
         if release.await.is_err() {
             warn!(message = "cannot release the lease in time; it will expire");
         }
-        ::metrics::gauge!(metrics::IS_LEADER, "stream" => self.stream.to_string()).set(0.0);
+        // What this replica reported for the stream goes back to zero, so a
+        // stream that moved on is not reported halted or lagging here
+        // (alerts take the maximum per stream over the replicas).
+        let stream = self.stream.to_string();
+        for gauge in [
+            metrics::IS_LEADER,
+            metrics::LEASE_EPOCH,
+            metrics::HALTED,
+            metrics::PAUSED,
+            metrics::PENDING_BATCHES,
+            metrics::OLDEST_PENDING_AGE,
+        ] {
+            ::metrics::gauge!(gauge, "stream" => stream.clone()).set(0.0);
+        }
         info!(message = "stopped draining the stream", stream = %self.stream);
     }
 

@@ -54,8 +54,8 @@ pub(crate) async fn start(
 
 /// Pause the default stream
 ///
-/// Every replica stops draining the default stream after the page in
-/// flight; writers keep accepting batches. Kept across restarts.
+/// Every replica stops draining the default stream once the batch in
+/// flight is published; writers keep accepting batches. Kept across restarts.
 #[utoipa::path(tag = "outbox",
     responses(
         (status = 200, description = "Draining paused.", body = PausedView),

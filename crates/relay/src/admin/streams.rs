@@ -527,7 +527,7 @@ pub(crate) async fn set_paused(
 
 /// Pause a stream
 ///
-/// Every replica stops draining the stream after its page in flight; writers
+/// Every replica stops draining the stream once the batch in flight is published; writers
 /// keep accepting batches. Kept across restarts. Other streams go on.
 #[utoipa::path(tag = "streams",
     params(("stream" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),

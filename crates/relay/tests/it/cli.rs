@@ -517,3 +517,57 @@ async fn outboxctl_says_what_went_wrong_in_one_line_with_its_exit_code() {
         "{completions:?}"
     );
 }
+
+/// `outboxctl stream apply -f` makes a declared set of streams true: the
+/// first run creates them, a second one changes nothing, an edit updates
+/// only the stream edited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outboxctl_applies_a_declared_set_of_streams_once() {
+    let stack = start_stack().await;
+    let (_relay, admin) = stack.relay("relay-apply", &[("ADMIN_TOKEN", "s3cret")]);
+    stack.admin_ready(&admin).await;
+    let ctl = Ctl {
+        writer: stack.writer_url.clone(),
+        admin,
+    };
+    let token = [("ADMIN_TOKEN", "s3cret")];
+    let topic = &stack.pubsub.topic;
+    let declaration = |orders_topic: &str| {
+        format!(
+            "streams:\n\
+             - name: orders\n  topic: {orders_topic}\n  ordering_key: field:/vendor_name\n  ordering_key_default: none\n\
+             - name: audit\n  topic: {topic}-audit\n  ordering_key: global\n  ordering_key_default: ignored\n  on_poison: dead-letter\n"
+        )
+    };
+    let file = files(
+        "apply",
+        &[
+            ("streams.yaml", &declaration(&format!("{topic}-orders"))),
+            ("edited.yaml", &declaration(&format!("{topic}-orders-2"))),
+        ],
+    );
+    let path = |i: usize| file[i].to_str().unwrap().to_owned();
+    let outcomes = |run: &Run| -> Vec<(String, String)> {
+        assert_eq!(run.code, 0, "{run:?}");
+        run.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["stream"].as_str().unwrap().to_owned(),
+                    a["outcome"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let pair = |s: &str, o: &str| (s.to_owned(), o.to_owned());
+    let first = ctl.run(&["stream", "apply", "-f", &path(0), "--json"], &token).await;
+    assert_eq!(outcomes(&first), [pair("orders", "created"), pair("audit", "created")]);
+    let again = ctl.run(&["stream", "apply", "-f", &path(0), "--json"], &token).await;
+    assert_eq!(outcomes(&again), [pair("orders", "unchanged"), pair("audit", "unchanged")]);
+    let edited = ctl.run(&["stream", "apply", "-f", &path(1), "--json"], &token).await;
+    assert_eq!(outcomes(&edited), [pair("orders", "updated"), pair("audit", "unchanged")]);
+    let shown = ctl.run(&["stream", "show", "orders", "--json"], &[]).await.json();
+    assert_eq!(shown["topic"], format!("{topic}-orders-2"), "{shown}");
+}
