@@ -537,7 +537,15 @@ async fn slow_network(length: Length) -> anyhow::Result<Report> {
     let pubsub_proxy = crate::proxy::Proxy::start(stack.emulator.host.parse()?, delay).await?;
     let mongo_url = format!("mongodb://{}/?directConnection=true", mongo_proxy.address);
     let pubsub_host = pubsub_proxy.address.to_string();
-    stack.add_relay_via("relay-slow", &mongo_url, &pubsub_host, &[])?;
+    // A lease a few round trips long: with 100-400 ms round trips a 2 s
+    // lease lapses between renewals (docs/OPERATIONS.md: LEASE_TTL_SECONDS
+    // against the round trip).
+    stack.add_relay_via(
+        "relay-slow",
+        &mongo_url,
+        &pubsub_host,
+        &[("LEASE_TTL_SECONDS", "10".to_owned())],
+    )?;
     stack
         .new_leader_after(epoch, Duration::from_secs(60))
         .await?;

@@ -336,6 +336,27 @@ pub struct SentMark {
     pub publish_id: String,
 }
 
+/// A window of one batch's items: positions `after + 1 ..= after + limit`
+/// (see [`OutboxStore::unsent_items`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemWindow {
+    pub batch_id: BatchId,
+    pub after: ItemSequence,
+    pub limit: u32,
+}
+
+/// One batch's share of a progress write: the acknowledgements of a page,
+/// and whether they finish the batch (its commit goes in the same write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageWrite {
+    pub batch_id: BatchId,
+    pub sequence: Sequence,
+    pub marks: Vec<SentMark>,
+    /// Every item of the batch is sent or failed once these marks are in:
+    /// commit it.
+    pub finishes: bool,
+}
+
 /// Counts for the relay's lag metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Backlog {
@@ -384,6 +405,26 @@ pub trait OutboxStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<OutboxItem>, StoreError>;
 
+    /// [`unsent_items`](Self::unsent_items) of several windows (of one
+    /// batch or of consecutive batches), one list per window. Stores that
+    /// can read them all in one round trip should.
+    ///
+    /// # Errors
+    /// As [`unsent_items`](Self::unsent_items), for any window.
+    async fn unsent_items_in(
+        &self,
+        windows: &[ItemWindow],
+    ) -> Result<Vec<Vec<OutboxItem>>, StoreError> {
+        let mut pages = Vec::with_capacity(windows.len());
+        for window in windows {
+            pages.push(
+                self.unsent_items(&window.batch_id, window.after, window.limit)
+                    .await?,
+            );
+        }
+        Ok(pages)
+    }
+
     /// Items of a batch for inspection, in `item_sequence` order.
     async fn items(
         &self,
@@ -430,6 +471,24 @@ pub trait OutboxStore: Send + Sync + 'static {
     ) -> Result<(), StoreError> {
         self.mark_sent(fence, batch_id, marks).await?;
         self.commit_batch(fence, batch_id, sequence).await
+    }
+
+    /// Records several pages, in order: each page's marks, and the commit
+    /// of every batch a page finishes (the highest recorded as in
+    /// [`commit_batch`](Self::commit_batch)). The result must be the same as
+    /// [`mark_sent`](Self::mark_sent) and [`finish_batch`](Self::finish_batch)
+    /// page after page; stores that can write them all in one transaction
+    /// (a few round trips, however many pages) should.
+    async fn record_pages(&self, fence: &Fence, pages: &[PageWrite]) -> Result<(), StoreError> {
+        for page in pages {
+            if page.finishes {
+                self.finish_batch(fence, &page.batch_id, page.sequence, &page.marks)
+                    .await?;
+            } else if !page.marks.is_empty() {
+                self.mark_sent(fence, &page.batch_id, &page.marks).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The highest `batch_sequence` committed: the one the next batch to

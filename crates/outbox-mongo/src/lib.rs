@@ -22,6 +22,7 @@ mod batches;
 pub mod config;
 pub mod documents;
 mod errors;
+mod fenced;
 mod lease;
 pub mod monitor;
 mod outbox;

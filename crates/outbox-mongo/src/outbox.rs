@@ -1,39 +1,26 @@
-//! The relay's reads and its fenced progress writes.
-//!
-//! Every progress write runs in a transaction that first updates the lease
-//! document on a filter holding the writer's epoch. When another replica has
-//! taken the lease the filter matches nothing and the transaction is aborted
-//! with [`StoreError::Fenced`]; when the takeover races the write, MongoDB's
-//! write conflict on the lease document aborts one of the two.
-//!
-//! All fenced transactions of a process run on one session, recorded in the
-//! lease document before its first transaction (see `lease.rs`), so that a
-//! successor can kill a transaction this process leaves open by dying. Each
-//! mark and commit records the epoch it was written under
-//! (`sent_epoch`, `committed_epoch`), so a fencing failure would be visible
-//! in the data.
+//! The relay's reads, and its [`OutboxStore`] over the fenced writes of
+//! `fenced.rs`.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::options::ReadConcern;
 use outbox_core::model::{
     BatchId, BatchProgress, BatchStatus, ItemId, ItemSequence, ItemStatus, Sequence,
 };
 use outbox_core::store::{
-    Backlog, ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, Fence, ItemView, OutboxItem,
+    Backlog, Fence, ItemView, ItemWindow, OutboxItem, PageWrite,
     OutboxStore, PendingBatch, Removed, SentMark, StoreError,
 };
 
-use crate::batches::transaction_options;
 use crate::documents::{
-    bson_datetime, get_flag, get_opt_datetime, get_u64, item_view, outbox_item, pending_batch,
+    get_flag, get_opt_datetime, get_u64, item_view, outbox_item, pending_batch,
 };
 use crate::errors::classify;
 use outbox_core::stream::StreamName;
 
+use crate::fenced::FencedWrite;
 use crate::{MongoStore, ids};
 
 const UNFINISHED: [&str; 3] = ["pending", "processing", "failed"];
@@ -46,350 +33,7 @@ fn unfinished() -> Document {
     doc! { "$in": UNFINISHED.to_vec() }
 }
 
-/// One fenced write: the steps it runs inside the transaction.
-enum FencedWrite<'a> {
-    Start(&'a BatchId),
-    Marks(&'a BatchId, &'a [SentMark]),
-    Commit(&'a BatchId, Sequence),
-    /// The last page's marks and the commit in one transaction.
-    Finish(&'a BatchId, Sequence, &'a [SentMark]),
-    Fail(&'a BatchId, ItemSequence, &'a str),
-    DeadLetter(&'a OutboxItem, &'a str),
-}
-
-impl FencedWrite<'_> {
-    /// The sequence this write commits, if it commits a batch.
-    fn commits(&self) -> Option<Sequence> {
-        match self {
-            Self::Commit(_, sequence) | Self::Finish(_, sequence, _) => Some(*sequence),
-            _ => None,
-        }
-    }
-}
-
 impl MongoStore {
-    /// Runs `write` in a transaction fenced by the lease epoch, retrying
-    /// conflicts, on the process's one fenced session.
-    async fn fenced(&self, fence: &Fence, write: FencedWrite<'_>) -> Result<(), StoreError> {
-        let mut slot = std::sync::Arc::clone(&self.fenced.of(&fence.stream).session)
-            .lock_owned()
-            .await;
-        if slot.is_none() {
-            let session = self.fenced.client.start_session().await.map_err(classify)?;
-            *slot = Some((session, None));
-        }
-        let Some((session, recorded)) = slot.as_mut() else {
-            return Err(StoreError::Other("no fenced session".to_owned()));
-        };
-        // Recorded before its first transaction under this epoch (a new
-        // holder's acquisition clears the field), while we hold the session:
-        // the id in the lease is the session in use.
-        if *recorded != Some(fence.epoch) {
-            let id = self.recordable(session.id()).await?;
-            self.record_fenced_session(fence, &id).await?;
-            *recorded = Some(fence.epoch);
-        }
-        let mut retry = ConflictRetry::new(DEFAULT_TRANSACTION_RETRY_TIME);
-        let result = loop {
-            match self.fenced_once(session, fence, &write).await {
-                Err(e) if retry.again(&e).await => {}
-                other => break other,
-            }
-        };
-        if let Err(error) = &result
-            && !matches!(error, StoreError::Fenced { .. })
-        {
-            // The session may have been killed by a successor, or may still
-            // have a transaction open on the server that we gave up on: end
-            // it, and start the next write on a fresh, recorded session.
-            if let Some((session, _)) = slot.take() {
-                let id = self.recordable(session.id()).await.unwrap_or_else(|_| session.id().clone());
-                let kill =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), self.kill_session(&id));
-                if let Ok(Err(kill_error)) = kill.await {
-                    tracing::debug!(message = "cannot kill the failed fenced session", error = %kill_error);
-                }
-            }
-        }
-        result
-    }
-
-    async fn fenced_once(
-        &self,
-        session: &mut ClientSession,
-        fence: &Fence,
-        write: &FencedWrite<'_>,
-    ) -> Result<(), StoreError> {
-        session
-            .start_transaction()
-            .with_options(transaction_options(self.config.commit_timeout))
-            .await
-            .map_err(classify)?;
-        let result = async {
-            // The fence, and for a commit the record of the highest
-            // committed sequence (what the next batch must follow), in one
-            // statement.
-            let mut claim = doc! { "$inc": { "fenced_writes": 1_i64 } };
-            if let Some(sequence) = write.commits() {
-                claim.insert("$max", doc! { "committed_sequence": to_i64(sequence.0) });
-            }
-            let claimed = self
-                .lease()
-                .update_one(
-                    doc! { "_id": ids::lease(&fence.stream), "holder": &fence.holder, "epoch": to_i64(fence.epoch) },
-                    claim,
-                )
-                .session(&mut *session)
-                .await
-                .map_err(classify)?;
-            if claimed.matched_count != 1 {
-                return Err(StoreError::Fenced { epoch: fence.epoch });
-            }
-            self.apply(session, fence, write).await
-        }
-        .await;
-        match result {
-            Ok(()) => self.commit(session).await,
-            Err(e) => {
-                Self::abort(session).await;
-                Err(e)
-            }
-        }
-    }
-
-    /// The sent marks of one page: one `update` command with a statement
-    /// per item, one round trip for the whole page (MongoDB 6 has no
-    /// client bulkWrite).
-    async fn write_marks(
-        &self,
-        session: &mut ClientSession,
-        batch_id: &BatchId,
-        marks: &[SentMark],
-        now: &Bson,
-        epoch: i64,
-    ) -> Result<(), StoreError> {
-        // Only pending items match: marking an item a second time (a page
-        // republished after a crash) changes nothing, so `n` counts the
-        // items this write moved to sent, added to the batch's `sent_items`.
-        let updates: Vec<Document> = marks
-            .iter()
-            .map(|mark| {
-                doc! {
-                    "q": {
-                        "_id": mark.item_id.to_string(),
-                        "batch_id": batch_id.as_str(),
-                        "status": ItemStatus::Pending.as_str(),
-                    },
-                    "u": { "$set": {
-                        "status": ItemStatus::Sent.as_str(),
-                        "sent": true,
-                        "publish_id": &mark.publish_id,
-                        "sent_at": now.clone(),
-                        "sent_epoch": epoch,
-                    } },
-                }
-            })
-            .collect();
-        let reply = self
-            .db
-            .run_command(doc! {
-                "update": &self.config.items_collection,
-                "updates": updates,
-                "ordered": true,
-            })
-            .session(&mut *session)
-            .await
-            .map_err(classify)?;
-        let matched = reply
-            .get("n")
-            .and_then(Bson::as_i64)
-            .or_else(|| reply.get("n").and_then(Bson::as_i32).map(i64::from));
-        let matched = match matched {
-            Some(n) if (0..=marks.len() as i64).contains(&n) => n,
-            _ => {
-                return Err(StoreError::Other(format!(
-                    "marking {} items of batch {batch_id} sent: unexpected reply {reply}",
-                    marks.len()
-                )));
-            }
-        };
-        if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty()) {
-            return Err(StoreError::Other(format!(
-                "marking items of batch {batch_id} sent: {reply}"
-            )));
-        }
-        if matched > 0 {
-            self.batches()
-                .update_one(
-                    doc! { "batch_id": batch_id.as_str() },
-                    doc! {
-                        "$inc": { "sent_items": matched },
-                        // The first marks start the batch (no write of its own).
-                        "$set": { "status": BatchStatus::Processing.as_str() },
-                    },
-                )
-                .session(&mut *session)
-                .await
-                .map_err(classify)?;
-        }
-        Ok(())
-    }
-
-    /// Commits a batch after checking, inside the transaction, that no item
-    /// is still pending. (Dead-lettered items were counted into the batch's
-    /// `failed_items` when they were set aside.)
-    async fn write_commit(
-        &self,
-        session: &mut ClientSession,
-        batch_id: &BatchId,
-        now: &Bson,
-        epoch: i64,
-    ) -> Result<(), StoreError> {
-        // The batch counts its sent and failed items (every mark and dead
-        // letter adds to them in its own transaction): one read decides.
-        let batch = self
-            .batches()
-            .find_one(doc! { "batch_id": batch_id.as_str() })
-            .projection(doc! { "total_items": 1, "sent_items": 1, "failed_items": 1 })
-            .session(&mut *session)
-            .await
-            .map_err(classify)?
-            .ok_or_else(|| StoreError::NotFound(batch_id.clone()))?;
-        let done = match (
-            get_u64(&batch, "sent_items"),
-            get_u64(&batch, "total_items"),
-        ) {
-            (Ok(sent), Ok(total)) => sent + get_u64(&batch, "failed_items").unwrap_or(0) >= total,
-            // A batch stored before the counters existed: look for a
-            // pending item.
-            _ => self
-                .items()
-                .find_one(
-                    doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Pending.as_str() },
-                )
-                .projection(doc! { "item_sequence": 1 })
-                .session(&mut *session)
-                .await
-                .map_err(classify)?
-                .is_none(),
-        };
-        if !done {
-            return Err(StoreError::Other(format!(
-                "batch {batch_id} still has unsent items"
-            )));
-        }
-        self.batches()
-            .update_one(
-                doc! { "batch_id": batch_id.as_str() },
-                doc! { "$set": {
-                    "status": BatchStatus::Committed.as_str(),
-                    "committed_at": now.clone(),
-                    "committed_epoch": epoch,
-                } },
-            )
-            .session(&mut *session)
-            .await
-            .map_err(classify)?;
-        Ok(())
-    }
-
-    async fn apply(
-        &self,
-        session: &mut ClientSession,
-        fence: &Fence,
-        write: &FencedWrite<'_>,
-    ) -> Result<(), StoreError> {
-        let now = bson_datetime(Utc::now());
-        let epoch = to_i64(fence.epoch);
-        match *write {
-            FencedWrite::Start(batch_id) => {
-                self.batches()
-                    .update_one(
-                        doc! { "batch_id": batch_id.as_str(), "status": BatchStatus::Pending.as_str() },
-                        doc! { "$set": { "status": BatchStatus::Processing.as_str(), "started_at": now } },
-                    )
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
-            }
-            FencedWrite::Marks(batch_id, marks) => {
-                self.write_marks(session, batch_id, marks, &now, epoch)
-                    .await?;
-            }
-            FencedWrite::Commit(batch_id, _) => {
-                self.write_commit(session, batch_id, &now, epoch).await?;
-            }
-            FencedWrite::Finish(batch_id, _, marks) => {
-                self.write_marks(session, batch_id, marks, &now, epoch)
-                    .await?;
-                self.write_commit(session, batch_id, &now, epoch).await?;
-            }
-            FencedWrite::Fail(batch_id, item_sequence, error) => {
-                self.batches()
-                    .update_one(
-                        doc! { "batch_id": batch_id.as_str() },
-                        doc! { "$set": {
-                            "status": BatchStatus::Failed.as_str(),
-                            "last_error": format!("item {item_sequence}: {error}"),
-                            "failed_item_sequence": i64::from(item_sequence.0),
-                            "failed_at": now,
-                        } },
-                    )
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
-                self.items()
-                    .update_one(
-                        doc! { "batch_id": batch_id.as_str(), "item_sequence": i64::from(item_sequence.0) },
-                        doc! { "$set": { "error": error } },
-                    )
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
-            }
-            FencedWrite::DeadLetter(item, error) => {
-                self.items()
-                    .update_one(
-                        doc! { "_id": item.item_id.to_string(), "batch_id": item.batch_id.as_str() },
-                        doc! { "$set": { "status": ItemStatus::Failed.as_str(), "error": error, "failed_at": now.clone() } },
-                    )
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
-                self.batches()
-                    .update_one(
-                        doc! { "batch_id": item.batch_id.as_str() },
-                        doc! { "$inc": { "failed_items": 1_i64 } },
-                    )
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
-                let request_data = mongodb::bson::to_document(&item.request_data)
-                    .map_err(|e| StoreError::Other(e.to_string()))?;
-                let mut letter = doc! {
-                        "item_id": item.item_id.to_string(),
-                        "batch_id": item.batch_id.as_str(),
-                        "batch_sequence": to_i64(item.batch_sequence.0),
-                        "item_sequence": i64::from(item.item_sequence.0),
-                        "request_id": item.request_id.as_deref().map_or(Bson::Null, Bson::from),
-                        "vendor_name": &item.vendor_name,
-                        "request_data": request_data,
-                        "error": error,
-                        "dead_lettered_at": now,
-                };
-                if !fence.stream.is_default() {
-                    letter.insert("stream", fence.stream.as_str());
-                }
-                self.dead_letters()
-                    .insert_one(letter)
-                    .session(&mut *session)
-                    .await
-                    .map_err(classify)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Removes large batches staged before `before` that no transaction
     /// made visible: their writer died or gave up. Dates compared here, as
     /// retention's.
@@ -595,6 +239,54 @@ impl OutboxStore for MongoStore {
         Ok(items)
     }
 
+    async fn unsent_items_in(
+        &self,
+        windows: &[ItemWindow],
+    ) -> Result<Vec<Vec<OutboxItem>>, StoreError> {
+        // Every window's items in one read by primary key.
+        let ids: Vec<Vec<String>> = windows
+            .iter()
+            .map(|w| {
+                let first = u64::from(w.after.0) + 1;
+                let last = (u64::from(w.after.0) + u64::from(w.limit)).min(u64::from(u32::MAX));
+                (first..=last)
+                    .map(|n| ItemId::of(&w.batch_id, ItemSequence(n as u32)).to_string())
+                    .collect()
+            })
+            .collect();
+        let all: Vec<&String> = ids.iter().flatten().collect();
+        if all.is_empty() {
+            return Ok(vec![Vec::new(); windows.len()]);
+        }
+        let cursor = self
+            .items()
+            .find(doc! {
+                "_id": { "$in": &all },
+                "status": ItemStatus::Pending.as_str(),
+            })
+            .batch_size(u32::try_from(all.len()).unwrap_or(u32::MAX))
+            .read_concern(ReadConcern::majority())
+            .await
+            .map_err(classify)?;
+        let mut read = self.collect(cursor, outbox_item).await?;
+        read.sort_by(|a, b| a.batch_id.as_str().cmp(b.batch_id.as_str()).then(a.item_sequence.cmp(&b.item_sequence)));
+        let mut pages = Vec::with_capacity(windows.len());
+        for (window, ids) in windows.iter().zip(&ids) {
+            let range = window.after.0.saturating_add(1)..=window.after.0.saturating_add(window.limit);
+            let items: Vec<OutboxItem> = read
+                .iter()
+                .filter(|i| i.batch_id == window.batch_id && range.contains(&i.item_sequence.0))
+                .cloned()
+                .collect();
+            if items.len() < ids.len() {
+                self.check_window(&window.batch_id, u64::from(window.after.0) + 1, ids, &items)
+                    .await?;
+            }
+            pages.push(items);
+        }
+        Ok(pages)
+    }
+
     async fn items(
         &self,
         batch_id: &BatchId,
@@ -656,6 +348,27 @@ impl OutboxStore for MongoStore {
     ) -> Result<(), StoreError> {
         self.fenced(fence, FencedWrite::Finish(batch_id, sequence, marks))
             .await
+    }
+
+    async fn record_pages(&self, fence: &Fence, pages: &[PageWrite]) -> Result<(), StoreError> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        if self.fenced_applied(fence, FencedWrite::Pages(pages)).await? {
+            return Ok(());
+        }
+        // A batch stored before the counters existed: page by page, each
+        // commit checking for pending items itself.
+        for page in pages {
+            if page.finishes {
+                self.fenced(fence, FencedWrite::Finish(&page.batch_id, page.sequence, &page.marks))
+                    .await?;
+            } else if !page.marks.is_empty() {
+                self.fenced(fence, FencedWrite::Marks(&page.batch_id, &page.marks))
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn committed_through(&self, stream: &StreamName) -> Result<Option<Sequence>, StoreError> {

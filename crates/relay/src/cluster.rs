@@ -200,7 +200,7 @@ impl Cluster {
     }
 
     /// Makes (or updates) the slot of a stream.
-    fn slot_for(&self, definition: &StreamDefinition) {
+    pub(crate) fn slot_for(&self, definition: &StreamDefinition) {
         let mut slots = self.lock();
         match slots.get(&definition.name) {
             Some(slot) => {

@@ -209,7 +209,8 @@ impl Runner {
                         self.refresh_backlog().await?;
                         *last_backlog = Some(tokio::time::Instant::now());
                     }
-                    // A stop request is honoured between batches.
+                    // A stop request is honoured between passes (about a
+                    // second of draining; the pipeline carries on after).
                     if self.store.paused(&self.stream).await? {
                         self.status.update(|s| s.paused = true);
                         return Ok(());

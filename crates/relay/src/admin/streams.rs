@@ -348,14 +348,16 @@ pub(crate) async fn put(
         .await
         .map_err(|e| store_problem(&e))?;
     info!(message = if created { "stream created" } else { "stream updated" }, stream = %name, topic = %definition.topic);
-    // The supervisor picks it up now rather than at its next poll.
-    state.cluster.wake_all();
     let stored = stores
         .streams
         .stream(&name)
         .await
         .map_err(|e| store_problem(&e))?
         .unwrap_or(definition);
+    // This replica shows it at once; the supervisor runs it now rather
+    // than at its next poll (the other replicas, at theirs).
+    state.cluster.slot_for(&stored);
+    state.cluster.wake_all();
     let body = definition_json(&stored);
     Ok(if created {
         HttpResponse::Created()

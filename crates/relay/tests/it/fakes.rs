@@ -41,6 +41,13 @@ struct State {
     break_store_after: Option<((u64, u32), MemoryStore)>,
     /// Publishes never answer (a frozen Pub/Sub).
     hang: bool,
+    /// How long an answer takes (tokio's clock: paused in tests).
+    latency: Duration,
+    /// The batches with a publish in flight, and every set seen when a
+    /// publish was handed over (with its batch).
+    in_flight: BTreeMap<u64, usize>,
+    overlaps: Vec<Vec<u64>>,
+    most_in_flight: usize,
 }
 
 #[derive(Clone)]
@@ -103,6 +110,22 @@ impl FakePublisher {
         self.state.lock().unwrap().hang = hang;
     }
 
+    /// Answers take `latency` (a Pub/Sub a round trip away).
+    pub fn set_latency(&self, latency: Duration) {
+        self.state.lock().unwrap().latency = latency;
+    }
+
+    /// The most publishes that were in flight at once.
+    pub fn most_in_flight(&self) -> usize {
+        self.state.lock().unwrap().most_in_flight
+    }
+
+    /// For every publish handed over: the batches in flight at that moment
+    /// (its own included), when there were several.
+    pub fn overlapping_batches(&self) -> Vec<Vec<u64>> {
+        self.state.lock().unwrap().overlaps.clone()
+    }
+
     pub fn set_down(&self, down: bool) {
         self.state.lock().unwrap().down = down;
     }
@@ -151,7 +174,27 @@ impl Publisher for FakePublisher {
         {
             state.paused_keys.insert(key);
         }
-        futures::future::ready(result).boxed()
+        *state.in_flight.entry(at.0).or_default() += 1;
+        let now: usize = state.in_flight.values().sum();
+        state.most_in_flight = state.most_in_flight.max(now);
+        if state.in_flight.len() > 1 {
+            let batches = state.in_flight.keys().copied().collect();
+            state.overlaps.push(batches);
+        }
+        let latency = state.latency;
+        let shared = Arc::clone(&self.state);
+        async move {
+            tokio::time::sleep(latency).await;
+            let mut state = shared.lock().unwrap();
+            if let Some(n) = state.in_flight.get_mut(&at.0) {
+                *n -= 1;
+                if *n == 0 {
+                    state.in_flight.remove(&at.0);
+                }
+            }
+            result
+        }
+        .boxed()
     }
 
     fn resume(&self, ordering_key: &str) {

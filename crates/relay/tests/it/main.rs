@@ -5,9 +5,12 @@
 //! real binaries against MongoDB (or its stand-in) and Google's Pub/Sub
 //! emulator, as started by `scripts/test.sh`; `faults` injects MongoDB
 //! failures over the wire (fail points, killed sessions) into the real
-//! binaries.
+//! binaries; `pipeline` the latency-tolerant drain with a Pub/Sub a round
+//! trip away; `budget` pins the MongoDB commands per item drained and per
+//! batch stored.
 
 mod admin;
+mod budget;
 mod cli;
 mod dashboard;
 mod drain;
@@ -16,5 +19,6 @@ mod fakes;
 mod faults;
 mod lease;
 mod otlp;
+mod pipeline;
 mod store_rules;
 mod streams;

@@ -20,10 +20,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::e2e::{env, eventually};
-use crate::fakes::{FakePublisher, expected_order, first_deliveries, settings};
+use crate::fakes::{FakePublisher, expected_order, first_deliveries};
 
 /// A store on a fresh database of the test MongoDB, recording its commands.
-async fn store(test: &str) -> (MongoStore, CommandLog, mongodb::Database) {
+pub(crate) async fn store(test: &str) -> (MongoStore, CommandLog, mongodb::Database) {
     let database = format!("rules_{test}_{}", uuid::Uuid::new_v4().simple());
     let log = CommandLog::new();
     let mut config = MongoConfig::new(env("MONGODB_URL"), database.clone());
@@ -39,7 +39,7 @@ async fn store(test: &str) -> (MongoStore, CommandLog, mongodb::Database) {
     (store, log, db)
 }
 
-async fn insert(store: &MongoStore, size: usize) -> outbox_core::model::NewBatch {
+pub(crate) async fn insert(store: &MongoStore, size: usize) -> outbox_core::model::NewBatch {
     let batch = outbox_core::ingest::build_batch(
         (0..size).map(|i| serde_json::json!({ "i": i })).collect(),
         &outbox_core::ingest::IngestRules::default(),
@@ -61,9 +61,23 @@ fn run(
     publisher: &FakePublisher,
     holder: &str,
 ) -> (Arc<StatusBoard>, CancellationToken, tokio::task::JoinHandle<()>) {
+    run_with(store, publisher, holder, 2, "global", Duration::from_millis(50))
+}
+
+/// [`run`] with pages of `page` items and the ordering key mode `mode`.
+pub(crate) fn run_with(
+    store: &MongoStore,
+    publisher: &FakePublisher,
+    holder: &str,
+    page: u32,
+    mode: &str,
+    poll: Duration,
+) -> (Arc<StatusBoard>, CancellationToken, tokio::task::JoinHandle<()>) {
     let status = Arc::new(StatusBoard::default());
-    let mut settings = settings(holder, 2, PoisonPolicy::Halt);
-    settings.poll_interval = Duration::from_millis(50);
+    let mut stream = crate::fakes::definition(PoisonPolicy::Halt);
+    stream.ordering = mode.parse().unwrap();
+    let mut settings = crate::fakes::settings_for(holder, page, stream);
+    settings.poll_interval = poll;
     settings.backoff_cap = Duration::from_millis(200);
     let runner = Runner::new(
         Arc::new(store.clone()),
@@ -78,7 +92,7 @@ fn run(
     (status, stop, task)
 }
 
-async fn statuses(db: &mongodb::Database) -> Vec<String> {
+pub(crate) async fn statuses(db: &mongodb::Database) -> Vec<String> {
     use futures::TryStreamExt;
     db.collection::<Document>("batches")
         .find(doc! {})
