@@ -34,5 +34,13 @@ else
   target/release/outbox-bench relay
   target/release/outbox-bench relay --items 20000,300000 --ordering global
   target/release/outbox-bench latency
+  # A batch at the writer's limits beside small ones (issue 16).
+  target/release/outbox-bench big-batch
+  # The backlog over 1-8 streams and 1-3 relays; the writer on 1 or 4 streams.
+  target/release/outbox-bench streams
+  # Round trips: the drain against added RTT, the writer's latency, the
+  # seed's algorithm beside ours; then the command budget.
+  target/release/outbox-bench rtt
+  target/release/outbox-bench budget
 fi
 target/release/outbox-bench report --results "$BENCH_RESULTS" --doc docs/BENCHMARKS.md --charts docs/images

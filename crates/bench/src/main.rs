@@ -4,12 +4,14 @@
 //! MongoDB (or its stand-in) and the Pub/Sub emulator and runs all three.
 
 mod big_batch;
+mod budget;
 mod conflicts;
 mod latency;
 mod process;
 mod relay_drain;
 mod report;
 mod results;
+mod rtt;
 mod stats;
 mod streams;
 mod writer;
@@ -43,6 +45,11 @@ enum Command {
     /// designs (one transaction; one whose deadline bounds waiting only;
     /// staged items and a short transaction), on the model and the writer.
     BigBatch(big_batch::BigBatchArgs),
+    /// Drain rate against round-trip time to MongoDB and Pub/Sub (a
+    /// delaying proxy), the writer's latency, the seed's algorithm beside ours.
+    Rtt(rtt::RttArgs),
+    /// MongoDB commands per 1,000 items drained and per stored batch.
+    Budget(budget::BudgetArgs),
     /// Aggregate drain rate with the backlog spread over 1 to 8 streams
     /// and 1 to 3 relays; the writer on one stream or several.
     Streams(streams::StreamArgs),
@@ -84,6 +91,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::BigBatch(args) => big_batch::run(args).await,
         Command::Streams(args) => streams::run(args).await,
+        Command::Rtt(args) => rtt::run(args).await,
+        Command::Budget(args) => budget::run(args).await,
         Command::Report(args) => report::run(&args),
     }
 }

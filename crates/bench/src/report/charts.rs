@@ -16,11 +16,13 @@ fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing a chart: {e}")
 }
 
-const SERIES: [RGBColor; 4] = [
+const SERIES: [RGBColor; 6] = [
     RGBColor(5, 80, 174),
     RGBColor(207, 34, 46),
     RGBColor(17, 99, 41),
     RGBColor(125, 78, 0),
+    RGBColor(130, 80, 223),
+    RGBColor(27, 124, 131),
 ];
 
 /// End-to-end latency percentiles against the submitted rate.
@@ -158,3 +160,66 @@ pub fn relay_chart(path: &Path, title: &str, rows: &[(String, &Value)]) -> anyho
     Ok(())
 }
 
+
+/// Drain rate against the added round trip (both sides delayed), one line
+/// per batch size and ordering key mode.
+pub fn rtt_chart(path: &Path, rows: &[Value]) -> anyhow::Result<()> {
+    let root: Chart = SVGBackend::new(path, (720, 400)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let both: Vec<&Value> = rows.iter().filter(|r| r["side"] == "both").collect();
+    let max_rtt = both.iter().map(|r| f(r, "rtt_ms")).fold(1.0, f64::max);
+    let top = both
+        .iter()
+        .map(|r| f(r, "items_s"))
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Drain rate against round-trip time (MongoDB and Pub/Sub)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..max_rtt * 1.05, (10.0..top * 2.0).log_scale())
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("added round trip, ms")
+        .y_desc("items/s (log)")
+        .y_label_formatter(&|y| thousands(*y))
+        .draw()
+        .map_err(plot_err)?;
+    let mut lines: Vec<(String, u64)> = Vec::new();
+    for r in &both {
+        let key = (r["mode"].as_str().unwrap_or("?").to_owned(), r["batch_size"].as_u64().unwrap_or(0));
+        if !lines.contains(&key) {
+            lines.push(key);
+        }
+    }
+    for (i, (mode, size)) in lines.iter().enumerate() {
+        let color = SERIES[i % SERIES.len()];
+        let width = if mode == "global" { 2 } else { 1 };
+        let mut points: Vec<(f64, f64)> = both
+            .iter()
+            .filter(|r| r["mode"] == mode.as_str() && r["batch_size"] == *size)
+            .map(|r| (f(r, "rtt_ms"), f(r, "items_s")))
+            .filter(|(_, y)| y.is_finite())
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(width)))
+            .map_err(plot_err)?
+            .label(format!("{mode}, batches of {}", thousands(*size as f64)))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(width)));
+        chart
+            .draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}

@@ -119,6 +119,13 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     let streams_model = latest(&records, "streams-model", |r| {
         format!("{}-{}", r["streams"], r["clients"])
     });
+    let rtt = latest(&records, "rtt", |r| {
+        format!("{}-{}-{}-{}", r["side"], r["rtt_ms"], r["mode"], r["batch_size"])
+    });
+    let rtt_writer = latest(&records, "rtt-writer", |r| r["rtt_ms"].to_string());
+    let seed = latest(&records, "seed", |r| r["rtt_ms"].to_string());
+    let budget = latest(&records, "budget", |r| format!("{}-{}", r["mode"], r["batch_size"]));
+    let budget_writer = latest(&records, "budget-writer", |r| r["batch"].to_string());
     let big_batch = latest(&records, "big-batch", |r| {
         format!("{}-{}-{}", r["store"], r["design"], r["items"])
     });
@@ -132,11 +139,19 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         ("conflicts", &conflicts, tables::conflicts_table),
         ("streams", &streams, tables::streams_table),
         ("big-batch", &big_batch, tables::big_batch_table),
+        ("rtt", &rtt, tables::rtt_table),
+        ("rtt-writer", &rtt_writer, tables::rtt_writer_table),
+        ("seed", &seed, tables::seed_table),
     ] {
         if !rows.is_empty() {
             doc = splice(&doc, name, &table(rows))?;
             println!("{}", table(rows));
         }
+    }
+    if !budget.is_empty() {
+        let table = tables::budget_table(&budget, &budget_writer);
+        doc = splice(&doc, "budget", &table)?;
+        println!("{table}");
     }
     if !streams_writer.is_empty() {
         let table = tables::streams_writer_table(&streams_writer, &streams_model);
@@ -148,6 +163,9 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.charts)?;
     if !latency.is_empty() {
         charts::latency_chart(&args.charts.join("bench-latency.svg"), &latency)?;
+    }
+    if !rtt.is_empty() {
+        charts::rtt_chart(&args.charts.join("bench-rtt.svg"), &rtt)?;
     }
     let per_mode: Vec<(String, &Value)> = relay
         .iter()

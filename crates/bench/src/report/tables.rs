@@ -178,3 +178,118 @@ pub fn big_batch_table(rows: &[Value]) -> String {
     }
     t
 }
+
+/// The drain rate against round-trip time: one row per (delayed side,
+/// mode, batch size), one column per round trip, each cell items/s and its
+/// ratio to loopback.
+pub fn rtt_table(rows: &[Value]) -> String {
+    let mut rtts: Vec<u64> = rows.iter().filter_map(|r| r["rtt_ms"].as_u64()).collect();
+    rtts.sort_unstable();
+    rtts.dedup();
+    let mut keys: Vec<(String, String, u64)> = Vec::new();
+    for r in rows {
+        let key = (
+            r["side"].as_str().unwrap_or("?").to_owned(),
+            r["mode"].as_str().unwrap_or("?").to_owned(),
+            r["batch_size"].as_u64().unwrap_or(0),
+        );
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    let mut t = String::from("| delayed | ordering key | items/batch |");
+    for ms in &rtts {
+        t += &format!(" {ms} ms |");
+    }
+    t += "\n|---|---|---:|";
+    t += &"---:|".repeat(rtts.len());
+    t += "\n";
+    for (side, mode, size) in keys {
+        t += &format!("| {side} | `{mode}` | {} |", thousands(size as f64));
+        for ms in &rtts {
+            let cell = rows.iter().find(|r| {
+                r["side"] == side.as_str() && r["mode"] == mode.as_str() && r["batch_size"] == size && r["rtt_ms"] == *ms
+            });
+            t += &match cell {
+                Some(r) if *ms == 0 => format!(" {} |", thousands(f(r, "items_s"))),
+                Some(r) => format!(
+                    " {} ({}) |",
+                    thousands(f(r, "items_s")),
+                    ratio(f(r, "items_s") / f(r, "loopback_items_s"))
+                ),
+                None => " |".to_owned(),
+            };
+        }
+        t += "\n";
+    }
+    t
+}
+
+pub fn rtt_writer_table(rows: &[Value]) -> String {
+    let mut t = String::from(
+        "| round trip to MongoDB | p50 ms | p95 ms | items/s (one client) |\n|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        t += &format!(
+            "| {} ms | {:.1} | {:.1} | {} |\n",
+            r["rtt_ms"],
+            f(r, "p50_ms"),
+            f(r, "p95_ms"),
+            thousands(f(r, "items_s"))
+        );
+    }
+    t
+}
+
+pub fn seed_table(rows: &[Value]) -> String {
+    let mut t = String::from(
+        "| round trip (both) | items | the seed's algorithm items/s | ours items/s | ours ÷ seed |\n|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        t += &format!(
+            "| {} ms | {} | {} | {} | {} |\n",
+            r["rtt_ms"],
+            thousands(f(r, "items")),
+            thousands(f(r, "seed_items_s")),
+            thousands(f(r, "ours_items_s")),
+            ratio(f(r, "ours_items_s") / f(r, "seed_items_s"))
+        );
+    }
+    t
+}
+
+pub fn budget_table(rows: &[Value], writer: &[Value]) -> String {
+    let mut t = String::from(
+        "| ordering key | items/batch | item reads | batch reads | fenced writes | statements in them | drain total | upkeep |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        t += &format!(
+            "| `{}` | {} | {:.1} | {:.1} | {:.1} | {:.1} | **{:.1}** | {:.1} |\n",
+            r["mode"].as_str().unwrap_or("?"),
+            thousands(f(r, "batch_size")),
+            f(r, "item_reads"),
+            f(r, "batch_reads"),
+            f(r, "writes"),
+            f(r, "statements"),
+            f(r, "drain"),
+            f(r, "upkeep"),
+        );
+    }
+    if !writer.is_empty() {
+        t += "\n| the writer stores | commands | which |\n|---|---:|---|\n";
+        for r in writer {
+            let names: Vec<&str> = r["names"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            t += &format!(
+                "| {} | {} | {} |\n",
+                r["batch"].as_str().unwrap_or("?"),
+                r["commands"],
+                names.join(", ")
+            );
+        }
+    }
+    t
+}
