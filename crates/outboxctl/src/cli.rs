@@ -97,7 +97,7 @@ pub enum Command {
     },
     /// Put a failed batch back to draining from its first unsent item.
     Retry { batch_id: String },
-    /// Pause draining the stream (every replica), once the batch in flight is published.
+    /// Pause draining the stream (every replica) within about a second.
     Pause,
     /// Resume draining the stream.
     Resume,

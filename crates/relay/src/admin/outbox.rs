@@ -54,8 +54,9 @@ pub(crate) async fn start(
 
 /// Pause the default stream
 ///
-/// Every replica stops draining the default stream once the batch in
-/// flight is published; writers keep accepting batches. Kept across restarts.
+/// Every replica stops draining the default stream within about a second
+/// (the group of pages in flight is published and recorded first); writers
+/// keep accepting batches. Kept across restarts.
 #[utoipa::path(tag = "outbox",
     responses(
         (status = 200, description = "Draining paused.", body = PausedView),

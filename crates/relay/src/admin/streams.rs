@@ -358,7 +358,7 @@ pub(crate) async fn put(
     // than at its next poll (the other replicas, at theirs).
     state.cluster.slot_for(&stored);
     state.cluster.wake_all();
-    let body = definition_json(&stored);
+    let body = stream_json(&state, &name).await?;
     Ok(if created {
         HttpResponse::Created()
             .insert_header((header::LOCATION, format!("/api/v1/streams/{name}")))
@@ -439,7 +439,7 @@ pub(crate) async fn status_json(state: &AdminState, name: &StreamName) -> Result
 }
 
 /// A stream's status
-#[utoipa::path(tag = "streams",
+#[utoipa::path(tag = "streams", operation_id = "stream_status",
     params(("stream" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     responses(
         (status = 200, description = "Status.", body = StreamStatusView),
@@ -485,7 +485,7 @@ pub(crate) fn history_json(state: &AdminState, name: &StreamName) -> Result<Valu
 ///
 /// This replica's counters of the stream every 2 seconds over the last 10
 /// minutes, oldest first: what the dashboard's charts start from.
-#[utoipa::path(tag = "streams",
+#[utoipa::path(tag = "streams", operation_id = "stream_history",
     params(("stream" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     responses(
         (status = 200, description = "Samples.", body = HistoryView),
@@ -529,7 +529,8 @@ pub(crate) async fn set_paused(
 
 /// Pause a stream
 ///
-/// Every replica stops draining the stream once the batch in flight is published; writers
+/// Every replica stops draining the stream within about a second (the group of pages
+/// in flight is published and recorded first); writers
 /// keep accepting batches. Kept across restarts. Other streams go on.
 #[utoipa::path(tag = "streams",
     params(("stream" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
@@ -597,7 +598,7 @@ pub(crate) async fn pending_json(
 /// A stream's pending batches
 ///
 /// Batches not committed yet, in `batch_sequence` order, a page at a time.
-#[utoipa::path(tag = "streams",
+#[utoipa::path(tag = "streams", operation_id = "stream_pending_batches",
     params(
         ("stream" = String, Path, pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000 (default 100)."),

@@ -18,6 +18,7 @@ pub struct LeaderView {
 
 /// A stream's definition, as `PUT /api/v1/streams/{stream}` takes it.
 #[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StreamDefinitionBody {
     /// The Pub/Sub topic, in the relay's project.
     #[schema(example = "orders")]

@@ -1,0 +1,470 @@
+//! The consumer: hands each item to the application once (deduplicated by
+//! [`SeenStore`]), optionally whole batches, and acknowledges a message
+//! only after the handler succeeded and the item was remembered, so a
+//! failure or a crash means the message comes again, never that it is
+//! lost. [`Consumer::run`] reads an ordered subscription with Google's
+//! subscriber client; [`Core`] is the same logic over any source of
+//! deliveries (tests feed it directly).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use async_trait::async_trait;
+use google_cloud_pubsub::client::Subscriber;
+use google_cloud_pubsub::subscriber::ShutdownBehavior;
+use tracing::warn;
+
+use crate::item::{Item, Lane, NotAnItem};
+use crate::seen::SeenStore;
+use crate::verify::{Contract, Report, Verdict, Verifier};
+
+/// What the application receives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Delivery {
+    /// One item, the first time it comes.
+    Item(Item),
+    /// Every item of one batch, in `item_sequence` order, once the last of
+    /// them came (`whole_batches`).
+    Batch(Vec<Item>),
+}
+
+/// The application's side.
+#[async_trait]
+pub trait Handler: Send + Sync {
+    /// Handles a delivery. `Err` leaves its messages unacknowledged: they
+    /// come again (with message ordering, with everything after them on
+    /// their ordering key).
+    ///
+    /// # Errors
+    /// Whatever went wrong; the delivery comes again.
+    async fn handle(&self, delivery: Delivery) -> anyhow::Result<()>;
+}
+
+/// How to answer one message.
+pub trait Answer: Send {
+    fn ack(self: Box<Self>);
+    fn nack(self: Box<Self>);
+}
+
+impl Answer for google_cloud_pubsub::subscriber::handler::Handler {
+    fn ack(self: Box<Self>) {
+        google_cloud_pubsub::subscriber::handler::Handler::ack(*self);
+    }
+
+    fn nack(self: Box<Self>) {
+        google_cloud_pubsub::subscriber::handler::Handler::nack(*self);
+    }
+}
+
+/// One message received, and how to answer it.
+pub struct Received {
+    pub item: Result<Item, NotAnItem>,
+    pub answer: Box<dyn Answer>,
+}
+
+/// What became of one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled and acknowledged (with the others of its batch, when whole).
+    Handled,
+    /// Kept until the rest of its batch comes.
+    Held,
+    /// A copy of an item already handled: acknowledged, not handled.
+    Duplicate,
+    /// The handler or the memory failed: not acknowledged, it comes again.
+    Failed(String),
+    /// After a failure on its ordering key, before the failed message came
+    /// again: not handled and not acknowledged (it comes again after it),
+    /// so the handler sees the key in order.
+    Blocked,
+    /// Not a batch-outbox message: acknowledged and set aside (logged).
+    Foreign(String),
+}
+
+/// A batch being collected.
+struct Collecting {
+    items: BTreeMap<u32, Item>,
+    answers: Vec<Box<dyn Answer>>,
+    total: u64,
+}
+
+/// The consumer's logic, over any source of deliveries.
+pub struct Core<S, H> {
+    seen: S,
+    handler: H,
+    whole_batches: bool,
+    collecting: BTreeMap<(Lane, u64), Collecting>,
+    /// Ordering keys with a failed delivery, and the item awaited again.
+    blocked: BTreeMap<(Lane, String), String>,
+    verifier: Verifier,
+}
+
+impl<S: SeenStore, H: Handler> Core<S, H> {
+    pub fn new(seen: S, handler: H, whole_batches: bool, contract: Contract) -> Self {
+        Self {
+            seen,
+            handler,
+            whole_batches,
+            collecting: BTreeMap::new(),
+            blocked: BTreeMap::new(),
+            verifier: Verifier::new(contract),
+        }
+    }
+
+    /// The order contract as the deliveries so far kept it.
+    pub fn report(&self) -> Report {
+        self.verifier.report()
+    }
+
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// Works on one message.
+    pub async fn on(&mut self, received: Received) -> Outcome {
+        let Received { item, answer } = received;
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                warn!(message = "not a batch-outbox message; acknowledged and skipped", error = %e);
+                answer.ack();
+                return Outcome::Foreign(e.0);
+            }
+        };
+        let key = item.dedup_key();
+        let ordering = (item.lane(), item.ordering_key.clone());
+        if let Some(awaited) = self.blocked.get(&ordering) {
+            if *awaited == key {
+                self.blocked.remove(&ordering);
+            } else {
+                answer.nack();
+                return Outcome::Blocked;
+            }
+        }
+        match self.seen.seen(&key).await {
+            Ok(true) => {
+                self.verifier.observe(&item);
+                answer.ack();
+                return Outcome::Duplicate;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                answer.nack();
+                return Outcome::Failed(format!("reading what was seen: {e:#}"));
+            }
+        }
+        if !self.whole_batches {
+            let outcome = match self.handler.handle(Delivery::Item(item.clone())).await {
+                Ok(()) => match self.seen.remember(std::slice::from_ref(&key)).await {
+                    Ok(()) => Outcome::Handled,
+                    Err(e) => Outcome::Failed(format!("remembering: {e:#}")),
+                },
+                Err(e) => Outcome::Failed(format!("{e:#}")),
+            };
+            if outcome == Outcome::Handled {
+                self.note(&item);
+                answer.ack();
+            } else {
+                // Until it comes again, the rest of its key waits.
+                self.blocked.insert(ordering, key);
+                answer.nack();
+            }
+            return outcome;
+        }
+        let slot = (item.lane(), item.position.batch_sequence);
+        let collecting = self.collecting.entry(slot.clone()).or_insert_with(|| Collecting {
+            items: BTreeMap::new(),
+            answers: Vec::new(),
+            total: item.batch_total_items,
+        });
+        if collecting.items.contains_key(&item.position.item_sequence) {
+            // A copy of an item held for its batch: the held one answers.
+            answer.ack();
+            return Outcome::Duplicate;
+        }
+        collecting.items.insert(item.position.item_sequence, item);
+        collecting.answers.push(answer);
+        if (collecting.items.len() as u64) < collecting.total {
+            return Outcome::Held;
+        }
+        let Some(done) = self.collecting.remove(&slot) else {
+            return Outcome::Held;
+        };
+        let items: Vec<Item> = done.items.into_values().collect();
+        let keys: Vec<String> = items.iter().map(Item::dedup_key).collect();
+        let outcome = match self.handler.handle(Delivery::Batch(items.clone())).await {
+            Ok(()) => match self.seen.remember(&keys).await {
+                Ok(()) => Outcome::Handled,
+                Err(e) => Outcome::Failed(format!("remembering: {e:#}")),
+            },
+            Err(e) => Outcome::Failed(format!("{e:#}")),
+        };
+        let handled = outcome == Outcome::Handled;
+        if handled {
+            for item in &items {
+                self.note(item);
+            }
+        } else if let Some(first) = items.first() {
+            // Until the batch comes again, the rest of its key waits.
+            self.blocked
+                .insert((first.lane(), first.ordering_key.clone()), first.dedup_key());
+        }
+        for answer in done.answers {
+            if handled {
+                answer.ack();
+            } else {
+                answer.nack();
+            }
+        }
+        outcome
+    }
+
+    fn note(&mut self, item: &Item) {
+        if let Verdict::OutOfOrder { after } = self.verifier.observe(item) {
+            warn!(
+                message = "an item came after a later one on its ordering key",
+                item_id = %item.item_id,
+                batch_sequence = item.position.batch_sequence,
+                item_sequence = item.position.item_sequence,
+                after_batch = after.batch_sequence,
+                after_item = after.item_sequence
+            );
+        }
+    }
+}
+
+/// Where to read from.
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    pub project: String,
+    pub subscription: String,
+    /// `host:port` of the Pub/Sub emulator (anonymous credentials).
+    pub emulator_host: Option<String>,
+    /// Another endpoint (a regional one), with the default credentials.
+    pub endpoint: Option<String>,
+    /// Messages leased ahead of the handler, at most. With
+    /// `whole_batches`, at least the largest batch.
+    pub max_outstanding: i64,
+    /// Hand whole batches to the handler instead of single items.
+    pub whole_batches: bool,
+    /// What the stream's ordering-key mode promises (for the report).
+    pub contract: Contract,
+}
+
+impl ConsumerConfig {
+    pub fn new(project: &str, subscription: &str) -> Self {
+        Self {
+            project: project.to_owned(),
+            subscription: subscription.to_owned(),
+            emulator_host: None,
+            endpoint: None,
+            max_outstanding: 1000,
+            whole_batches: false,
+            contract: Contract::Global,
+        }
+    }
+
+    fn subscription_path(&self) -> String {
+        format!(
+            "projects/{}/subscriptions/{}",
+            self.project, self.subscription
+        )
+    }
+}
+
+/// Reads an ordered subscription and hands its items to a [`Handler`].
+pub struct Consumer;
+
+impl Consumer {
+    /// Runs until `stop` resolves or the subscription ends; returns what
+    /// the deliveries did to the order contract.
+    ///
+    /// # Errors
+    /// When the subscriber cannot be built or its stream fails.
+    pub async fn run<S: SeenStore, H: Handler>(
+        config: &ConsumerConfig,
+        seen: S,
+        handler: H,
+        stop: impl Future<Output = ()>,
+    ) -> anyhow::Result<Report> {
+        let mut builder = Subscriber::builder();
+        if let Some(host) = &config.emulator_host {
+            builder = builder
+                .with_endpoint(format!("http://{host}"))
+                .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+        } else if let Some(endpoint) = &config.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        let client = builder.build().await?;
+        let mut stream = client
+            .subscribe(config.subscription_path())
+            .set_max_outstanding_messages(config.max_outstanding)
+            .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+            .build();
+        let shutdown = stream.shutdown_token();
+        let mut core = Core::new(seen, handler, config.whole_batches, config.contract);
+        let mut stop = std::pin::pin!(stop);
+        let result = loop {
+            let next = tokio::select! {
+                () = &mut stop => break Ok(()),
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok((message, answer))) => {
+                    let item = Item::parse(
+                        &message.message_id,
+                        &message.ordering_key,
+                        &message.attributes,
+                        &message.data,
+                    );
+                    if let Outcome::Failed(reason) = core
+                        .on(Received {
+                            item,
+                            answer: Box::new(answer),
+                        })
+                        .await
+                    {
+                        warn!(message = "not handled; it comes again", reason = %reason);
+                    }
+                }
+                Some(Err(error)) => break Err(anyhow::Error::from(error)),
+                None => break Ok(()),
+            }
+        };
+        // Sends the acknowledgements still queued; bounded.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), shutdown.shutdown()).await;
+        result.map(|()| core.report())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::item::tests::item;
+    use crate::seen::MemorySeen;
+
+    /// Records how each message was answered.
+    #[derive(Clone, Default)]
+    struct Answers(Arc<Mutex<Vec<(String, bool)>>>);
+
+    struct Answering(String, Answers);
+
+    impl Answer for Answering {
+        fn ack(self: Box<Self>) {
+            self.1.0.lock().unwrap_or_else(|e| e.into_inner()).push((self.0, true));
+        }
+
+        fn nack(self: Box<Self>) {
+            self.1.0.lock().unwrap_or_else(|e| e.into_inner()).push((self.0, false));
+        }
+    }
+
+    /// Keeps what it handled; fails the items named in `fail_once` once.
+    #[derive(Default)]
+    struct Keeping {
+        handled: Mutex<Vec<Delivery>>,
+        fail_once: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Handler for Keeping {
+        async fn handle(&self, delivery: Delivery) -> anyhow::Result<()> {
+            let ids: Vec<String> = match &delivery {
+                Delivery::Item(item) => vec![item.item_id.clone()],
+                Delivery::Batch(items) => items.iter().map(|i| i.item_id.clone()).collect(),
+            };
+            let mut fail = self.fail_once.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(at) = fail.iter().position(|f| ids.contains(f)) {
+                fail.remove(at);
+                anyhow::bail!("the application failed");
+            }
+            self.handled.lock().unwrap_or_else(|e| e.into_inner()).push(delivery);
+            Ok(())
+        }
+    }
+
+    fn received(item: Item, answers: &Answers) -> Received {
+        Received {
+            answer: Box::new(Answering(item.message_id.clone(), answers.clone())),
+            item: Ok(item),
+        }
+    }
+
+    /// Deliveries with a duplicate, and a failure whose redelivery brings
+    /// what followed on the key again (Pub/Sub's behaviour with ordering).
+    fn deliveries() -> Vec<Item> {
+        let mut out = Vec::new();
+        for (b, i, total) in [(1, 1, 2), (1, 2, 2), (1, 2, 2), (2, 1, 2), (2, 2, 2), (2, 1, 2), (2, 2, 2), (3, 1, 1)] {
+            let mut item = item(b, i, total);
+            item.message_id = format!("m{}", out.len());
+            out.push(item);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn each_item_reaches_the_handler_once_and_a_failed_one_comes_again() {
+        let answers = Answers::default();
+        let handler = Keeping::default();
+        handler.fail_once.lock().unwrap_or_else(|e| e.into_inner()).push("i2-1".to_owned());
+        let mut core = Core::new(MemorySeen::default(), handler, false, Contract::Global);
+        let mut outcomes = Vec::new();
+        for item in deliveries() {
+            outcomes.push(core.on(received(item, &answers)).await);
+        }
+        let handled: Vec<String> = core
+            .handler()
+            .handled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|d| match d {
+                Delivery::Item(item) => item.item_id.clone(),
+                Delivery::Batch(_) => String::new(),
+            })
+            .collect();
+        assert_eq!(handled, ["i1-1", "i1-2", "i2-1", "i2-2", "i3-1"]);
+        assert_eq!(outcomes[2], Outcome::Duplicate);
+        assert!(matches!(outcomes[3], Outcome::Failed(_)));
+        assert_eq!(outcomes[4], Outcome::Blocked, "i2-2 waits for i2-1 to come again");
+        assert_eq!(outcomes[6], Outcome::Handled);
+        // The failed delivery and the one after it on the key were not
+        // acknowledged; every other one was.
+        let answered = answers.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let nacked: Vec<&str> = answered.iter().filter(|(_, a)| !a).map(|(m, _)| m.as_str()).collect();
+        assert_eq!(nacked, ["m3", "m4"]);
+        assert!(core.report().held());
+    }
+
+    #[tokio::test]
+    async fn whole_batches_reach_the_handler_in_order_and_are_acknowledged_together() {
+        let answers = Answers::default();
+        let handler = Keeping::default();
+        handler.fail_once.lock().unwrap_or_else(|e| e.into_inner()).push("i2-2".to_owned());
+        let mut core = Core::new(MemorySeen::default(), handler, true, Contract::Global);
+        let mut outcomes = Vec::new();
+        for item in deliveries() {
+            outcomes.push(core.on(received(item, &answers)).await);
+        }
+        let batches: Vec<Vec<String>> = core
+            .handler()
+            .handled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|d| match d {
+                Delivery::Batch(items) => items.iter().map(|i| i.item_id.clone()).collect(),
+                Delivery::Item(_) => Vec::new(),
+            })
+            .collect();
+        assert_eq!(batches, [vec!["i1-1", "i1-2"], vec!["i2-1", "i2-2"], vec!["i3-1"]]);
+        // Batch 2 failed once: both its messages were nacked, then it came
+        // again whole and was acknowledged.
+        let answered = answers.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let nacked: Vec<&str> = answered.iter().filter(|(_, a)| !a).map(|(m, _)| m.as_str()).collect();
+        assert_eq!(nacked, ["m3", "m4"]);
+        assert!(core.report().held());
+    }
+}
