@@ -138,24 +138,48 @@ async fn post_cell(
     let body = Arc::new(serde_json::to_vec(&sample_items(size, "w"))?);
     let endpoints = Arc::new(endpoints);
     let http = http.clone();
-    measure(clients, batches, size, move |n| {
-        let request = http
-            .post(endpoints[n % endpoints.len()].as_str())
-            .header("content-type", "application/json")
-            .body(body.as_ref().clone())
-            .send();
+    let shed = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&shed);
+    let cell = measure(clients, batches, size, move |n| {
+        let (http, endpoints, body, shed) = (http.clone(), Arc::clone(&endpoints), Arc::clone(&body), Arc::clone(&counted));
         async move {
-            let response = request.await?;
-            let status = response.status();
-            ensure!(
-                status == 201,
-                "writer answered {status}: {}",
-                response.text().await?
-            );
-            Ok(())
+            // As a client should: a 503 (the writer shedding load past its
+            // deadline) is retried after its Retry-After; the latency is
+            // the whole wait.
+            loop {
+                let response = http
+                    .post(endpoints[n % endpoints.len()].as_str())
+                    .header("content-type", "application/json")
+                    .body(body.as_ref().clone())
+                    .send()
+                    .await?;
+                let status = response.status();
+                if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                    shed.fetch_add(1, Ordering::Relaxed);
+                    let wait = response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(1);
+                    tokio::time::sleep(Duration::from_secs(wait)).await;
+                    continue;
+                }
+                ensure!(
+                    status == 201,
+                    "writer answered {status}: {}",
+                    response.text().await?
+                );
+                return Ok(());
+            }
         }
     })
-    .await
+    .await?;
+    let shed = shed.load(Ordering::Relaxed);
+    if shed > 0 {
+        println!("      ({size} items x {clients} clients: {shed} answers were 503 and retried after Retry-After)");
+    }
+    Ok(cell)
 }
 
 /// The ceiling: the same documents (built by the same code, so the same

@@ -13,6 +13,7 @@
 //! - [`publish`]: the [`publish::Publisher`] the relay sends items through,
 //!   and Pub/Sub's limits on a message.
 //! - [`stream`]: streams (name, topic, ordering, schema, writers).
+//! - [`replay`]: replay jobs (a range of committed batches published again).
 //! - [`memory`]: in-memory implementations of the store traits, used by tests
 //!   to show properties the MongoDB stand-in cannot (conflicting transactions).
 
@@ -20,6 +21,7 @@ pub mod ingest;
 pub mod memory;
 pub mod model;
 pub mod publish;
+pub mod replay;
 pub mod store;
 pub mod stream;
 

@@ -23,7 +23,10 @@ use crate::store::{
     Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease, LeaseStore, Member, MemberStore,
     OutboxItem, OutboxStore, PendingBatch, Removed, SentMark, StoreError, StreamStore,
 };
+use crate::replay::{ReplayId, ReplayJob};
 use crate::stream::{StreamDefinition, StreamName};
+
+mod replays;
 
 #[derive(Debug)]
 struct StoredBatch {
@@ -113,6 +116,7 @@ struct State {
     hidden: Vec<(BatchId, StoredItem)>,
     definitions: BTreeMap<StreamName, StreamDefinition>,
     members: BTreeMap<String, Member>,
+    replays: BTreeMap<ReplayId, ReplayJob>,
 }
 
 /// An in-memory store; clones share the same data.

@@ -12,6 +12,7 @@ use crate::model::{
     BatchId, BatchProgress, BatchStatus, BatchSummary, ItemId, ItemSequence, ItemStatus, NewBatch,
     Sequence,
 };
+use crate::replay::{HeldRange, ReplayAction, ReplayId, ReplayJob, ReplayProgress};
 use crate::stream::{StreamDefinition, StreamName};
 
 /// Why a store operation failed.
@@ -540,6 +541,73 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// Pauses or resumes draining the stream, for every replica.
     async fn set_paused(&self, stream: &StreamName, paused: bool) -> Result<(), StoreError>;
+}
+
+/// Replay jobs, and the reads a replay publishes from. Reads are of
+/// committed data only, at the same (majority) read concern as the drain's.
+#[async_trait]
+pub trait ReplayStore: Send + Sync + 'static {
+    /// What the stream still holds of its committed batches.
+    async fn held_range(&self, stream: &StreamName) -> Result<HeldRange, StoreError>;
+
+    /// How many batches of `from ..= to` are held, and their items.
+    async fn range_totals(
+        &self,
+        stream: &StreamName,
+        from: Sequence,
+        to: Sequence,
+    ) -> Result<(u64, u64), StoreError>;
+
+    /// Stores a new job.
+    async fn create_replay(&self, job: &ReplayJob) -> Result<(), StoreError>;
+
+    async fn replay(&self, id: &ReplayId) -> Result<Option<ReplayJob>, StoreError>;
+
+    /// Jobs, newest first, of one stream or of all.
+    async fn replays(
+        &self,
+        stream: Option<&StreamName>,
+        limit: u32,
+    ) -> Result<Vec<ReplayJob>, StoreError>;
+
+    /// Applies an operator's action when the job is in a state it applies
+    /// to (see [`ReplayAction::transition`]); a resume restarts the rate's
+    /// measurement and clears the error. The job as it is afterwards,
+    /// changed or not; `None` when there is no such job.
+    async fn act_on_replay(
+        &self,
+        id: &ReplayId,
+        action: ReplayAction,
+    ) -> Result<Option<ReplayJob>, StoreError>;
+
+    /// Records how far a job got, under the stream's fence; with
+    /// `progress.done`, a running job becomes done.
+    async fn record_replay(&self, fence: &Fence, progress: &ReplayProgress)
+    -> Result<(), StoreError>;
+
+    /// Stops a running job with an error, under the stream's fence.
+    async fn fail_replay(&self, fence: &Fence, id: &ReplayId, error: &str)
+    -> Result<(), StoreError>;
+
+    /// The stream's committed batches from `from` up to `to`, in order, at
+    /// most `limit`.
+    async fn committed_batches(
+        &self,
+        stream: &StreamName,
+        from: Sequence,
+        to: Sequence,
+        limit: u32,
+    ) -> Result<Vec<PendingBatch>, StoreError>;
+
+    /// The sent items of a committed batch at positions `after + 1 ..=
+    /// after + limit`, in order (an item the relay dead-lettered was never
+    /// published, and is not replayed).
+    async fn sent_items(
+        &self,
+        batch_id: &BatchId,
+        after: ItemSequence,
+        limit: u32,
+    ) -> Result<Vec<OutboxItem>, StoreError>;
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ pub struct MongoConfig {
     pub streams_collection: String,
     /// The relay replicas' registry.
     pub members_collection: String,
+    /// Replay jobs.
+    pub replays_collection: String,
     /// How long an operation waits for a usable server before failing.
     /// Short, so clients get a 503 quickly instead of hanging for the
     /// driver's default 30 s.
@@ -98,6 +100,7 @@ impl MongoConfig {
             staged_collection: "staged_batches".to_owned(),
             streams_collection: "outbox_streams".to_owned(),
             members_collection: "relay_members".to_owned(),
+            replays_collection: "replay_jobs".to_owned(),
             server_selection_timeout: Duration::from_secs(2),
             idempotency_ttl: Duration::from_secs(24 * 60 * 60),
             transaction_concurrency: DEFAULT_TRANSACTION_CONCURRENCY,

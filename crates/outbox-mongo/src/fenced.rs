@@ -16,6 +16,7 @@
 use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
 use outbox_core::model::{BatchId, BatchStatus, ItemSequence, ItemStatus, Sequence};
+use outbox_core::replay::{ReplayId, ReplayProgress, ReplayState};
 use outbox_core::store::{ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, Fence, OutboxItem, PageWrite, SentMark, StoreError};
 
 use crate::batches::transaction_options;
@@ -59,6 +60,9 @@ pub(crate) enum FencedWrite<'a> {
     Pages(&'a [PageWrite]),
     Fail(&'a BatchId, ItemSequence, &'a str),
     DeadLetter(&'a OutboxItem, &'a str),
+    /// A replay job's position (`replays.rs`).
+    Replay(&'a ReplayProgress),
+    ReplayFailed(&'a ReplayId, &'a str),
 }
 
 impl FencedWrite<'_> {
@@ -364,6 +368,19 @@ impl MongoStore {
                 }
                 self.dead_letters()
                     .insert_one(letter)
+                    .session(&mut *session)
+                    .await
+                    .map_err(classify)?;
+            }
+            FencedWrite::Replay(progress) => {
+                self.write_replay(session, progress, now).await?;
+            }
+            FencedWrite::ReplayFailed(id, error) => {
+                self.replays()
+                    .update_one(
+                        doc! { "_id": id.as_str(), "state": ReplayState::Running.as_str() },
+                        doc! { "$set": { "state": ReplayState::Failed.as_str(), "error": error, "updated_at": now } },
+                    )
                     .session(&mut *session)
                     .await
                     .map_err(classify)?;

@@ -27,6 +27,7 @@ mod lease;
 pub mod monitor;
 mod outbox;
 mod registry;
+mod replays;
 
 use std::sync::Arc;
 
@@ -557,6 +558,10 @@ impl MongoStore {
 
     fn members(&self) -> Collection<Document> {
         self.db.collection(&self.config.members_collection)
+    }
+
+    fn replays(&self) -> Collection<Document> {
+        self.db.collection(&self.config.replays_collection)
     }
 
     fn staged(&self) -> Collection<Document> {

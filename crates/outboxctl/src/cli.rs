@@ -104,6 +104,10 @@ pub enum Command {
     /// Define and list streams.
     #[command(subcommand)]
     Stream(StreamCommand),
+    /// Publish a range of committed batches again, in order, and follow
+    /// replay jobs (`--stream` names the stream).
+    #[command(subcommand)]
+    Replay(ReplayCommand),
     /// Print what a Pub/Sub subscription receives, one JSON line a message.
     Tail(TailSource),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -135,6 +139,46 @@ pub enum StreamCommand {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReplayCommand {
+    /// Start a replay of batches FROM..=TO (their batch_sequence).
+    Start(ReplayStartArgs),
+    /// The stream's replay jobs, newest first.
+    List,
+    /// One job's state and progress.
+    Show { replay_id: String },
+    /// Follow a job with a progress bar until it is done.
+    Watch { replay_id: String },
+    /// Pause a running job (within about a second).
+    Pause { replay_id: String },
+    /// Run a paused or failed job again from where it stopped.
+    Resume { replay_id: String },
+    /// Stop a job for good.
+    Cancel { replay_id: String },
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayStartArgs {
+    /// The first batch sequence of the range.
+    #[arg(long)]
+    pub from: u64,
+    /// The last batch sequence of the range (committed).
+    #[arg(long)]
+    pub to: u64,
+    /// Where the copies go (default: the stream's topic).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// The copies' ordering-key mode (default: the stream's).
+    #[arg(long)]
+    pub ordering_key: Option<String>,
+    /// Items per second at most (default: no limit).
+    #[arg(long)]
+    pub max_items_per_second: Option<u32>,
+    /// Follow the job with a progress bar until it is done.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 #[derive(Args, Debug, Default)]

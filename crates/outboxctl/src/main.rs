@@ -14,6 +14,7 @@ mod cli;
 mod client;
 mod progress;
 mod render;
+mod replays;
 mod streams;
 mod submit;
 mod watch;
@@ -182,6 +183,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             say(&answer, json, || format!("draining of stream {stream} resumed"));
         }
         Command::Stream(command) => stream_command(&client, command, json).await?,
+        Command::Replay(command) => replays::run(&client, command, &stream, json, bars).await?,
         Command::Tail(_) | Command::Completions { .. } => {
             unreachable!("handled before the client is built")
         }

@@ -35,7 +35,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox_core::store::{Lease, LeaseStore, Member, MemberStore, OutboxStore, StreamStore};
+use outbox_core::store::{
+    Lease, LeaseStore, Member, MemberStore, OutboxStore, ReplayStore, StreamStore,
+};
 use outbox_core::stream::{StreamDefinition, StreamName};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -76,6 +78,7 @@ pub struct ClusterStores {
     pub leases: Arc<dyn LeaseStore>,
     pub streams: Arc<dyn StreamStore>,
     pub members: Arc<dyn MemberStore>,
+    pub replays: Arc<dyn ReplayStore>,
 }
 
 /// A runner this replica runs.
@@ -119,6 +122,8 @@ pub struct Cluster {
     wake: Notify,
     /// The live members and the leases as last read.
     seen: Mutex<(Vec<Member>, Vec<Lease>)>,
+    /// Wakes the replay workers (a job was started or resumed).
+    replays_wake: Arc<Notify>,
 }
 
 /// A deterministic score of (stream, replica): each replica prefers the
@@ -177,6 +182,7 @@ impl Cluster {
             slots: Mutex::default(),
             wake: Notify::new(),
             seen: Mutex::default(),
+            replays_wake: Arc::new(Notify::new()),
         };
         let default = cluster.settings.default_stream.clone();
         cluster.slot_for(&default);
@@ -272,6 +278,11 @@ impl Cluster {
     }
 
     /// Wakes every runner (new batches) and the supervisor.
+    /// Tells the replay workers that a job was started or resumed.
+    pub fn wake_replays(&self) {
+        self.replays_wake.notify_waiters();
+    }
+
     pub fn wake_all(&self) {
         for slot in self.lock().values() {
             slot.wake.notify_one();
@@ -512,12 +523,27 @@ impl Cluster {
             self.settings.retention.clone(),
             stop.clone(),
         ));
+        let replays = tokio::spawn(crate::replay::run(
+            Arc::clone(&self.stores.replays),
+            Arc::clone(&self.publishers),
+            name.clone(),
+            runner.leadership(),
+            crate::replay::ReplaySettings {
+                page_size: self.settings.page_size,
+                poll_interval: self.settings.poll_interval,
+                backoff_base: self.settings.backoff_base,
+                backoff_cap: self.settings.backoff_cap,
+            },
+            Arc::clone(&self.replays_wake),
+            stop.clone(),
+        ));
         let span = info_span!("stream", stream = %name);
         let token = stop.clone();
         let task = tokio::spawn(
             async move {
                 runner.run(token).await;
                 let _ = retention.await;
+                let _ = replays.await;
             }
             .instrument(span),
         );

@@ -61,6 +61,20 @@ pub struct TailSource {
     /// Stop after this many messages.
     #[arg(long)]
     pub count: Option<u64>,
+    /// Check the deliveries against the consumer contract as they come
+    /// (docs/CONSUMING.md): report on stderr each duplicate, each first
+    /// delivery out of order and each batch left incomplete, then a
+    /// summary; exit 1 when the order was broken. `global` (the default:
+    /// one key a stream, batches whole) or `per-key` (`batch`, `field:`).
+    #[arg(long, value_name = "CONTRACT", num_args = 0..=1, default_missing_value = "global")]
+    pub verify: Option<VerifyContract>,
+}
+
+/// What `tail --verify` checks.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyContract {
+    Global,
+    PerKey,
 }
 
 /// Where Pub/Sub is.

@@ -23,6 +23,7 @@ pub mod drain;
 pub mod lease;
 pub mod metrics;
 pub mod pubsub;
+pub mod replay;
 pub mod retention;
 pub mod runner;
 pub mod sharding;
@@ -38,7 +39,7 @@ use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use futures::StreamExt;
-use outbox_core::store::{LeaseStore, MemberStore, OutboxStore, StreamStore};
+use outbox_core::store::{LeaseStore, MemberStore, OutboxStore, ReplayStore, StreamStore};
 use outbox_core::stream::StreamName;
 use outbox_mongo::MongoStore;
 use tokio_util::sync::CancellationToken;
@@ -74,13 +75,14 @@ impl ClusterStores {
     /// adapter, the in-memory model).
     pub fn all<S>(store: S) -> Self
     where
-        S: OutboxStore + LeaseStore + StreamStore + MemberStore + Clone,
+        S: OutboxStore + LeaseStore + StreamStore + MemberStore + ReplayStore + Clone,
     {
         Self {
             outbox: Arc::new(store.clone()),
             leases: Arc::new(store.clone()),
             streams: Arc::new(store.clone()),
-            members: Arc::new(store),
+            members: Arc::new(store.clone()),
+            replays: Arc::new(store),
         }
     }
 }
@@ -118,6 +120,7 @@ impl Application {
             leases: Arc::new(lease_store),
             streams: Arc::new(mongo.clone()),
             members: Arc::new(mongo.clone()),
+            replays: Arc::new(mongo.clone()),
         };
         let mut app = Self::with_parts(&config, stores, Arc::new(client))?;
         app.mongo = Some(mongo);

@@ -20,10 +20,12 @@ pub const RETENTION_REMOVED_DEAD_LETTERS: &str =
     "outbox_relay_retention_removed_dead_letters_total";
 
 pub const SEQUENCE_GAPS: &str = "outbox_relay_sequence_gaps_total";
+pub const REPLAYED: &str = "outbox_relay_replayed_total";
 
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(PUBLISHED, "Items acknowledged by Pub/Sub and marked sent");
+    describe_counter!(REPLAYED, "Copies published by replay jobs and acknowledged");
     describe_histogram!(
         PUBLISH_LATENCY,
         Unit::Seconds,

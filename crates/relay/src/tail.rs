@@ -27,7 +27,7 @@ use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use outbox_service::cli;
 use serde_json::{Value, json};
 
-use crate::config::TailSource;
+use crate::config::{TailSource, VerifyContract};
 use crate::pubsub::{self, PubSubConfig};
 
 /// How long setting up the subscription may take before `tail` says it
@@ -51,6 +51,7 @@ pub async fn run(source: &TailSource) -> ExitCode {
     };
     let mut out = std::io::stdout().lock();
     let notices = std::io::stderr().is_terminal();
+    let mut check = source.verify.map(Check::new);
     let stop = async {
         // Ctrl-C ends the tail cleanly: acknowledgements sent, nothing held.
         let _ = tokio::signal::ctrl_c().await;
@@ -62,14 +63,92 @@ pub async fn run(source: &TailSource) -> ExitCode {
         notices,
         stop,
         &mut out,
+        check.as_mut(),
     )
     .await
     {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => match check {
+            Some(check) if !check.finish() => ExitCode::FAILURE,
+            _ => ExitCode::SUCCESS,
+        },
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--verify`: the consumer crate's verifier over what `tail` prints, its
+/// findings on stderr as they come.
+pub struct Check {
+    verifier: outbox_consumer::Verifier,
+    not_items: u64,
+}
+
+impl Check {
+    pub fn new(contract: VerifyContract) -> Self {
+        let contract = match contract {
+            VerifyContract::Global => outbox_consumer::Contract::Global,
+            VerifyContract::PerKey => outbox_consumer::Contract::PerKey,
+        };
+        Self {
+            verifier: outbox_consumer::Verifier::new(contract),
+            not_items: 0,
+        }
+    }
+
+    /// Observes one printed message; a finding, if any, as a line.
+    pub fn observe(
+        &mut self,
+        message_id: &str,
+        ordering_key: &str,
+        attributes: &std::collections::HashMap<String, String>,
+        data: &[u8],
+    ) -> Option<String> {
+        use outbox_consumer::Verdict;
+        let item = match outbox_consumer::Item::parse(message_id, ordering_key, attributes, data) {
+            Ok(item) => item,
+            Err(e) => {
+                self.not_items += 1;
+                return Some(format!("verify: message {message_id} is not an outbox item: {}", e.0));
+            }
+        };
+        let at = format!(
+            "item {} (batch {} position {}{})",
+            item.item_id,
+            item.position.batch_sequence,
+            item.position.item_sequence,
+            item.replay_id.as_ref().map(|r| format!(", replay {r}")).unwrap_or_default()
+        );
+        match self.verifier.observe(&item) {
+            Verdict::First => None,
+            Verdict::Duplicate => Some(format!("verify: duplicate of {at} (allowed: delivery is at least once)")),
+            Verdict::OutOfOrder { after } => Some(format!(
+                "verify: OUT OF ORDER: first delivery of {at} after batch {} position {} on key {:?}",
+                after.batch_sequence, after.item_sequence, item.ordering_key
+            )),
+            Verdict::BatchInterleaved { unfinished_batch, missing } => Some(format!(
+                "verify: BATCH INTERLEAVED: {at} came while batch {unfinished_batch} still missed {missing} items"
+            )),
+        }
+    }
+
+    /// Prints the summary; whether the contract held.
+    pub fn finish(&self) -> bool {
+        let report = self.verifier.final_report();
+        let held = report.held();
+        eprintln!(
+            "verify: {} items, {} duplicates, {} out of order, {} interleaved, {} incomplete batches, {} batches skipped, {} not outbox items: {}",
+            report.firsts,
+            report.duplicates,
+            report.out_of_order,
+            report.interleaved,
+            report.incomplete_batches,
+            report.skipped_batches,
+            self.not_items,
+            if held { "the order contract held" } else { "THE ORDER CONTRACT WAS BROKEN" }
+        );
+        held
     }
 }
 
@@ -121,6 +200,7 @@ pub async fn tail(
     notices: bool,
     stop: impl std::future::Future<Output = ()>,
     out: &mut dyn Write,
+    check: Option<&mut Check>,
 ) -> anyhow::Result<()> {
     let place = describe(config);
     let hint = if config.emulator_host.is_none() {
@@ -159,9 +239,9 @@ pub async fn tail(
     };
     match &config.emulator_host {
         Some(host) => {
-            tail_emulator(config, host, subscription, count, stop, &waiting, out).await
+            tail_emulator(config, host, subscription, count, stop, &waiting, out, check).await
         }
-        None => tail_stream(config, subscription, count, stop, &waiting, out).await,
+        None => tail_stream(config, subscription, count, stop, &waiting, out, check).await,
     }
 }
 
@@ -174,6 +254,7 @@ async fn tail_stream(
     stop: impl std::future::Future<Output = ()>,
     waiting: &dyn Fn(),
     out: &mut dyn Write,
+    mut check: Option<&mut Check>,
 ) -> anyhow::Result<()> {
     let client = tokio::time::timeout(SETUP_LIMIT, pubsub::subscriber(config))
         .await
@@ -219,6 +300,11 @@ async fn tail_stream(
             break Err(error.into());
         }
         handler.ack();
+        if let Some(finding) = check.as_deref_mut().and_then(|c| {
+            c.observe(&message.message_id, &message.ordering_key, &message.attributes, &message.data)
+        }) {
+            eprintln!("{finding}");
+        }
         seen += 1;
         if count.is_some_and(|n| seen >= n) {
             break Ok(());
@@ -245,6 +331,7 @@ async fn tail_emulator(
     stop: impl std::future::Future<Output = ()>,
     waiting: &dyn Fn(),
     out: &mut dyn Write,
+    mut check: Option<&mut Check>,
 ) -> anyhow::Result<()> {
     use base64::Engine;
     let http = reqwest::Client::builder()
@@ -285,17 +372,28 @@ async fn tail_emulator(
                 .map(|d| base64::engine::general_purpose::STANDARD.decode(d))
                 .transpose()?
                 .unwrap_or_default();
-            let line = Received {
+            let received = Received {
                 message_id: message["messageId"].as_str().unwrap_or_default().to_owned(),
                 publish_time: message["publishTime"].as_str().map(str::to_owned),
                 ordering_key: message["orderingKey"].as_str().unwrap_or_default().to_owned(),
                 attributes: message.get("attributes").cloned().unwrap_or_else(|| json!({})),
                 data,
-            }
-            .line();
-            if let Err(error) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+            };
+            if let Err(error) = writeln!(out, "{}", received.line()).and_then(|()| out.flush()) {
                 failed = Some(error);
                 break;
+            }
+            if let Some(check) = check.as_deref_mut() {
+                let attributes: std::collections::HashMap<String, String> =
+                    serde_json::from_value(received.attributes.clone()).unwrap_or_default();
+                if let Some(finding) = check.observe(
+                    &received.message_id,
+                    &received.ordering_key,
+                    &attributes,
+                    &received.data,
+                ) {
+                    eprintln!("{finding}");
+                }
             }
             printed.push(entry["ackId"].clone());
         }

@@ -6,10 +6,12 @@
 //! - [`outbox`]: `/api/v1/outbox/...`, what it meant before streams: the
 //!   default stream;
 //! - [`batches`]: a batch's status, items and retry, by id;
+//! - [`replays`]: `/api/v1/outbox/replays`, replay jobs;
 //! - [`views`]: the answers' shapes, for the OpenAPI document.
 
 pub mod batches;
 pub mod outbox;
+pub mod replays;
 pub mod streams;
 pub mod views;
 
@@ -71,6 +73,12 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
         .service(batches::stream_batch_status)
         .service(batches::stream_batch_items)
         .service(batches::stream_retry_batch)
+        .service(replays::start)
+        .service(replays::list)
+        .service(replays::show)
+        .service(replays::pause)
+        .service(replays::resume)
+        .service(replays::cancel)
         .service(live)
         .service(ready)
         .service(render_metrics)
@@ -98,6 +106,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
         (name = "streams", description = "Streams: define, list, status and control"),
         (name = "outbox", description = "The default stream, as before streams"),
         (name = "batches", description = "Pending and failed batches"),
+        (name = "replays", description = "Replay jobs: a range of committed batches published again, in order"),
         (name = "operations", description = "Health and metrics"),
         (name = "dashboard", description = "The operator's page")
     ),

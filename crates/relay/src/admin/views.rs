@@ -275,3 +275,67 @@ pub struct HealthView {
     status: String,
     reason: Option<String>,
 }
+
+/// What `POST /api/v1/outbox/replays` takes.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    /// The stream (default `default`).
+    #[schema(example = "default")]
+    stream: Option<String>,
+    /// The first batch of the range (inclusive).
+    #[schema(minimum = 1, example = 1)]
+    from_sequence: u64,
+    /// The last batch of the range (inclusive); committed.
+    #[schema(minimum = 1, example = 100)]
+    to_sequence: u64,
+    /// Where the copies go (default: the stream's topic).
+    #[schema(example = "orders-replay")]
+    topic: Option<String>,
+    /// The ordering-key mode of the copies (default: the stream's).
+    ordering_key: Option<String>,
+    /// Items per second at most (default: no limit).
+    #[schema(minimum = 1)]
+    max_items_per_second: Option<u32>,
+}
+
+#[derive(ToSchema)]
+pub struct ReplayPositionView {
+    /// The next batch to publish.
+    batch_sequence: u64,
+    /// Positions of it already published.
+    after_item: u32,
+}
+
+/// A replay job and its progress.
+#[derive(ToSchema)]
+pub struct ReplayView {
+    replay_id: String,
+    stream: String,
+    from_sequence: u64,
+    to_sequence: u64,
+    topic: String,
+    ordering_key: String,
+    max_items_per_second: Option<u32>,
+    /// `running`, `paused`, `done`, `cancelled` or `failed`.
+    state: String,
+    /// Positions of the range done (an item dead-lettered when first
+    /// published is counted, not published).
+    items_sent: u64,
+    items_total: u64,
+    batches_sent: u64,
+    batches_total: u64,
+    position: ReplayPositionView,
+    /// While it runs: items per second since it last started.
+    rate_items_per_second: Option<f64>,
+    eta_seconds: Option<f64>,
+    /// Why it failed.
+    error: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+#[derive(ToSchema)]
+pub struct ReplayList {
+    replays: Vec<ReplayView>,
+}
