@@ -17,7 +17,9 @@ pub struct Invariants {
     pub lost: usize,
     /// Delivered items no 201 batch holds.
     pub unexpected: usize,
-    /// First deliveries out of (batch_sequence, item_sequence) order.
+    /// First deliveries out of (batch_sequence, item_sequence) order, or
+    /// of a batch before the one before it was whole (the consumer crate's
+    /// verifier).
     pub out_of_order: usize,
     /// Deliveries beyond the first (allowed: delivery is at least once).
     pub duplicates: usize,
@@ -167,28 +169,35 @@ pub async fn check_stream(
         ..Invariants::default()
     };
 
+    // Order and duplicates as a consumer sees them: the consumer crate's
+    // verifier (docs/CONSUMING.md), the code `outboxctl tail --verify` and
+    // applications run.
+    let mut verifier = outbox_consumer::Verifier::new(outbox_consumer::Contract::Global);
     let mut seen = HashSet::new();
-    let mut firsts = Vec::new();
     let mut message_ids: HashMap<&str, HashSet<&str>> = HashMap::new();
     for delivery in deliveries {
         message_ids
             .entry(&delivery.item_id)
             .or_default()
             .insert(&delivery.message_id);
-        if seen.insert(delivery.item_id.as_str()) {
-            firsts.push((delivery.batch_sequence, delivery.item_sequence));
-            if !expected.contains_key(&delivery.item_id) {
-                invariants.unexpected += 1;
+        match &delivery.item {
+            Some(item) => {
+                verifier.observe(item);
             }
-        } else {
-            invariants.duplicates += 1;
+            None => invariants.unexpected += 1,
+        }
+        if seen.insert(delivery.item_id.as_str()) && !expected.contains_key(&delivery.item_id) {
+            invariants.unexpected += 1;
         }
     }
+    let report = verifier.report();
+    invariants.duplicates = usize::try_from(report.duplicates).unwrap_or(usize::MAX);
+    invariants.out_of_order =
+        usize::try_from(report.out_of_order + report.interleaved).unwrap_or(usize::MAX);
     invariants.lost = expected
         .keys()
         .filter(|id| !seen.contains(id.as_str()))
         .count();
-    invariants.out_of_order = firsts.windows(2).filter(|w| w[1] <= w[0]).count();
 
     let batches = all(db, "batches", of_stream, doc! { "batch_sequence": 1 }).await?;
     let items = all(

@@ -159,9 +159,7 @@ impl Drop for Proc {
 }
 
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(outbox_service::ports::free_port())
 }
 
 /// Polls `check` every 50 ms until it holds or `limit` passes.

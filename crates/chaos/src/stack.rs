@@ -373,6 +373,9 @@ pub struct Delivery {
     pub batch_sequence: u64,
     pub item_sequence: u64,
     pub at: Instant,
+    /// The message as the consumer crate reads it (`None`: not an outbox
+    /// item), for the checker's verifier.
+    pub item: Option<outbox_consumer::Item>,
 }
 
 /// An ordered subscriber collecting every delivery until stopped.
@@ -420,6 +423,13 @@ impl Consumer {
                             batch_sequence: number("batch_sequence"),
                             item_sequence: number("item_sequence"),
                             at: Instant::now(),
+                            item: outbox_consumer::Item::parse(
+                                &message.message_id,
+                                &message.ordering_key,
+                                &message.attributes,
+                                &message.data,
+                            )
+                            .ok(),
                         });
                     handler.ack();
                 }

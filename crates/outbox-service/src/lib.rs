@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod openapi;
+pub mod ports;
 pub mod problem;
 pub mod shutdown;
 pub mod telemetry;

@@ -23,11 +23,7 @@ pub(crate) fn env(name: &str) -> String {
 }
 
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    outbox_service::ports::free_port()
 }
 
 pub(crate) fn binary(name: &str) -> PathBuf {

@@ -7,7 +7,7 @@
 //! failures over the wire (fail points, killed sessions) into the real
 //! binaries; `pipeline` the latency-tolerant drain with a Pub/Sub a round
 //! trip away; `budget` pins the MongoDB commands per item drained and per
-//! batch stored.
+//! batch stored; `replays` runs replay jobs end to end.
 
 mod admin;
 mod budget;
@@ -20,5 +20,6 @@ mod faults;
 mod lease;
 mod otlp;
 mod pipeline;
+mod replays;
 mod store_rules;
 mod streams;
