@@ -248,6 +248,33 @@ function failedItem(b) {
   return item;
 }
 
+// The stream's replay jobs, newest first: state, progress, rate, ETA.
+function renderReplays(list) {
+  const jobs = (list && list.replays) || [];
+  $("replays").replaceChildren(...jobs.map((job) => {
+    const item = document.createElement("li");
+    const label = document.createElement("span");
+    label.id = `replay-${job.replay_id}`;
+    label.textContent = `Batches ${job.from_sequence}–${job.to_sequence} to ${job.topic}: ${job.state}`
+      + (job.error ? ` (${job.error})` : "");
+    const bar = document.createElement("progress");
+    bar.max = Math.max(job.items_total, 1);
+    bar.value = job.items_sent;
+    bar.setAttribute("aria-labelledby", `${label.id} replay-count-${job.replay_id}`);
+    const count = document.createElement("span");
+    count.id = `replay-count-${job.replay_id}`;
+    count.className = "muted";
+    let detail = `${number.format(job.items_sent)} of ${number.format(job.items_total)} items, `
+      + `${number.format(job.batches_sent)} of ${number.format(job.batches_total)} batches`;
+    if (job.rate_items_per_second) detail += `, ${number.format(Math.round(job.rate_items_per_second))}/s`;
+    if (job.eta_seconds != null && job.state === "running") detail += `, ${age(job.eta_seconds)} left`;
+    count.textContent = detail;
+    item.append(label, bar, count);
+    return item;
+  }));
+  $("replays-none").hidden = jobs.length > 0;
+}
+
 function renderPending(page) {
   const now = Date.now();
   if (page.batches.length === 0) {
@@ -353,6 +380,7 @@ async function poll() {
     lastPending = await getJson(api("/pending-batches?limit=20"));
     renderPending(lastPending);
     renderFailed(lastStatus, lastPending && lastPending.batches);
+    renderReplays(await getJson(`/api/v1/outbox/replays?stream=${encodeURIComponent(STREAM)}`));
     $("offline").hidden = true;
     text("updated", `updated ${new Date().toLocaleTimeString()}`);
   } catch (error) {

@@ -358,6 +358,21 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     assert_eq!(hidden, json!(false), "{}", relay.tail());
     until(&browser, "pending-count", "nothing pending", |t| t == "0").await;
     until(&browser, "state", "running", |t| t == "running").await;
+
+    // A replay of what was committed shows in the list with its progress.
+    let started = stack
+        .http
+        .post(format!("{admin}/api/v1/outbox/replays"))
+        .bearer_auth("s3cret")
+        .json(&json!({"from_sequence": 1, "to_sequence": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 201);
+    until(&browser, "replays", "the replay done", |t| {
+        t.contains("Batches 1–1 to ") && t.contains(": done") && t.contains("of 1 batches")
+    })
+    .await;
     let problems = console_problems(&browser).await;
     assert!(problems.is_empty(), "console: {problems:?}");
     browser.close().await.unwrap();

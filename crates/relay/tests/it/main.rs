@@ -7,11 +7,13 @@
 //! failures over the wire (fail points, killed sessions) into the real
 //! binaries; `pipeline` the latency-tolerant drain with a Pub/Sub a round
 //! trip away; `budget` pins the MongoDB commands per item drained and per
-//! batch stored; `replays` runs replay jobs end to end.
+//! batch stored; `replays` runs replay jobs end to end; `consumer` the
+//! consumer crate against the relay.
 
 mod admin;
 mod budget;
 mod cli;
+mod consumer;
 mod dashboard;
 mod drain;
 mod e2e;
