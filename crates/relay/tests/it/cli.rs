@@ -218,12 +218,23 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
     };
     let mut request_ids = Vec::new();
     for count in ["3", "4"] {
-        let args = tail_args(count);
+        let mut args = tail_args(count);
+        if count == "4" {
+            // The second run checks the deliveries against the contract.
+            args.push("--verify".to_owned());
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let tail = tokio::time::timeout(Duration::from_secs(30), ctl.run(&args, &[]))
             .await
             .unwrap_or_else(|_| panic!("tail --count {count} waited over 30 s for messages that were there"));
         assert_eq!(tail.code, 0, "{tail:?}");
+        if count == "4" {
+            assert!(
+                tail.stderr.contains("verify: 4 items, 0 duplicates, 0 out of order")
+                    && tail.stderr.contains("the order contract held"),
+                "{tail:?}"
+            );
+        }
         request_ids.extend(
             tail.json_lines()
                 .iter()
@@ -235,6 +246,24 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
         ["j1", "j2", "j3", "n1", "n2", "c1", "c2"],
         "each message once, in order, over two runs"
     );
+
+    // A replay of the first batch, started and followed to its end; a
+    // finished job cannot be paused.
+    let started = ctl
+        .run(&["replay", "start", "--from", "1", "--to", "1", "--json"], &[])
+        .await;
+    assert_eq!(started.code, 0, "{started:?}");
+    let id = started.json()["replay_id"].as_str().unwrap().to_owned();
+    let watched = ctl.run(&["replay", "watch", &id], &[]).await;
+    assert_eq!(watched.code, 0, "{watched:?}");
+    assert!(watched.stdout.contains(&format!("replay {id} done")), "{watched:?}");
+    let list = ctl.run(&["replay", "list"], &[]).await;
+    assert!(list.stdout.contains(&id) && list.stdout.contains("done"), "{list:?}");
+    let refused = ctl.run(&["replay", "pause", &id], &[]).await;
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(refused.stderr.contains("replay_state_conflict"), "{refused:?}");
+    let bad = ctl.run(&["replay", "show", "../status"], &[]).await;
+    assert_eq!(bad.code, 2, "{bad:?}");
 
     // A tail that cannot reach Pub/Sub says so, and what to do, in seconds.
     let nowhere = format!("127.0.0.1:{}", free_port());
