@@ -25,14 +25,43 @@ const MAX_REPLAYS_LISTED: u32 = 100;
 pub(crate) struct StartBody {
     #[serde(default)]
     stream: Option<String>,
+    #[serde(deserialize_with = "whole")]
     from_sequence: u64,
+    #[serde(deserialize_with = "whole")]
     to_sequence: u64,
     #[serde(default)]
     topic: Option<String>,
     #[serde(default)]
     ordering_key: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_rate")]
     max_items_per_second: Option<u32>,
+}
+
+/// A whole number however JSON wrote it: `4` or `4.0` (JSON Schema's
+/// `integer` takes both).
+fn whole_number(number: &serde_json::Number) -> Option<u64> {
+    number.as_u64().or_else(|| {
+        number
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f))
+            .map(|f| f as u64)
+    })
+}
+
+fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let number = serde_json::Number::deserialize(d)?;
+    whole_number(&number)
+        .ok_or_else(|| serde::de::Error::custom(format!("{number} is not a whole number of at least 0")))
+}
+
+fn whole_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    whole_number(&number)
+        .and_then(|n| u32::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("{number} is not a whole number from 0 to {}", u32::MAX)))
 }
 
 fn invalid(detail: impl Into<String>) -> Problem {
@@ -89,12 +118,12 @@ fn not_found(id: &ReplayId) -> Problem {
 /// mode (default: the stream's). The stream's leader runs it beside the live
 /// drain; it survives leader changes (resuming from its last recorded
 /// position: duplicates possible, never out of order).
-#[utoipa::path(tag = "replays",
+#[utoipa::path(tag = "replays", operation_id = "start_replay",
     request_body(content = ReplayBody, content_type = "application/json"),
     responses(
         (status = 201, description = "Started.", body = ReplayView,
             headers(("Location" = String, description = "`/api/v1/outbox/replays/{replay_id}`."))),
-        (status = 400, description = "`invalid_json`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid_json`, `invalid_stream_name`.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "`stream_not_found`.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 410, description = "`range_removed`: retention removed the start of the range; `first_available_sequence` is the first batch still held.", body = ProblemDocument, content_type = "application/problem+json"),
@@ -190,7 +219,7 @@ pub(crate) struct ListQuery {
 ///
 /// The newest 100 replay jobs, of one stream (`?stream=`) or of all, newest
 /// first, with their progress.
-#[utoipa::path(tag = "replays",
+#[utoipa::path(tag = "replays", operation_id = "list_replays",
     params(("stream" = Option<String>, Query, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     responses(
         (status = 200, description = "The jobs.", body = ReplayList),
@@ -220,8 +249,8 @@ pub(crate) async fn list(
 /// Its state (`running`, `paused`, `done`, `cancelled`, `failed`), batches
 /// and items sent of the total, rate and ETA while it runs, and the error
 /// that stopped it.
-#[utoipa::path(tag = "replays",
-    params(("replay_id" = String, Path)),
+#[utoipa::path(tag = "replays", operation_id = "show_replay",
+    params(("replay_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "The job.", body = ReplayView),
         (status = 400, description = "`invalid_replay_id`.", body = ProblemDocument, content_type = "application/problem+json"),
@@ -284,8 +313,8 @@ async fn act(
 /// Pause a replay
 ///
 /// The leader stops it within about a second, recording how far it got.
-#[utoipa::path(tag = "replays",
-    params(("replay_id" = String, Path)),
+#[utoipa::path(tag = "replays", operation_id = "pause_replay",
+    params(("replay_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "Paused.", body = ReplayView),
         (status = 400, description = "`invalid_replay_id`.", body = ProblemDocument, content_type = "application/problem+json"),
@@ -308,8 +337,8 @@ pub(crate) async fn pause(
 /// Resume a replay
 ///
 /// A paused or failed replay runs again from where it stopped.
-#[utoipa::path(tag = "replays",
-    params(("replay_id" = String, Path)),
+#[utoipa::path(tag = "replays", operation_id = "resume_replay",
+    params(("replay_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "Running.", body = ReplayView),
         (status = 400, description = "`invalid_replay_id`.", body = ProblemDocument, content_type = "application/problem+json"),
@@ -332,8 +361,8 @@ pub(crate) async fn resume(
 /// Cancel a replay
 ///
 /// Stops it for good (within about a second while it runs).
-#[utoipa::path(tag = "replays",
-    params(("replay_id" = String, Path)),
+#[utoipa::path(tag = "replays", operation_id = "cancel_replay",
+    params(("replay_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "Cancelled.", body = ReplayView),
         (status = 400, description = "`invalid_replay_id`.", body = ProblemDocument, content_type = "application/problem+json"),

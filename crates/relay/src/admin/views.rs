@@ -281,7 +281,7 @@ pub struct HealthView {
 #[serde(deny_unknown_fields)]
 pub struct ReplayBody {
     /// The stream (default `default`).
-    #[schema(example = "default")]
+    #[schema(example = "default", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     stream: Option<String>,
     /// The first batch of the range (inclusive).
     #[schema(minimum = 1, example = 1)]
