@@ -97,6 +97,9 @@ pub struct Core<S, H> {
     /// Ordering keys with a failed delivery, and the item awaited again.
     blocked: BTreeMap<(Lane, String), String>,
     verifier: Verifier,
+    /// Copies of items held for their batch (the verifier sees an item
+    /// once its batch is handled).
+    held_copies: u64,
 }
 
 impl<S: SeenStore, H: Handler> Core<S, H> {
@@ -108,12 +111,15 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
             collecting: BTreeMap::new(),
             blocked: BTreeMap::new(),
             verifier: Verifier::new(contract),
+            held_copies: 0,
         }
     }
 
     /// The order contract as the deliveries so far kept it.
     pub fn report(&self) -> Report {
-        self.verifier.report()
+        let mut report = self.verifier.report();
+        report.duplicates += self.held_copies;
+        report
     }
 
     pub fn handler(&self) -> &H {
@@ -179,6 +185,7 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
         });
         if collecting.items.contains_key(&item.position.item_sequence) {
             // A copy of an item held for its batch: the held one answers.
+            self.held_copies += 1;
             answer.ack();
             return Outcome::Duplicate;
         }
