@@ -570,6 +570,9 @@ pub trait ReplayStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<ReplayJob>, StoreError>;
 
+    /// The stream's running jobs, oldest first (what its leader runs).
+    async fn running_replays(&self, stream: &StreamName) -> Result<Vec<ReplayJob>, StoreError>;
+
     /// Applies an operator's action when the job is in a state it applies
     /// to (see [`ReplayAction::transition`]); a resume restarts the rate's
     /// measurement and clears the error. The job as it is afterwards,

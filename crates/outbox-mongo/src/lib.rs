@@ -435,6 +435,15 @@ impl MongoStore {
             .create_index(index(doc! { "expires_at": 1 }, Some(ttl)))
             .await
             .map_err(classify)?;
+        // Each leader looks for its stream's running replays at every poll;
+        // the admin API lists a stream's newest first.
+        self.replays()
+            .create_indexes([
+                index(doc! { "stream": 1, "state": 1, "created_at": 1 }, None),
+                index(doc! { "stream": 1, "created_at": -1 }, None),
+            ])
+            .await
+            .map_err(classify)?;
         // The counter starts at 0; `$setOnInsert` leaves an existing one alone.
         self.ensure_counter(&StreamName::default_stream()).await
     }

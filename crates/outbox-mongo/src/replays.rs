@@ -208,6 +208,20 @@ impl ReplayStore for MongoStore {
         documents.iter().map(job).collect()
     }
 
+    async fn running_replays(&self, stream: &StreamName) -> Result<Vec<ReplayJob>, StoreError> {
+        let documents: Vec<Document> = self
+            .replays()
+            .find(doc! { "stream": stream.as_str(), "state": ReplayState::Running.as_str() })
+            .sort(doc! { "created_at": 1 })
+            .read_concern(ReadConcern::majority())
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        documents.iter().map(job).collect()
+    }
+
     async fn act_on_replay(
         &self,
         id: &ReplayId,

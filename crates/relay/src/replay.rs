@@ -134,14 +134,7 @@ impl Worker {
     /// until paused, cancelled or failed).
     async fn run_jobs(&self) -> Result<(), ReplayError> {
         loop {
-            let mut jobs: Vec<ReplayJob> = self
-                .store
-                .replays(Some(&self.stream), 1000)
-                .await?
-                .into_iter()
-                .filter(|j| j.state == ReplayState::Running)
-                .collect();
-            let Some(job) = jobs.pop() else {
+            let Some(job) = self.store.running_replays(&self.stream).await?.into_iter().next() else {
                 return Ok(());
             };
             self.run_job(job).await?;

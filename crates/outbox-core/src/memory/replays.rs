@@ -67,6 +67,13 @@ impl ReplayStore for MemoryStore {
         Ok(jobs)
     }
 
+    async fn running_replays(&self, stream: &StreamName) -> Result<Vec<ReplayJob>, StoreError> {
+        let mut jobs = self.replays(Some(stream), u32::MAX).await?;
+        jobs.retain(|j| j.state == ReplayState::Running);
+        jobs.reverse();
+        Ok(jobs)
+    }
+
     async fn act_on_replay(
         &self,
         id: &ReplayId,
