@@ -4,7 +4,10 @@
 # runs every part of `outbox-bench`, records each measurement in
 # $BENCH_RESULTS, and writes the tables into docs/BENCHMARKS.md and the charts
 # into docs/images (`outbox-bench report`); stops what it started.
-#   scripts/bench.sh                 everything (about 15 minutes here)
+#   scripts/bench.sh                 everything (about 25 minutes here)
+#   scripts/bench.sh relay --items 50000 --batch-size 10 --ordering batch
+#                                    the relay's memory over 5,000 batches, a key each
+#                                    (docs/BENCHMARKS.md, "Memory"; about 15 minutes on the stand-in)
 #   scripts/bench.sh writer --sizes 100 --clients 4   one part, with options (see outbox-bench --help)
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"

@@ -79,11 +79,13 @@ async fn run_one(
 
     // The backlog, stored through the writer's store code.
     let started = Instant::now();
-    let values = sample_items(batch_size, "relay");
     let mut ids: Vec<BatchId> = Vec::with_capacity(batches);
-    for _ in 0..batches {
+    for b in 0..batches {
+        // Every item's request_id is its own (`relay<b>-<i>`): with
+        // `field:/request_id` there are as many ordering keys as items,
+        // the publisher's worst case for memory.
         let batch = build_batch(
-            values.clone(),
+            sample_items(batch_size, &format!("relay{b}")),
             &IngestRules::default(),
             None,
             chrono::Utc::now(),

@@ -43,9 +43,11 @@ pub struct RttArgs {
     /// Ordering key modes (one stream each).
     #[arg(long, value_delimiter = ',', default_value = "global,field:/vendor_name")]
     modes: Vec<OrderingKeyMode>,
-    /// Items in each backlog, per batch size: 10 x this for batches of 10,
-    /// 20 x for 100, 40 x for 1,000 (so each drain lasts about a second on
-    /// loopback).
+    /// Items in each backlog, per batch size: 50 x this for batches of 10,
+    /// 60 x for 100, 80 x for 1,000: five to eight groups of 1,000 items
+    /// (the relay's page), so that the rate between the first commit and
+    /// the last spans several group writes (one group can commit a
+    /// hundred small batches at once).
     #[arg(long, default_value_t = 100)]
     scale: usize,
     /// The writer's latency at these round trips to MongoDB, in ms.
@@ -130,9 +132,9 @@ fn stream_name(size: usize, mode: &OrderingKeyMode) -> anyhow::Result<StreamName
 
 fn backlog_items(size: usize, scale: usize) -> usize {
     let factor = match size {
-        0..=10 => 10,
-        11..=100 => 20,
-        _ => 40,
+        0..=10 => 50,
+        11..=100 => 60,
+        _ => 80,
     };
     (factor * scale).max(size)
 }
