@@ -20,6 +20,8 @@ use crate::verify::{Contract, Report, Verdict, Verifier};
 
 /// What the application receives.
 #[derive(Clone, Debug, PartialEq)]
+// Handed over one at a time: an `Item` unboxed is simpler to match on.
+#[allow(clippy::large_enum_variant)]
 pub enum Delivery {
     /// One item, the first time it comes.
     Item(Item),

@@ -62,8 +62,10 @@ pub async fn run(source: &TailSource) -> ExitCode {
         source.count,
         notices,
         stop,
-        &mut out,
-        check.as_mut(),
+        &mut Printer {
+            out: &mut out,
+            check: check.as_mut(),
+        },
     )
     .await
     {
@@ -185,6 +187,34 @@ impl Received {
     }
 }
 
+/// Where printed messages go: `out`, and with `--verify` the check.
+pub struct Printer<'a> {
+    pub out: &'a mut dyn Write,
+    pub check: Option<&'a mut Check>,
+}
+
+impl Printer<'_> {
+    /// Prints one message (then checks it); an error when `out` fails,
+    /// and the message is then not printed.
+    fn print(&mut self, received: &Received) -> std::io::Result<()> {
+        writeln!(self.out, "{}", received.line())?;
+        self.out.flush()?;
+        if let Some(check) = self.check.as_deref_mut() {
+            let attributes: std::collections::HashMap<String, String> =
+                serde_json::from_value(received.attributes.clone()).unwrap_or_default();
+            if let Some(finding) = check.observe(
+                &received.message_id,
+                &received.ordering_key,
+                &attributes,
+                &received.data,
+            ) {
+                eprintln!("{finding}");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes each message received on `subscription` to `out` as
 /// `{message_id, publish_time, ordering_key, attributes, data}` (data parsed as JSON when
 /// it is JSON), acknowledging it once written; stops after `count` or when
@@ -199,8 +229,7 @@ pub async fn tail(
     count: Option<u64>,
     notices: bool,
     stop: impl std::future::Future<Output = ()>,
-    out: &mut dyn Write,
-    check: Option<&mut Check>,
+    printer: &mut Printer<'_>,
 ) -> anyhow::Result<()> {
     let place = describe(config);
     let hint = if config.emulator_host.is_none() {
@@ -239,9 +268,9 @@ pub async fn tail(
     };
     match &config.emulator_host {
         Some(host) => {
-            tail_emulator(config, host, subscription, count, stop, &waiting, out, check).await
+            tail_emulator(config, host, subscription, count, stop, &waiting, printer).await
         }
-        None => tail_stream(config, subscription, count, stop, &waiting, out, check).await,
+        None => tail_stream(config, subscription, count, stop, &waiting, printer).await,
     }
 }
 
@@ -253,8 +282,7 @@ async fn tail_stream(
     count: Option<u64>,
     stop: impl std::future::Future<Output = ()>,
     waiting: &dyn Fn(),
-    out: &mut dyn Write,
-    mut check: Option<&mut Check>,
+    printer: &mut Printer<'_>,
 ) -> anyhow::Result<()> {
     let client = tokio::time::timeout(SETUP_LIMIT, pubsub::subscriber(config))
         .await
@@ -294,17 +322,12 @@ async fn tail_stream(
             attributes: json!(message.attributes),
             data: message.data.to_vec(),
         };
-        if let Err(error) = writeln!(out, "{}", received.line()).and_then(|()| out.flush()) {
+        if let Err(error) = printer.print(&received) {
             // Not printed (a closed pipe): handed back, not acknowledged.
             handler.nack();
             break Err(error.into());
         }
         handler.ack();
-        if let Some(finding) = check.as_deref_mut().and_then(|c| {
-            c.observe(&message.message_id, &message.ordering_key, &message.attributes, &message.data)
-        }) {
-            eprintln!("{finding}");
-        }
         seen += 1;
         if count.is_some_and(|n| seen >= n) {
             break Ok(());
@@ -330,8 +353,7 @@ async fn tail_emulator(
     count: Option<u64>,
     stop: impl std::future::Future<Output = ()>,
     waiting: &dyn Fn(),
-    out: &mut dyn Write,
-    mut check: Option<&mut Check>,
+    printer: &mut Printer<'_>,
 ) -> anyhow::Result<()> {
     use base64::Engine;
     let http = reqwest::Client::builder()
@@ -379,21 +401,9 @@ async fn tail_emulator(
                 attributes: message.get("attributes").cloned().unwrap_or_else(|| json!({})),
                 data,
             };
-            if let Err(error) = writeln!(out, "{}", received.line()).and_then(|()| out.flush()) {
+            if let Err(error) = printer.print(&received) {
                 failed = Some(error);
                 break;
-            }
-            if let Some(check) = check.as_deref_mut() {
-                let attributes: std::collections::HashMap<String, String> =
-                    serde_json::from_value(received.attributes.clone()).unwrap_or_default();
-                if let Some(finding) = check.observe(
-                    &received.message_id,
-                    &received.ordering_key,
-                    &attributes,
-                    &received.data,
-                ) {
-                    eprintln!("{finding}");
-                }
             }
             printed.push(entry["ackId"].clone());
         }

@@ -62,7 +62,7 @@ impl ReplayStore for MemoryStore {
             .filter(|j| stream.is_none_or(|s| &j.stream == s))
             .cloned()
             .collect();
-        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.created_at));
         jobs.truncate(limit as usize);
         Ok(jobs)
     }

@@ -17,10 +17,13 @@ use tokio::time::Instant;
 
 use crate::e2e::{eventually, start_stack};
 
+/// Batches handed over: each one's sequence and its items' positions.
+type Handled = Arc<Mutex<Vec<(u64, Vec<u32>)>>>;
+
 /// Records each batch handed over; fails batch 2 the first time.
 #[derive(Clone, Default)]
 struct Recorder {
-    batches: Arc<Mutex<Vec<(u64, Vec<u32>)>>>,
+    batches: Handled,
     failed_once: Arc<AtomicBool>,
 }
 
