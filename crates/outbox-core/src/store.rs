@@ -605,6 +605,11 @@ pub trait ReplayStore: Send + Sync + 'static {
     /// The sent items of a committed batch at positions `after + 1 ..=
     /// after + limit`, in order (an item the relay dead-lettered was never
     /// published, and is not replayed).
+    ///
+    /// # Errors
+    /// [`StoreError::Incomplete`] when a position of the window has no item
+    /// at all (retention removed it meanwhile), [`StoreError::NotFound`]
+    /// when the batch is gone: the replay must stop there, not skip.
     async fn sent_items(
         &self,
         batch_id: &BatchId,

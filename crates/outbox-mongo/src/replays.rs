@@ -231,10 +231,10 @@ impl ReplayStore for MongoStore {
         let now = bson_datetime(Utc::now());
         let mut set = doc! { "state": to.as_str(), "updated_at": now.clone() };
         if action == ReplayAction::Resume {
-            // The rate is measured from here: the items sent so far are
-            // read in the same statement (no update pipelines: MongoDB 6
-            // has them, the stand-in does not), so read, then write on the
-            // condition that they did not change.
+            // The rate is measured from here: from the items sent so far,
+            // read just before (no update pipelines: MongoDB 6 has them,
+            // the stand-in does not). A progress write in between only
+            // makes the first rate reading a little high.
             let Some(current) = self.replay(id).await? else {
                 return Ok(None);
             };
@@ -308,9 +308,12 @@ impl ReplayStore for MongoStore {
         let ids: Vec<String> = (first..=last)
             .map(|n| ItemId::of(batch_id, ItemSequence(n as u32)).to_string())
             .collect();
+        // Every position of the window, whatever its status: one that is
+        // gone (retention got there first) must end the replay, not be
+        // skipped.
         let documents: Vec<Document> = self
             .items()
-            .find(doc! { "_id": { "$in": &ids }, "status": ItemStatus::Sent.as_str() })
+            .find(doc! { "_id": { "$in": &ids } })
             .batch_size(u32::try_from(ids.len()).unwrap_or(u32::MAX))
             .read_concern(ReadConcern::majority())
             .await
@@ -318,7 +321,22 @@ impl ReplayStore for MongoStore {
             .try_collect()
             .await
             .map_err(classify)?;
-        let mut items = documents.iter().map(outbox_item).collect::<Result<Vec<_>, _>>()?;
+        let present: std::collections::HashSet<&str> = documents
+            .iter()
+            .filter(|d| d.get_str("batch_id").is_ok_and(|b| b == batch_id.as_str()))
+            .filter_map(|d| d.get_str("_id").ok())
+            .collect();
+        if let Some(missing) = ids.iter().position(|id| !present.contains(id.as_str())) {
+            return Err(StoreError::Incomplete(format!(
+                "batch {batch_id} has no item {}",
+                first + missing as u64
+            )));
+        }
+        let mut items = documents
+            .iter()
+            .filter(|d| d.get_str("status") == Ok(ItemStatus::Sent.as_str()))
+            .map(outbox_item)
+            .collect::<Result<Vec<_>, _>>()?;
         items.retain(|i| &i.batch_id == batch_id);
         items.sort_by_key(|i| i.item_sequence);
         Ok(items)

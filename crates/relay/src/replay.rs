@@ -3,7 +3,7 @@
 //! The leader takes the stream's running jobs oldest first and publishes
 //! each one's range batch by batch, page by page, in the original order:
 //! a page is published, Pub/Sub's answers awaited, then its position is
-//! recorded under the stream's fence (at most every 200 ms, and at the
+//! recorded under the stream's fence (at most every 500 ms, and at the
 //! end). A new leader starts from the last recorded position: what the old
 //! one published after it is published again (a duplicate, after the
 //! original, on the same key), never out of order. The copies have keys
@@ -30,8 +30,15 @@ use crate::drain::Publishers;
 use crate::lease::Leadership;
 use crate::metrics;
 
-/// How often a job's position is recorded while it runs.
-const RECORD_EVERY: Duration = Duration::from_millis(200);
+/// How often a job's position is recorded while it runs: each record is a
+/// fenced transaction on the stream's one fenced session, which the
+/// drain's writes share.
+const RECORD_EVERY: Duration = Duration::from_millis(500);
+/// Transient publish failures in a row at one position before the job is
+/// failed (a topic that does not exist, a permission missing: errors the
+/// client calls retryable that no retry fixes), so that it does not hold
+/// up the stream's later jobs; `resume` runs it again.
+const TRANSIENT_FAILURES_BEFORE_FAILING: u32 = 10;
 /// How often a running job is read again for an operator's pause or
 /// cancel.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -72,6 +79,7 @@ pub async fn run(
         stream,
         leadership: leadership.clone(),
         settings: settings.clone(),
+        failures: std::sync::Mutex::new(None),
     };
     let mut changes = leadership;
     let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_cap);
@@ -105,6 +113,9 @@ struct Worker {
     stream: StreamName,
     leadership: Leadership,
     settings: ReplaySettings,
+    /// The job and position of the last transient failure, and how many
+    /// came in a row there.
+    failures: std::sync::Mutex<Option<(ReplayPosition, String, u32)>>,
 }
 
 /// Items per second at most: waits before each page until the items sent
@@ -185,26 +196,53 @@ impl Worker {
                 return self.fail(&mut job, &error).await;
             }
             for batch in batches {
-                if batch.batch_sequence != job.position.batch_sequence {
+                if batch.batch_sequence != job.position.batch_sequence
+                    || checked.elapsed() >= CHECK_EVERY
+                {
+                    // Read the batches (or the job) again before going on.
                     break;
                 }
                 while u64::from(job.position.after.0) < batch.total_items {
                     let left = batch.total_items - u64::from(job.position.after.0);
                     let limit = u32::try_from(left.min(u64::from(page_size))).unwrap_or(page_size);
-                    let items = self
+                    let items = match self
                         .store
                         .sent_items(&batch.batch_id, job.position.after, limit)
-                        .await?;
+                        .await
+                    {
+                        Ok(items) => items,
+                        Err(StoreError::Incomplete(_) | StoreError::NotFound(_)) => {
+                            // Retention removed it while the job ran:
+                            // nothing past it may be published.
+                            let error = format!(
+                                "batch {} of the range is no longer held (retention removed it)",
+                                batch.batch_sequence
+                            );
+                            return self.fail(&mut job, &error).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     pace.take(items.len()).await;
+                    // Never publish under a lease that lapsed: a successor
+                    // may be publishing from the recorded position.
+                    self.fence()?;
                     if let Err(failure) = self.publish(&job, &batch, &items, &*publisher).await {
                         return match failure {
                             PublishError::Permanent(error) => self.fail(&mut job, &error).await,
                             PublishError::Transient(error) => {
+                                if self.transient_failure(&job) >= TRANSIENT_FAILURES_BEFORE_FAILING {
+                                    let error = format!(
+                                        "{TRANSIENT_FAILURES_BEFORE_FAILING} publish attempts in a row failed at batch {} position {}: {error}",
+                                        job.position.batch_sequence, job.position.after.0 + 1
+                                    );
+                                    return self.fail(&mut job, &error).await;
+                                }
                                 self.record(&job, false).await?;
                                 Err(ReplayError::Publish(error))
                             }
                         };
                     }
+                    self.clear_failures();
                     job.position.after = ItemSequence(job.position.after.0 + limit);
                     job.items_sent += u64::from(limit);
                     ::metrics::counter!(metrics::REPLAYED, "stream" => self.stream.to_string())
@@ -230,6 +268,28 @@ impl Worker {
         }
     }
 
+    /// Counts a transient failure at the job's position; how many came in
+    /// a row there.
+    fn transient_failure(&self, job: &ReplayJob) -> u32 {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = match &*failures {
+            Some((position, id, n)) if *position == job.position && id == job.replay_id.as_str() => n + 1,
+            _ => 1,
+        };
+        *failures = Some((job.position, job.replay_id.to_string(), count));
+        count
+    }
+
+    fn clear_failures(&self) {
+        *self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
     /// Publishes a page's copies and waits for every answer.
     async fn publish(
         &self,
@@ -238,7 +298,9 @@ impl Worker {
         items: &[outbox_core::store::OutboxItem],
         publisher: &dyn Publisher,
     ) -> Result<(), PublishError> {
-        let mut pending = Vec::with_capacity(items.len());
+        // Every copy is checked before any is handed to the client: a page
+        // is published whole or not at all.
+        let mut messages = Vec::with_capacity(items.len());
         let mut keys = Vec::new();
         for item in items {
             let message = job.copy_of(ItemMessage::of(item, batch).build(&job.ordering));
@@ -250,8 +312,9 @@ impl Worker {
             {
                 keys.push(key.clone());
             }
-            pending.push(publisher.publish(message));
+            messages.push(message);
         }
+        let pending: Vec<_> = messages.into_iter().map(|m| publisher.publish(m)).collect();
         let results = join_all(pending).await;
         if let Some(error) = results.into_iter().find_map(Result::err) {
             // The client paused these keys: the retry starts from the

@@ -283,16 +283,27 @@ async fn act(
 ) -> Result<HttpResponse, Problem> {
     authorize(state, req)?;
     let id = parse_replay_id(raw)?;
-    let job = state
-        .cluster
-        .stores()
-        .replays
-        .act_on_replay(&id, action)
+    let store = &state.cluster.stores().replays;
+    let (from, to) = action.transition();
+    // An action that does not apply is a conflict, even when the job is
+    // already where it would lead (resuming a running job).
+    let before = store
+        .replay(&id)
         .await
         .map_err(|e| store_problem(&e))?
         .ok_or_else(|| not_found(&id))?;
-    let (from, to) = action.transition();
-    if job.state != to {
+    let (job, applied) = if from.contains(&before.state) {
+        let after = store
+            .act_on_replay(&id, action)
+            .await
+            .map_err(|e| store_problem(&e))?
+            .ok_or_else(|| not_found(&id))?;
+        let applied = after.state == to;
+        (after, applied)
+    } else {
+        (before, false)
+    };
+    if !applied {
         return Err(Problem::new(
             StatusCode::CONFLICT,
             "replay_state_conflict",

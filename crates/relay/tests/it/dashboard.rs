@@ -279,8 +279,6 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     );
     until(&browser, "errors", "the publish error", |t| !t.is_empty()).await;
     until(&browser, "pending-count", "one pending batch", |t| t == "1").await;
-    browser.set_window_size(1280, 1500).await.unwrap();
-    screenshot(&browser, "dashboard.png").await;
     browser.set_window_size(390, 844).await.unwrap();
     let overflow = browser
         .execute(
@@ -373,6 +371,10 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
         t.contains("Batches 1–1 to ") && t.contains(": done") && t.contains("of 1 batches")
     })
     .await;
+    // The README's picture: the stream running again, everything
+    // published, the replay listed.
+    browser.set_window_size(1280, 1700).await.unwrap();
+    screenshot(&browser, "dashboard.png").await;
     let problems = console_problems(&browser).await;
     assert!(problems.is_empty(), "console: {problems:?}");
     browser.close().await.unwrap();

@@ -22,6 +22,7 @@ mod faults;
 mod lease;
 mod otlp;
 mod pipeline;
+mod replay_worker;
 mod replays;
 mod store_rules;
 mod streams;
