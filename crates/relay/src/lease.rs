@@ -44,10 +44,25 @@ impl Leadership {
         self.rx.borrow().clone()
     }
 
-    /// Resolves when leadership may have changed.
+    /// The epoch held, and whether it may be written with now.
+    fn role(&self) -> (Option<u64>, bool) {
+        let epoch = self.rx.borrow().as_ref().map(|held| held.lease.epoch);
+        (epoch, self.is_leader())
+    }
+
+    /// Resolves when leadership changed: gained, lost, a new epoch, or
+    /// usable again after a lapse. A renewal that only extends the lease
+    /// does not count: the loops waiting here would otherwise run a pass
+    /// (and its reads) at every renewal.
     pub async fn changed(&mut self) {
-        if self.rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
+        let before = self.role();
+        loop {
+            if self.rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            if self.role() != before {
+                return;
+            }
         }
     }
 }
