@@ -104,7 +104,9 @@ fn model_run(design: Design, per_item_us: u64, args: &BigBatchArgs) -> Outcome {
         let started = Instant::now();
         let big_deadline = match design {
             // Waiting is bounded, the work is not: as long as the work takes.
-            Design::WaitingOnly => started + deadline + Duration::from_micros(per_item_us) * args.items as u32,
+            Design::WaitingOnly => {
+                started + deadline + Duration::from_micros(per_item_us) * args.items as u32
+            }
             _ => started + deadline,
         };
         let done = Arc::new(AtomicBool::new(false));
@@ -127,7 +129,8 @@ fn model_run(design: Design, per_item_us: u64, args: &BigBatchArgs) -> Outcome {
                     let mut after = None;
                     loop {
                         if done.load(Ordering::SeqCst) {
-                            let end = *after.get_or_insert_with(|| Instant::now() + Duration::from_secs(1));
+                            let end = *after
+                                .get_or_insert_with(|| Instant::now() + Duration::from_secs(1));
                             if Instant::now() >= end {
                                 return outcomes;
                             }
@@ -190,19 +193,26 @@ async fn writer_run(design: Design, args: &BigBatchArgs) -> anyhow::Result<(Outc
         .collect();
     let body = serde_json::to_vec(&big)?;
     let mib = body.len() as f64 / (1024.0 * 1024.0);
-    let small = Arc::new(serde_json::to_vec(&crate::writer::sample_items(args.small, "s"))?);
+    let small = Arc::new(serde_json::to_vec(&crate::writer::sample_items(
+        args.small, "s",
+    ))?);
     let endpoint = format!("{url}/api/v1/batch/process");
     let done = Arc::new(AtomicBool::new(false));
     let small_tasks: Vec<_> = (0..args.clients)
         .map(|_| {
-            let (http, endpoint, small, done) =
-                (http.clone(), endpoint.clone(), Arc::clone(&small), Arc::clone(&done));
+            let (http, endpoint, small, done) = (
+                http.clone(),
+                endpoint.clone(),
+                Arc::clone(&small),
+                Arc::clone(&done),
+            );
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
                 let mut after = None;
                 loop {
                     if done.load(Ordering::SeqCst) {
-                        let end = *after.get_or_insert_with(|| Instant::now() + Duration::from_secs(1));
+                        let end =
+                            *after.get_or_insert_with(|| Instant::now() + Duration::from_secs(1));
                         if Instant::now() >= end {
                             return outcomes;
                         }
@@ -261,7 +271,11 @@ fn print_row(store: &str, design: Design, outcome: &Outcome) {
     println!(
         "| {store} | {} | {} in {:.2} s | {} | {} | {:.0} | {:.0} |",
         design.name(),
-        if outcome.big_stored { "stored" } else { "refused (503)" },
+        if outcome.big_stored {
+            "stored"
+        } else {
+            "refused (503)"
+        },
         outcome.big_seconds,
         outcome.small_stored,
         outcome.small_failed,
@@ -276,14 +290,17 @@ pub async fn run(args: BigBatchArgs) -> anyhow::Result<()> {
         args.items, args.clients, args.small
     );
     println!();
-    println!("| store | design | big batch | small stored | small failed | small p50 ms | small p99 ms |");
+    println!(
+        "| store | design | big batch | small stored | small failed | small p50 ms | small p99 ms |"
+    );
     println!("|---|---|---|---:|---:|---:|---:|");
     let args = Arc::new(args);
     for per_item_us in [100, 250] {
         for design in [Design::OneTransaction, Design::WaitingOnly, Design::Staged] {
             let run_args = Arc::clone(&args);
             let outcome =
-                tokio::task::spawn_blocking(move || model_run(design, per_item_us, &run_args)).await?;
+                tokio::task::spawn_blocking(move || model_run(design, per_item_us, &run_args))
+                    .await?;
             let store = format!("model, {per_item_us} us/item");
             crate::results::record(json!({
                 "part": "big-batch", "store": store, "design": design.name(),

@@ -35,7 +35,11 @@ pub struct BudgetArgs {
     #[command(flatten)]
     env: Env,
     /// Ordering key modes.
-    #[arg(long, value_delimiter = ',', default_value = "global,batch,field:/vendor_name")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "global,batch,field:/vendor_name"
+    )]
     modes: Vec<OrderingKeyMode>,
     /// Batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
@@ -70,12 +74,17 @@ fn count(commands: &[Command]) -> Counts {
     let named = |name: &str, collection: &str| {
         commands
             .iter()
-            .filter(|c| c.name == name && c.collection.as_deref() == Some(collection) && !c.in_transaction)
+            .filter(|c| {
+                c.name == name && c.collection.as_deref() == Some(collection) && !c.in_transaction
+            })
             .count()
     };
     let item_reads = named("find", "batch_items");
     let batch_reads = named("find", "batches");
-    let writes = commands.iter().filter(|c| c.name == "commitTransaction").count();
+    let writes = commands
+        .iter()
+        .filter(|c| c.name == "commitTransaction")
+        .count();
     let statements = commands
         .iter()
         .filter(|c| c.in_transaction && c.name != "commitTransaction")
@@ -149,7 +158,12 @@ async fn drain(
     let batches = (items / size).max(1);
     let values = sample_items(size, "budget");
     for _ in 0..batches {
-        let batch = build_batch(values.clone(), &IngestRules::default(), None, chrono::Utc::now())?;
+        let batch = build_batch(
+            values.clone(),
+            &IngestRules::default(),
+            None,
+            chrono::Utc::now(),
+        )?;
         store
             .insert_batch(&batch, Instant::now() + Duration::from_secs(60))
             .await?;
@@ -222,7 +236,12 @@ async fn writer(env: &Env) -> anyhow::Result<()> {
         ("batch of 100 with an idempotency key", true, 100),
         ("batch of 10,000 (staged)", false, 10_000),
     ] {
-        let mut batch = build_batch(sample_items(size, label), &IngestRules::default(), None, chrono::Utc::now())?;
+        let mut batch = build_batch(
+            sample_items(size, label),
+            &IngestRules::default(),
+            None,
+            chrono::Utc::now(),
+        )?;
         if keyed {
             batch.idempotency = Some(Idempotency {
                 key: format!("budget-{}", uuid::Uuid::new_v4().simple()),

@@ -143,7 +143,10 @@ pub async fn relay(
             ("RELAY_ID", RELAY_ID.to_owned()),
             ("RELAY_ADMIN_BIND", format!("127.0.0.1:{port}")),
             ("OUTBOX_CHANGE_STREAM", env.change_stream().to_string()),
-            ("LEASE_KILL_ON_BLOCKED_READ", (!env.change_stream()).to_string()),
+            (
+                "LEASE_KILL_ON_BLOCKED_READ",
+                (!env.change_stream()).to_string(),
+            ),
             // Without a change stream the poll interval bounds the wake-up.
             ("OUTBOX_POLL_INTERVAL_SECONDS", "0.05".to_owned()),
         ],

@@ -14,9 +14,9 @@ use chaos::proxy::Proxy;
 use clap::Args;
 use mongodb::bson::{Document, doc};
 use outbox_core::ingest::{IngestRules, build_batch};
+use outbox_core::model::{BatchStatus, ItemSequence};
 use outbox_core::publish::{OrderingKeyMode, OutboxMessage, Publisher};
 use outbox_core::store::{BatchStore, OutboxStore, StreamStore};
-use outbox_core::model::{BatchStatus, ItemSequence};
 use outbox_core::stream::{PoisonPolicy, StreamDefinition, StreamName};
 use outbox_mongo::{MongoConfig, MongoStore};
 use relay::pubsub::{self, PubSubPublisher};
@@ -41,7 +41,11 @@ pub struct RttArgs {
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     sizes: Vec<usize>,
     /// Ordering key modes (one stream each).
-    #[arg(long, value_delimiter = ',', default_value = "global,field:/vendor_name")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "global,field:/vendor_name"
+    )]
     modes: Vec<OrderingKeyMode>,
     /// Items in each backlog, per batch size: 50 x this for batches of 10,
     /// 60 x for 100, 80 x for 1,000: five to eight groups of 1,000 items
@@ -222,7 +226,12 @@ async fn drain_setting(
             let items = backlog_items(size, args.scale);
             let values = sample_items(size, "rtt");
             for _ in 0..items / size {
-                let mut batch = build_batch(values.clone(), &IngestRules::default(), None, chrono::Utc::now())?;
+                let mut batch = build_batch(
+                    values.clone(),
+                    &IngestRules::default(),
+                    None,
+                    chrono::Utc::now(),
+                )?;
                 batch.stream = name.clone();
                 store
                     .insert_batch(&batch, Instant::now() + Duration::from_secs(60))
@@ -246,7 +255,10 @@ async fn drain_setting(
             ("RELAY_ID", "bench-rtt".to_owned()),
             ("RELAY_ADMIN_BIND", format!("127.0.0.1:{port}")),
             ("OUTBOX_CHANGE_STREAM", env.change_stream().to_string()),
-            ("LEASE_KILL_ON_BLOCKED_READ", (!env.change_stream()).to_string()),
+            (
+                "LEASE_KILL_ON_BLOCKED_READ",
+                (!env.change_stream()).to_string(),
+            ),
             ("OUTBOX_POLL_INTERVAL_SECONDS", "0.05".to_owned()),
             ("LEASE_TTL_SECONDS", "10".to_owned()),
         ],
@@ -254,14 +266,24 @@ async fn drain_setting(
     // It leads every stream (the only replica).
     let cluster = format!("http://127.0.0.1:{port}/api/v1/cluster");
     let streams = runs.len() + 1;
-    crate::process::wait_for(Duration::from_secs(120), "the relay to lead every stream", || {
-        let request = http.get(&cluster).send();
-        async move {
-            let Ok(response) = request.await else { return false };
-            let Ok(body) = response.json::<serde_json::Value>().await else { return false };
-            body["replicas"][0]["leads"].as_array().is_some_and(|l| l.len() == streams)
-        }
-    })
+    crate::process::wait_for(
+        Duration::from_secs(120),
+        "the relay to lead every stream",
+        || {
+            let request = http.get(&cluster).send();
+            async move {
+                let Ok(response) = request.await else {
+                    return false;
+                };
+                let Ok(body) = response.json::<serde_json::Value>().await else {
+                    return false;
+                };
+                body["replicas"][0]["leads"]
+                    .as_array()
+                    .is_some_and(|l| l.len() == streams)
+            }
+        },
+    )
     .await?;
     let batches = mongodb::Client::with_uri_str(&env.mongodb_url)
         .await?
@@ -308,7 +330,10 @@ async fn writer(args: &RttArgs) -> anyhow::Result<()> {
     let env = &args.env;
     let http = reqwest::Client::new();
     println!("writer, one client, batches of 100, MongoDB a round trip away:");
-    println!("{:>7} {:>8} {:>8} {:>8}", "rtt ms", "p50 ms", "p95 ms", "items/s");
+    println!(
+        "{:>7} {:>8} {:>8} {:>8}",
+        "rtt ms", "p50 ms", "p95 ms", "items/s"
+    );
     for &ms in &args.writer_rtt_ms {
         let route = route(env, Duration::from_millis(ms), Side::MongoDb).await?;
         let database = format!("bench_rtt_w_{}", uuid::Uuid::new_v4().simple());
@@ -328,7 +353,11 @@ async fn writer(args: &RttArgs) -> anyhow::Result<()> {
                 .body(body.clone())
                 .send()
                 .await?;
-            anyhow::ensure!(response.status() == 201, "writer answered {}", response.status());
+            anyhow::ensure!(
+                response.status() == 201,
+                "writer answered {}",
+                response.status()
+            );
             latencies.push(at.elapsed());
         }
         let rate = per_second(100 * 100, started.elapsed());
@@ -356,7 +385,9 @@ async fn seed_drain(store: &MongoStore, publisher: &PubSubPublisher) -> anyhow::
     let mut published = 0;
     while let Some(batch) = store.head_batch(&stream).await? {
         let total = u32::try_from(batch.total_items)?;
-        let page = store.unsent_items(&batch.batch_id, ItemSequence(0), total).await?;
+        let page = store
+            .unsent_items(&batch.batch_id, ItemSequence(0), total)
+            .await?;
         for item in &page {
             let message = OutboxMessage::for_item(item, &batch, &OrderingKeyMode::Global);
             let id = publisher
@@ -393,8 +424,13 @@ async fn seed(
     ours: &std::collections::HashMap<(Side, u64, usize, String), f64>,
 ) -> anyhow::Result<()> {
     let env = &args.env;
-    println!("the seed's publisher algorithm (one item at a time, each awaited and updated) on batches of 100, global key:");
-    println!("{:>7} {:>8} {:>12} {:>12} {:>10}", "rtt ms", "items", "seed items/s", "ours items/s", "ours/seed");
+    println!(
+        "the seed's publisher algorithm (one item at a time, each awaited and updated) on batches of 100, global key:"
+    );
+    println!(
+        "{:>7} {:>8} {:>12} {:>12} {:>10}",
+        "rtt ms", "items", "seed items/s", "ours items/s", "ours/seed"
+    );
     for &ms in &args.seed_rtt_ms {
         let rtt = Duration::from_millis(ms);
         let route = route(env, rtt, Side::Both).await?;
@@ -405,7 +441,12 @@ async fn seed(
         let items = if ms >= 10 { 300 } else { 2_000 };
         let values = sample_items(100, "seed");
         for _ in 0..items / 100 {
-            let batch = build_batch(values.clone(), &IngestRules::default(), None, chrono::Utc::now())?;
+            let batch = build_batch(
+                values.clone(),
+                &IngestRules::default(),
+                None,
+                chrono::Utc::now(),
+            )?;
             direct
                 .insert_batch(&batch, Instant::now() + Duration::from_secs(60))
                 .await?;
@@ -419,7 +460,9 @@ async fn seed(
         let started = Instant::now();
         let published = seed_drain(&routed, &publisher).await?;
         let seed_rate = per_second(published, started.elapsed());
-        let ours = ours.get(&(Side::Both, ms, 100, "global".to_owned())).copied();
+        let ours = ours
+            .get(&(Side::Both, ms, 100, "global".to_owned()))
+            .copied();
         println!(
             "{ms:>7} {published:>8} {seed_rate:>12.0} {:>12} {:>10}",
             ours.map_or_else(|| "-".to_owned(), |o| format!("{o:.0}")),

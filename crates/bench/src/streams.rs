@@ -117,17 +117,24 @@ async fn replica(
             ("RELAY_ID", id.to_owned()),
             ("RELAY_ADMIN_BIND", format!("127.0.0.1:{port}")),
             ("OUTBOX_CHANGE_STREAM", env.change_stream().to_string()),
-            ("LEASE_KILL_ON_BLOCKED_READ", (!env.change_stream()).to_string()),
+            (
+                "LEASE_KILL_ON_BLOCKED_READ",
+                (!env.change_stream()).to_string(),
+            ),
             ("OUTBOX_POLL_INTERVAL_SECONDS", "0.05".to_owned()),
             ("LEASE_TTL_SECONDS", "3".to_owned()),
         ],
     )?;
     let admin = format!("http://127.0.0.1:{port}");
     let live = format!("{admin}/health/live");
-    crate::process::wait_for(Duration::from_secs(120), "a relay replica to answer", || {
-        let request = http.get(&live).send();
-        async move { request.await.is_ok_and(|r| r.status().is_success()) }
-    })
+    crate::process::wait_for(
+        Duration::from_secs(120),
+        "a relay replica to answer",
+        || {
+            let request = http.get(&live).send();
+            async move { request.await.is_ok_and(|r| r.status().is_success()) }
+        },
+    )
     .await?;
     Ok((child, admin))
 }
@@ -313,10 +320,7 @@ fn model(clients: usize) {
     println!(
         "in-memory model of MongoDB's transactions (statement 1 ms, 5 us an item, 50 batches of 100 a client, virtual time):"
     );
-    println!(
-        "{:<26} {:>12} {:>16}",
-        "", "batches/s", "conflicts/batch"
-    );
+    println!("{:<26} {:>12} {:>16}", "", "batches/s", "conflicts/batch");
     for spread in [1, clients] {
         let model = TransactionModel {
             counter: CounterStep::First,

@@ -106,7 +106,14 @@ async fn writer_cell(
     clients: usize,
     batches: usize,
 ) -> anyhow::Result<Cell> {
-    post_cell(http, vec![format!("{url}/api/v1/batch/process")], size, clients, batches).await
+    post_cell(
+        http,
+        vec![format!("{url}/api/v1/batch/process")],
+        size,
+        clients,
+        batches,
+    )
+    .await
 }
 
 /// [`writer_cell`] on streams `w0` .. `w{spread - 1}`: the n-th batch goes
@@ -141,7 +148,12 @@ async fn post_cell(
     let shed = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&shed);
     let cell = measure(clients, batches, size, move |n| {
-        let (http, endpoints, body, shed) = (http.clone(), Arc::clone(&endpoints), Arc::clone(&body), Arc::clone(&counted));
+        let (http, endpoints, body, shed) = (
+            http.clone(),
+            Arc::clone(&endpoints),
+            Arc::clone(&body),
+            Arc::clone(&counted),
+        );
         async move {
             // As a client should: a 503 (the writer shedding load past its
             // deadline) is retried after its Retry-After; the latency is
@@ -177,7 +189,9 @@ async fn post_cell(
     .await?;
     let shed = shed.load(Ordering::Relaxed);
     if shed > 0 {
-        println!("      ({size} items x {clients} clients: {shed} answers were 503 and retried after Retry-After)");
+        println!(
+            "      ({size} items x {clients} clients: {shed} answers were 503 and retried after Retry-After)"
+        );
     }
     Ok(cell)
 }

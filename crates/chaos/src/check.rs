@@ -127,11 +127,16 @@ pub async fn check_stream(
     })
     .await;
     // A stored publish_id may be a republished copy still on its way.
-    let batch_ids: Vec<String> = all(db, "batches", of_stream.clone(), doc! { "batch_sequence": 1 })
-        .await?
-        .iter()
-        .filter_map(|b| b.get_str("batch_id").ok().map(str::to_owned))
-        .collect();
+    let batch_ids: Vec<String> = all(
+        db,
+        "batches",
+        of_stream.clone(),
+        doc! { "batch_sequence": 1 },
+    )
+    .await?
+    .iter()
+    .filter_map(|b| b.get_str("batch_id").ok().map(str::to_owned))
+    .collect();
     let of_batches = doc! { "batch_id": { "$in": &batch_ids } };
     let items_collection = db.collection::<Document>("batch_items");
     let _ = crate::cluster::eventually(

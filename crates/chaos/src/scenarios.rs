@@ -161,7 +161,11 @@ async fn streams(length: Length) -> anyhow::Result<Report> {
             .json(&serde_json::json!({ "topic": topic }))
             .send()
             .await?;
-        anyhow::ensure!(response.status().is_success(), "defining {name}: {}", response.status());
+        anyhow::ensure!(
+            response.status().is_success(),
+            "defining {name}: {}",
+            response.status()
+        );
         consumers.push(Consumer::start_on(&stack, &subscription).await?);
     }
     let producers: Vec<_> = names
@@ -179,17 +183,23 @@ async fn streams(length: Length) -> anyhow::Result<Report> {
         let killed = Instant::now();
         let victim_id = stack.relays[victim].id.clone();
         // Every stream the killed relay led is led again by another.
-        crate::cluster::eventually(Duration::from_secs(60), "the killed relay's streams led again", || {
-            let stack = &stack;
-            let led = &led;
-            let victim_id = &victim_id;
-            async move {
-                let leaders = stack.stream_leaders().await;
-                led.iter().all(|s| {
-                    leaders.get(s).is_some_and(|l| l.as_ref().is_some_and(|l| l != victim_id))
-                })
-            }
-        })
+        crate::cluster::eventually(
+            Duration::from_secs(60),
+            "the killed relay's streams led again",
+            || {
+                let stack = &stack;
+                let led = &led;
+                let victim_id = &victim_id;
+                async move {
+                    let leaders = stack.stream_leaders().await;
+                    led.iter().all(|s| {
+                        leaders
+                            .get(s)
+                            .is_some_and(|l| l.as_ref().is_some_and(|l| l != victim_id))
+                    })
+                }
+            },
+        )
         .await?;
         takeovers.push(killed.elapsed());
         stack.relays[victim].restart()?;
@@ -199,7 +209,9 @@ async fn streams(length: Length) -> anyhow::Result<Report> {
     for ((name, producer), consumer) in names.iter().zip(producers).zip(&consumers) {
         let report = producer.await?;
         let expected: u64 = report.accepted.iter().map(|a| a.items).sum();
-        consumer.wait_for(expected as usize, Duration::from_secs(600)).await?;
+        consumer
+            .wait_for(expected as usize, Duration::from_secs(600))
+            .await?;
         invariants.add(&check_stream(&db, name, &report.accepted, consumer).await?);
     }
     Ok(Report {

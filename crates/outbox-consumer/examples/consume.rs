@@ -23,7 +23,9 @@ impl Handler for Print {
                 item.stream,
                 item.position.batch_sequence,
                 item.position.item_sequence,
-                item.replay_id.map(|r| format!(" (replay {r})")).unwrap_or_default(),
+                item.replay_id
+                    .map(|r| format!(" (replay {r})"))
+                    .unwrap_or_default(),
                 item.payload
             ),
             Delivery::Batch(items) => {
@@ -33,7 +35,11 @@ impl Handler for Print {
                     first.stream,
                     first.position.batch_sequence,
                     items.len(),
-                    items.iter().map(|i| i.payload.to_string()).collect::<Vec<_>>().join(", ")
+                    items
+                        .iter()
+                        .map(|i| i.payload.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
         }

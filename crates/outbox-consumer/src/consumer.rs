@@ -180,11 +180,14 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
             return outcome;
         }
         let slot = (item.lane(), item.position.batch_sequence);
-        let collecting = self.collecting.entry(slot.clone()).or_insert_with(|| Collecting {
-            items: BTreeMap::new(),
-            answers: Vec::new(),
-            total: item.batch_total_items,
-        });
+        let collecting = self
+            .collecting
+            .entry(slot.clone())
+            .or_insert_with(|| Collecting {
+                items: BTreeMap::new(),
+                answers: Vec::new(),
+                total: item.batch_total_items,
+            });
         if collecting.items.contains_key(&item.position.item_sequence) {
             // A copy of an item held for its batch: the held one answers.
             self.held_copies += 1;
@@ -215,8 +218,10 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
             }
         } else if let Some(first) = items.first() {
             // Until the batch comes again, the rest of its key waits.
-            self.blocked
-                .insert((first.lane(), first.ordering_key.clone()), first.dedup_key());
+            self.blocked.insert(
+                (first.lane(), first.ordering_key.clone()),
+                first.dedup_key(),
+            );
         }
         for answer in done.answers {
             if handled {
@@ -300,7 +305,9 @@ impl Consumer {
         if let Some(host) = &config.emulator_host {
             builder = builder
                 .with_endpoint(format!("http://{host}"))
-                .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+                .with_credentials(
+                    google_cloud_auth::credentials::anonymous::Builder::new().build(),
+                );
         } else if let Some(endpoint) = &config.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
         }
@@ -362,11 +369,19 @@ mod tests {
 
     impl Answer for Answering {
         fn ack(self: Box<Self>) {
-            self.1.0.lock().unwrap_or_else(|e| e.into_inner()).push((self.0, true));
+            self.1
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((self.0, true));
         }
 
         fn nack(self: Box<Self>) {
-            self.1.0.lock().unwrap_or_else(|e| e.into_inner()).push((self.0, false));
+            self.1
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((self.0, false));
         }
     }
 
@@ -389,7 +404,10 @@ mod tests {
                 fail.remove(at);
                 anyhow::bail!("the application failed");
             }
-            self.handled.lock().unwrap_or_else(|e| e.into_inner()).push(delivery);
+            self.handled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(delivery);
             Ok(())
         }
     }
@@ -405,7 +423,16 @@ mod tests {
     /// what followed on the key again (Pub/Sub's behaviour with ordering).
     fn deliveries() -> Vec<Item> {
         let mut out = Vec::new();
-        for (b, i, total) in [(1, 1, 2), (1, 2, 2), (1, 2, 2), (2, 1, 2), (2, 2, 2), (2, 1, 2), (2, 2, 2), (3, 1, 1)] {
+        for (b, i, total) in [
+            (1, 1, 2),
+            (1, 2, 2),
+            (1, 2, 2),
+            (2, 1, 2),
+            (2, 2, 2),
+            (2, 1, 2),
+            (2, 2, 2),
+            (3, 1, 1),
+        ] {
             let mut item = item(b, i, total);
             item.message_id = format!("m{}", out.len());
             out.push(item);
@@ -417,7 +444,11 @@ mod tests {
     async fn each_item_reaches_the_handler_once_and_a_failed_one_comes_again() {
         let answers = Answers::default();
         let handler = Keeping::default();
-        handler.fail_once.lock().unwrap_or_else(|e| e.into_inner()).push("i2-1".to_owned());
+        handler
+            .fail_once
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("i2-1".to_owned());
         let mut core = Core::new(MemorySeen::default(), handler, false, Contract::Global);
         let mut outcomes = Vec::new();
         for item in deliveries() {
@@ -437,12 +468,20 @@ mod tests {
         assert_eq!(handled, ["i1-1", "i1-2", "i2-1", "i2-2", "i3-1"]);
         assert_eq!(outcomes[2], Outcome::Duplicate);
         assert!(matches!(outcomes[3], Outcome::Failed(_)));
-        assert_eq!(outcomes[4], Outcome::Blocked, "i2-2 waits for i2-1 to come again");
+        assert_eq!(
+            outcomes[4],
+            Outcome::Blocked,
+            "i2-2 waits for i2-1 to come again"
+        );
         assert_eq!(outcomes[6], Outcome::Handled);
         // The failed delivery and the one after it on the key were not
         // acknowledged; every other one was.
         let answered = answers.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let nacked: Vec<&str> = answered.iter().filter(|(_, a)| !a).map(|(m, _)| m.as_str()).collect();
+        let nacked: Vec<&str> = answered
+            .iter()
+            .filter(|(_, a)| !a)
+            .map(|(m, _)| m.as_str())
+            .collect();
         assert_eq!(nacked, ["m3", "m4"]);
         assert!(core.report().held());
     }
@@ -451,7 +490,11 @@ mod tests {
     async fn whole_batches_reach_the_handler_in_order_and_are_acknowledged_together() {
         let answers = Answers::default();
         let handler = Keeping::default();
-        handler.fail_once.lock().unwrap_or_else(|e| e.into_inner()).push("i2-2".to_owned());
+        handler
+            .fail_once
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("i2-2".to_owned());
         let mut core = Core::new(MemorySeen::default(), handler, true, Contract::Global);
         let mut outcomes = Vec::new();
         for item in deliveries() {
@@ -468,11 +511,18 @@ mod tests {
                 Delivery::Item(_) => Vec::new(),
             })
             .collect();
-        assert_eq!(batches, [vec!["i1-1", "i1-2"], vec!["i2-1", "i2-2"], vec!["i3-1"]]);
+        assert_eq!(
+            batches,
+            [vec!["i1-1", "i1-2"], vec!["i2-1", "i2-2"], vec!["i3-1"]]
+        );
         // Batch 2 failed once: both its messages were nacked, then it came
         // again whole and was acknowledged.
         let answered = answers.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let nacked: Vec<&str> = answered.iter().filter(|(_, a)| !a).map(|(m, _)| m.as_str()).collect();
+        let nacked: Vec<&str> = answered
+            .iter()
+            .filter(|(_, a)| !a)
+            .map(|(m, _)| m.as_str())
+            .collect();
         assert_eq!(nacked, ["m3", "m4"]);
         assert!(core.report().held());
     }

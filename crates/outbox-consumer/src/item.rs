@@ -91,7 +91,10 @@ impl Item {
             request_id: attributes.get("request_id").cloned(),
             vendor_name: attributes.get("vendor_name").cloned().unwrap_or_default(),
             payload: body.get("payload").cloned().unwrap_or(Value::Null),
-            attributes: attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
     }
 
@@ -165,7 +168,13 @@ pub(crate) mod tests {
     #[test]
     fn a_relay_message_reads_back_and_a_foreign_one_is_refused() {
         let item = item(7, 2, 2);
-        assert_eq!(item.position, Position { batch_sequence: 7, item_sequence: 2 });
+        assert_eq!(
+            item.position,
+            Position {
+                batch_sequence: 7,
+                item_sequence: 2
+            }
+        );
         assert!(item.batch_last);
         assert_eq!(item.payload, serde_json::json!({ "n": 2 }));
         assert_eq!(item.lane().to_string(), "default");

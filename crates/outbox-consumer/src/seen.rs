@@ -122,7 +122,11 @@ mod mongo {
     #[async_trait]
     impl SeenStore for MongoSeen {
         async fn seen(&self, key: &str) -> anyhow::Result<bool> {
-            Ok(self.collection.find_one(doc! { "_id": key }).await?.is_some())
+            Ok(self
+                .collection
+                .find_one(doc! { "_id": key })
+                .await?
+                .is_some())
         }
 
         async fn remember(&self, keys: &[String]) -> anyhow::Result<()> {
@@ -146,11 +150,13 @@ mod mongo {
 
     fn is_duplicates_only(error: &mongodb::error::Error) -> bool {
         match &*error.kind {
-            mongodb::error::ErrorKind::InsertMany(failure) => failure
-                .write_errors
-                .as_ref()
-                .is_some_and(|errors| errors.iter().all(|e| e.code == 11000))
-                && failure.write_concern_error.is_none(),
+            mongodb::error::ErrorKind::InsertMany(failure) => {
+                failure
+                    .write_errors
+                    .as_ref()
+                    .is_some_and(|errors| errors.iter().all(|e| e.code == 11000))
+                    && failure.write_concern_error.is_none()
+            }
             _ => false,
         }
     }
@@ -163,10 +169,15 @@ mod tests {
     #[tokio::test]
     async fn memory_keeps_the_last_capacity_items() {
         let seen = MemorySeen::new(2);
-        seen.remember(&["a".into(), "b".into()]).await.unwrap_or_default();
+        seen.remember(&["a".into(), "b".into()])
+            .await
+            .unwrap_or_default();
         assert!(seen.seen("a").await.unwrap_or(false));
         seen.remember(&["c".into()]).await.unwrap_or_default();
-        assert!(!seen.seen("a").await.unwrap_or(true), "the oldest is forgotten");
+        assert!(
+            !seen.seen("a").await.unwrap_or(true),
+            "the oldest is forgotten"
+        );
         assert!(seen.seen("b").await.unwrap_or(false) && seen.seen("c").await.unwrap_or(false));
     }
 }

@@ -182,11 +182,23 @@ mod tests {
     #[test]
     fn in_order_deliveries_with_duplicates_hold_the_contract() {
         let mut v = Verifier::new(Contract::Global);
-        let deliveries = [item(1, 1, 2), item(1, 2, 2), item(1, 2, 2), item(2, 1, 1), item(1, 1, 2)];
+        let deliveries = [
+            item(1, 1, 2),
+            item(1, 2, 2),
+            item(1, 2, 2),
+            item(2, 1, 1),
+            item(1, 1, 2),
+        ];
         let verdicts: Vec<Verdict> = deliveries.iter().map(|i| v.observe(i)).collect();
         assert_eq!(
             verdicts,
-            [Verdict::First, Verdict::First, Verdict::Duplicate, Verdict::First, Verdict::Duplicate]
+            [
+                Verdict::First,
+                Verdict::First,
+                Verdict::Duplicate,
+                Verdict::First,
+                Verdict::Duplicate
+            ]
         );
         let report = v.final_report();
         assert!(report.held(), "{report:?}");
@@ -200,12 +212,18 @@ mod tests {
         assert_eq!(
             v.observe(&item(1, 1, 3)),
             Verdict::OutOfOrder {
-                after: Position { batch_sequence: 1, item_sequence: 2 }
+                after: Position {
+                    batch_sequence: 1,
+                    item_sequence: 2
+                }
             }
         );
         assert_eq!(
             v.observe(&item(2, 1, 1)),
-            Verdict::BatchInterleaved { unfinished_batch: 1, missing: 1 }
+            Verdict::BatchInterleaved {
+                unfinished_batch: 1,
+                missing: 1
+            }
         );
         let report = v.final_report();
         assert_eq!(report.out_of_order, 1);
@@ -220,7 +238,10 @@ mod tests {
         a.ordering_key = "b2".to_owned();
         let mut b = item(1, 1, 1);
         b.ordering_key = "b1".to_owned();
-        assert_eq!((v.observe(&a), v.observe(&b)), (Verdict::First, Verdict::First));
+        assert_eq!(
+            (v.observe(&a), v.observe(&b)),
+            (Verdict::First, Verdict::First)
+        );
         assert!(v.final_report().held());
     }
 

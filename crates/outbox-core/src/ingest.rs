@@ -781,7 +781,10 @@ mod tests {
         // Fields copied into attributes: at most 1,024 bytes each.
         let long = "é".repeat(600); // 1,200 bytes, 600 characters
         assert_eq!(
-            build(vec![json!({"request_id": "ok"}), json!({"request_id": long})]),
+            build(vec![
+                json!({"request_id": "ok"}),
+                json!({"request_id": long})
+            ]),
             Err(IngestError::AttributeTooLong {
                 index: 1,
                 field: "request_id".into(),
@@ -793,7 +796,12 @@ mod tests {
             build(vec![json!({"vendor_name": "v".repeat(1025)})]),
             Err(IngestError::AttributeTooLong { index: 0, ref field, .. }) if field == "vendor_name"
         ));
-        assert!(build(vec![json!({"vendor_name": "v".repeat(1024), "request_id": "r".repeat(1024)})]).is_ok());
+        assert!(
+            build(vec![
+                json!({"vendor_name": "v".repeat(1024), "request_id": "r".repeat(1024)})
+            ])
+            .is_ok()
+        );
         // A configured field name is the one named.
         let rules = IngestRules {
             request_id_field: "rid".into(),
@@ -949,7 +957,10 @@ mod tests {
         let rows = csv(b"a,b\n\"x\"\"y\",\"\"\n\"1\r\n2\",\"end\"").unwrap();
         assert_eq!(
             rows,
-            vec![json!({"a": "x\"y", "b": ""}), json!({"a": "1\r\n2", "b": "end"})]
+            vec![
+                json!({"a": "x\"y", "b": ""}),
+                json!({"a": "1\r\n2", "b": "end"})
+            ]
         );
     }
 }

@@ -19,11 +19,11 @@ use crate::model::{
     BatchId, BatchProgress, BatchStatus, BatchSummary, ItemCounts, ItemSequence, ItemStatus,
     NewBatch, Sequence,
 };
+use crate::replay::{ReplayId, ReplayJob};
 use crate::store::{
     Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease, LeaseStore, Member, MemberStore,
     OutboxItem, OutboxStore, PendingBatch, Removed, SentMark, StoreError, StreamStore,
 };
-use crate::replay::{ReplayId, ReplayJob};
 use crate::stream::{StreamDefinition, StreamName};
 
 mod replays;
@@ -257,8 +257,17 @@ impl MemoryStore {
     ///
     /// # Errors
     /// When the sequence is in use.
-    pub fn insert_at(&self, sequence: Sequence, batch: &NewBatch) -> Result<BatchSummary, StoreError> {
-        if self.lock().stream(&batch.stream).batches.contains_key(&sequence) {
+    pub fn insert_at(
+        &self,
+        sequence: Sequence,
+        batch: &NewBatch,
+    ) -> Result<BatchSummary, StoreError> {
+        if self
+            .lock()
+            .stream(&batch.stream)
+            .batches
+            .contains_key(&sequence)
+        {
             return Err(StoreError::Other(format!("sequence {sequence} is in use")));
         }
         self.commit_at(batch, Some(sequence))
@@ -294,7 +303,10 @@ impl MemoryStore {
     fn fenced(&self, fence: &Fence) -> Result<MutexGuard<'_, State>, StoreError> {
         self.check_available()?;
         let state = self.lock();
-        let lease = state.streams.get(&fence.stream).and_then(|s| s.lease.as_ref());
+        let lease = state
+            .streams
+            .get(&fence.stream)
+            .and_then(|s| s.lease.as_ref());
         match lease {
             Some(lease) if lease.epoch == fence.epoch && lease.holder == fence.holder => Ok(state),
             _ => Err(StoreError::Fenced { epoch: fence.epoch }),
@@ -313,7 +325,12 @@ impl MemoryStore {
     }
 
     /// Transaction `txn`'s write to the stream's counter, by MongoDB's rules.
-    fn write_counter(&self, stream: &StreamName, txn: u64, snapshot: u64) -> Result<(), StoreError> {
+    fn write_counter(
+        &self,
+        stream: &StreamName,
+        txn: u64,
+        snapshot: u64,
+    ) -> Result<(), StoreError> {
         let mut guard = self.lock();
         let state = guard.stream(stream);
         if state.counter_holder.is_some_and(|holder| holder != txn) {
@@ -372,7 +389,11 @@ impl MemoryStore {
     }
 
     /// Commits `batch` under the next sequence, or under `at`.
-    fn commit_at(&self, batch: &NewBatch, at: Option<Sequence>) -> Result<BatchSummary, StoreError> {
+    fn commit_at(
+        &self,
+        batch: &NewBatch,
+        at: Option<Sequence>,
+    ) -> Result<BatchSummary, StoreError> {
         let mut state = self.lock();
         if let Some(idem) = &batch.idempotency
             && state
@@ -551,7 +572,11 @@ impl BatchStore for MemoryStore {
             for chunk in batch.items.chunks(1000) {
                 tokio::time::timeout(budget, self.statement(chunk.len()))
                     .await
-                    .map_err(|_| StoreError::Unavailable("a chunk of items took over the request's budget".to_owned()))?;
+                    .map_err(|_| {
+                        StoreError::Unavailable(
+                            "a chunk of items took over the request's budget".to_owned(),
+                        )
+                    })?;
             }
             tokio::time::Instant::now() + budget
         } else {
@@ -563,7 +588,8 @@ impl BatchStore for MemoryStore {
             match attempt.await {
                 Err(_) => {
                     return Err(StoreError::Unavailable(
-                        "the batch's transaction did not commit within the request deadline".to_owned(),
+                        "the batch's transaction did not commit within the request deadline"
+                            .to_owned(),
                     ));
                 }
                 Ok(Err(e)) if retry.again(&e).await => {}
@@ -651,7 +677,11 @@ impl LeaseStore for MemoryStore {
 
     async fn current(&self, stream: &StreamName) -> Result<Option<Lease>, StoreError> {
         self.check_available()?;
-        Ok(self.lock().streams.get(stream).and_then(|s| s.lease.clone()))
+        Ok(self
+            .lock()
+            .streams
+            .get(stream)
+            .and_then(|s| s.lease.clone()))
     }
 
     async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
@@ -669,7 +699,9 @@ impl LeaseStore for MemoryStore {
 impl MemberStore for MemoryStore {
     async fn heartbeat(&self, member: &Member) -> Result<(), StoreError> {
         self.check_available()?;
-        self.lock().members.insert(member.id.clone(), member.clone());
+        self.lock()
+            .members
+            .insert(member.id.clone(), member.clone());
         Ok(())
     }
 
@@ -734,7 +766,11 @@ impl OutboxStore for MemoryStore {
         Ok(state
             .streams
             .get(stream)
-            .and_then(|s| s.batches.values().find(|b| b.status != BatchStatus::Committed))
+            .and_then(|s| {
+                s.batches
+                    .values()
+                    .find(|b| b.status != BatchStatus::Committed)
+            })
             .map(StoredBatch::pending))
     }
 
@@ -796,7 +832,12 @@ impl OutboxStore for MemoryStore {
             .collect();
         // As MongoDB's adapter: a position with no item ends the read.
         if let Some(missing) = (first..=last)
-            .zip(window.iter().map(|i| u64::from(i.item.item_sequence.0)).chain(std::iter::repeat(0)))
+            .zip(
+                window
+                    .iter()
+                    .map(|i| u64::from(i.item.item_sequence.0))
+                    .chain(std::iter::repeat(0)),
+            )
             .find(|(expected, found)| expected != found)
             .map(|(expected, _)| expected)
         {
@@ -1226,10 +1267,16 @@ mod tests {
         assert_eq!(committed.len(), 2, "the test needs two committed batches");
 
         let before = Utc::now() - chrono::Duration::hours(1);
-        let none = store.remove_expired(&StreamName::default(), Some(before), None, before, 10).await.unwrap();
+        let none = store
+            .remove_expired(&StreamName::default(), Some(before), None, before, 10)
+            .await
+            .unwrap();
         assert_eq!(none, Removed::default(), "nothing is that old");
         let now = Utc::now() + chrono::Duration::seconds(1);
-        let one = store.remove_expired(&StreamName::default(), Some(now), None, now, 1).await.unwrap();
+        let one = store
+            .remove_expired(&StreamName::default(), Some(now), None, now, 1)
+            .await
+            .unwrap();
         assert_eq!((one.batches, one.items), (1, 2), "the limit holds");
         let rest = store
             .remove_expired(&StreamName::default(), Some(now), Some(now), now, 10)
@@ -1255,8 +1302,18 @@ mod tests {
     async fn a_stale_epoch_cannot_write() {
         let store = MemoryStore::new();
         let summary = store.insert_batch(&batch(1), far()).await.unwrap();
-        let first = store.acquire_or_renew(&StreamName::default(), "a", 0, 100).await.unwrap().unwrap();
-        assert_eq!(store.acquire_or_renew(&StreamName::default(), "b", 50, 100).await.unwrap(), None);
+        let first = store
+            .acquire_or_renew(&StreamName::default(), "a", 0, 100)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store
+                .acquire_or_renew(&StreamName::default(), "b", 50, 100)
+                .await
+                .unwrap(),
+            None
+        );
         let second = store
             .acquire_or_renew(&StreamName::default(), "b", 101, 100)
             .await

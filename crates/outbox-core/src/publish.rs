@@ -9,8 +9,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::model::{BatchId, ItemId, ItemSequence, Sequence};
-use crate::stream::StreamName;
 use crate::store::{OutboxItem, PendingBatch};
+use crate::stream::StreamName;
 
 /// How messages are grouped for Pub/Sub's per-key ordering.
 ///
@@ -118,7 +118,11 @@ impl OrderingKeyMode {
 
     /// The key of the message of an item of `batch_id` whose request
     /// object is `payload`.
-    pub fn key_for_payload(&self, batch_id: &BatchId, payload: &Map<String, Value>) -> Option<String> {
+    pub fn key_for_payload(
+        &self,
+        batch_id: &BatchId,
+        payload: &Map<String, Value>,
+    ) -> Option<String> {
         let Self::Field {
             pointer,
             default_key,
@@ -292,13 +296,14 @@ impl<'a> ItemMessage<'a> {
     /// for the default stream as before streams: two streams never share
     /// a key, so one's failure never pauses the other's.
     fn ordering_key(&self, mode: &OrderingKeyMode) -> Option<String> {
-        mode.key_for_payload(self.batch_id, self.payload).map(|key| {
-            if key == OrderingKeyMode::GLOBAL_KEY && !self.stream.is_default() {
-                self.stream.to_string()
-            } else {
-                key
-            }
-        })
+        mode.key_for_payload(self.batch_id, self.payload)
+            .map(|key| {
+                if key == OrderingKeyMode::GLOBAL_KEY && !self.stream.is_default() {
+                    self.stream.to_string()
+                } else {
+                    key
+                }
+            })
     }
 
     /// The message.

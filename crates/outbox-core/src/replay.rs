@@ -178,10 +178,14 @@ pub enum ReplayRefused {
     #[error("{0}")]
     InvalidRange(String),
     /// Part of the range is not committed (yet).
-    #[error("batches up to {to} are not all committed: the stream has committed through {committed}")]
+    #[error(
+        "batches up to {to} are not all committed: the stream has committed through {committed}"
+    )]
     NotCommitted { to: Sequence, committed: u64 },
     /// Retention removed the start of the range.
-    #[error("batch {from} is no longer held: retention removed it; the first batch held is {first_available}")]
+    #[error(
+        "batch {from} is no longer held: retention removed it; the first batch held is {first_available}"
+    )]
     Removed {
         from: Sequence,
         first_available: Sequence,
@@ -422,7 +426,12 @@ mod tests {
         let (from, to) = ReplayAction::Resume.transition();
         assert!(from.contains(&ReplayState::Failed));
         assert_eq!(to, ReplayState::Running);
-        assert!(!ReplayAction::Pause.transition().0.contains(&ReplayState::Done));
+        assert!(
+            !ReplayAction::Pause
+                .transition()
+                .0
+                .contains(&ReplayState::Done)
+        );
         for state in ReplayState::ALL {
             assert_eq!(state.as_str().parse::<ReplayState>(), Ok(state));
         }

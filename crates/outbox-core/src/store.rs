@@ -585,12 +585,19 @@ pub trait ReplayStore: Send + Sync + 'static {
 
     /// Records how far a job got, under the stream's fence; with
     /// `progress.done`, a running job becomes done.
-    async fn record_replay(&self, fence: &Fence, progress: &ReplayProgress)
-    -> Result<(), StoreError>;
+    async fn record_replay(
+        &self,
+        fence: &Fence,
+        progress: &ReplayProgress,
+    ) -> Result<(), StoreError>;
 
     /// Stops a running job with an error, under the stream's fence.
-    async fn fail_replay(&self, fence: &Fence, id: &ReplayId, error: &str)
-    -> Result<(), StoreError>;
+    async fn fail_replay(
+        &self,
+        fence: &Fence,
+        id: &ReplayId,
+        error: &str,
+    ) -> Result<(), StoreError>;
 
     /// The stream's committed batches from `from` up to `to`, in order, at
     /// most `limit`.

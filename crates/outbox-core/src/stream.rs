@@ -183,10 +183,12 @@ impl StreamDefinition {
                     "writers, when given, names at least one API key name (leave it out to let any writer in)".to_owned(),
                 ));
             }
-            if let Some(bad) = writers
-                .iter()
-                .find(|w| w.is_empty() || w.contains(':') || w.contains(',') || w.chars().any(char::is_whitespace))
-            {
+            if let Some(bad) = writers.iter().find(|w| {
+                w.is_empty()
+                    || w.contains(':')
+                    || w.contains(',')
+                    || w.chars().any(char::is_whitespace)
+            }) {
                 return Err(InvalidDefinition(format!(
                     "writer {bad:?} is not an API key name"
                 )));
@@ -299,7 +301,16 @@ mod tests {
         for good in ["default", "a", "orders-eu-1", "0x", &"a".repeat(63)] {
             assert!(good.parse::<StreamName>().is_ok(), "{good}");
         }
-        for bad in ["", "-a", "Orders", "a_b", "a.b", "é", &"a".repeat(64), "a b"] {
+        for bad in [
+            "",
+            "-a",
+            "Orders",
+            "a_b",
+            "a.b",
+            "é",
+            &"a".repeat(64),
+            "a b",
+        ] {
             assert!(bad.parse::<StreamName>().is_err(), "{bad}");
         }
         assert!(StreamName::default().is_default());
@@ -341,7 +352,11 @@ mod tests {
 
     #[test]
     fn bad_definitions_say_why() {
-        assert!(definition(Some(json!({"type": "no-such-type"}))).validate().is_err());
+        assert!(
+            definition(Some(json!({"type": "no-such-type"})))
+                .validate()
+                .is_err()
+        );
         assert!(definition(Some(json!(3))).validate().is_err());
         let mut def = definition(None);
         def.topic = "goog".into();

@@ -254,7 +254,8 @@ impl MongoStore {
         while start < items.len() {
             let mut end = start;
             let mut bytes = 0;
-            while end < items.len() && end - start < STAGE_CHUNK_ITEMS && bytes < STAGE_CHUNK_BYTES {
+            while end < items.len() && end - start < STAGE_CHUNK_ITEMS && bytes < STAGE_CHUNK_BYTES
+            {
                 bytes += sizes[end];
                 end += 1;
             }
@@ -294,7 +295,11 @@ impl MongoStore {
         });
     }
 
-    pub(crate) async fn unstage(&self, batch_id: &BatchId, total_items: usize) -> Result<(), StoreError> {
+    pub(crate) async fn unstage(
+        &self,
+        batch_id: &BatchId,
+        total_items: usize,
+    ) -> Result<(), StoreError> {
         let removed = self
             .staged()
             .delete_one(doc! { "_id": batch_id.as_str() })
@@ -318,7 +323,10 @@ impl MongoStore {
         while first <= total {
             let last = first.saturating_add(999).min(total);
             let ids: Vec<String> = (first..=last)
-                .map(|n| outbox_core::model::ItemId::of(batch_id, outbox_core::model::ItemSequence(n)).to_string())
+                .map(|n| {
+                    outbox_core::model::ItemId::of(batch_id, outbox_core::model::ItemSequence(n))
+                        .to_string()
+                })
                 .collect();
             self.items()
                 .delete_many(doc! { "_id": { "$in": ids }, "batch_id": batch_id.as_str() })
@@ -501,10 +509,7 @@ impl MongoStore {
             .map_err(classify)?;
         let mut retry = ConflictRetry::until(deadline);
         loop {
-            match self
-                .insert_once(&mut session, batch, items, deadline)
-                .await
-            {
+            match self.insert_once(&mut session, batch, items, deadline).await {
                 Ok(summary) => return Ok(summary),
                 Err(Attempt::Unknown(message)) => {
                     // Make sure it cannot commit later; say we don't know.
@@ -533,7 +538,6 @@ impl MongoStore {
             }
         }
     }
-
 
     /// A batch as a majority of the replica set has it: a batch a cut-off
     /// primary committed alone may still roll back, and must not be shown
@@ -611,7 +615,11 @@ impl BatchStore for MongoStore {
             Items::Inline(&mut documents)
         };
         let result = self.commit_batch(batch, &mut items, deadline).await;
-        if staged && result.as_ref().is_err_and(|e| !matches!(e, StoreError::OutcomeUnknown(_))) {
+        if staged
+            && result
+                .as_ref()
+                .is_err_and(|e| !matches!(e, StoreError::OutcomeUnknown(_)))
+        {
             self.unstage_in_background(&batch.batch_id, batch.items.len());
         }
         result

@@ -400,9 +400,14 @@ mod tests {
         let definition = StreamDefinition {
             name: "orders".parse().unwrap(),
             topic: "orders".into(),
-            ordering: "field:/customer/id".parse::<OrderingKeyMode>().unwrap().with_default_key("none"),
+            ordering: "field:/customer/id"
+                .parse::<OrderingKeyMode>()
+                .unwrap()
+                .with_default_key("none"),
             on_poison: PoisonPolicy::DeadLetter,
-            schema: Some(serde_json::json!({"$defs": {"id": {"type": "string"}}, "properties": {"id": {"$ref": "#/$defs/id"}}})),
+            schema: Some(
+                serde_json::json!({"$defs": {"id": {"type": "string"}}, "properties": {"id": {"$ref": "#/$defs/id"}}}),
+            ),
             writers: Some(vec!["billing".into()]),
             created_at: None,
             updated_at: None,
@@ -449,7 +454,11 @@ mod tests {
             (Bson::Null, false),
             (Bson::String("true".into()), false),
         ] {
-            assert_eq!(get_flag(&doc! { "f": value.clone() }, "f"), expected, "{value}");
+            assert_eq!(
+                get_flag(&doc! { "f": value.clone() }, "f"),
+                expected,
+                "{value}"
+            );
         }
         assert!(!get_flag(&doc! {}, "f"));
     }

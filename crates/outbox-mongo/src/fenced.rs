@@ -17,7 +17,10 @@ use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
 use outbox_core::model::{BatchId, BatchStatus, ItemSequence, ItemStatus, Sequence};
 use outbox_core::replay::{ReplayId, ReplayProgress, ReplayState};
-use outbox_core::store::{ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, Fence, OutboxItem, PageWrite, SentMark, StoreError};
+use outbox_core::store::{
+    ConflictRetry, DEFAULT_TRANSACTION_RETRY_TIME, Fence, OutboxItem, PageWrite, SentMark,
+    StoreError,
+};
 
 use crate::batches::transaction_options;
 use crate::documents::{bson_datetime, get_u64};
@@ -70,7 +73,11 @@ impl FencedWrite<'_> {
     fn commits(&self) -> Option<Sequence> {
         match self {
             Self::Commit(_, sequence) | Self::Finish(_, sequence, _) => Some(*sequence),
-            Self::Pages(pages) => pages.iter().filter(|p| p.finishes).map(|p| p.sequence).max(),
+            Self::Pages(pages) => pages
+                .iter()
+                .filter(|p| p.finishes)
+                .map(|p| p.sequence)
+                .max(),
             _ => None,
         }
     }
@@ -79,7 +86,11 @@ impl FencedWrite<'_> {
 impl MongoStore {
     /// Runs `write` in a transaction fenced by the lease epoch, retrying
     /// conflicts, on the process's one fenced session.
-    pub(crate) async fn fenced(&self, fence: &Fence, write: FencedWrite<'_>) -> Result<(), StoreError> {
+    pub(crate) async fn fenced(
+        &self,
+        fence: &Fence,
+        write: FencedWrite<'_>,
+    ) -> Result<(), StoreError> {
         self.fenced_applied(fence, write).await.map(drop)
     }
 
@@ -122,7 +133,10 @@ impl MongoStore {
             // have a transaction open on the server that we gave up on: end
             // it, and start the next write on a fresh, recorded session.
             if let Some((session, _)) = slot.take() {
-                let id = self.recordable(session.id()).await.unwrap_or_else(|_| session.id().clone());
+                let id = self
+                    .recordable(session.id())
+                    .await
+                    .unwrap_or_else(|_| session.id().clone());
                 let kill =
                     tokio::time::timeout(std::time::Duration::from_secs(1), self.kill_session(&id));
                 if let Ok(Err(kill_error)) = kill.await {
@@ -489,7 +503,9 @@ impl MongoStore {
             } else {
                 let sent = self
                     .items()
-                    .count_documents(doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Sent.as_str() })
+                    .count_documents(
+                        doc! { "batch_id": batch_id.as_str(), "status": ItemStatus::Sent.as_str() },
+                    )
                     .session(&mut *session)
                     .await
                     .map_err(classify)? as i64;
@@ -535,5 +551,4 @@ impl MongoStore {
             .unwrap_or(-1);
         Ok(n == statements)
     }
-
 }

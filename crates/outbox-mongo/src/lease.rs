@@ -273,7 +273,9 @@ impl LeaseStore for MongoStore {
                 committed: None,
             };
             let mut claim = self.session_for(stream).await?;
-            let session = claim.as_ref().map_or(Bson::Null, |(_, id)| Bson::Document(id.clone()));
+            let session = claim
+                .as_ref()
+                .map_or(Bson::Null, |(_, id)| Bson::Document(id.clone()));
             let ms = self.lease_timeout_ms();
             let insert = self
                 .db
@@ -333,7 +335,9 @@ impl LeaseStore for MongoStore {
         let mut claim = None;
         if next.epoch != current.epoch {
             claim = self.session_for(stream).await?;
-            let session = claim.as_ref().map_or(Bson::Null, |(_, id)| Bson::Document(id.clone()));
+            let session = claim
+                .as_ref()
+                .map_or(Bson::Null, |(_, id)| Bson::Document(id.clone()));
             set.insert("txn_session", session);
         }
         let matched = self
@@ -419,9 +423,12 @@ mod tests {
     #[test]
     fn a_hand_edited_lease_still_reads() {
         let stream = StreamName::default();
-        let lease = lease_from(&stream, &doc! {
-            "holder": "a", "epoch": 3.0, "expires_at_ms": 1_700_000_000_000.5_f64,
-        });
+        let lease = lease_from(
+            &stream,
+            &doc! {
+                "holder": "a", "epoch": 3.0, "expires_at_ms": 1_700_000_000_000.5_f64,
+            },
+        );
         assert_eq!(lease.epoch, 3);
         assert_eq!(lease.expires_at_ms, 1_700_000_000_000);
         let broken = lease_from(&stream, &doc! { "holder": "a", "expires_at_ms": "soon" });
@@ -431,7 +438,8 @@ mod tests {
     #[test]
     fn the_compare_and_swap_matches_the_values_as_read() {
         let stream: StreamName = "orders".parse().unwrap();
-        let read = doc! { "_id": "relay:orders", "holder": "a", "epoch": 2.0, "expires_at_ms": 5_i32 };
+        let read =
+            doc! { "_id": "relay:orders", "holder": "a", "epoch": 2.0, "expires_at_ms": 5_i32 };
         assert_eq!(
             as_read(&stream, &read),
             doc! { "_id": "relay:orders", "holder": "a", "epoch": 2.0, "expires_at_ms": 5_i32 }

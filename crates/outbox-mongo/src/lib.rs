@@ -269,7 +269,10 @@ impl MongoStore {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if errors::code(&e) == Some(errors::UNAUTHORIZED) && session.contains_key("uid") => {
+            Err(e)
+                if errors::code(&e) == Some(errors::UNAUTHORIZED)
+                    && session.contains_key("uid") =>
+            {
                 warn!(
                     message = "killSessions with the session's uid was refused: this user lacks the killAnySession privilege (role hostManager); trying as our own user's session",
                     error = %e
@@ -593,7 +596,13 @@ pub(crate) fn session_uid(connection_status: &Document) -> Binary {
         .and_then(|info| info.get_array("authenticatedUsers").ok())
         .and_then(|users| users.first())
         .and_then(|user| user.as_document())
-        .and_then(|user| Some(format!("{}@{}", user.get_str("user").ok()?, user.get_str("db").ok()?)))
+        .and_then(|user| {
+            Some(format!(
+                "{}@{}",
+                user.get_str("user").ok()?,
+                user.get_str("db").ok()?
+            ))
+        })
         .unwrap_or_default();
     Binary {
         subtype: mongodb::bson::spec::BinarySubtype::Generic,

@@ -49,7 +49,9 @@ impl Command {
                 other => other.to_string(),
             });
         let in_transaction = command.contains_key("txnNumber")
-            && command.get_bool("autocommit").is_ok_and(|autocommit| !autocommit);
+            && command
+                .get_bool("autocommit")
+                .is_ok_and(|autocommit| !autocommit);
         Self {
             name: name.to_owned(),
             collection,
@@ -108,8 +110,10 @@ impl CommandLog {
             if let CommandEvent::Started(started) = event
                 && !HOUSEKEEPING.contains(&started.command_name.as_str())
             {
-                log.lock()
-                    .push(Command::from_started(&started.command, &started.command_name));
+                log.lock().push(Command::from_started(
+                    &started.command,
+                    &started.command_name,
+                ));
             }
         })
     }

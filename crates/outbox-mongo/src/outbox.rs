@@ -10,8 +10,8 @@ use outbox_core::model::{
     BatchId, BatchProgress, BatchStatus, ItemId, ItemSequence, ItemStatus, Sequence,
 };
 use outbox_core::store::{
-    Backlog, Fence, ItemView, ItemWindow, OutboxItem, PageWrite,
-    OutboxStore, PendingBatch, Removed, SentMark, StoreError,
+    Backlog, Fence, ItemView, ItemWindow, OutboxItem, OutboxStore, PageWrite, PendingBatch,
+    Removed, SentMark, StoreError,
 };
 
 use crate::documents::{
@@ -117,12 +117,10 @@ impl MongoStore {
             .position(|id| !read.contains(id) && !present.contains(id))
         {
             None => Ok(()),
-            Some(offset) => {
-                Err(StoreError::Incomplete(format!(
-                    "batch {batch_id} has no item {} (not readable at read concern majority); nothing after it is published",
-                    first + offset as u64
-                )))
-            }
+            Some(offset) => Err(StoreError::Incomplete(format!(
+                "batch {batch_id} has no item {} (not readable at read concern majority); nothing after it is published",
+                first + offset as u64
+            ))),
         }
     }
 
@@ -181,7 +179,12 @@ impl OutboxStore for MongoStore {
                 .read_concern(ReadConcern::majority())
                 .await
                 .map_err(classify)?;
-            Ok::<_, StoreError>(counter.as_ref().and_then(|c| get_u64(c, "value").ok()).unwrap_or(0))
+            Ok::<_, StoreError>(
+                counter
+                    .as_ref()
+                    .and_then(|c| get_u64(c, "value").ok())
+                    .unwrap_or(0),
+            )
         };
         let (issued, committed, head) = futures::try_join!(
             counter,
@@ -269,10 +272,16 @@ impl OutboxStore for MongoStore {
             .await
             .map_err(classify)?;
         let mut read = self.collect(cursor, outbox_item).await?;
-        read.sort_by(|a, b| a.batch_id.as_str().cmp(b.batch_id.as_str()).then(a.item_sequence.cmp(&b.item_sequence)));
+        read.sort_by(|a, b| {
+            a.batch_id
+                .as_str()
+                .cmp(b.batch_id.as_str())
+                .then(a.item_sequence.cmp(&b.item_sequence))
+        });
         let mut pages = Vec::with_capacity(windows.len());
         for (window, ids) in windows.iter().zip(&ids) {
-            let range = window.after.0.saturating_add(1)..=window.after.0.saturating_add(window.limit);
+            let range =
+                window.after.0.saturating_add(1)..=window.after.0.saturating_add(window.limit);
             let items: Vec<OutboxItem> = read
                 .iter()
                 .filter(|i| i.batch_id == window.batch_id && range.contains(&i.item_sequence.0))
@@ -354,15 +363,21 @@ impl OutboxStore for MongoStore {
         if pages.is_empty() {
             return Ok(());
         }
-        if self.fenced_applied(fence, FencedWrite::Pages(pages)).await? {
+        if self
+            .fenced_applied(fence, FencedWrite::Pages(pages))
+            .await?
+        {
             return Ok(());
         }
         // A batch stored before the counters existed: page by page, each
         // commit checking for pending items itself.
         for page in pages {
             if page.finishes {
-                self.fenced(fence, FencedWrite::Finish(&page.batch_id, page.sequence, &page.marks))
-                    .await?;
+                self.fenced(
+                    fence,
+                    FencedWrite::Finish(&page.batch_id, page.sequence, &page.marks),
+                )
+                .await?;
             } else if !page.marks.is_empty() {
                 self.fenced(fence, FencedWrite::Marks(&page.batch_id, &page.marks))
                     .await?;
@@ -378,7 +393,9 @@ impl OutboxStore for MongoStore {
         // Committed before commits recorded it: the highest committed batch.
         let last = self
             .batches()
-            .find_one(doc! { "stream": ids::field(stream), "status": BatchStatus::Committed.as_str() })
+            .find_one(
+                doc! { "stream": ids::field(stream), "status": BatchStatus::Committed.as_str() },
+            )
             .sort(doc! { "batch_sequence": -1 })
             .projection(doc! { "batch_sequence": 1 })
             .read_concern(ReadConcern::majority())

@@ -9,7 +9,9 @@ use outbox_core::store::{Member, MemberStore, StoreError, StreamStore};
 use outbox_core::stream::{StreamDefinition, StreamName};
 
 use crate::MongoStore;
-use crate::documents::{bson_datetime, member, member_document, stream_definition, stream_document};
+use crate::documents::{
+    bson_datetime, member, member_document, stream_definition, stream_document,
+};
 use crate::errors::classify;
 
 #[async_trait]
@@ -85,7 +87,10 @@ impl MemberStore for MongoStore {
             .await
             .map_err(classify)?;
         if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty()) {
-            return Err(StoreError::Other(format!("announcing {}: {reply}", member.id)));
+            return Err(StoreError::Other(format!(
+                "announcing {}: {reply}",
+                member.id
+            )));
         }
         Ok(())
     }

@@ -26,7 +26,9 @@ fn to_i64(n: u64) -> i64 {
 }
 
 fn malformed(field: &str) -> StoreError {
-    StoreError::Other(format!("a stored replay job has a missing or malformed {field:?}"))
+    StoreError::Other(format!(
+        "a stored replay job has a missing or malformed {field:?}"
+    ))
 }
 
 fn job_document(job: &ReplayJob) -> Document {
@@ -61,7 +63,9 @@ fn job(doc: &Document) -> Result<ReplayJob, StoreError> {
         from_sequence: Sequence(get_u64(doc, "from_sequence")?),
         to_sequence: Sequence(get_u64(doc, "to_sequence")?),
         topic: text("topic")?.to_owned(),
-        ordering: text("ordering_key")?.parse().map_err(|_| malformed("ordering_key"))?,
+        ordering: text("ordering_key")?
+            .parse()
+            .map_err(|_| malformed("ordering_key"))?,
         max_items_per_second: get_u64(doc, "max_items_per_second")
             .ok()
             .and_then(|n| u32::try_from(n).ok()),
@@ -69,7 +73,8 @@ fn job(doc: &Document) -> Result<ReplayJob, StoreError> {
         position: ReplayPosition {
             batch_sequence: Sequence(get_u64(doc, "position_batch")?),
             after: ItemSequence(
-                u32::try_from(get_u64(doc, "position_after")?).map_err(|_| malformed("position_after"))?,
+                u32::try_from(get_u64(doc, "position_after")?)
+                    .map_err(|_| malformed("position_after"))?,
             ),
         },
         items_sent: get_u64(doc, "items_sent")?,
@@ -93,7 +98,12 @@ impl MongoStore {
         progress: &ReplayProgress,
         now: Bson,
     ) -> Result<(), StoreError> {
-        let live = [ReplayState::Running, ReplayState::Paused, ReplayState::Failed].map(ReplayState::as_str);
+        let live = [
+            ReplayState::Running,
+            ReplayState::Paused,
+            ReplayState::Failed,
+        ]
+        .map(ReplayState::as_str);
         self.replays()
             .update_one(
                 doc! { "_id": progress.replay_id.as_str(), "state": { "$in": live.to_vec() } },
@@ -261,8 +271,14 @@ impl ReplayStore for MongoStore {
         self.fenced(fence, FencedWrite::Replay(progress)).await
     }
 
-    async fn fail_replay(&self, fence: &Fence, id: &ReplayId, error: &str) -> Result<(), StoreError> {
-        self.fenced(fence, FencedWrite::ReplayFailed(id, error)).await
+    async fn fail_replay(
+        &self,
+        fence: &Fence,
+        id: &ReplayId,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.fenced(fence, FencedWrite::ReplayFailed(id, error))
+            .await
     }
 
     async fn committed_batches(
@@ -287,7 +303,10 @@ impl ReplayStore for MongoStore {
             .try_collect()
             .await
             .map_err(classify)?;
-        let batches = documents.iter().map(pending_batch).collect::<Result<Vec<_>, _>>()?;
+        let batches = documents
+            .iter()
+            .map(pending_batch)
+            .collect::<Result<Vec<_>, _>>()?;
         // Up to the first that is not committed (a range is checked to be
         // committed when the job starts; a retried batch would not be).
         Ok(batches

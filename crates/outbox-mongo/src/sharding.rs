@@ -128,11 +128,15 @@ fn zone_range(namespace: &str, min: Document, max: Document, zone: &str) -> Docu
 /// The plan as a mongosh script, with the `addShardToZone` lines the
 /// operator fills in (which shard holds which stream is theirs to choose).
 pub fn script(steps: &[Step], streams: &[StreamName]) -> String {
-    let mut out = String::from("// Run with mongosh against mongos: mongosh \"$MONGOS_URL\" shard-plan.js\n");
+    let mut out =
+        String::from("// Run with mongosh against mongos: mongosh \"$MONGOS_URL\" shard-plan.js\n");
     out += "const admin = db.getSiblingDB(\"admin\");\n";
     out += "// Assign each stream's zone to a shard first, for example:\n";
     for stream in streams {
-        out += &format!("// admin.runCommand({{ addShardToZone: \"<shard>\", zone: \"{}\" }});\n", zone(stream));
+        out += &format!(
+            "// admin.runCommand({{ addShardToZone: \"<shard>\", zone: \"{}\" }});\n",
+            zone(stream)
+        );
     }
     for step in steps {
         // mongosh spells the bounds MinKey() and MaxKey().
@@ -194,7 +198,10 @@ mod tests {
             default[0].get_document("min").unwrap(),
             &doc! { "stream": Bson::Null, "batch_sequence": Bson::MinKey }
         );
-        assert_eq!(default[2].get_document("min").unwrap(), &doc! { "_id": "batch_sequence" });
+        assert_eq!(
+            default[2].get_document("min").unwrap(),
+            &doc! { "_id": "batch_sequence" }
+        );
     }
 
     #[test]

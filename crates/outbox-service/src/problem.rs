@@ -184,21 +184,24 @@ pub fn json_config(limit: usize) -> actix_web::web::JsonConfig {
         .error_handler(|error, _| {
             use actix_web::error::JsonPayloadError;
             match error {
-                JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
-                    Problem::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        format!("the body is over {limit} bytes"),
-                    )
-                    .into()
-                }
+                JsonPayloadError::Overflow { limit }
+                | JsonPayloadError::OverflowKnownLength { limit, .. } => Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the body is over {limit} bytes"),
+                )
+                .into(),
                 JsonPayloadError::ContentType => Problem::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "unsupported_media_type",
                     "send application/json",
                 )
                 .into(),
-                other => Problem::bad_request("invalid_json", format!("the body is not the JSON expected: {other}")).into(),
+                other => Problem::bad_request(
+                    "invalid_json",
+                    format!("the body is not the JSON expected: {other}"),
+                )
+                .into(),
             }
         })
 }

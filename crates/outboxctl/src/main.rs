@@ -180,7 +180,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Resume => {
             let answer = admin_post(&client, &scoped("/resume")).await?;
-            say(&answer, json, || format!("draining of stream {stream} resumed"));
+            say(&answer, json, || {
+                format!("draining of stream {stream} resumed")
+            });
         }
         Command::Stream(command) => stream_command(&client, command, json).await?,
         Command::Replay(command) => replays::run(&client, command, &stream, json, bars).await?,
@@ -191,7 +193,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn stream_command(client: &Client, command: StreamCommand, json: bool) -> Result<(), Failure> {
+async fn stream_command(
+    client: &Client,
+    command: StreamCommand,
+    json: bool,
+) -> Result<(), Failure> {
     match command {
         StreamCommand::List => {
             let streams = admin_get(client, "/api/v1/streams", &[]).await?;

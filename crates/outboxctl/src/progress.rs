@@ -89,7 +89,9 @@ pub fn line(
         // No room for a bar: the numbers matter more.
         return fit(&format!("{label}  {tail}  {state}"), width);
     }
-    let bar_width = room.saturating_sub(2 + state.chars().count()).clamp(BAR_MIN, BAR_MAX);
+    let bar_width = room
+        .saturating_sub(2 + state.chars().count())
+        .clamp(BAR_MIN, BAR_MAX);
     let filled = ((done.min(total) as f64 / total as f64) * bar_width as f64).round() as usize;
     let bar = match filled {
         0 => " ".repeat(bar_width),
@@ -124,7 +126,14 @@ mod tests {
 
     #[test]
     fn no_bar_before_the_size_is_known() {
-        let text = line("batch 4f1c2a9e0b7d3c58", 0, None, None, "waiting for its status", 80);
+        let text = line(
+            "batch 4f1c2a9e0b7d3c58",
+            0,
+            None,
+            None,
+            "waiting for its status",
+            80,
+        );
         assert_eq!(text, "batch 4f1c2a9e0b7d3c58  waiting for its status");
         let zero = line("batch 4f1c2a9e0b7d3c58", 0, Some(0), None, "pending", 80);
         assert!(!zero.contains('['), "{zero}");
@@ -133,7 +142,12 @@ mod tests {
     #[test]
     fn the_line_fits_80_and_120_columns_with_whole_rates() {
         for width in [40, 80, 120] {
-            for (done, total) in [(0, 10_000), (3_100, 10_000), (10_000, 10_000), (7, 1_000_000)] {
+            for (done, total) in [
+                (0, 10_000),
+                (3_100, 10_000),
+                (10_000, 10_000),
+                (7, 1_000_000),
+            ] {
                 let text = line(
                     "batch 4f1c2a9e0b7d3c58",
                     done,
@@ -146,14 +160,20 @@ mod tests {
                 assert!(!text.contains("1,918.7"), "{text}");
                 if width >= 80 {
                     assert!(text.contains("1,919/s"), "{width}: {text}");
-                    assert!(text.contains(&format!("{}/{}", thousands(done), thousands(total))), "{text}");
+                    assert!(
+                        text.contains(&format!("{}/{}", thousands(done), thousands(total))),
+                        "{text}"
+                    );
                 }
             }
         }
         let half = line("b", 5_000, Some(10_000), Some(1000.0), "processing", 80);
         assert!(half.contains("[") && half.contains("eta 5 s"), "{half}");
         let done = line("b", 10, Some(10), Some(5.0), "committed", 80);
-        assert!(done.contains(&"=".repeat(BAR_MIN)) && !done.contains("eta"), "{done}");
+        assert!(
+            done.contains(&"=".repeat(BAR_MIN)) && !done.contains("eta"),
+            "{done}"
+        );
     }
 
     #[test]

@@ -38,7 +38,11 @@ pub fn status(status: &Value, now_ms: i64) -> String {
     let mut rows: Vec<(&str, String)> = vec![
         (
             "Stream",
-            format!("{} (topic {})", text(&status["stream"]), text(&status["topic"])),
+            format!(
+                "{} (topic {})",
+                text(&status["stream"]),
+                text(&status["topic"])
+            ),
         ),
         (
             "This replica",
@@ -60,7 +64,11 @@ pub fn status(status: &Value, now_ms: i64) -> String {
         rows.push((
             "Leader",
             match leader["admin_url"].as_str() {
-                Some(url) => format!("{} (pid {}, {url})", text(&lease["holder"]), text(&leader["pid"])),
+                Some(url) => format!(
+                    "{} (pid {}, {url})",
+                    text(&lease["holder"]),
+                    text(&leader["pid"])
+                ),
                 None => text(&lease["holder"]),
             },
         ));
@@ -145,7 +153,15 @@ pub fn status(status: &Value, now_ms: i64) -> String {
 /// Every stream and who leads it (`GET /api/v1/streams`), then the
 /// replicas (`GET /api/v1/cluster`).
 pub fn streams(streams: &Value, cluster: &Value) -> String {
-    let mut table = table(&["Stream", "Topic", "Leader", "State", "Backlog", "Oldest", "Published"]);
+    let mut table = table(&[
+        "Stream",
+        "Topic",
+        "Leader",
+        "State",
+        "Backlog",
+        "Oldest",
+        "Published",
+    ]);
     for stream in streams["streams"].as_array().into_iter().flatten() {
         table.add_row(vec![
             text(&stream["stream"]),
@@ -178,16 +194,28 @@ pub fn streams(streams: &Value, cluster: &Value) -> String {
             name,
             text(&replica["pid"]),
             text(&replica["admin_url"]),
-            if leads.is_empty() { "–".to_owned() } else { leads.join(", ") },
+            if leads.is_empty() {
+                "–".to_owned()
+            } else {
+                leads.join(", ")
+            },
         ]);
     }
     let plural = |n: u64, one: &str, many: &str| {
-        if n == 1 { format!("1 {one}") } else { format!("{n} {many}") }
+        if n == 1 {
+            format!("1 {one}")
+        } else {
+            format!("{n} {many}")
+        }
     };
     let replica_count = cluster["replicas"].as_array().map_or(0, Vec::len) as u64;
     format!(
         "{table}\n{replicas}\n{} over {}: each leads at most {}",
-        plural(cluster["streams"].as_u64().unwrap_or(0), "stream", "streams"),
+        plural(
+            cluster["streams"].as_u64().unwrap_or(0),
+            "stream",
+            "streams"
+        ),
         plural(replica_count, "replica", "replicas"),
         text(&cluster["share"])
     )
@@ -208,13 +236,18 @@ pub fn stream(stream: &Value) -> String {
         ("On poison", text(&stream["on_poison"])),
         (
             "Schema",
-            if stream["schema"].is_null() { "none".to_owned() } else { stream["schema"].to_string() },
+            if stream["schema"].is_null() {
+                "none".to_owned()
+            } else {
+                stream["schema"].to_string()
+            },
         ),
         (
             "Writers",
-            stream["writers"]
-                .as_array()
-                .map_or_else(|| "any".to_owned(), |w| w.iter().map(text).collect::<Vec<_>>().join(", ")),
+            stream["writers"].as_array().map_or_else(
+                || "any".to_owned(),
+                |w| w.iter().map(text).collect::<Vec<_>>().join(", "),
+            ),
         ),
         ("Leader", text(&stream["leader"]["relay_id"])),
         ("Epoch", text(&stream["epoch"])),

@@ -9,8 +9,8 @@ use serde_json::{Map, Value, json};
 
 use crate::cli::{ReplayCommand, ReplayStartArgs};
 use crate::client::{Client, Failure, Service};
-use crate::progress;
 use crate::print_out;
+use crate::progress;
 
 const POLL: Duration = Duration::from_millis(500);
 const BASE: &str = "/api/v1/outbox/replays";
@@ -94,7 +94,11 @@ async fn get(client: &Client, path: &str) -> Result<Value, Failure> {
 /// its state).
 async fn watch(client: &Client, id: &str, bar: bool) -> Result<Value, Failure> {
     let path = format!("{BASE}/{id}");
-    let width = usize::from(console::Term::stderr().size_checked().map_or(80, |(_, cols)| cols));
+    let width = usize::from(
+        console::Term::stderr()
+            .size_checked()
+            .map_or(80, |(_, cols)| cols),
+    );
     let progress = if bar {
         ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
     } else {
@@ -194,7 +198,13 @@ pub async fn run(
         }
         ReplayCommand::Pause { replay_id: id } => {
             let job = act(client, &id, "pause").await?;
-            say(&job, format!("replay {id} paused at batch {}", job["position"]["batch_sequence"]));
+            say(
+                &job,
+                format!(
+                    "replay {id} paused at batch {}",
+                    job["position"]["batch_sequence"]
+                ),
+            );
         }
         ReplayCommand::Resume { replay_id: id } => {
             let job = act(client, &id, "resume").await?;
@@ -221,7 +231,12 @@ mod tests {
     #[test]
     fn replay_ids_are_checked_before_they_reach_a_path() {
         assert!(replay_id("0b5e3c1a-8f2d-4c6b-9a7e-1d2f3a4b5c6d").is_ok());
-        for bad in ["", "../status", "0b5e3c1a8f2d4c6b9a7e1d2f3a4b5c6d", "0b5e3c1a-8f2d-4c6b-9a7e-1d2f3a4b5c6g"] {
+        for bad in [
+            "",
+            "../status",
+            "0b5e3c1a8f2d4c6b9a7e1d2f3a4b5c6d",
+            "0b5e3c1a-8f2d-4c6b-9a7e-1d2f3a4b5c6g",
+        ] {
             assert!(replay_id(bad).is_err(), "{bad}");
         }
     }
@@ -238,7 +253,10 @@ mod tests {
         assert!(text.contains("failed"), "{text}");
         assert!(text.contains("default 3..9 -> orders-replay"), "{text}");
         assert!(text.contains("2/7 batches  2,000/7,000 items"), "{text}");
-        assert!(text.ends_with("error: batch 5 of the range is no longer held"), "{text}");
+        assert!(
+            text.ends_with("error: batch 5 of the range is no longer held"),
+            "{text}"
+        );
         assert_eq!(list_text(&json!({"replays": []})), "no replays");
     }
 }

@@ -46,7 +46,11 @@ fn definition_of(stream: &Value) -> Map<String, Value> {
 }
 
 /// Stores a definition (`PUT`): whether it was created.
-async fn put(client: &Client, name: &str, definition: &Map<String, Value>) -> Result<(bool, Value), Failure> {
+async fn put(
+    client: &Client,
+    name: &str,
+    definition: &Map<String, Value>,
+) -> Result<(bool, Value), Failure> {
     let request = client
         .request(Service::Admin, Method::PUT, &path(name))
         .json(definition);
@@ -58,7 +62,10 @@ async fn put(client: &Client, name: &str, definition: &Map<String, Value>) -> Re
 
 /// The definition the flags describe, over `base` (the stored one when
 /// updating).
-fn merge(mut base: Map<String, Value>, args: &DefinitionArgs) -> Result<Map<String, Value>, Failure> {
+fn merge(
+    mut base: Map<String, Value>,
+    args: &DefinitionArgs,
+) -> Result<Map<String, Value>, Failure> {
     let mut set = |field: &str, value: Option<Value>| {
         if let Some(value) = value {
             base.insert(field.to_owned(), value);
@@ -75,9 +82,8 @@ fn merge(mut base: Map<String, Value>, args: &DefinitionArgs) -> Result<Map<Stri
         let text = std::fs::read_to_string(file).map_err(|e| {
             Failure::Usage(format!("cannot read the schema {}: {e}", file.display()))
         })?;
-        let schema: Value = serde_json::from_str(&text).map_err(|e| {
-            Failure::Usage(format!("{} is not JSON: {e}", file.display()))
-        })?;
+        let schema: Value = serde_json::from_str(&text)
+            .map_err(|e| Failure::Usage(format!("{} is not JSON: {e}", file.display())))?;
         base.insert("schema".to_owned(), schema);
     }
     if args.no_schema {
@@ -146,11 +152,13 @@ fn read_declaration(file: &Path) -> Result<Vec<Declared>, Failure> {
         Some("yaml" | "yml")
     );
     let declaration: Declaration = if yaml {
-        serde_norway::from_str(&text)
-            .map_err(|e| Failure::Usage(format!("{} is not the YAML expected: {e}", file.display())))?
+        serde_norway::from_str(&text).map_err(|e| {
+            Failure::Usage(format!("{} is not the YAML expected: {e}", file.display()))
+        })?
     } else {
-        serde_json::from_str(&text)
-            .map_err(|e| Failure::Usage(format!("{} is not the JSON expected: {e}", file.display())))?
+        serde_json::from_str(&text).map_err(|e| {
+            Failure::Usage(format!("{} is not the JSON expected: {e}", file.display()))
+        })?
     };
     let streams = match declaration {
         Declaration::List(streams) | Declaration::Wrapped { streams } => streams,
@@ -164,7 +172,11 @@ fn read_declaration(file: &Path) -> Result<Vec<Declared>, Failure> {
                 stream.name
             )));
         }
-        if let Some(unknown) = stream.definition.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        if let Some(unknown) = stream
+            .definition
+            .keys()
+            .find(|k| !FIELDS.contains(&k.as_str()))
+        {
             return Err(Failure::Usage(format!(
                 "stream {}: unknown field {unknown:?} (known: name, {})",
                 stream.name,
@@ -243,7 +255,11 @@ mod tests {
         let json = dir.join("streams.json");
         std::fs::write(&json, r#"[{"name": "a", "topic": "t", "colour": "red"}]"#).unwrap();
         assert!(matches!(read_declaration(&json), Err(Failure::Usage(m)) if m.contains("colour")));
-        std::fs::write(&json, r#"[{"name": "a", "topic": "t"}, {"name": "a", "topic": "u"}]"#).unwrap();
+        std::fs::write(
+            &json,
+            r#"[{"name": "a", "topic": "t"}, {"name": "a", "topic": "u"}]"#,
+        )
+        .unwrap();
         assert!(matches!(read_declaration(&json), Err(Failure::Usage(m)) if m.contains("twice")));
     }
 

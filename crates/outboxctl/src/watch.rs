@@ -26,7 +26,11 @@ pub async fn watch(
     let path = format!("/api/v1/batch/{batch_id}/status");
     // The line is built by `progress::line` (to the terminal's width);
     // indicatif only draws it.
-    let width = usize::from(console::Term::stderr().size_checked().map_or(80, |(_, cols)| cols));
+    let width = usize::from(
+        console::Term::stderr()
+            .size_checked()
+            .map_or(80, |(_, cols)| cols),
+    );
     let progress = if bar {
         ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
     } else {
@@ -37,7 +41,14 @@ pub async fn watch(
     );
     let label = format!("batch {batch_id}");
     let mut meter = progress::Meter::default();
-    progress.set_message(progress::line(&label, 0, None, None, "waiting for its status", width));
+    progress.set_message(progress::line(
+        &label,
+        0,
+        None,
+        None,
+        "waiting for its status",
+        width,
+    ));
     let mut outage: Option<Instant> = None;
     let mut seen = false;
     let result = loop {

@@ -133,12 +133,7 @@ fn preference(stream: &StreamName, replica: &str) -> u64 {
     // FNV-1a, then MurmurHash3's finalizer so that every input bit moves
     // the high bits: stable across builds and platforms.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in stream
-        .as_str()
-        .bytes()
-        .chain([0])
-        .chain(replica.bytes())
-    {
+    for byte in stream.as_str().bytes().chain([0]).chain(replica.bytes()) {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
@@ -202,7 +197,9 @@ impl Cluster {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<StreamName, Slot>> {
-        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Makes (or updates) the slot of a stream.
@@ -259,7 +256,9 @@ impl Cluster {
 
     /// One stream, when known.
     pub fn stream(&self, name: &StreamName) -> Option<StreamView> {
-        self.streams().into_iter().find(|s| &s.definition.name == name)
+        self.streams()
+            .into_iter()
+            .find(|s| &s.definition.name == name)
     }
 
     /// The live members and the leases as the last supervision read them.
@@ -617,8 +616,13 @@ mod tests {
             for count in 1..6 {
                 let ids: Vec<String> = (0..count).map(|i| format!("relay-{i}")).collect();
                 let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                let shares: Vec<usize> = refs.iter().map(|me| share_of(streams, &refs, me)).collect();
-                assert_eq!(shares.iter().sum::<usize>(), streams, "{streams} over {count}");
+                let shares: Vec<usize> =
+                    refs.iter().map(|me| share_of(streams, &refs, me)).collect();
+                assert_eq!(
+                    shares.iter().sum::<usize>(),
+                    streams,
+                    "{streams} over {count}"
+                );
                 assert!(shares.iter().all(|s| *s <= share(streams, count)));
                 assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1);
             }

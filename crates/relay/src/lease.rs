@@ -172,7 +172,9 @@ impl LeaseKeeper {
         let held = self.tx.send_replace(None);
         if let Some(held) = held {
             match self.store.release(&held.lease.fence()).await {
-                Ok(()) => info!(message = "released the lease", stream = %held.lease.stream, epoch = held.lease.epoch),
+                Ok(()) => {
+                    info!(message = "released the lease", stream = %held.lease.stream, epoch = held.lease.epoch)
+                }
                 Err(error) => warn!(message = "cannot release the lease; it will expire", %error),
             }
         }

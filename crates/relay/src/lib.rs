@@ -252,7 +252,11 @@ impl Application {
         }
         tokio::spawn(sample_history(Arc::clone(&self.cluster), token.clone()));
         if let Some(pubsub) = self.create_topics.clone() {
-            tokio::spawn(create_topics(pubsub, Arc::clone(&self.cluster), token.clone()));
+            tokio::spawn(create_topics(
+                pubsub,
+                Arc::clone(&self.cluster),
+                token.clone(),
+            ));
         }
         if !token.is_cancelled() {
             Arc::clone(&self.cluster).run(token).await;
@@ -278,7 +282,9 @@ async fn create_topics(
                     Ok(()) => {
                         created.insert(topic);
                     }
-                    Err(error) => warn!(message = "cannot create the stream's topic", stream = %stream.definition.name, %error),
+                    Err(error) => {
+                        warn!(message = "cannot create the stream's topic", stream = %stream.definition.name, %error)
+                    }
                 }
             }
         }
@@ -313,7 +319,9 @@ async fn prepare(mongo: &MongoStore, start_paused: bool, store: &dyn OutboxStore
         let result = async {
             mongo.ensure_schema().await?;
             if start_paused {
-                store.set_paused(&StreamName::default_stream(), true).await?;
+                store
+                    .set_paused(&StreamName::default_stream(), true)
+                    .await?;
                 info!(message = "ENABLE_OUTBOX_PROCESSOR=false: the default stream is paused");
             }
             Ok::<_, outbox_core::store::StoreError>(())

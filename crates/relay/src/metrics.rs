@@ -66,7 +66,10 @@ pub fn describe() {
         "Writer commit to acknowledgement of the batch's last item"
     );
     describe_gauge!(IS_LEADER, "1 while this replica holds the stream's lease");
-    describe_gauge!(LEASE_EPOCH, "Fencing epoch of the stream's lease this replica holds");
+    describe_gauge!(
+        LEASE_EPOCH,
+        "Fencing epoch of the stream's lease this replica holds"
+    );
     describe_gauge!(HALTED, "1 while the stream is halted on a failed batch");
     describe_gauge!(PAUSED, "1 while the stream is paused (on every replica)");
 }

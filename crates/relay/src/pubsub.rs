@@ -69,9 +69,11 @@ macro_rules! configured {
     ($builder:expr, $config:expr) => {{
         let mut builder = $builder;
         if let Some(host) = &$config.emulator_host {
-            builder = builder.with_endpoint(format!("http://{host}")).with_credentials(
-                google_cloud_auth::credentials::anonymous::Builder::new().build(),
-            );
+            builder = builder
+                .with_endpoint(format!("http://{host}"))
+                .with_credentials(
+                    google_cloud_auth::credentials::anonymous::Builder::new().build(),
+                );
         } else if let Some(endpoint) = &$config.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
         }
@@ -185,7 +187,9 @@ impl PubSubPublisher {
     /// # Errors
     /// When the client cannot be built (bad endpoint, no credentials).
     pub async fn connect(config: &PubSubConfig) -> anyhow::Result<Self> {
-        Ok(PubSubClient::connect(config).await?.publisher(&config.topic))
+        Ok(PubSubClient::connect(config)
+            .await?
+            .publisher(&config.topic))
     }
 
     /// How many times the underlying client publisher was replaced.
@@ -194,7 +198,9 @@ impl PubSubPublisher {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PublisherState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

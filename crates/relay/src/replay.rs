@@ -145,7 +145,13 @@ impl Worker {
     /// until paused, cancelled or failed).
     async fn run_jobs(&self) -> Result<(), ReplayError> {
         loop {
-            let Some(job) = self.store.running_replays(&self.stream).await?.into_iter().next() else {
+            let Some(job) = self
+                .store
+                .running_replays(&self.stream)
+                .await?
+                .into_iter()
+                .next()
+            else {
                 return Ok(());
             };
             self.run_job(job).await?;
@@ -163,7 +169,9 @@ impl Worker {
         // A page is at most a second of the rate.
         let page_size = job
             .max_items_per_second
-            .map_or(self.settings.page_size, |r| r.clamp(1, self.settings.page_size));
+            .map_or(self.settings.page_size, |r| {
+                r.clamp(1, self.settings.page_size)
+            });
         let mut recorded = Instant::now();
         let mut checked = Instant::now();
         loop {
@@ -186,7 +194,12 @@ impl Worker {
             }
             let batches = self
                 .store
-                .committed_batches(&self.stream, job.position.batch_sequence, job.to_sequence, BATCHES_PER_READ)
+                .committed_batches(
+                    &self.stream,
+                    job.position.batch_sequence,
+                    job.to_sequence,
+                    BATCHES_PER_READ,
+                )
                 .await?;
             if batches.first().map(|b| b.batch_sequence) != Some(job.position.batch_sequence) {
                 let error = format!(
@@ -230,10 +243,12 @@ impl Worker {
                         return match failure {
                             PublishError::Permanent(error) => self.fail(&mut job, &error).await,
                             PublishError::Transient(error) => {
-                                if self.transient_failure(&job) >= TRANSIENT_FAILURES_BEFORE_FAILING {
+                                if self.transient_failure(&job) >= TRANSIENT_FAILURES_BEFORE_FAILING
+                                {
                                     let error = format!(
                                         "{TRANSIENT_FAILURES_BEFORE_FAILING} publish attempts in a row failed at batch {} position {}: {error}",
-                                        job.position.batch_sequence, job.position.after.0 + 1
+                                        job.position.batch_sequence,
+                                        job.position.after.0 + 1
                                     );
                                     return self.fail(&mut job, &error).await;
                                 }
@@ -276,7 +291,11 @@ impl Worker {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = match &*failures {
-            Some((position, id, n)) if *position == job.position && id == job.replay_id.as_str() => n + 1,
+            Some((position, id, n))
+                if *position == job.position && id == job.replay_id.as_str() =>
+            {
+                n + 1
+            }
             _ => 1,
         };
         *failures = Some((job.position, job.replay_id.to_string(), count));
@@ -304,9 +323,9 @@ impl Worker {
         let mut keys = Vec::new();
         for item in items {
             let message = job.copy_of(ItemMessage::of(item, batch).build(&job.ordering));
-            message
-                .check_limits()
-                .map_err(|e| PublishError::Permanent(format!("item {}: {e}", item.item_sequence)))?;
+            message.check_limits().map_err(|e| {
+                PublishError::Permanent(format!("item {}: {e}", item.item_sequence))
+            })?;
             if let Some(key) = &message.ordering_key
                 && !keys.contains(key)
             {

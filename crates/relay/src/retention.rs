@@ -27,7 +27,6 @@ use crate::metrics::{
 /// Batches one store call removes at most.
 const PASS_LIMIT: u32 = 100;
 
-
 #[derive(Clone, Debug)]
 pub struct RetentionSettings {
     /// How long committed batches are kept; `None` keeps them forever.

@@ -54,8 +54,7 @@ impl Runner {
         status: Arc<StatusBoard>,
         wake: Arc<Notify>,
     ) -> Self {
-        let (keeper, leadership) =
-            LeaseKeeper::new(lease_store, settings.lease.clone());
+        let (keeper, leadership) = LeaseKeeper::new(lease_store, settings.lease.clone());
         let drainer = Drainer::new(
             Arc::clone(&store),
             publishers,
@@ -176,12 +175,16 @@ impl Runner {
             },
         );
         if let Some(held) = &held {
-            ::metrics::gauge!(metrics::LEASE_EPOCH, "stream" => stream).set(held.lease.epoch as f64);
+            ::metrics::gauge!(metrics::LEASE_EPOCH, "stream" => stream)
+                .set(held.lease.epoch as f64);
         }
         let paused = self.store.paused(&self.stream).await?;
         self.status.update(|s| s.paused = paused);
-        ::metrics::gauge!(metrics::PAUSED, "stream" => self.stream.to_string())
-            .set(if paused { 1.0 } else { 0.0 });
+        ::metrics::gauge!(metrics::PAUSED, "stream" => self.stream.to_string()).set(if paused {
+            1.0
+        } else {
+            0.0
+        });
         // Every replica reports the backlog, at most once a second.
         if last_backlog.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             self.refresh_backlog().await?;

@@ -41,5 +41,8 @@ pub async fn run(args: &ShardPlanArgs) -> anyhow::Result<String> {
         out += "assign each zone to a shard: addShardToZone (docs/OPERATIONS.md)\n";
         return Ok(out);
     }
-    Ok(sharding::script(&sharding::plan(&config, &streams), &streams))
+    Ok(sharding::script(
+        &sharding::plan(&config, &streams),
+        &streams,
+    ))
 }

@@ -112,7 +112,10 @@ impl Check {
             Ok(item) => item,
             Err(e) => {
                 self.not_items += 1;
-                return Some(format!("verify: message {message_id} is not an outbox item: {}", e.0));
+                return Some(format!(
+                    "verify: message {message_id} is not an outbox item: {}",
+                    e.0
+                ));
             }
         };
         let at = format!(
@@ -120,16 +123,24 @@ impl Check {
             item.item_id,
             item.position.batch_sequence,
             item.position.item_sequence,
-            item.replay_id.as_ref().map(|r| format!(", replay {r}")).unwrap_or_default()
+            item.replay_id
+                .as_ref()
+                .map(|r| format!(", replay {r}"))
+                .unwrap_or_default()
         );
         match self.verifier.observe(&item) {
             Verdict::First => None,
-            Verdict::Duplicate => Some(format!("verify: duplicate of {at} (allowed: delivery is at least once)")),
+            Verdict::Duplicate => Some(format!(
+                "verify: duplicate of {at} (allowed: delivery is at least once)"
+            )),
             Verdict::OutOfOrder { after } => Some(format!(
                 "verify: OUT OF ORDER: first delivery of {at} after batch {} position {} on key {:?}",
                 after.batch_sequence, after.item_sequence, item.ordering_key
             )),
-            Verdict::BatchInterleaved { unfinished_batch, missing } => Some(format!(
+            Verdict::BatchInterleaved {
+                unfinished_batch,
+                missing,
+            } => Some(format!(
                 "verify: BATCH INTERLEAVED: {at} came while batch {unfinished_batch} still missed {missing} items"
             )),
         }
@@ -148,7 +159,11 @@ impl Check {
             report.incomplete_batches,
             report.skipped_batches,
             self.not_items,
-            if held { "the order contract held" } else { "THE ORDER CONTRACT WAS BROKEN" }
+            if held {
+                "the order contract held"
+            } else {
+                "THE ORDER CONTRACT WAS BROKEN"
+            }
         );
         held
     }
@@ -359,7 +374,10 @@ async fn tail_emulator(
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
-    let base = format!("http://{host}/v1/{}", config.subscription_path(subscription));
+    let base = format!(
+        "http://{host}/v1/{}",
+        config.subscription_path(subscription)
+    );
     let mut stop = std::pin::pin!(stop);
     let mut seen = 0_u64;
     let mut quiet_since = tokio::time::Instant::now();
@@ -373,7 +391,10 @@ async fn tail_emulator(
             () = &mut stop => return Ok(()),
             reply = pull => reply?.error_for_status()?.json().await?,
         };
-        let received = reply["receivedMessages"].as_array().cloned().unwrap_or_default();
+        let received = reply["receivedMessages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if received.is_empty() {
             if quiet_since.elapsed() >= QUIET_NOTICE {
                 waiting();
@@ -397,8 +418,14 @@ async fn tail_emulator(
             let received = Received {
                 message_id: message["messageId"].as_str().unwrap_or_default().to_owned(),
                 publish_time: message["publishTime"].as_str().map(str::to_owned),
-                ordering_key: message["orderingKey"].as_str().unwrap_or_default().to_owned(),
-                attributes: message.get("attributes").cloned().unwrap_or_else(|| json!({})),
+                ordering_key: message["orderingKey"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                attributes: message
+                    .get("attributes")
+                    .cloned()
+                    .unwrap_or_else(|| json!({})),
                 data,
             };
             if let Err(error) = printer.print(&received) {

@@ -61,8 +61,10 @@ impl Application {
         // Requests read (definitions, idempotency keys) beside the
         // transactions the slots admit: room for them all.
         mongo_config.pool_size = Some(100);
-        mongo_config.stage_above_items = usize::try_from(config.stage_above_items).unwrap_or(usize::MAX);
-        mongo_config.stage_above_bytes = usize::try_from(config.stage_above_bytes).unwrap_or(usize::MAX);
+        mongo_config.stage_above_items =
+            usize::try_from(config.stage_above_items).unwrap_or(usize::MAX);
+        mongo_config.stage_above_bytes =
+            usize::try_from(config.stage_above_bytes).unwrap_or(usize::MAX);
         let store = MongoStore::connect(mongo_config)
             .await
             .context("configuring the MongoDB client")?;

@@ -11,9 +11,9 @@ use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox_core::ingest::{self, BodyFormat, CsvError, IngestError, IngestRules};
-use outbox_core::stream::{SchemaViolation, StreamName};
 use outbox_core::model::{BatchId, BatchSummary, Idempotency, NewBatch};
 use outbox_core::store::{BatchStore, StoreError};
+use outbox_core::stream::{SchemaViolation, StreamName};
 use outbox_service::problem::{Problem, ProblemDocument};
 use outbox_service::trace_context::{TRACEPARENT, TraceParent};
 use serde_json::json;
@@ -513,7 +513,12 @@ async fn stream_batches(
 ) -> Result<HttpResponse, Problem> {
     let stream = match path.parse::<StreamName>() {
         Ok(stream) => stream,
-        Err(e) => return Err(counted(Problem::bad_request("invalid_stream_name", e.to_string()))),
+        Err(e) => {
+            return Err(counted(Problem::bad_request(
+                "invalid_stream_name",
+                e.to_string(),
+            )));
+        }
     };
     ingest_into(&state, &access, &req, payload, stream).await
 }

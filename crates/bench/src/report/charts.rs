@@ -160,7 +160,6 @@ pub fn relay_chart(path: &Path, title: &str, rows: &[(String, &Value)]) -> anyho
     Ok(())
 }
 
-
 /// Drain rate against the added round trip (both sides delayed), one line
 /// per batch size and ordering key mode.
 pub fn rtt_chart(path: &Path, rows: &[Value]) -> anyhow::Result<()> {
@@ -174,7 +173,10 @@ pub fn rtt_chart(path: &Path, rows: &[Value]) -> anyhow::Result<()> {
         .filter(|v| v.is_finite())
         .fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(&root)
-        .caption("Drain rate against round-trip time (MongoDB and Pub/Sub)", ("sans-serif", 18))
+        .caption(
+            "Drain rate against round-trip time (MongoDB and Pub/Sub)",
+            ("sans-serif", 18),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -189,7 +191,10 @@ pub fn rtt_chart(path: &Path, rows: &[Value]) -> anyhow::Result<()> {
         .map_err(plot_err)?;
     let mut lines: Vec<(String, u64)> = Vec::new();
     for r in &both {
-        let key = (r["mode"].as_str().unwrap_or("?").to_owned(), r["batch_size"].as_u64().unwrap_or(0));
+        let key = (
+            r["mode"].as_str().unwrap_or("?").to_owned(),
+            r["batch_size"].as_u64().unwrap_or(0),
+        );
         if !lines.contains(&key) {
             lines.push(key);
         }
@@ -208,9 +213,15 @@ pub fn rtt_chart(path: &Path, rows: &[Value]) -> anyhow::Result<()> {
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(width)))
             .map_err(plot_err)?
             .label(format!("{mode}, batches of {}", thousands(*size as f64)))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(width)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(width))
+            });
         chart
-            .draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, color.filled())),
+            )
             .map_err(plot_err)?;
     }
     chart

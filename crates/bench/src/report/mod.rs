@@ -120,11 +120,16 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         format!("{}-{}", r["streams"], r["clients"])
     });
     let rtt = latest(&records, "rtt", |r| {
-        format!("{}-{}-{}-{}", r["side"], r["rtt_ms"], r["mode"], r["batch_size"])
+        format!(
+            "{}-{}-{}-{}",
+            r["side"], r["rtt_ms"], r["mode"], r["batch_size"]
+        )
     });
     let rtt_writer = latest(&records, "rtt-writer", |r| r["rtt_ms"].to_string());
     let seed = latest(&records, "seed", |r| r["rtt_ms"].to_string());
-    let budget = latest(&records, "budget", |r| format!("{}-{}", r["mode"], r["batch_size"]));
+    let budget = latest(&records, "budget", |r| {
+        format!("{}-{}", r["mode"], r["batch_size"])
+    });
     let budget_writer = latest(&records, "budget-writer", |r| r["batch"].to_string());
     let big_batch = latest(&records, "big-batch", |r| {
         format!("{}-{}-{}", r["store"], r["design"], r["items"])
@@ -133,7 +138,11 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     let mut doc = std::fs::read_to_string(&args.doc)
         .with_context(|| format!("reading {}", args.doc.display()))?;
     for (name, rows, table) in [
-        ("writer", &writer, tables::writer_table as fn(&[Value]) -> String),
+        (
+            "writer",
+            &writer,
+            tables::writer_table as fn(&[Value]) -> String,
+        ),
         ("relay", &relay, tables::relay_table),
         ("latency", &latency, tables::latency_table),
         ("conflicts", &conflicts, tables::conflicts_table),

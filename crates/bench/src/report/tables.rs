@@ -147,7 +147,10 @@ pub fn streams_writer_table(writer: &[Value], model: &[Value]) -> String {
             f(r, "p50_ms"),
             f(r, "p95_ms"),
             m.map_or_else(|| "-".to_owned(), |m| thousands(f(m, "batches_s"))),
-            m.map_or_else(|| "-".to_owned(), |m| format!("{:.2}", f(m, "conflicts_per_batch"))),
+            m.map_or_else(
+                || "-".to_owned(),
+                |m| format!("{:.2}", f(m, "conflicts_per_batch"))
+            ),
         );
     }
     t
@@ -208,7 +211,10 @@ pub fn rtt_table(rows: &[Value]) -> String {
         t += &format!("| {side} | `{mode}` | {} |", thousands(size as f64));
         for ms in &rtts {
             let cell = rows.iter().find(|r| {
-                r["side"] == side.as_str() && r["mode"] == mode.as_str() && r["batch_size"] == size && r["rtt_ms"] == *ms
+                r["side"] == side.as_str()
+                    && r["mode"] == mode.as_str()
+                    && r["batch_size"] == size
+                    && r["rtt_ms"] == *ms
             });
             t += &match cell {
                 Some(r) if *ms == 0 => format!(" {} |", thousands(f(r, "items_s"))),

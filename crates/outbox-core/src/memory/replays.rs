@@ -32,7 +32,11 @@ impl ReplayStore for MemoryStore {
     ) -> Result<(u64, u64), StoreError> {
         self.check_available()?;
         let state = self.lock();
-        let batches = state.streams.get(stream).into_iter().flat_map(|s| s.batches.range(from..=to));
+        let batches = state
+            .streams
+            .get(stream)
+            .into_iter()
+            .flat_map(|s| s.batches.range(from..=to));
         Ok(batches.fold((0, 0), |(b, i), (_, batch)| {
             (b + 1, i + batch.summary.total_items)
         }))
@@ -40,7 +44,9 @@ impl ReplayStore for MemoryStore {
 
     async fn create_replay(&self, job: &ReplayJob) -> Result<(), StoreError> {
         self.check_available()?;
-        self.lock().replays.insert(job.replay_id.clone(), job.clone());
+        self.lock()
+            .replays
+            .insert(job.replay_id.clone(), job.clone());
         Ok(())
     }
 
@@ -118,7 +124,12 @@ impl ReplayStore for MemoryStore {
         Ok(())
     }
 
-    async fn fail_replay(&self, fence: &Fence, id: &ReplayId, error: &str) -> Result<(), StoreError> {
+    async fn fail_replay(
+        &self,
+        fence: &Fence,
+        id: &ReplayId,
+        error: &str,
+    ) -> Result<(), StoreError> {
         let mut state = self.fenced(fence)?;
         if let Some(job) = state.replays.get_mut(id)
             && job.state == ReplayState::Running
@@ -170,8 +181,14 @@ impl ReplayStore for MemoryStore {
             .filter(|i| (first..=last).contains(&u64::from(i.item.item_sequence.0)))
             .collect();
         // As MongoDB's adapter: a position that is gone ends the replay.
-        if let Some(missing) = (first..=last).find(|n| !window.iter().any(|i| u64::from(i.item.item_sequence.0) == *n)) {
-            return Err(StoreError::Incomplete(format!("batch {batch_id} has no item {missing}")));
+        if let Some(missing) = (first..=last).find(|n| {
+            !window
+                .iter()
+                .any(|i| u64::from(i.item.item_sequence.0) == *n)
+        }) {
+            return Err(StoreError::Incomplete(format!(
+                "batch {batch_id} has no item {missing}"
+            )));
         }
         Ok(window
             .into_iter()

@@ -30,7 +30,10 @@ pub(crate) async fn status(state: web::Data<AdminState>) -> Result<HttpResponse,
 #[utoipa::path(tag = "outbox", responses((status = 200, description = "Samples.", body = HistoryView)))]
 #[get("/api/v1/outbox/history")]
 pub(crate) async fn history(state: web::Data<AdminState>) -> Result<HttpResponse, Problem> {
-    Ok(HttpResponse::Ok().json(streams::history_json(&state, &StreamName::default_stream())?))
+    Ok(HttpResponse::Ok().json(streams::history_json(
+        &state,
+        &StreamName::default_stream(),
+    )?))
 }
 
 /// Resume the default stream

@@ -50,8 +50,9 @@ fn whole_number(number: &serde_json::Number) -> Option<u64> {
 
 fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let number = serde_json::Number::deserialize(d)?;
-    whole_number(&number)
-        .ok_or_else(|| serde::de::Error::custom(format!("{number} is not a whole number of at least 0")))
+    whole_number(&number).ok_or_else(|| {
+        serde::de::Error::custom(format!("{number} is not a whole number of at least 0"))
+    })
 }
 
 fn whole_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -61,7 +62,12 @@ fn whole_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::
     whole_number(&number)
         .and_then(|n| u32::try_from(n).ok())
         .map(Some)
-        .ok_or_else(|| serde::de::Error::custom(format!("{number} is not a whole number from 0 to {}", u32::MAX)))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{number} is not a whole number from 0 to {}",
+                u32::MAX
+            ))
+        })
 }
 
 fn invalid(detail: impl Into<String>) -> Problem {
@@ -150,18 +156,25 @@ pub(crate) async fn start(
         .ok_or_else(|| Problem::not_found("stream_not_found", format!("no stream {stream}")))?;
     let topic = body.topic.unwrap_or_else(|| definition.topic.clone());
     if !valid_topic(&topic) {
-        return Err(invalid(format!("{topic:?} is not a topic name Pub/Sub takes")));
+        return Err(invalid(format!(
+            "{topic:?} is not a topic name Pub/Sub takes"
+        )));
     }
     let ordering: OrderingKeyMode = match body.ordering_key.as_deref() {
         Some(mode) => mode.parse().map_err(invalid)?,
         None => definition.ordering.clone(),
     };
     if body.max_items_per_second == Some(0) {
-        return Err(invalid("max_items_per_second must be at least 1 (absent: no limit)"));
+        return Err(invalid(
+            "max_items_per_second must be at least 1 (absent: no limit)",
+        ));
     }
     let (from, to) = (Sequence(body.from_sequence), Sequence(body.to_sequence));
     let store = &state.cluster.stores().replays;
-    let held = store.held_range(&stream).await.map_err(|e| store_problem(&e))?;
+    let held = store
+        .held_range(&stream)
+        .await
+        .map_err(|e| store_problem(&e))?;
     held.check(from, to).map_err(|refused| match refused {
         ReplayRefused::InvalidRange(detail) => invalid(detail),
         ReplayRefused::NotCommitted { committed, .. } => Problem::new(
@@ -170,10 +183,10 @@ pub(crate) async fn start(
             refused.to_string(),
         )
         .with("committed_through", committed),
-        ReplayRefused::Removed { first_available, .. } => {
-            Problem::new(StatusCode::GONE, "range_removed", refused.to_string())
-                .with("first_available_sequence", first_available.0)
-        }
+        ReplayRefused::Removed {
+            first_available, ..
+        } => Problem::new(StatusCode::GONE, "range_removed", refused.to_string())
+            .with("first_available_sequence", first_available.0),
     })?;
     let (batches, items) = store
         .range_totals(&stream, from, to)
@@ -181,7 +194,10 @@ pub(crate) async fn start(
         .map_err(|e| store_problem(&e))?;
     if batches != to.0 - from.0 + 1 {
         // Retention got there between the check and the count.
-        let held = store.held_range(&stream).await.map_err(|e| store_problem(&e))?;
+        let held = store
+            .held_range(&stream)
+            .await
+            .map_err(|e| store_problem(&e))?;
         let first = held.first.map_or(held.committed_through + 1, |s| s.0);
         return Err(Problem::new(
             StatusCode::GONE,
@@ -202,11 +218,17 @@ pub(crate) async fn start(
         items,
         chrono::Utc::now(),
     );
-    store.create_replay(&job).await.map_err(|e| store_problem(&e))?;
+    store
+        .create_replay(&job)
+        .await
+        .map_err(|e| store_problem(&e))?;
     info!(message = "replay started", replay_id = %job.replay_id, stream = %job.stream, from = from.0, to = to.0, topic = %job.topic, items);
     state.cluster.wake_replays();
     Ok(HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/api/v1/outbox/replays/{}", job.replay_id)))
+        .insert_header((
+            header::LOCATION,
+            format!("/api/v1/outbox/replays/{}", job.replay_id),
+        ))
         .json(replay_json(&job)))
 }
 
@@ -232,7 +254,11 @@ pub(crate) async fn list(
     state: web::Data<AdminState>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, Problem> {
-    let stream = query.stream.as_deref().map(super::parse_stream).transpose()?;
+    let stream = query
+        .stream
+        .as_deref()
+        .map(super::parse_stream)
+        .transpose()?;
     let jobs = state
         .cluster
         .stores()
@@ -311,7 +337,10 @@ async fn act(
                 "replay {id} is {}: {} applies to a replay that is {}",
                 job.state,
                 action.as_str(),
-                from.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" or ")
+                from.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
             ),
         )
         .with("state", job.state.as_str()));

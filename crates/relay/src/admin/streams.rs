@@ -330,16 +330,18 @@ pub(crate) async fn put(
     let name = parse_stream(&path)?;
     let definition = body.into_inner().definition(name.clone())?;
     let stores = state.cluster.stores();
-    let existing = stores.streams.streams().await.map_err(|e| store_problem(&e))?;
+    let existing = stores
+        .streams
+        .streams()
+        .await
+        .map_err(|e| store_problem(&e))?;
     let known = existing.iter().any(|d| d.name == name) || name.is_default();
     let defined = existing.len() + usize::from(!existing.iter().any(|d| d.name.is_default()));
     if !known && defined >= state.cluster.settings().max_streams {
         return Err(Problem::new(
             StatusCode::CONFLICT,
             "too_many_streams",
-            format!(
-                "{defined} streams are defined, the most this cluster runs (MAX_STREAMS)"
-            ),
+            format!("{defined} streams are defined, the most this cluster runs (MAX_STREAMS)"),
         ));
     }
     let created = stores

@@ -201,14 +201,25 @@ impl Drainer {
     /// The highest committed sequence, read from the store once per lease
     /// epoch and then kept up to date by our own commits.
     async fn committed_through(&self, epoch: u64) -> Result<Option<Sequence>, DrainError> {
-        let known = *self.shared.committed.lock().unwrap_or_else(|e| e.into_inner());
+        let known = *self
+            .shared
+            .committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some((known_epoch, sequence)) = known
             && known_epoch == epoch
         {
             return Ok(sequence);
         }
-        let sequence = self.store.committed_through(&self.settings.stream()).await?;
-        *self.shared.committed.lock().unwrap_or_else(|e| e.into_inner()) = Some((epoch, sequence));
+        let sequence = self
+            .store
+            .committed_through(&self.settings.stream())
+            .await?;
+        *self
+            .shared
+            .committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((epoch, sequence));
         Ok(sequence)
     }
 
@@ -334,9 +345,14 @@ impl Drainer {
             ahead.queued = read.queued;
             let next = reader.clone();
             let (position, queued) = (ahead.position.clone(), std::mem::take(&mut ahead.queued));
-            ahead.prefetch = Some(tokio::spawn(async move { next.read(position, queued).await }));
+            ahead.prefetch = Some(tokio::spawn(
+                async move { next.read(position, queued).await },
+            ));
 
-            match self.publish_and_record(&settings, &pieces, leadership).await {
+            match self
+                .publish_and_record(&settings, &pieces, leadership)
+                .await
+            {
                 Ok(()) => {}
                 Err(end) => {
                     drop(ahead);
@@ -353,7 +369,8 @@ impl Drainer {
 
     /// Resumes every ordering key a failed publish paused.
     fn resume_keys(&self, settings: &PassSettings) {
-        let paused = std::mem::take(&mut *self.paused_keys.lock().unwrap_or_else(|e| e.into_inner()));
+        let paused =
+            std::mem::take(&mut *self.paused_keys.lock().unwrap_or_else(|e| e.into_inner()));
         for key in paused {
             settings.publisher.resume(&key);
         }
@@ -400,9 +417,7 @@ impl Drainer {
             .collect();
         // Checked right before publishing: a replica whose lease lapsed
         // publishes nothing more.
-        let fence = leadership
-            .fence()
-            .ok_or(Err(DrainError::NotLeader))?;
+        let fence = leadership.fence().ok_or(Err(DrainError::NotLeader))?;
         let published = self.publish_group(settings, pieces).await;
         drop(spans);
         let failed_piece = published.failure.as_ref().map(|(p, _, _)| *p);
@@ -430,11 +445,9 @@ impl Drainer {
         self.status.update(|s| {
             s.published_total += count;
             if let Some(current) = s.current_batch.as_mut() {
-                current.published = current.published.max(
-                    pieces
-                        .last()
-                        .map_or(0, |p| u64::from(p.window_end.0)),
-                );
+                current.published = current
+                    .published
+                    .max(pieces.last().map_or(0, |p| u64::from(p.window_end.0)));
             }
         });
         self.writes.record(fence.clone(), pages).await;

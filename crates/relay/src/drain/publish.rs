@@ -40,7 +40,11 @@ pub(super) struct Published {
 impl Drainer {
     /// Publishes the pieces, in order, as the ordering key mode allows (see
     /// the module's documentation), and waits for every answer.
-    pub(super) async fn publish_group(&self, settings: &PassSettings, pieces: &[Piece]) -> Published {
+    pub(super) async fn publish_group(
+        &self,
+        settings: &PassSettings,
+        pieces: &[Piece],
+    ) -> Published {
         let mut marks: Vec<Vec<SentMark>> = vec![Vec::new(); pieces.len()];
         let mut failure = None;
         let together = matches!(settings.ordering, OrderingKeyMode::Global);
@@ -51,7 +55,11 @@ impl Drainer {
                 pieces.len()
             } else {
                 let batch = &pieces[start].batch.batch_id;
-                start + pieces[start..].iter().take_while(|p| &p.batch.batch_id == batch).count()
+                start
+                    + pieces[start..]
+                        .iter()
+                        .take_while(|p| &p.batch.batch_id == batch)
+                        .count()
             };
             failure = self
                 .publish_pieces(settings, pieces, start..end, &mut marks)

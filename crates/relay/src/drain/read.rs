@@ -67,7 +67,10 @@ pub(super) enum Next {
     /// The next batch is failed: nothing moves until it is retried.
     Halted(PendingBatch),
     /// The next batch is not the one after the position.
-    Gap { expected: Sequence, found: Sequence },
+    Gap {
+        expected: Sequence,
+        found: Sequence,
+    },
     Group(Vec<Piece>),
 }
 
@@ -139,7 +142,11 @@ impl Reader {
         while budget > 0 {
             if queued.is_empty() {
                 let limit = self.page_size.clamp(1, BATCHES_PER_READ);
-                queued.extend(self.store.pending_batches(&self.stream, last, limit).await?);
+                queued.extend(
+                    self.store
+                        .pending_batches(&self.stream, last, limit)
+                        .await?,
+                );
                 if queued.is_empty() {
                     break;
                 }

@@ -232,7 +232,9 @@ async fn write(
     while pages.peek().is_some() && error.is_none() {
         let mut chunk = Vec::new();
         let mut marks = 0;
-        while let Some(page) = pages.next_if(|p| chunk.is_empty() || marks + p.write.marks.len() <= MARKS_PER_WRITE) {
+        while let Some(page) =
+            pages.next_if(|p| chunk.is_empty() || marks + p.write.marks.len() <= MARKS_PER_WRITE)
+        {
             marks += page.write.marks.len();
             chunk.push(page);
         }

@@ -1,6 +1,5 @@
 //! The admin port, over the in-memory store.
 
-
 use clap::Parser;
 use outbox_core::memory::MemoryStore;
 use outbox_core::store::OutboxStore;
@@ -75,7 +74,11 @@ async fn admin(store: &MemoryStore, extra: &[&str]) -> Admin {
     };
     // The replica pauses the cluster as it starts.
     for _ in 0..500 {
-        if store.paused(&outbox_core::stream::StreamName::default()).await.unwrap() {
+        if store
+            .paused(&outbox_core::stream::StreamName::default())
+            .await
+            .unwrap()
+        {
             break;
         }
         tokio::task::yield_now().await;
@@ -100,17 +103,30 @@ async fn status_start_stop_and_tokens() {
         401
     );
     assert!(
-        store.paused(&outbox_core::stream::StreamName::default()).await.unwrap(),
+        store
+            .paused(&outbox_core::stream::StreamName::default())
+            .await
+            .unwrap(),
         "an unauthorized start changed nothing"
     );
     let (code, body) = admin.post("/api/v1/outbox/start", Some("s3cret")).await;
     assert_eq!((code, body["paused"].clone()), (200, Value::Bool(false)));
-    assert!(!store.paused(&outbox_core::stream::StreamName::default()).await.unwrap());
+    assert!(
+        !store
+            .paused(&outbox_core::stream::StreamName::default())
+            .await
+            .unwrap()
+    );
     assert_eq!(
         admin.post("/api/v1/outbox/stop", Some("s3cret")).await.0,
         200
     );
-    assert!(store.paused(&outbox_core::stream::StreamName::default()).await.unwrap());
+    assert!(
+        store
+            .paused(&outbox_core::stream::StreamName::default())
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test]

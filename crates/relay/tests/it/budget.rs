@@ -30,7 +30,9 @@ fn count(commands: &[Command]) -> Drained {
     let named = |name: &str, collection: &str| {
         commands
             .iter()
-            .filter(|c| c.name == name && c.collection.as_deref() == Some(collection) && !c.in_transaction)
+            .filter(|c| {
+                c.name == name && c.collection.as_deref() == Some(collection) && !c.in_transaction
+            })
             .count()
     };
     // Each backlog reading reads the counter once and the head batch once.
@@ -38,10 +40,16 @@ fn count(commands: &[Command]) -> Drained {
     Drained {
         item_reads: named("find", "batch_items"),
         batch_reads: named("find", "batches") - backlogs,
-        writes: commands.iter().filter(|c| c.name == "commitTransaction").count(),
+        writes: commands
+            .iter()
+            .filter(|c| c.name == "commitTransaction")
+            .count(),
         statements: commands
             .iter()
-            .filter(|c| c.in_transaction && !matches!(c.name.as_str(), "commitTransaction" | "abortTransaction"))
+            .filter(|c| {
+                c.in_transaction
+                    && !matches!(c.name.as_str(), "commitTransaction" | "abortTransaction")
+            })
             .count(),
     }
 }
@@ -64,10 +72,14 @@ async fn drain(mode: &str, batches: usize, size: usize, page: u32) -> Drained {
         mode,
         Duration::from_secs(30),
     );
-    eventually(Duration::from_secs(120), "every batch committed", || async {
-        let statuses = statuses(&db).await;
-        statuses.len() == batches && statuses.iter().all(|s| s == "committed")
-    })
+    eventually(
+        Duration::from_secs(120),
+        "every batch committed",
+        || async {
+            let statuses = statuses(&db).await;
+            statuses.len() == batches && statuses.iter().all(|s| s == "committed")
+        },
+    )
     .await;
     let drained = count(&log.take());
     stop.cancel();
@@ -119,7 +131,11 @@ async fn storing_a_batch_costs_four_commands_and_six_with_an_idempotency_key() {
     let commands = log.take();
     let names: Vec<&str> = commands.iter().map(|c| c.name.as_str()).collect();
     // The counter, the batch, its items, the commit.
-    assert_eq!(names, ["findAndModify", "insert", "insert", "commitTransaction"], "{commands:#?}");
+    assert_eq!(
+        names,
+        ["findAndModify", "insert", "insert", "commitTransaction"],
+        "{commands:#?}"
+    );
 
     let mut keyed = outbox_core::ingest::build_batch(
         vec![serde_json::json!({ "i": 1 })],
@@ -133,7 +149,10 @@ async fn storing_a_batch_costs_four_commands_and_six_with_an_idempotency_key() {
         request_hash: "0".repeat(64),
     });
     store
-        .insert_batch(&keyed, tokio::time::Instant::now() + Duration::from_secs(60))
+        .insert_batch(
+            &keyed,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
         .await
         .unwrap();
     let keyed_commands = log.take();
@@ -142,7 +161,14 @@ async fn storing_a_batch_costs_four_commands_and_six_with_an_idempotency_key() {
     // key's record, the batch, its items, the commit.
     assert_eq!(
         names,
-        ["findAndModify", "delete", "insert", "insert", "insert", "commitTransaction"],
+        [
+            "findAndModify",
+            "delete",
+            "insert",
+            "insert",
+            "insert",
+            "commitTransaction"
+        ],
         "{keyed_commands:#?}"
     );
 }

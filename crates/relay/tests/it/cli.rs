@@ -226,11 +226,14 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let tail = tokio::time::timeout(Duration::from_secs(30), ctl.run(&args, &[]))
             .await
-            .unwrap_or_else(|_| panic!("tail --count {count} waited over 30 s for messages that were there"));
+            .unwrap_or_else(|_| {
+                panic!("tail --count {count} waited over 30 s for messages that were there")
+            });
         assert_eq!(tail.code, 0, "{tail:?}");
         if count == "4" {
             assert!(
-                tail.stderr.contains("verify: 4 items, 0 duplicates, 0 out of order")
+                tail.stderr
+                    .contains("verify: 4 items, 0 duplicates, 0 out of order")
                     && tail.stderr.contains("the order contract held"),
                 "{tail:?}"
             );
@@ -250,18 +253,30 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
     // A replay of the first batch, started and followed to its end; a
     // finished job cannot be paused.
     let started = ctl
-        .run(&["replay", "start", "--from", "1", "--to", "1", "--json"], &[])
+        .run(
+            &["replay", "start", "--from", "1", "--to", "1", "--json"],
+            &[],
+        )
         .await;
     assert_eq!(started.code, 0, "{started:?}");
     let id = started.json()["replay_id"].as_str().unwrap().to_owned();
     let watched = ctl.run(&["replay", "watch", &id], &[]).await;
     assert_eq!(watched.code, 0, "{watched:?}");
-    assert!(watched.stdout.contains(&format!("replay {id} done")), "{watched:?}");
+    assert!(
+        watched.stdout.contains(&format!("replay {id} done")),
+        "{watched:?}"
+    );
     let list = ctl.run(&["replay", "list"], &[]).await;
-    assert!(list.stdout.contains(&id) && list.stdout.contains("done"), "{list:?}");
+    assert!(
+        list.stdout.contains(&id) && list.stdout.contains("done"),
+        "{list:?}"
+    );
     let refused = ctl.run(&["replay", "pause", &id], &[]).await;
     assert_ne!(refused.code, 0, "{refused:?}");
-    assert!(refused.stderr.contains("replay_state_conflict"), "{refused:?}");
+    assert!(
+        refused.stderr.contains("replay_state_conflict"),
+        "{refused:?}"
+    );
     let bad = ctl.run(&["replay", "show", "../status"], &[]).await;
     assert_eq!(bad.code, 2, "{bad:?}");
 
@@ -275,7 +290,9 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
     .expect("tail gives up on an unreachable emulator");
     assert_eq!(unreachable.code, 1, "{unreachable:?}");
     assert!(
-        unreachable.stderr.contains(&format!("the Pub/Sub emulator at {nowhere}")),
+        unreachable
+            .stderr
+            .contains(&format!("the Pub/Sub emulator at {nowhere}")),
         "{unreachable:?}"
     );
 }
@@ -324,7 +341,9 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
     let refused = ctl.run(&["submit", paths[0].to_str().unwrap()], &[]).await;
     assert_eq!(refused.code, 1, "{refused:?}");
     assert!(
-        refused.stderr.contains("(item_too_large, HTTP 413); index 1"),
+        refused
+            .stderr
+            .contains("(item_too_large, HTTP 413); index 1"),
         "{refused:?}"
     );
     // A batch stored before the writer checked Pub/Sub's limits: the relay
@@ -343,26 +362,34 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
     // The relay reports the backlog it read after the pause: two passes
     // later (its oldest-pending age moved on), nothing was drained.
     let ages = std::sync::Mutex::new(std::collections::BTreeSet::new());
-    crate::e2e::eventually(Duration::from_secs(30), "two relay passes while paused", || {
-        let status = ctl.run(&["status", "--json"], &[]);
-        let ages = &ages;
-        async move {
-            let status = status.await.json();
-            let mut ages = ages.lock().unwrap();
-            if status["pending_batches"] == 2 {
-                ages.insert(status["oldest_pending_age_seconds"].to_string());
+    crate::e2e::eventually(
+        Duration::from_secs(30),
+        "two relay passes while paused",
+        || {
+            let status = ctl.run(&["status", "--json"], &[]);
+            let ages = &ages;
+            async move {
+                let status = status.await.json();
+                let mut ages = ages.lock().unwrap();
+                if status["pending_batches"] == 2 {
+                    ages.insert(status["oldest_pending_age_seconds"].to_string());
+                }
+                ages.len() >= 3
             }
-            ages.len() >= 3
-        }
-    })
+        },
+    )
     .await;
     let pending = ctl.run(&["pending", "--json"], &[]).await.json();
     assert_eq!(
-        pending["batches"][0]["status"], "pending",
+        pending["batches"][0]["status"],
+        "pending",
         "paused: still pending\n{}",
         relay.tail()
     );
-    assert_eq!(ctl.run(&["status", "--json"], &[]).await.json()["paused"], true);
+    assert_eq!(
+        ctl.run(&["status", "--json"], &[]).await.json()["paused"],
+        true
+    );
 
     let resumed = ctl.run(&["resume"], &token).await;
     assert_eq!(resumed.code, 0, "{resumed:?}");
@@ -591,12 +618,30 @@ async fn outboxctl_applies_a_declared_set_of_streams_once() {
             .collect()
     };
     let pair = |s: &str, o: &str| (s.to_owned(), o.to_owned());
-    let first = ctl.run(&["stream", "apply", "-f", &path(0), "--json"], &token).await;
-    assert_eq!(outcomes(&first), [pair("orders", "created"), pair("audit", "created")]);
-    let again = ctl.run(&["stream", "apply", "-f", &path(0), "--json"], &token).await;
-    assert_eq!(outcomes(&again), [pair("orders", "unchanged"), pair("audit", "unchanged")]);
-    let edited = ctl.run(&["stream", "apply", "-f", &path(1), "--json"], &token).await;
-    assert_eq!(outcomes(&edited), [pair("orders", "updated"), pair("audit", "unchanged")]);
-    let shown = ctl.run(&["stream", "show", "orders", "--json"], &[]).await.json();
+    let first = ctl
+        .run(&["stream", "apply", "-f", &path(0), "--json"], &token)
+        .await;
+    assert_eq!(
+        outcomes(&first),
+        [pair("orders", "created"), pair("audit", "created")]
+    );
+    let again = ctl
+        .run(&["stream", "apply", "-f", &path(0), "--json"], &token)
+        .await;
+    assert_eq!(
+        outcomes(&again),
+        [pair("orders", "unchanged"), pair("audit", "unchanged")]
+    );
+    let edited = ctl
+        .run(&["stream", "apply", "-f", &path(1), "--json"], &token)
+        .await;
+    assert_eq!(
+        outcomes(&edited),
+        [pair("orders", "updated"), pair("audit", "unchanged")]
+    );
+    let shown = ctl
+        .run(&["stream", "show", "orders", "--json"], &[])
+        .await
+        .json();
     assert_eq!(shown["topic"], format!("{topic}-orders-2"), "{shown}");
 }

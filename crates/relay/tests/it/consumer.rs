@@ -53,7 +53,10 @@ async fn the_consumer_crate_hands_over_each_batch_once_whole_and_in_order() {
         .unwrap();
     let (_relay, admin) = stack.relay(
         "relay-consumer",
-        &[("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"), ("LEASE_TTL_SECONDS", "3")],
+        &[
+            ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+            ("LEASE_TTL_SECONDS", "3"),
+        ],
     );
     stack.admin_ready(&admin).await;
     for (b, n) in [3_usize, 4, 2].into_iter().enumerate() {
@@ -95,12 +98,17 @@ async fn the_consumer_crate_hands_over_each_batch_once_whole_and_in_order() {
     assert_eq!(originals.len(), 4);
     let publishers = pubsub::PubSubClient::connect(&stack.pubsub).await.unwrap();
     let publisher = publishers.for_topic(&stack.pubsub.topic);
-    let copies: Vec<_> = originals.into_values().map(|m| publisher.publish(m)).collect();
+    let copies: Vec<_> = originals
+        .into_values()
+        .map(|m| publisher.publish(m))
+        .collect();
     for copy in futures::future::join_all(copies).await {
         copy.unwrap();
     }
     // A fourth batch after the copies: once it is handled, so were they.
-    stack.post_batch(&json!([{"vendor_name": "acme", "last": true}])).await;
+    stack
+        .post_batch(&json!([{"vendor_name": "acme", "last": true}]))
+        .await;
 
     let recorder = Recorder::default();
     let mut config = ConsumerConfig::new(&stack.pubsub.project_id, &subscription);
@@ -108,10 +116,14 @@ async fn the_consumer_crate_hands_over_each_batch_once_whole_and_in_order() {
     config.whole_batches = true;
     let batches = Arc::clone(&recorder.batches);
     let stop = async move {
-        eventually(Duration::from_secs(60), "the fourth batch to be handled", || {
-            let done = batches.lock().unwrap().iter().any(|(s, _)| *s == 4);
-            async move { done }
-        })
+        eventually(
+            Duration::from_secs(60),
+            "the fourth batch to be handled",
+            || {
+                let done = batches.lock().unwrap().iter().any(|(s, _)| *s == 4);
+                async move { done }
+            },
+        )
         .await;
     };
     let report = Consumer::run(&config, MemorySeen::default(), recorder.clone(), stop)

@@ -264,7 +264,10 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     // Resume: the first batch drains (published count and drain rate move),
     // the second halts, and shows up with how far it got and a Retry button.
     click(&browser, "#resume").await;
-    until(&browser, "answer", "resumed", |t| t == "Stream default resumed.").await;
+    until(&browser, "answer", "resumed", |t| {
+        t == "Stream default resumed."
+    })
+    .await;
     until(&browser, "published", "3,002 published", |t| t == "3,002").await;
     until(&browser, "state", "halted", |t| t == "halted on batch 2").await;
     until(&browser, "failed", "the halted batch", |t| {

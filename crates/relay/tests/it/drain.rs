@@ -287,7 +287,10 @@ async fn dead_letter_policy_sets_the_item_aside_and_goes_on() {
 async fn stop_pauses_the_cluster_and_start_resumes_it() {
     let store = MemoryStore::new();
     store_batches(&store, &[2, 2]).await;
-    store.set_paused(&outbox_core::stream::StreamName::default(), true).await.unwrap();
+    store
+        .set_paused(&outbox_core::stream::StreamName::default(), true)
+        .await
+        .unwrap();
     let publisher = FakePublisher::new("a");
     let replica = replica(
         &store,
@@ -302,7 +305,10 @@ async fn stop_pauses_the_cluster_and_start_resumes_it() {
         "a paused cluster publishes nothing"
     );
     assert!(replica.status.snapshot().paused);
-    store.set_paused(&outbox_core::stream::StreamName::default(), false).await.unwrap();
+    store
+        .set_paused(&outbox_core::stream::StreamName::default(), false)
+        .await
+        .unwrap();
     while !all_committed(&store) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -376,13 +382,25 @@ async fn a_batch_after_a_gap_waits_for_the_missing_one() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let errors = status.snapshot().recent_errors;
-        if errors.iter().filter(|e| e.message.contains("batch 2 is not readable yet")).count() >= 3 {
+        if errors
+            .iter()
+            .filter(|e| e.message.contains("batch 2 is not readable yet"))
+            .count()
+            >= 3
+        {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no gap reported: {errors:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no gap reported: {errors:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
+    let delivered: Vec<_> = publisher
+        .delivered()
+        .iter()
+        .map(|(b, i, _)| (*b, *i))
+        .collect();
     assert_eq!(delivered, [(1, 1), (1, 2)], "nothing after the gap");
 
     // The missing batch appears: everything goes out, in sequence order.
@@ -390,12 +408,20 @@ async fn a_batch_after_a_gap_waits_for_the_missing_one() {
     store.insert_at(missing, &late).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     while !all_committed(&store) {
-        assert!(tokio::time::Instant::now() < deadline, "{:?}", store.batch_statuses());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            store.batch_statuses()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.cancel();
     task.await.unwrap();
-    let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
+    let delivered: Vec<_> = publisher
+        .delivered()
+        .iter()
+        .map(|(b, i, _)| (*b, *i))
+        .collect();
     assert_eq!(delivered, expected_order(&[2, 4, 3]));
 }
 
@@ -407,26 +433,50 @@ async fn a_missing_item_ends_the_pass_and_nothing_after_it_goes_out() {
     let batches = store_batches(&store, &[6, 2]).await;
     store.hide_item(&batches[0].batch_id, outbox_core::model::ItemSequence(4));
     let publisher = FakePublisher::new("a");
-    let replica = replica(&store, &publisher, settings("relay-hole", 2, PoisonPolicy::Halt));
+    let replica = replica(
+        &store,
+        &publisher,
+        settings("relay-hole", 2, PoisonPolicy::Halt),
+    );
     let status = std::sync::Arc::clone(&replica.status);
     let stop = CancellationToken::new();
     let task = tokio::spawn(replica.runner.run(stop.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let errors = status.snapshot().recent_errors;
-        if errors.iter().filter(|e| e.message.contains("has no item 4")).count() >= 3 {
+        if errors
+            .iter()
+            .filter(|e| e.message.contains("has no item 4"))
+            .count()
+            >= 3
+        {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no gap reported: {errors:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no gap reported: {errors:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
-    assert_eq!(delivered, [(1, 1), (1, 2)], "the window holding the hole is not published");
+    let delivered: Vec<_> = publisher
+        .delivered()
+        .iter()
+        .map(|(b, i, _)| (*b, *i))
+        .collect();
+    assert_eq!(
+        delivered,
+        [(1, 1), (1, 2)],
+        "the window holding the hole is not published"
+    );
 
     store.restore_items();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     while !all_committed(&store) {
-        assert!(tokio::time::Instant::now() < deadline, "{:?}", store.batch_statuses());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            store.batch_statuses()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.cancel();

@@ -317,7 +317,10 @@ impl Stack {
                     item_id: ItemId::of(&batch_id, item_sequence),
                     item_sequence,
                     request_id: object["request_id"].as_str().map(str::to_owned),
-                    vendor_name: object["vendor_name"].as_str().unwrap_or("unknown").to_owned(),
+                    vendor_name: object["vendor_name"]
+                        .as_str()
+                        .unwrap_or("unknown")
+                        .to_owned(),
                     request_data: object.as_object().unwrap().clone(),
                 }
             })
@@ -437,7 +440,11 @@ pub(crate) async fn receive_on(
         assert_eq!(data["item_id"], message.attributes["item_id"].as_str());
         received.push(Received {
             key: message.ordering_key.clone(),
-            stream: message.attributes.get("stream").cloned().unwrap_or_default(),
+            stream: message
+                .attributes
+                .get("stream")
+                .cloned()
+                .unwrap_or_default(),
             message_id: message.message_id.clone(),
             item_id: message.attributes["item_id"].clone(),
             position: (number("batch_sequence"), number("item_sequence")),
@@ -772,7 +779,10 @@ async fn pubsub_limits_are_refused_at_ingest_and_an_older_poison_item_is_dead_le
     assert_eq!(dead.len(), 2);
     assert_eq!(dead[0].get_str("request_id").unwrap(), "huge");
     let reasons: Vec<_> = dead.iter().map(|d| d.get_str("error").unwrap()).collect();
-    assert!(reasons[0].contains("over Pub/Sub's limit of 9998976 bytes"), "{reasons:?}");
+    assert!(
+        reasons[0].contains("over Pub/Sub's limit of 9998976 bytes"),
+        "{reasons:?}"
+    );
     assert!(
         reasons[1].contains("attribute request_id would be 2000 bytes"),
         "{reasons:?}"
@@ -968,7 +978,13 @@ async fn retention_removes_committed_batches_and_never_a_pending_one() {
     .unwrap();
     let tomorrow = chrono::Utc::now() + chrono::Duration::days(1);
     let removed = store
-        .remove_expired(&outbox_core::stream::StreamName::default(), Some(tomorrow), Some(tomorrow), tomorrow, 100)
+        .remove_expired(
+            &outbox_core::stream::StreamName::default(),
+            Some(tomorrow),
+            Some(tomorrow),
+            tomorrow,
+            100,
+        )
         .await
         .unwrap();
     assert_eq!(removed.batches, 0);

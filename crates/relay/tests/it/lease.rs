@@ -118,7 +118,15 @@ async fn shutdown_releases_the_lease_for_an_immediate_takeover() {
     let stop = CancellationToken::new();
     let standby_task = tokio::spawn(standby.runner.run(stop.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(store.current(&outbox_core::stream::StreamName::default()).await.unwrap().unwrap().holder, "relay-a");
+    assert_eq!(
+        store
+            .current(&outbox_core::stream::StreamName::default())
+            .await
+            .unwrap()
+            .unwrap()
+            .holder,
+        "relay-a"
+    );
 
     stop_leader.cancel();
     leader_task.await.unwrap();
@@ -162,7 +170,9 @@ impl LeaseStore for Partitioned {
         if self.cut.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("partitioned".into()));
         }
-        self.inner.acquire_or_renew(stream, holder, now_ms, ttl_ms).await
+        self.inner
+            .acquire_or_renew(stream, holder, now_ms, ttl_ms)
+            .await
     }
 
     async fn release(&self, fence: &Fence) -> Result<(), StoreError> {
@@ -201,7 +211,12 @@ async fn a_leader_that_cannot_renew_stops_publishing_before_its_lease_expires() 
     let stop = CancellationToken::new();
     let leader_task = tokio::spawn(leader.run(stop.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let epoch = store.current(&outbox_core::stream::StreamName::default()).await.unwrap().unwrap().epoch;
+    let epoch = store
+        .current(&outbox_core::stream::StreamName::default())
+        .await
+        .unwrap()
+        .unwrap()
+        .epoch;
 
     // Cut the leader off from renewing; it can still reach everything else.
     cut.store(true, Ordering::SeqCst);
@@ -220,7 +235,11 @@ async fn a_leader_that_cannot_renew_stops_publishing_before_its_lease_expires() 
     leader_task.await.unwrap();
     standby_task.await.unwrap();
 
-    let lease = store.current(&outbox_core::stream::StreamName::default()).await.unwrap().unwrap();
+    let lease = store
+        .current(&outbox_core::stream::StreamName::default())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((lease.holder.as_str(), lease.epoch), ("relay-b", epoch + 1));
     let delivered = a.delivered();
     let first_b = delivered

@@ -27,7 +27,13 @@ fn all_committed(store: &MemoryStore) -> bool {
 
 /// Runs one replica with `ordering` and pages of `page_size` until every
 /// batch is committed (bounded in virtual time).
-async fn drain(store: &MemoryStore, publisher: &FakePublisher, ordering: &str, page_size: u32, policy: PoisonPolicy) {
+async fn drain(
+    store: &MemoryStore,
+    publisher: &FakePublisher,
+    ordering: &str,
+    page_size: u32,
+    policy: PoisonPolicy,
+) {
     let mut stream = definition(policy);
     stream.ordering = ordering.parse().unwrap();
     let replica = replica(store, publisher, settings_for("relay-a", page_size, stream));
@@ -88,10 +94,21 @@ async fn in_global_mode_a_failure_in_the_middle_of_a_group_publishes_the_rest_ag
     assert_eq!(firsts, expected_order(&SIZES));
     assert_eq!(duplicates, 0, "nothing acknowledged was published again");
     assert_eq!(publisher.attempts(2, 1), 2);
-    assert_eq!(publisher.attempts(3, 1), 2, "the paused item of the next batch was retried");
-    assert_eq!(publisher.attempts(1, 3), 1, "the acknowledged item before it was not");
+    assert_eq!(
+        publisher.attempts(3, 1),
+        2,
+        "the paused item of the next batch was retried"
+    );
+    assert_eq!(
+        publisher.attempts(1, 3),
+        1,
+        "the acknowledged item before it was not"
+    );
     assert!(
-        store.all_items().iter().all(|(_, _, status, _)| *status == ItemStatus::Sent)
+        store
+            .all_items()
+            .iter()
+            .all(|(_, _, status, _)| *status == ItemStatus::Sent)
     );
 }
 
@@ -129,7 +146,10 @@ async fn in_field_mode_keys_keep_their_order_and_batches_stay_whole_through_a_fa
     let key = |(_, item): &(u64, u32)| (item - 1) % 3;
     for k in 0..3 {
         let of_key: Vec<_> = firsts.iter().filter(|at| key(at) == k).collect();
-        assert!(of_key.windows(2).all(|w| w[0] < w[1]), "key k{k} out of order: {of_key:?}");
+        assert!(
+            of_key.windows(2).all(|w| w[0] < w[1]),
+            "key k{k} out of order: {of_key:?}"
+        );
     }
     assert_batches_whole(&firsts);
     assert_eq!(publisher.overlapping_batches(), Vec::<Vec<u64>>::new());
@@ -139,7 +159,8 @@ async fn in_field_mode_keys_keep_their_order_and_batches_stay_whole_through_a_fa
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_item_refused_for_good_in_the_middle_of_a_group_is_set_aside_and_the_rest_goes_on_in_order() {
+async fn an_item_refused_for_good_in_the_middle_of_a_group_is_set_aside_and_the_rest_goes_on_in_order()
+ {
     let store = MemoryStore::new();
     store_batches(&store, &SIZES).await;
     let publisher = FakePublisher::new("a");
@@ -163,7 +184,8 @@ async fn an_item_refused_for_good_in_the_middle_of_a_group_is_set_aside_and_the_
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_store_lost_after_an_acknowledgement_in_the_middle_of_a_group_republishes_only_what_was_not_recorded() {
+async fn a_store_lost_after_an_acknowledgement_in_the_middle_of_a_group_republishes_only_what_was_not_recorded()
+ {
     let store = MemoryStore::new();
     store_batches(&store, &SIZES).await;
     let publisher = FakePublisher::new("a");
@@ -188,6 +210,9 @@ async fn a_store_lost_after_an_acknowledgement_in_the_middle_of_a_group_republis
     // The group in flight when the store went away (8 items) at most.
     assert!(duplicates <= 8, "{duplicates} duplicates");
     assert!(
-        store.all_items().iter().all(|(_, _, status, id)| *status == ItemStatus::Sent && id.is_some())
+        store
+            .all_items()
+            .iter()
+            .all(|(_, _, status, id)| *status == ItemStatus::Sent && id.is_some())
     );
 }

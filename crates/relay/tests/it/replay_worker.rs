@@ -32,7 +32,11 @@ async fn replay_until_stopped(
     before_replay: impl FnOnce(&MemoryStore, &[outbox_core::model::NewBatch]),
 ) -> ReplayJob {
     let batches = store_batches(store, &SIZES).await;
-    let replica = replica(store, publisher, settings("relay-a", 100, PoisonPolicy::Halt));
+    let replica = replica(
+        store,
+        publisher,
+        settings("relay-a", 100, PoisonPolicy::Halt),
+    );
     let leadership = replica.runner.leadership();
     let stop = CancellationToken::new();
     let runner = tokio::spawn(replica.runner.run(stop.clone()));
@@ -78,7 +82,10 @@ async fn replay_until_stopped(
         if current.state != ReplayState::Running {
             break current;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the replay never stopped: {current:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replay never stopped: {current:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     stop.cancel();
@@ -97,13 +104,19 @@ async fn a_position_retention_removed_mid_replay_ends_the_job_there_instead_of_b
     })
     .await;
     assert_eq!(job.state, ReplayState::Failed, "{job:?}");
-    assert!(job.error.as_deref().unwrap_or_default().contains("batch 2"), "{job:?}");
+    assert!(
+        job.error.as_deref().unwrap_or_default().contains("batch 2"),
+        "{job:?}"
+    );
     assert_eq!(job.position.batch_sequence, Sequence(2), "{job:?}");
     // Nothing of batch 2 or after was replayed: the live drain's 9, and
     // batch 1's 3 copies.
     let delivered = publisher.delivered();
     assert_eq!(delivered.len(), 9 + 3, "{delivered:?}");
-    assert!(delivered[9..].iter().all(|(batch, _, _)| *batch == 1), "{delivered:?}");
+    assert!(
+        delivered[9..].iter().all(|(batch, _, _)| *batch == 1),
+        "{delivered:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -113,9 +126,16 @@ async fn a_publish_that_keeps_failing_fails_the_job_instead_of_holding_up_the_st
     let job = replay_until_stopped(&store, &publisher, |_, _| publisher.set_down(true)).await;
     assert_eq!(job.state, ReplayState::Failed, "{job:?}");
     assert!(
-        job.error.as_deref().unwrap_or_default().contains("10 publish attempts in a row"),
+        job.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("10 publish attempts in a row"),
         "{job:?}"
     );
     assert_eq!(job.items_sent, 0);
-    assert_eq!(publisher.attempts(1, 1), 1 + 10, "the drain's one and the replay's ten");
+    assert_eq!(
+        publisher.attempts(1, 1),
+        1 + 10,
+        "the drain's one and the replay's ten"
+    );
 }

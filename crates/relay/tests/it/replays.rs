@@ -100,7 +100,10 @@ async fn receive_items(
     expected: usize,
     limit: Duration,
 ) -> Vec<(Item, f64)> {
-    Inbox::open(stack, subscription).await.take(expected, limit).await
+    Inbox::open(stack, subscription)
+        .await
+        .take(expected, limit)
+        .await
 }
 
 /// Every delivery through the verifier; the report.
@@ -193,7 +196,10 @@ async fn a_replay_publishes_exactly_its_range_in_order_to_a_new_topic() {
     .await;
     assert_eq!(status, 201, "{started}");
     let id = started["replay_id"].as_str().unwrap().to_owned();
-    assert_eq!(location.as_deref(), Some(format!("/api/v1/outbox/replays/{id}").as_str()));
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("/api/v1/outbox/replays/{id}").as_str())
+    );
     assert_eq!(started["items_total"], 20);
     assert_eq!(started["batches_total"], 4);
     assert_eq!(started["stream"], "default");
@@ -210,7 +216,12 @@ async fn a_replay_publishes_exactly_its_range_in_order_to_a_new_topic() {
     // The originals' ids, the job's id, keys of its own.
     let originals: HashMap<(u64, u32), String> = live
         .iter()
-        .map(|(i, _)| ((i.position.batch_sequence, i.position.item_sequence), i.item_id.clone()))
+        .map(|(i, _)| {
+            (
+                (i.position.batch_sequence, i.position.item_sequence),
+                i.item_id.clone(),
+            )
+        })
         .collect();
     for (copy, _) in &copies {
         let at = (copy.position.batch_sequence, copy.position.item_sequence);
@@ -223,20 +234,37 @@ async fn a_replay_publishes_exactly_its_range_in_order_to_a_new_topic() {
     assert_eq!(done["batches_sent"], 4);
 
     // What cannot be replayed, and what cannot be done to a finished job.
-    let (status, problem, _) =
-        start_replay(&stack, &admin, json!({"from_sequence": 4, "to_sequence": 9})).await;
-    assert_eq!((status, problem["code"].as_str()), (422, Some("range_not_committed")));
+    let (status, problem, _) = start_replay(
+        &stack,
+        &admin,
+        json!({"from_sequence": 4, "to_sequence": 9}),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (422, Some("range_not_committed"))
+    );
     assert_eq!(problem["committed_through"], 6);
-    let (status, problem, _) =
-        start_replay(&stack, &admin, json!({"from_sequence": 3, "to_sequence": 2})).await;
-    assert_eq!((status, problem["code"].as_str()), (422, Some("invalid_replay")));
+    let (status, problem, _) = start_replay(
+        &stack,
+        &admin,
+        json!({"from_sequence": 3, "to_sequence": 2}),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (422, Some("invalid_replay"))
+    );
     let (status, problem, _) = start_replay(
         &stack,
         &admin,
         json!({"from_sequence": 1, "to_sequence": 1, "stream": "nope"}),
     )
     .await;
-    assert_eq!((status, problem["code"].as_str()), (404, Some("stream_not_found")));
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (404, Some("stream_not_found"))
+    );
     let pause = stack
         .http
         .post(format!("{admin}/api/v1/outbox/replays/{id}/pause"))
@@ -246,7 +274,10 @@ async fn a_replay_publishes_exactly_its_range_in_order_to_a_new_topic() {
     assert_eq!(pause.status(), 409);
     let unknown = stack
         .http
-        .get(format!("{admin}/api/v1/outbox/replays/{}", uuid::Uuid::new_v4()))
+        .get(format!(
+            "{admin}/api/v1/outbox/replays/{}",
+            uuid::Uuid::new_v4()
+        ))
         .send()
         .await
         .unwrap();
@@ -267,7 +298,10 @@ async fn a_replay_publishes_exactly_its_range_in_order_to_a_new_topic() {
 async fn a_replay_survives_its_leader_being_killed_and_can_be_paused_and_resumed() {
     let stack = start_stack().await;
     let vars = relay_vars();
-    let mut relays = vec![stack.relay("relay-r1", &vars), stack.relay("relay-r2", &vars)];
+    let mut relays = vec![
+        stack.relay("relay-r1", &vars),
+        stack.relay("relay-r2", &vars),
+    ];
     for (_, admin) in &relays {
         stack.admin_ready(admin).await;
     }
@@ -290,7 +324,10 @@ async fn a_replay_survives_its_leader_being_killed_and_can_be_paused_and_resumed
 
     // Pause it part way: it stops, and says where.
     eventually(Duration::from_secs(30), "the replay to start", || async {
-        job(&stack, &admin, &id).await["items_sent"].as_u64().unwrap_or(0) >= 20
+        job(&stack, &admin, &id).await["items_sent"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 20
     })
     .await;
     let paused = stack
@@ -310,9 +347,16 @@ async fn a_replay_survives_its_leader_being_killed_and_can_be_paused_and_resumed
     assert_eq!(resumed.json::<Value>().await.unwrap()["state"], "running");
 
     // Kill the stream's leader while the job runs.
-    eventually(Duration::from_secs(30), "the replay to get a third of the way", || async {
-        job(&stack, &admin, &id).await["items_sent"].as_u64().unwrap_or(0) >= 60
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the replay to get a third of the way",
+        || async {
+            job(&stack, &admin, &id).await["items_sent"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 60
+        },
+    )
     .await;
     let leader = stack
         .http
@@ -363,14 +407,25 @@ async fn a_replay_beside_the_live_drain_keeps_both_in_order_and_holds_its_rate()
     let report = verify(&mixed);
     assert!(report.held(), "{report:?}");
     let (copies, live): (Vec<_>, Vec<_>) = mixed.iter().partition(|(i, _)| i.replay_id.is_some());
-    let live_positions: BTreeSet<u64> = live.iter().map(|(i, _)| i.position.batch_sequence).collect();
+    let live_positions: BTreeSet<u64> = live
+        .iter()
+        .map(|(i, _)| i.position.batch_sequence)
+        .collect();
     assert_eq!(live_positions, (11..=20).collect());
-    assert!(copies.iter().all(|(i, _)| i.replay_id.as_deref() == Some(id.as_str())));
+    assert!(
+        copies
+            .iter()
+            .all(|(i, _)| i.replay_id.as_deref() == Some(id.as_str()))
+    );
     // The rate: pages of at most a second's worth (50), the n-th page not
     // before n seconds after the first; so 200 copies span at least 3 s.
     let times: Vec<f64> = copies.iter().map(|(_, at)| *at).collect();
-    let span = times.iter().cloned().fold(f64::MIN, f64::max) - times.iter().cloned().fold(f64::MAX, f64::min);
-    assert!(span >= 2.9, "200 copies at 50/s were published within {span:.2} s");
+    let span = times.iter().cloned().fold(f64::MIN, f64::max)
+        - times.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        span >= 2.9,
+        "200 copies at 50/s were published within {span:.2} s"
+    );
     wait_done(&stack, &admin, &id).await;
 }
 
@@ -378,19 +433,32 @@ async fn a_replay_beside_the_live_drain_keeps_both_in_order_and_holds_its_rate()
 async fn a_range_retention_removed_is_refused_with_410() {
     let stack = start_stack().await;
     let mut vars = relay_vars().to_vec();
-    vars.extend([("RETENTION_SECONDS", "1"), ("RETENTION_INTERVAL_SECONDS", "1")]);
+    vars.extend([
+        ("RETENTION_SECONDS", "1"),
+        ("RETENTION_INTERVAL_SECONDS", "1"),
+    ]);
     let (_relay, admin) = stack.relay("relay-retention", &vars);
     stack.admin_ready(&admin).await;
     post_batches(&stack, 3, 2, "r").await;
     let _ = receive_items(&stack, &stack.subscription, 6, Duration::from_secs(60)).await;
     let batches = stack.db.collection::<Document>("batches");
-    eventually(Duration::from_secs(60), "retention to remove the batches", || async {
-        batches.count_documents(doc! {}).await.unwrap() == 0
-    })
+    eventually(
+        Duration::from_secs(60),
+        "retention to remove the batches",
+        || async { batches.count_documents(doc! {}).await.unwrap() == 0 },
+    )
     .await;
-    let (status, problem, _) =
-        start_replay(&stack, &admin, json!({"from_sequence": 1, "to_sequence": 3})).await;
-    assert_eq!((status, problem["code"].as_str()), (410, Some("range_removed")), "{problem}");
+    let (status, problem, _) = start_replay(
+        &stack,
+        &admin,
+        json!({"from_sequence": 1, "to_sequence": 3}),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (410, Some("range_removed")),
+        "{problem}"
+    );
     assert_eq!(problem["first_available_sequence"], 4);
     let list: Value = stack
         .http
@@ -401,5 +469,9 @@ async fn a_range_retention_removed_is_refused_with_410() {
         .json()
         .await
         .unwrap();
-    assert_eq!(list["replays"], json!([]), "a refused replay stores nothing");
+    assert_eq!(
+        list["replays"],
+        json!([]),
+        "a refused replay stores nothing"
+    );
 }

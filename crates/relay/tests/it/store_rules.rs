@@ -48,7 +48,10 @@ pub(crate) async fn insert(store: &MongoStore, size: usize) -> outbox_core::mode
     )
     .unwrap();
     store
-        .insert_batch(&batch, tokio::time::Instant::now() + Duration::from_secs(60))
+        .insert_batch(
+            &batch,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
         .await
         .unwrap();
     batch
@@ -60,8 +63,19 @@ fn run(
     store: &MongoStore,
     publisher: &FakePublisher,
     holder: &str,
-) -> (Arc<StatusBoard>, CancellationToken, tokio::task::JoinHandle<()>) {
-    run_with(store, publisher, holder, 2, "global", Duration::from_millis(50))
+) -> (
+    Arc<StatusBoard>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    run_with(
+        store,
+        publisher,
+        holder,
+        2,
+        "global",
+        Duration::from_millis(50),
+    )
 }
 
 /// [`run`] with pages of `page` items and the ordering key mode `mode`.
@@ -72,7 +86,11 @@ pub(crate) fn run_with(
     page: u32,
     mode: &str,
     poll: Duration,
-) -> (Arc<StatusBoard>, CancellationToken, tokio::task::JoinHandle<()>) {
+) -> (
+    Arc<StatusBoard>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let status = Arc::new(StatusBoard::default());
     let mut stream = crate::fakes::definition(PoisonPolicy::Halt);
     stream.ordering = mode.parse().unwrap();
@@ -165,7 +183,11 @@ async fn every_read_the_relay_sends_is_a_majority_read() {
         "writes without majority: {unacknowledged:#?}"
     );
     assert_eq!(
-        publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect::<Vec<_>>(),
+        publisher
+            .delivered()
+            .iter()
+            .map(|(b, i, _)| (*b, *i))
+            .collect::<Vec<_>>(),
         expected_order(&[3, 5, 1])
     );
 }
@@ -187,8 +209,17 @@ async fn an_item_removed_by_hand_stops_the_drain_at_its_position() {
         .unwrap();
     let publisher = FakePublisher::new("a");
     let (status, stop, task) = run(&store, &publisher, "relay-hole");
-    until_error(&status, &format!("batch {} has no item 4", first.batch_id), 3).await;
-    let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
+    until_error(
+        &status,
+        &format!("batch {} has no item 4", first.batch_id),
+        3,
+    )
+    .await;
+    let delivered: Vec<_> = publisher
+        .delivered()
+        .iter()
+        .map(|(b, i, _)| (*b, *i))
+        .collect();
     assert_eq!(delivered, [(1, 1), (1, 2)], "nothing at or after the hole");
 
     items.insert_one(removed).await.unwrap();
@@ -207,14 +238,21 @@ async fn a_batch_after_a_gap_in_the_sequence_is_not_published() {
     insert(&store, 2).await;
     // Batch 2's number is taken, its document not there yet.
     db.collection::<Document>("outbox_counters")
-        .update_one(doc! { "_id": "batch_sequence" }, doc! { "$inc": { "value": 1_i64 } })
+        .update_one(
+            doc! { "_id": "batch_sequence" },
+            doc! { "$inc": { "value": 1_i64 } },
+        )
         .await
         .unwrap();
     insert(&store, 3).await;
     let publisher = FakePublisher::new("a");
     let (status, stop, task) = run(&store, &publisher, "relay-gap");
     until_error(&status, "batch 2 is not readable yet", 3).await;
-    let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
+    let delivered: Vec<_> = publisher
+        .delivered()
+        .iter()
+        .map(|(b, i, _)| (*b, *i))
+        .collect();
     assert_eq!(delivered, [(1, 1), (1, 2)], "batch 3 waits for batch 2");
     assert_eq!(statuses(&db).await, ["committed", "pending"]);
 
@@ -232,18 +270,36 @@ async fn a_batch_after_a_gap_in_the_sequence_is_not_published() {
         document.insert("batch_sequence", 2_i64);
         documents.push(document);
     }
-    db.collection::<Document>("batch_items").insert_many(documents).await.unwrap();
+    db.collection::<Document>("batch_items")
+        .insert_many(documents)
+        .await
+        .unwrap();
     db.collection::<Document>("batches")
-        .insert_one(outbox_mongo::documents::batch_document(&late, Sequence(2), 0))
+        .insert_one(outbox_mongo::documents::batch_document(
+            &late,
+            Sequence(2),
+            0,
+        ))
         .await
         .unwrap();
     until_committed(&db, 3, &status).await;
     stop.cancel();
     task.await.unwrap();
-    let delivered: Vec<_> = publisher.delivered().iter().map(|(b, i, _)| (*b, *i)).collect();
+    let delivered: Vec<_> = publisher
+        .delivered()
+        .iter()
+        .map(|(b, i, _)| (*b, *i))
+        .collect();
     assert_eq!(delivered, expected_order(&[2, 4, 3]));
     // The backlog is the counter less the last committed: nothing left.
-    assert_eq!(store.backlog(&outbox_core::stream::StreamName::default()).await.unwrap().pending_batches, 0);
+    assert_eq!(
+        store
+            .backlog(&outbox_core::stream::StreamName::default())
+            .await
+            .unwrap()
+            .pending_batches,
+        0
+    );
 }
 
 /// A successor kills its predecessor's fenced session with the session's
@@ -255,7 +311,16 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
     let batch = insert(&store, 1).await;
     let ttl_ms = 1_000;
     let now = store.now_ms().await.unwrap();
-    let lease = store.acquire_or_renew(&outbox_core::stream::StreamName::default(), "relay-a", now, ttl_ms).await.unwrap().unwrap();
+    let lease = store
+        .acquire_or_renew(
+            &outbox_core::stream::StreamName::default(),
+            "relay-a",
+            now,
+            ttl_ms,
+        )
+        .await
+        .unwrap()
+        .unwrap();
     let items = store
         .unsent_items(&batch.batch_id, outbox_core::model::ItemSequence(0), 1)
         .await
@@ -268,7 +333,10 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
             publish_id: "m-1".into(),
         })
         .collect();
-    store.mark_sent(&lease.fence(), &batch.batch_id, &marks).await.unwrap();
+    store
+        .mark_sent(&lease.fence(), &batch.batch_id, &marks)
+        .await
+        .unwrap();
     let recorded = db
         .collection::<Document>("relay_lease")
         .find_one(doc! {})
@@ -282,12 +350,30 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
         other => panic!("uid {other:?} in {recorded}"),
     };
     assert_eq!(uid.len(), 32, "SHA-256 of the user");
-    assert!(log.commands().iter().any(|c| c.in_transaction && c.name == "update"));
+    assert!(
+        log.commands()
+            .iter()
+            .any(|c| c.in_transaction && c.name == "update")
+    );
 
     // A renewal does not rewrite it.
     let now = store.now_ms().await.unwrap();
-    store.acquire_or_renew(&outbox_core::stream::StreamName::default(), "relay-a", now, ttl_ms).await.unwrap().unwrap();
-    let after_renewal = db.collection::<Document>("relay_lease").find_one(doc! {}).await.unwrap().unwrap();
+    store
+        .acquire_or_renew(
+            &outbox_core::stream::StreamName::default(),
+            "relay-a",
+            now,
+            ttl_ms,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let after_renewal = db
+        .collection::<Document>("relay_lease")
+        .find_one(doc! {})
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(after_renewal.get_document("txn_session").unwrap(), &session);
 
     // Relay B, once the lease expired by the store's clock, kills it with
@@ -297,14 +383,23 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
     config.command_log = Some(successor_log.clone());
     config.app_name = "rules-kill-b".into();
     let successor = MongoStore::connect(config).await.unwrap();
-    eventually(Duration::from_secs(30), "relay-b to take the lease", || async {
-        let now = successor.now_ms().await.unwrap();
-        successor
-            .acquire_or_renew(&outbox_core::stream::StreamName::default(), "relay-b", now, ttl_ms)
-            .await
-            .unwrap()
-            .is_some_and(|l| l.holder == "relay-b" && l.epoch == 2)
-    })
+    eventually(
+        Duration::from_secs(30),
+        "relay-b to take the lease",
+        || async {
+            let now = successor.now_ms().await.unwrap();
+            successor
+                .acquire_or_renew(
+                    &outbox_core::stream::StreamName::default(),
+                    "relay-b",
+                    now,
+                    ttl_ms,
+                )
+                .await
+                .unwrap()
+                .is_some_and(|l| l.holder == "relay-b" && l.epoch == 2)
+        },
+    )
     .await;
     let kills: Vec<_> = successor_log
         .commands()
@@ -315,12 +410,26 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
     let Some(Bson::Array(targets)) = &kills[0].argument else {
         panic!("{kills:#?}");
     };
-    assert_eq!(targets, &[Bson::Document(session.clone())], "killed by id and uid");
-    let taken = db.collection::<Document>("relay_lease").find_one(doc! {}).await.unwrap().unwrap();
+    assert_eq!(
+        targets,
+        &[Bson::Document(session.clone())],
+        "killed by id and uid"
+    );
+    let taken = db
+        .collection::<Document>("relay_lease")
+        .find_one(doc! {})
+        .await
+        .unwrap()
+        .unwrap();
     let recorded = taken.get_document("txn_session").unwrap();
     assert_ne!(recorded, &session, "the successor's own session: {taken}");
     assert!(recorded.contains_key("uid"), "{taken}");
-    assert!(store.mark_sent(&lease.fence(), &batch.batch_id, &marks).await.is_err());
+    assert!(
+        store
+            .mark_sent(&lease.fence(), &batch.batch_id, &marks)
+            .await
+            .is_err()
+    );
 }
 
 /// Paused, resumed and paused again: the pause holds (the stand-in reads a
@@ -328,10 +437,24 @@ async fn a_successor_kills_the_recorded_session_by_id_and_uid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_holds_after_a_resume() {
     let (store, _log, _db) = store("pause").await;
-    assert!(!store.paused(&outbox_core::stream::StreamName::default()).await.unwrap());
+    assert!(
+        !store
+            .paused(&outbox_core::stream::StreamName::default())
+            .await
+            .unwrap()
+    );
     for paused in [true, false, true] {
-        store.set_paused(&outbox_core::stream::StreamName::default(), paused).await.unwrap();
-        assert_eq!(store.paused(&outbox_core::stream::StreamName::default()).await.unwrap(), paused);
+        store
+            .set_paused(&outbox_core::stream::StreamName::default(), paused)
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .paused(&outbox_core::stream::StreamName::default())
+                .await
+                .unwrap(),
+            paused
+        );
     }
 }
 
@@ -351,7 +474,10 @@ async fn abandoned_staged_items_are_swept_and_nothing_else() {
                 .iter()
                 .map(|item| outbox_mongo::documents::item_document(&batch, item).unwrap())
                 .collect();
-            db.collection::<Document>("batch_items").insert_many(items).await.unwrap();
+            db.collection::<Document>("batch_items")
+                .insert_many(items)
+                .await
+                .unwrap();
             db.collection::<Document>("staged_batches")
                 .insert_one(doc! {
                     "_id": batch.batch_id.as_str(),
@@ -375,16 +501,43 @@ async fn abandoned_staged_items_are_swept_and_nothing_else() {
     stage(&old, chrono::Duration::hours(2)).await;
     stage(&young, chrono::Duration::minutes(1)).await;
     let removed = store
-        .remove_expired(&outbox_core::stream::StreamName::default(), None, None, chrono::Utc::now() - chrono::Duration::hours(1), 100)
+        .remove_expired(
+            &outbox_core::stream::StreamName::default(),
+            None,
+            None,
+            chrono::Utc::now() - chrono::Duration::hours(1),
+            100,
+        )
         .await
         .unwrap();
     assert_eq!(removed.abandoned_batches, 1);
     let items = db.collection::<Document>("batch_items");
-    assert_eq!(items.count_documents(doc! { "batch_id": old.batch_id.as_str() }).await.unwrap(), 0);
-    assert_eq!(items.count_documents(doc! { "batch_id": young.batch_id.as_str() }).await.unwrap(), 4);
     assert_eq!(
-        items.count_documents(doc! { "batch_id": published.batch_id.as_str() }).await.unwrap(),
+        items
+            .count_documents(doc! { "batch_id": old.batch_id.as_str() })
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        items
+            .count_documents(doc! { "batch_id": young.batch_id.as_str() })
+            .await
+            .unwrap(),
+        4
+    );
+    assert_eq!(
+        items
+            .count_documents(doc! { "batch_id": published.batch_id.as_str() })
+            .await
+            .unwrap(),
         3
     );
-    assert_eq!(db.collection::<Document>("staged_batches").count_documents(doc! {}).await.unwrap(), 1);
+    assert_eq!(
+        db.collection::<Document>("staged_batches")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        1
+    );
 }

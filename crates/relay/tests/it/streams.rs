@@ -55,12 +55,20 @@ async fn post(stack: &Stack, stream: &str, n: usize, tag: &str) {
         .collect();
     let response = stack
         .http
-        .post(format!("{}/api/v1/streams/{stream}/batches", stack.writer_url))
+        .post(format!(
+            "{}/api/v1/streams/{stream}/batches",
+            stack.writer_url
+        ))
         .json(&body)
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 201, "{stream}: {:?}", response.text().await);
+    assert_eq!(
+        response.status(),
+        201,
+        "{stream}: {:?}",
+        response.text().await
+    );
     let reply: Value = response.json().await.unwrap();
     assert_eq!(reply["data"]["stream"], stream);
 }
@@ -91,7 +99,10 @@ async fn leaders(stack: &Stack, admin: &str) -> BTreeMap<String, Option<String>>
 }
 
 /// How many of `streams` each replica leads.
-fn shares(leaders: &BTreeMap<String, Option<String>>, streams: &[String]) -> BTreeMap<String, usize> {
+fn shares(
+    leaders: &BTreeMap<String, Option<String>>,
+    streams: &[String],
+) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for stream in streams {
         if let Some(Some(leader)) = leaders.get(stream) {
@@ -169,9 +180,11 @@ async fn three_relays_share_six_streams_and_hand_them_over_in_order() {
         counts.sort_unstable();
         counts == [2, 2, 3]
     };
-    eventually(Duration::from_secs(60), "every stream led, 3, 2 and 2", || async {
-        balanced(&shares(&leaders(&stack, &admin).await, &all))
-    })
+    eventually(
+        Duration::from_secs(60),
+        "every stream led, 3, 2 and 2",
+        || async { balanced(&shares(&leaders(&stack, &admin).await, &all)) },
+    )
     .await;
 
     // Batches to every stream at once.
@@ -179,9 +192,9 @@ async fn three_relays_share_six_streams_and_hand_them_over_in_order() {
         let stack = &stack;
         let streams = streams.clone();
         async move {
-            let posts = streams.iter().flat_map(|stream| {
-                (0..4).map(move |b| post(stack, stream, 3 + b * 5, phase))
-            });
+            let posts = streams
+                .iter()
+                .flat_map(|stream| (0..4).map(move |b| post(stack, stream, 3 + b * 5, phase)));
             futures::future::join_all(posts).await;
         }
     };
@@ -208,12 +221,16 @@ async fn three_relays_share_six_streams_and_hand_them_over_in_order() {
     killed.kill_hard();
     let killed_at = Instant::now();
     let survivor = relays[0].1.1.clone();
-    eventually(Duration::from_secs(60), "the killed relay's streams led again", || async {
-        let now = leaders(&stack, &survivor).await;
-        orphaned
-            .iter()
-            .all(|s| now.get(s).cloned().flatten().is_some_and(|l| l != victim))
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the killed relay's streams led again",
+        || async {
+            let now = leaders(&stack, &survivor).await;
+            orphaned
+                .iter()
+                .all(|s| now.get(s).cloned().flatten().is_some_and(|l| l != victim))
+        },
+    )
     .await;
     let takeover = killed_at.elapsed();
     // The promise is TTL + poll + 2 s; the extra second is this test's own
@@ -227,10 +244,14 @@ async fn three_relays_share_six_streams_and_hand_them_over_in_order() {
     // Restarted, it gets its share back.
     let (restarted, restarted_admin) = stack.relay(&victim, &vars);
     stack.admin_ready(&restarted_admin).await;
-    eventually(Duration::from_secs(60), "the restarted relay's share", || async {
-        let shares = shares(&leaders(&stack, &restarted_admin).await, &all);
-        balanced(&shares) && shares.get(&victim).is_some_and(|n| *n >= 2)
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the restarted relay's share",
+        || async {
+            let shares = shares(&leaders(&stack, &restarted_admin).await, &all);
+            balanced(&shares) && shares.get(&victim).is_some_and(|n| *n >= 2)
+        },
+    )
     .await;
     submit("after").await;
 
@@ -300,18 +321,22 @@ async fn a_poison_batch_halts_only_its_own_stream() {
             &[json!({"request_id": "big", "blob": "x".repeat(11_000_000)})],
         )
         .await;
-    eventually(Duration::from_secs(60), "the poisoned stream halted", || async {
-        let body: Value = stack
-            .http
-            .get(format!("{admin}/api/v1/streams/poisoned"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body["state"] == "halted"
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the poisoned stream halted",
+        || async {
+            let body: Value = stack
+                .http
+                .get(format!("{admin}/api/v1/streams/poisoned"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["state"] == "halted"
+        },
+    )
     .await;
     for b in 0..3 {
         post(&stack, "healthy", 4, &format!("h{b}")).await;
@@ -329,7 +354,10 @@ async fn a_poison_batch_halts_only_its_own_stream() {
         .await
         .unwrap();
     assert_eq!(body["state"], "halted", "{body}");
-    assert!(body["halted"]["error"].as_str().unwrap().contains("limit"), "{body}");
+    assert!(
+        body["halted"]["error"].as_str().unwrap().contains("limit"),
+        "{body}"
+    );
     drop(relay);
 }
 
@@ -359,7 +387,10 @@ async fn the_shard_plan_covers_every_stream_and_applies_only_through_mongos() {
         .await
         .unwrap();
     assert_eq!(items.len(), 3);
-    assert!(items.iter().all(|i| i.get_str("stream") == Ok("orders")), "{items:?}");
+    assert!(
+        items.iter().all(|i| i.get_str("stream") == Ok("orders")),
+        "{items:?}"
+    );
 
     let run = |apply: bool| {
         let mut command = tokio::process::Command::new(binary("outbox-relay"));
@@ -376,9 +407,16 @@ async fn the_shard_plan_covers_every_stream_and_applies_only_through_mongos() {
     assert!(plan.status.success(), "{plan:?}");
     let script = String::from_utf8(plan.stdout).unwrap();
     for zone in ["outbox-default", "outbox-orders"] {
-        assert_eq!(script.matches(&format!("\"zone\":\"{zone}\"")).count(), 3, "{script}");
+        assert_eq!(
+            script.matches(&format!("\"zone\":\"{zone}\"")).count(),
+            3,
+            "{script}"
+        );
     }
-    assert!(script.contains(&format!("\"shardCollection\":\"{}.batches\"", stack.database)));
+    assert!(script.contains(&format!(
+        "\"shardCollection\":\"{}.batches\"",
+        stack.database
+    )));
     let applied = run(true).await.unwrap();
     assert_eq!(applied.status.code(), Some(1));
     assert!(

@@ -121,7 +121,11 @@ async fn a_ten_thousand_item_batch_is_staged_and_stored_whole() {
     assert_eq!(reply["data"]["total_json_objects"], 10_000);
     assert_eq!(reply["data"]["batch_sequence"], 1);
     assert_eq!(app.count("batch_items").await, 10_000);
-    assert_eq!(app.count("staged_batches").await, 0, "the staging record went with the transaction");
+    assert_eq!(
+        app.count("staged_batches").await,
+        0,
+        "the staging record went with the transaction"
+    );
     let last = app
         .find_sorted("batch_items", doc! {}, doc! { "item_sequence": -1 })
         .await;
@@ -131,7 +135,10 @@ async fn a_ten_thousand_item_batch_is_staged_and_stored_whole() {
     assert_eq!(small["data"]["batch_sequence"], 2);
     let status: serde_json::Value = app
         .http
-        .get(app.url(&format!("/api/v1/batch/{}/status", reply["data"]["batch_id"].as_str().unwrap())))
+        .get(app.url(&format!(
+            "/api/v1/batch/{}/status",
+            reply["data"]["batch_id"].as_str().unwrap()
+        )))
         .send()
         .await
         .unwrap()
@@ -157,13 +164,20 @@ async fn a_staged_batch_that_loses_its_idempotency_key_leaves_nothing_behind() {
     };
     let (a, b) = tokio::join!(send(), send());
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert!(a.status() == 201 && b.status() == 201, "{} {}", a.status(), b.status());
+    assert!(
+        a.status() == 201 && b.status() == 201,
+        "{} {}",
+        a.status(),
+        b.status()
+    );
     let (a, b) = (json(a).await, json(b).await);
     assert_eq!(a["data"]["batch_id"], b["data"]["batch_id"]);
     assert_eq!(app.count("batches").await, 1);
-    eventually(Duration::from_secs(30), "the loser's staged items removed", || async {
-        app.count("batch_items").await == 50 && app.count("staged_batches").await == 0
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the loser's staged items removed",
+        || async { app.count("batch_items").await == 50 && app.count("staged_batches").await == 0 },
+    )
     .await;
 }
 

@@ -39,7 +39,13 @@ async fn define(app: &TestApp, definitions: &[StreamDefinition]) {
     }
 }
 
-async fn post(app: &TestApp, stream: &str, key: Option<&str>, body: &Value, idempotency: Option<&str>) -> reqwest::Response {
+async fn post(
+    app: &TestApp,
+    stream: &str,
+    key: Option<&str>,
+    body: &Value,
+    idempotency: Option<&str>,
+) -> reqwest::Response {
     let mut request = app
         .http
         .post(app.url(&format!("/api/v1/streams/{stream}/batches")))
@@ -56,7 +62,14 @@ async fn post(app: &TestApp, stream: &str, key: Option<&str>, body: &Value, idem
 #[tokio::test]
 async fn each_stream_has_its_own_sequence_and_idempotency_keys() {
     let app = spawn_app_with(&[]).await;
-    define(&app, &[definition("orders", None, None), definition("audit", None, None)]).await;
+    define(
+        &app,
+        &[
+            definition("orders", None, None),
+            definition("audit", None, None),
+        ],
+    )
+    .await;
     let mut sequences = Vec::new();
     for stream in ["orders", "audit", "orders", "default", "audit", "orders"] {
         let response = post(&app, stream, None, &objects(2), None).await;
@@ -67,7 +80,14 @@ async fn each_stream_has_its_own_sequence_and_idempotency_keys() {
     }
     assert_eq!(
         sequences,
-        [("orders", 1), ("audit", 1), ("orders", 2), ("default", 1), ("audit", 2), ("orders", 3)]
+        [
+            ("orders", 1),
+            ("audit", 1),
+            ("orders", 2),
+            ("default", 1),
+            ("audit", 2),
+            ("orders", 3)
+        ]
     );
     // The same key in two streams: two batches; again in one: a replay.
     let first = json(post(&app, "orders", None, &objects(1), Some("k-1")).await).await;
@@ -75,10 +95,20 @@ async fn each_stream_has_its_own_sequence_and_idempotency_keys() {
     assert_ne!(first["data"]["batch_id"], other["data"]["batch_id"]);
     let again = post(&app, "orders", None, &objects(1), Some("k-1")).await;
     assert_eq!(again.headers()["idempotent-replayed"], "true");
-    assert_eq!(json(again).await["data"]["batch_id"], first["data"]["batch_id"]);
+    assert_eq!(
+        json(again).await["data"]["batch_id"],
+        first["data"]["batch_id"]
+    );
     // The status names the stream.
     let id = first["data"]["batch_id"].as_str().unwrap();
-    let status = json(app.http.get(app.url(&format!("/api/v1/batch/{id}/status"))).send().await.unwrap()).await;
+    let status = json(
+        app.http
+            .get(app.url(&format!("/api/v1/batch/{id}/status")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status["stream"], "orders");
 }
 
@@ -124,14 +154,29 @@ async fn an_unknown_stream_a_forbidden_key_and_a_schema_violation_store_nothing(
     assert_eq!(problem["code"], "schema_violation");
     assert_eq!(problem["index"], 2);
     assert_eq!(problem["pointer"], "/amount");
-    assert!(problem["schema_pointer"].as_str().unwrap().contains("type"), "{problem}");
+    assert!(
+        problem["schema_pointer"].as_str().unwrap().contains("type"),
+        "{problem}"
+    );
     app.assert_nothing_stored().await;
 
-    let stored = post(&app, "ledger", Some(BILLING_KEY), &json!([{"amount": 1}]), None).await;
+    let stored = post(
+        &app,
+        "ledger",
+        Some(BILLING_KEY),
+        &json!([{"amount": 1}]),
+        None,
+    )
+    .await;
     assert_eq!(stored.status(), 201);
     assert_eq!(json(stored).await["data"]["stream"], "ledger");
     // A stream without writers takes any key.
-    assert_eq!(post(&app, "open", Some(OPS_KEY), &objects(1), None).await.status(), 201);
+    assert_eq!(
+        post(&app, "open", Some(OPS_KEY), &objects(1), None)
+            .await
+            .status(),
+        201
+    );
 }
 
 /// On the model of MongoDB's transactions: writers of two streams never
@@ -149,8 +194,13 @@ async fn writers_of_different_streams_never_conflict() {
             stream: stream.parse::<StreamName>().unwrap(),
             ..outbox_core::ingest::IngestRules::default()
         };
-        outbox_core::ingest::build_batch(vec![json!({"i": 1}); 20], &rules, None, chrono::Utc::now())
-            .unwrap()
+        outbox_core::ingest::build_batch(
+            vec![json!({"i": 1}); 20],
+            &rules,
+            None,
+            chrono::Utc::now(),
+        )
+        .unwrap()
     };
     let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     for (streams, conflicts) in [(["a", "b"], false), (["a", "a"], true)] {
@@ -166,7 +216,12 @@ async fn writers_of_different_streams_never_conflict() {
         for writer in writers {
             writer.await.unwrap();
         }
-        assert_eq!(store.conflicts() > 0, conflicts, "{streams:?}: {} conflicts", store.conflicts());
+        assert_eq!(
+            store.conflicts() > 0,
+            conflicts,
+            "{streams:?}: {} conflicts",
+            store.conflicts()
+        );
         for stream in streams {
             let sequences: Vec<u64> = store
                 .batch_statuses_in(&stream.parse().unwrap())
@@ -174,7 +229,11 @@ async fn writers_of_different_streams_never_conflict() {
                 .map(|(s, _)| s.0)
                 .collect();
             let expected = if streams[0] == streams[1] { 40 } else { 20 };
-            assert_eq!(sequences, (1..=expected).collect::<Vec<_>>(), "{stream}: gap-free");
+            assert_eq!(
+                sequences,
+                (1..=expected).collect::<Vec<_>>(),
+                "{stream}: gap-free"
+            );
         }
     }
 }
