@@ -512,6 +512,35 @@ impl State {
 }
 
 impl StoredBatch {
+    /// The items at positions `after + 1 ..= after + limit` (within the
+    /// batch), in order. As MongoDB's adapter: a position with no item
+    /// ends the read with [`StoreError::Incomplete`].
+    fn window(&self, after: ItemSequence, limit: u32) -> Result<Vec<&StoredItem>, StoreError> {
+        let first = u64::from(after.0) + 1;
+        let last = (u64::from(after.0) + u64::from(limit)).min(self.summary.total_items);
+        let window: Vec<&StoredItem> = self
+            .items
+            .iter()
+            .filter(|i| (first..=last).contains(&u64::from(i.item.item_sequence.0)))
+            .collect();
+        if let Some(missing) = (first..=last)
+            .zip(
+                window
+                    .iter()
+                    .map(|i| u64::from(i.item.item_sequence.0))
+                    .chain(std::iter::repeat(0)),
+            )
+            .find(|(expected, found)| expected != found)
+            .map(|(expected, _)| expected)
+        {
+            return Err(StoreError::Incomplete(format!(
+                "batch {} has no item {missing}",
+                self.summary.batch_id
+            )));
+        }
+        Ok(window)
+    }
+
     fn pending(&self) -> PendingBatch {
         PendingBatch {
             batch_id: self.summary.batch_id.clone(),
@@ -823,29 +852,8 @@ impl OutboxStore for MemoryStore {
         let batch = state
             .batch(batch_id)
             .ok_or_else(|| StoreError::NotFound(batch_id.clone()))?;
-        let first = u64::from(after.0) + 1;
-        let last = (u64::from(after.0) + u64::from(limit)).min(batch.summary.total_items);
-        let window: Vec<&StoredItem> = batch
-            .items
-            .iter()
-            .filter(|i| (first..=last).contains(&u64::from(i.item.item_sequence.0)))
-            .collect();
-        // As MongoDB's adapter: a position with no item ends the read.
-        if let Some(missing) = (first..=last)
-            .zip(
-                window
-                    .iter()
-                    .map(|i| u64::from(i.item.item_sequence.0))
-                    .chain(std::iter::repeat(0)),
-            )
-            .find(|(expected, found)| expected != found)
-            .map(|(expected, _)| expected)
-        {
-            return Err(StoreError::Incomplete(format!(
-                "batch {batch_id} has no item {missing}"
-            )));
-        }
-        Ok(window
+        Ok(batch
+            .window(after, limit)?
             .into_iter()
             .filter(|i| i.status == ItemStatus::Pending)
             .map(|i| i.item.clone())

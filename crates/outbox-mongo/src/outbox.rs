@@ -29,6 +29,16 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// The `_id`s of a batch's items at positions `after + 1 ..= after + limit`
+/// (every read of a window is by primary key).
+pub(crate) fn window_ids(batch_id: &BatchId, after: ItemSequence, limit: u32) -> Vec<String> {
+    let first = u64::from(after.0) + 1;
+    let last = (u64::from(after.0) + u64::from(limit)).min(u64::from(u32::MAX));
+    (first..=last)
+        .map(|n| ItemId::of(batch_id, ItemSequence(n as u32)).to_string())
+        .collect()
+}
+
 fn unfinished() -> Document {
     doc! { "$in": UNFINISHED.to_vec() }
 }
@@ -124,7 +134,7 @@ impl MongoStore {
         }
     }
 
-    async fn collect<T>(
+    pub(crate) async fn collect<T>(
         &self,
         cursor: mongodb::Cursor<Document>,
         convert: fn(&Document) -> Result<T, StoreError>,
@@ -219,10 +229,7 @@ impl OutboxStore for MongoStore {
         // Every item of the window by primary key: the cost does not grow
         // with the backlog (no index needed, no sort on the server).
         let first = u64::from(after.0) + 1;
-        let last = (u64::from(after.0) + u64::from(limit)).min(u64::from(u32::MAX));
-        let ids: Vec<String> = (first..=last)
-            .map(|n| ItemId::of(batch_id, ItemSequence(n as u32)).to_string())
-            .collect();
+        let ids = window_ids(batch_id, after, limit);
         let cursor = self
             .items()
             .find(doc! {
@@ -249,13 +256,7 @@ impl OutboxStore for MongoStore {
         // Every window's items in one read by primary key.
         let ids: Vec<Vec<String>> = windows
             .iter()
-            .map(|w| {
-                let first = u64::from(w.after.0) + 1;
-                let last = (u64::from(w.after.0) + u64::from(w.limit)).min(u64::from(u32::MAX));
-                (first..=last)
-                    .map(|n| ItemId::of(&w.batch_id, ItemSequence(n as u32)).to_string())
-                    .collect()
-            })
+            .map(|w| window_ids(&w.batch_id, w.after, w.limit))
             .collect();
         let all: Vec<&String> = ids.iter().flatten().collect();
         if all.is_empty() {

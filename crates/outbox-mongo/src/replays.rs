@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::options::ReadConcern;
-use outbox_core::model::{BatchId, BatchStatus, ItemId, ItemSequence, ItemStatus, Sequence};
+use outbox_core::model::{BatchId, BatchStatus, ItemSequence, ItemStatus, Sequence};
 use outbox_core::replay::{
     HeldRange, ReplayAction, ReplayId, ReplayJob, ReplayPosition, ReplayProgress, ReplayState,
 };
@@ -19,6 +19,7 @@ use outbox_core::stream::StreamName;
 use crate::documents::{bson_datetime, get_datetime, get_u64, outbox_item, pending_batch};
 use crate::errors::classify;
 use crate::fenced::FencedWrite;
+use crate::outbox::window_ids;
 use crate::{MongoStore, ids};
 
 fn to_i64(n: u64) -> i64 {
@@ -204,32 +205,26 @@ impl ReplayStore for MongoStore {
         limit: u32,
     ) -> Result<Vec<ReplayJob>, StoreError> {
         let filter = stream.map_or_else(Document::new, |s| doc! { "stream": s.as_str() });
-        let documents: Vec<Document> = self
+        let cursor = self
             .replays()
             .find(filter)
             .sort(doc! { "created_at": -1 })
             .limit(i64::from(limit))
             .read_concern(ReadConcern::majority())
             .await
-            .map_err(classify)?
-            .try_collect()
-            .await
             .map_err(classify)?;
-        documents.iter().map(job).collect()
+        self.collect(cursor, job).await
     }
 
     async fn running_replays(&self, stream: &StreamName) -> Result<Vec<ReplayJob>, StoreError> {
-        let documents: Vec<Document> = self
+        let cursor = self
             .replays()
             .find(doc! { "stream": stream.as_str(), "state": ReplayState::Running.as_str() })
             .sort(doc! { "created_at": 1 })
             .read_concern(ReadConcern::majority())
             .await
-            .map_err(classify)?
-            .try_collect()
-            .await
             .map_err(classify)?;
-        documents.iter().map(job).collect()
+        self.collect(cursor, job).await
     }
 
     async fn act_on_replay(
@@ -288,7 +283,7 @@ impl ReplayStore for MongoStore {
         to: Sequence,
         limit: u32,
     ) -> Result<Vec<PendingBatch>, StoreError> {
-        let documents: Vec<Document> = self
+        let cursor = self
             .batches()
             .find(doc! { "$and": [
                 { "stream": ids::field(stream) },
@@ -299,14 +294,8 @@ impl ReplayStore for MongoStore {
             .projection(doc! { "vendor_counts": 0 })
             .read_concern(ReadConcern::majority())
             .await
-            .map_err(classify)?
-            .try_collect()
-            .await
             .map_err(classify)?;
-        let batches = documents
-            .iter()
-            .map(pending_batch)
-            .collect::<Result<Vec<_>, _>>()?;
+        let batches = self.collect(cursor, pending_batch).await?;
         // Up to the first that is not committed (a range is checked to be
         // committed when the job starts; a retried batch would not be).
         Ok(batches
@@ -323,10 +312,7 @@ impl ReplayStore for MongoStore {
     ) -> Result<Vec<OutboxItem>, StoreError> {
         // By primary key, as the drain's windows.
         let first = u64::from(after.0) + 1;
-        let last = (u64::from(after.0) + u64::from(limit)).min(u64::from(u32::MAX));
-        let ids: Vec<String> = (first..=last)
-            .map(|n| ItemId::of(batch_id, ItemSequence(n as u32)).to_string())
-            .collect();
+        let ids = window_ids(batch_id, after, limit);
         // Every position of the window, whatever its status: one that is
         // gone (retention got there first) must end the replay, not be
         // skipped.

@@ -15,6 +15,26 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 const BAR_MAX: usize = 30;
 const BAR_MIN: usize = 6;
 
+/// A progress line on stderr (hidden unless `shown`) whose text is built by
+/// [`line`], and the terminal's width to build it for: indicatif only draws.
+pub fn line_bar(shown: bool) -> (indicatif::ProgressBar, usize) {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let width = usize::from(
+        console::Term::stderr()
+            .size_checked()
+            .map_or(80, |(_, cols)| cols),
+    );
+    let bar = if shown {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    (bar, width)
+}
+
 /// `12,345`.
 pub fn thousands(n: u64) -> String {
     let digits = n.to_string();

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
@@ -94,19 +93,7 @@ async fn get(client: &Client, path: &str) -> Result<Value, Failure> {
 /// its state).
 async fn watch(client: &Client, id: &str, bar: bool) -> Result<Value, Failure> {
     let path = format!("{BASE}/{id}");
-    let width = usize::from(
-        console::Term::stderr()
-            .size_checked()
-            .map_or(80, |(_, cols)| cols),
-    );
-    let progress = if bar {
-        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-    } else {
-        ProgressBar::hidden()
-    };
-    progress.set_style(
-        ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let (progress, width) = progress::line_bar(bar);
     let label = format!("replay {}", &id[..8]);
     let mut meter = progress::Meter::default();
     let result = loop {

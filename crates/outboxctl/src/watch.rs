@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::Method;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -24,21 +23,7 @@ pub async fn watch(
 ) -> Result<Value, Failure> {
     let started = Instant::now();
     let path = format!("/api/v1/batch/{batch_id}/status");
-    // The line is built by `progress::line` (to the terminal's width);
-    // indicatif only draws it.
-    let width = usize::from(
-        console::Term::stderr()
-            .size_checked()
-            .map_or(80, |(_, cols)| cols),
-    );
-    let progress = if bar {
-        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-    } else {
-        ProgressBar::hidden()
-    };
-    progress.set_style(
-        ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let (progress, width) = progress::line_bar(bar);
     let label = format!("batch {batch_id}");
     let mut meter = progress::Meter::default();
     progress.set_message(progress::line(

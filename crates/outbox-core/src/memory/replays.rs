@@ -173,24 +173,9 @@ impl ReplayStore for MemoryStore {
         let batch = state
             .batch(batch_id)
             .ok_or_else(|| StoreError::NotFound(batch_id.clone()))?;
-        let first = u64::from(after.0) + 1;
-        let last = (u64::from(after.0) + u64::from(limit)).min(batch.summary.total_items);
-        let window: Vec<_> = batch
-            .items
-            .iter()
-            .filter(|i| (first..=last).contains(&u64::from(i.item.item_sequence.0)))
-            .collect();
-        // As MongoDB's adapter: a position that is gone ends the replay.
-        if let Some(missing) = (first..=last).find(|n| {
-            !window
-                .iter()
-                .any(|i| u64::from(i.item.item_sequence.0) == *n)
-        }) {
-            return Err(StoreError::Incomplete(format!(
-                "batch {batch_id} has no item {missing}"
-            )));
-        }
-        Ok(window
+        // As the drain's windows: a position that is gone ends the replay.
+        Ok(batch
+            .window(after, limit)?
             .into_iter()
             .filter(|i| i.status == ItemStatus::Sent)
             .map(|i| i.item.clone())

@@ -131,6 +131,31 @@ async fn start_replay(stack: &Stack, admin: &str, body: Value) -> (u16, Value, O
     (status, response.json().await.unwrap(), location)
 }
 
+/// `POST .../replays/{id}/{action}`: its status and body.
+async fn act(stack: &Stack, admin: &str, id: &str, action: &str) -> (u16, Value) {
+    let response = stack
+        .http
+        .post(format!("{admin}/api/v1/outbox/replays/{id}/{action}"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET .../replays`.
+async fn list(stack: &Stack, admin: &str) -> Value {
+    stack
+        .http
+        .get(format!("{admin}/api/v1/outbox/replays"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The job as `admin` shows it; `null` when the relay does not answer in
 /// time (callers poll).
 async fn job(stack: &Stack, admin: &str, id: &str) -> Value {
@@ -265,13 +290,7 @@ async fn a_replay_publishes_exactly_its_range_in_order_to_a_new_topic() {
         (status, problem["code"].as_str()),
         (404, Some("stream_not_found"))
     );
-    let pause = stack
-        .http
-        .post(format!("{admin}/api/v1/outbox/replays/{id}/pause"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(pause.status(), 409);
+    assert_eq!(act(&stack, &admin, &id, "pause").await.0, 409);
     let unknown = stack
         .http
         .get(format!(
@@ -282,16 +301,10 @@ async fn a_replay_publishes_exactly_its_range_in_order_to_a_new_topic() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
-    let list: Value = stack
-        .http
-        .get(format!("{admin}/api/v1/outbox/replays"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["replays"][0]["replay_id"], id.as_str());
+    assert_eq!(
+        list(&stack, &admin).await["replays"][0]["replay_id"],
+        id.as_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,21 +343,10 @@ async fn a_replay_survives_its_leader_being_killed_and_can_be_paused_and_resumed
             >= 20
     })
     .await;
-    let paused = stack
-        .http
-        .post(format!("{admin}/api/v1/outbox/replays/{id}/pause"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(paused.status(), 200);
-    let resumed = stack
-        .http
-        .post(format!("{admin}/api/v1/outbox/replays/{id}/resume"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resumed.status(), 200);
-    assert_eq!(resumed.json::<Value>().await.unwrap()["state"], "running");
+    assert_eq!(act(&stack, &admin, &id, "pause").await.0, 200);
+    let (status, resumed) = act(&stack, &admin, &id, "resume").await;
+    assert_eq!(status, 200);
+    assert_eq!(resumed["state"], "running");
 
     // Kill the stream's leader while the job runs.
     eventually(
@@ -460,17 +462,8 @@ async fn a_range_retention_removed_is_refused_with_410() {
         "{problem}"
     );
     assert_eq!(problem["first_available_sequence"], 4);
-    let list: Value = stack
-        .http
-        .get(format!("{admin}/api/v1/outbox/replays"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert_eq!(
-        list["replays"],
+        list(&stack, &admin).await["replays"],
         json!([]),
         "a refused replay stores nothing"
     );
