@@ -23,8 +23,11 @@ mkdir -p "$RUN_DIR"
 
 WRITER_BIND="${WRITER_BIND:-127.0.0.1:8000}" target/debug/outbox-writer >"$RUN_DIR/writer.log" 2>&1 &
 remember_pid $!
+# Development only: the relays' admin API is open on loopback (no ADMIN_TOKEN;
+# docs/OPERATIONS.md "Security" says how to give every replica one).
 for n in 1 2; do
   RELAY_ID="relay-$n" RELAY_ADMIN_BIND="127.0.0.1:909$((n - 1))" target/debug/outbox-relay --create-topic \
+    --admin-insecure-no-token \
     >"$RUN_DIR/relay-$n.log" 2>&1 &
   remember_pid $!
 done

@@ -52,6 +52,8 @@ pub fn spawn_logged(
     let file = std::fs::File::create(&log)?;
     Command::new(&program)
         .env("LOG_FORMAT", "json")
+        // The benchmarks' relays run without ADMIN_TOKEN.
+        .env("ADMIN_INSECURE_NO_TOKEN", "true")
         .env(
             "RUST_LOG",
             std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".to_owned()),

@@ -221,7 +221,7 @@ async fn raw_cell(env: &Env, size: usize, clients: usize, batches: usize) -> any
                 .items
                 .iter()
                 .map(|item| {
-                    let mut doc = item_document(&batch, item)?;
+                    let mut doc = item_document(&batch, item);
                     doc.insert("batch_sequence", Bson::Int64(i64::try_from(seq.0)?));
                     Ok(doc)
                 })

@@ -19,7 +19,7 @@ use crate::cluster::{Emulator, Mongo, Programs, Service, eventually, free_port};
 pub const LEASE_TTL: Duration = Duration::from_secs(2);
 pub const POLL: Duration = Duration::from_millis(200);
 /// The relays' admin token.
-pub const ADMIN_TOKEN: &str = "chaos-admin-token";
+pub const ADMIN_TOKEN: &str = "chaos-admin-token-0123456789abcdef";
 
 pub struct Stack {
     pub programs: Programs,

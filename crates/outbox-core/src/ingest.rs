@@ -48,7 +48,7 @@ impl Default for IngestRules {
 }
 
 /// Why a request body is not a valid batch. Each variant is a client error.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum IngestError {
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
@@ -65,7 +65,9 @@ pub enum IngestError {
     ItemNotObject { index: usize, found: &'static str },
     #[error("batch is empty: send at least one object")]
     EmptyBatch,
-    #[error("batch has {count} items, more than the limit of {max}")]
+    /// Parsing stops at the first item past the limit, so `count` is at
+    /// most `max + 1`.
+    #[error("batch has more than {max} items, the limit")]
     TooManyItems { count: usize, max: usize },
     /// The item's message would be over Pub/Sub's 10 MB limit: it could
     /// never be delivered.
@@ -89,15 +91,6 @@ pub enum IngestError {
         bytes: usize,
         max: usize,
     },
-    #[error(
-        "item {index} has the integer {number} at {path}, outside the signed 64-bit range MongoDB stores"
-    )]
-    NumberOutOfRange {
-        index: usize,
-        /// JSON Pointer to the number inside the item.
-        path: String,
-        number: String,
-    },
     #[error("idempotency key must be 1 to 255 visible ASCII characters")]
     InvalidIdempotencyKey,
     #[error(transparent)]
@@ -106,12 +99,15 @@ pub enum IngestError {
 
 /// Why a CSV body is not a table of rows under one header row. Every variant
 /// but `Empty` and `NoRows` names the line (1-based, counting the header).
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum CsvError {
     #[error("the CSV body is empty: send a header row and at least one row")]
     Empty,
     #[error("the CSV body has a header row but no rows")]
     NoRows,
+    /// More rows than a batch may have items (parsing stopped there).
+    #[error("the CSV body has more rows than a batch may have items")]
+    TooManyRows,
     #[error("line {line}: header column {column} has no name")]
     EmptyHeader { line: u64, column: usize },
     #[error("line {line}: header name {name:?} appears twice")]
@@ -138,7 +134,7 @@ impl CsvError {
     /// The line the error is on, when it is on one.
     pub fn line(&self) -> Option<u64> {
         match self {
-            Self::Empty | Self::NoRows => None,
+            Self::Empty | Self::NoRows | Self::TooManyRows => None,
             Self::EmptyHeader { line, .. }
             | Self::DuplicateHeader { line, .. }
             | Self::InvalidHeader { line, .. }
@@ -162,17 +158,67 @@ pub enum BodyFormat {
     Csv,
 }
 
-/// Parses a body into its request objects (not yet checked to be objects).
+/// Parses a body into its request objects (not yet checked to be objects),
+/// stopping at the first one past `max_items`: a body of more items is
+/// refused before it is all in memory.
 ///
 /// # Errors
-/// [`IngestError::InvalidJson`] for malformed JSON and
-/// [`IngestError::InvalidBatch`] for JSON of the wrong shape.
-pub fn parse_body(body: &[u8], format: BodyFormat) -> Result<Vec<Value>, IngestError> {
+/// [`IngestError::InvalidJson`] for malformed JSON,
+/// [`IngestError::InvalidBatch`] for JSON of the wrong shape and
+/// [`IngestError::TooManyItems`] past `max_items`.
+pub fn parse_body(
+    body: &[u8],
+    format: BodyFormat,
+    max_items: usize,
+) -> Result<Vec<Value>, IngestError> {
+    let too_many = || IngestError::TooManyItems {
+        count: max_items.saturating_add(1),
+        max: max_items,
+    };
     match format {
-        BodyFormat::Json => parse_json(body),
-        BodyFormat::NdJson => parse_ndjson(body),
-        BodyFormat::Csv => parse_csv(body).map_err(IngestError::Csv),
+        BodyFormat::Json => parse_json(body, max_items),
+        BodyFormat::NdJson => parse_ndjson(body, max_items),
+        BodyFormat::Csv => parse_csv(body, max_items).map_err(IngestError::Csv),
     }
+    .map_err(|e| match e {
+        IngestError::InvalidJson(message) if message.contains(TOO_MANY_ITEMS) => too_many(),
+        IngestError::Csv(CsvError::TooManyRows) => too_many(),
+        other => other,
+    })
+}
+
+/// What the parser says when it stops at the item past the limit.
+const TOO_MANY_ITEMS: &str = "more items than the batch limit";
+
+/// A rough bound on the memory a parse of `body` takes, in bytes: the body
+/// itself and about 100 bytes for each value (a JSON value or a CSV cell,
+/// counted by their separators in one pass over the bytes; a key and its
+/// value in a map, a string's header, the map's index). Small values are
+/// what makes a body expand: `[0,0,...]` or a CSV of empty cells take some
+/// 15 to 100 times their size once parsed. The writer reserves this much of
+/// its parse budget before it parses.
+pub fn parse_cost(body: &[u8]) -> usize {
+    const PER_VALUE: usize = 100;
+    let mut values = 1usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in body {
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b',' | b':' | b'[' | b'{' | b'\n' => values += 1,
+            _ => {}
+        }
+    }
+    body.len().saturating_add(values.saturating_mul(PER_VALUE))
 }
 
 /// Prefixes of the parser's own errors, to tell them from syntax errors.
@@ -269,38 +315,161 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     }
 }
 
-fn parse_json(body: &[u8]) -> Result<Vec<Value>, IngestError> {
-    let Strict(value) = serde_json::from_slice(body).map_err(|e| json_error(&e, None))?;
-    match value {
-        Value::Array(items) => Ok(items),
-        Value::Object(mut object) => match object.remove("requests") {
-            Some(Value::Array(items)) => Ok(items),
-            Some(other) => Err(IngestError::InvalidBatch(format!(
-                "\"requests\" must be an array, found {}",
-                kind(&other)
-            ))),
-            None => Err(IngestError::InvalidBatch(
-                "body must be a JSON array of objects or an object with a \"requests\" array"
-                    .to_owned(),
-            )),
-        },
-        other => Err(IngestError::InvalidBatch(format!(
-            "body must be a JSON array of objects or an object with a \"requests\" array, found {}",
-            kind(&other)
-        ))),
+/// The body's top level (`top`): an array of items, or an object whose
+/// `requests` array holds them (its other members are skipped unparsed);
+/// below it (`!top`), the value of `requests`. Either array is read item by
+/// item and refused at the first item past `max`.
+struct Body {
+    max: usize,
+    top: bool,
+}
+
+/// What the top level held: the items, or the shape of what it was instead.
+enum TopLevel {
+    Items(Vec<Value>),
+    NoRequests,
+    Requests(&'static str),
+    Other(&'static str),
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Body {
+    type Value = TopLevel;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<TopLevel, D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
-fn parse_ndjson(body: &[u8]) -> Result<Vec<Value>, IngestError> {
-    body.split(|&b| b == b'\n')
-        .enumerate()
-        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
-        .map(|(number, line)| {
-            serde_json::from_slice::<Strict>(line)
-                .map(|Strict(value)| value)
-                .map_err(|e| json_error(&e, Some(number + 1)))
+impl Body {
+    fn other(&self, found: &'static str) -> TopLevel {
+        if self.top {
+            TopLevel::Other(found)
+        } else {
+            TopLevel::Requests(found)
+        }
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Body {
+    type Value = TopLevel;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array of objects or an object with a \"requests\" array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<TopLevel, A::Error> {
+        Items { max: self.max }.visit_seq(seq).map(TopLevel::Items)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+        use serde::de::Error;
+        let mut found = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if !self.top || key != "requests" {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
+            if found.is_some() {
+                return Err(A::Error::custom(format!(
+                    "{DUPLICATE_KEY} \"requests\" in one object"
+                )));
+            }
+            found = Some(map.next_value_seed(Body {
+                max: self.max,
+                top: false,
+            })?);
+        }
+        Ok(match found {
+            Some(found) => found,
+            None if self.top => TopLevel::NoRequests,
+            None => TopLevel::Requests("an object"),
         })
-        .collect()
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<TopLevel, E> {
+        Ok(self.other("a boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<TopLevel, E> {
+        Ok(self.other("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<TopLevel, E> {
+        Ok(self.other("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<TopLevel, E> {
+        Ok(self.other("a number"))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<TopLevel, E> {
+        Ok(self.other("a string"))
+    }
+    fn visit_unit<E>(self) -> Result<TopLevel, E> {
+        Ok(self.other("null"))
+    }
+}
+
+/// An array of strictly parsed values, refused past `max` elements.
+struct Items {
+    max: usize,
+}
+
+impl<'de> serde::de::Visitor<'de> for Items {
+    type Value = Vec<Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of items")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Value>, A::Error> {
+        use serde::de::Error;
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max).min(4096));
+        while let Some(Strict(item)) = seq.next_element()? {
+            if items.len() == self.max {
+                return Err(A::Error::custom(TOO_MANY_ITEMS));
+            }
+            items.push(item);
+        }
+        Ok(items)
+    }
+}
+
+fn parse_json(body: &[u8], max_items: usize) -> Result<Vec<Value>, IngestError> {
+    use serde::de::DeserializeSeed;
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let top = Body {
+        max: max_items,
+        top: true,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|top| deserializer.end().map(|()| top))
+    .map_err(|e| json_error(&e, None))?;
+    let shape = "body must be a JSON array of objects or an object with a \"requests\" array";
+    match top {
+        TopLevel::Items(items) => Ok(items),
+        TopLevel::Requests(found) => Err(IngestError::InvalidBatch(format!(
+            "\"requests\" must be an array, found {found}"
+        ))),
+        TopLevel::NoRequests => Err(IngestError::InvalidBatch(shape.to_owned())),
+        TopLevel::Other(found) => Err(IngestError::InvalidBatch(format!("{shape}, found {found}"))),
+    }
+}
+
+fn parse_ndjson(body: &[u8], max_items: usize) -> Result<Vec<Value>, IngestError> {
+    let mut items = Vec::new();
+    let lines = body
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace));
+    for (number, line) in lines {
+        if items.len() == max_items {
+            return Err(IngestError::InvalidJson(TOO_MANY_ITEMS.to_owned()));
+        }
+        let Strict(value) =
+            serde_json::from_slice::<Strict>(line).map_err(|e| json_error(&e, Some(number + 1)))?;
+        items.push(value);
+    }
+    Ok(items)
 }
 
 /// Checks the quoting RFC 4180 prescribes, which the `csv` reader forgives
@@ -352,7 +521,7 @@ fn check_quotes(body: &[u8]) -> Result<(), CsvError> {
     }
 }
 
-fn parse_csv(body: &[u8]) -> Result<Vec<Value>, CsvError> {
+fn parse_csv(body: &[u8], max_items: usize) -> Result<Vec<Value>, CsvError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(CsvError::Empty);
@@ -384,6 +553,7 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Value>, CsvError> {
     let header = records.next().ok_or(CsvError::Empty)?.map_err(malformed)?;
     let line = line_at(header.position());
     let mut names: Vec<String> = Vec::with_capacity(header.len());
+    let mut seen = std::collections::HashSet::with_capacity(header.len());
     for (column, name) in header.iter().enumerate() {
         if name.is_empty() {
             return Err(CsvError::EmptyHeader {
@@ -397,7 +567,7 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Value>, CsvError> {
                 name: name.to_owned(),
             });
         }
-        if names.iter().any(|n| n == name) {
+        if !seen.insert(name) {
             return Err(CsvError::DuplicateHeader {
                 line,
                 name: name.to_owned(),
@@ -407,6 +577,9 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Value>, CsvError> {
     }
     let mut objects = Vec::new();
     for record in records {
+        if objects.len() == max_items {
+            return Err(CsvError::TooManyRows);
+        }
         let record = record.map_err(malformed)?;
         if record.len() != names.len() {
             return Err(CsvError::FieldCount {
@@ -493,7 +666,6 @@ pub fn build_batch(
                 });
             }
         };
-        check_numbers(index, &object)?;
         let request_id = scalar_text(object.get(&rules.request_id_field));
         let vendor_name = scalar_text(object.get(&rules.vendor_field))
             .unwrap_or_else(|| UNKNOWN_VENDOR.to_owned());
@@ -529,42 +701,6 @@ fn scalar_text(value: Option<&Value>) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
-    }
-}
-
-/// BSON has no unsigned 64-bit integer: an integer above `i64::MAX` cannot be
-/// stored unchanged, so it is refused rather than silently altered. The
-/// JSON Pointer to it is built only when one is found.
-fn check_numbers(index: usize, object: &Map<String, Value>) -> Result<(), IngestError> {
-    /// The first such integer: its path segments, innermost first, and its text.
-    fn find(value: &Value) -> Option<(Vec<String>, String)> {
-        match value {
-            Value::Number(n) if n.is_u64() && !n.is_i64() => Some((Vec::new(), n.to_string())),
-            Value::Array(values) => values.iter().enumerate().find_map(|(i, v)| {
-                find(v).map(|(mut path, n)| {
-                    path.push(i.to_string());
-                    (path, n)
-                })
-            }),
-            Value::Object(map) => find_in(map),
-            _ => None,
-        }
-    }
-    fn find_in(map: &Map<String, Value>) -> Option<(Vec<String>, String)> {
-        map.iter().find_map(|(key, v)| {
-            find(v).map(|(mut path, n)| {
-                path.push(key.replace('~', "~0").replace('/', "~1"));
-                (path, n)
-            })
-        })
-    }
-    match find_in(object) {
-        None => Ok(()),
-        Some((segments, number)) => Err(IngestError::NumberOutOfRange {
-            index,
-            path: segments.iter().rev().map(|s| format!("/{s}")).collect(),
-            number,
-        }),
     }
 }
 
@@ -633,17 +769,22 @@ mod tests {
 
     #[test]
     fn array_and_requests_wrapper_parse_alike() {
-        let array = parse_body(br#"[{"a":1},{"b":2}]"#, BodyFormat::Json).unwrap();
-        let wrapped = parse_body(br#"{"requests":[{"a":1},{"b":2}]}"#, BodyFormat::Json).unwrap();
+        let array = parse_body(br#"[{"a":1},{"b":2}]"#, BodyFormat::Json, 10_000).unwrap();
+        let wrapped = parse_body(
+            br#"{"requests":[{"a":1},{"b":2}]}"#,
+            BodyFormat::Json,
+            10_000,
+        )
+        .unwrap();
         assert_eq!(array, wrapped);
         assert_eq!(array.len(), 2);
     }
 
     #[test]
     fn ndjson_skips_blank_lines_and_names_the_bad_line() {
-        let ok = parse_body(b"{\"a\":1}\n\n{\"b\":2}\n", BodyFormat::NdJson).unwrap();
+        let ok = parse_body(b"{\"a\":1}\n\n{\"b\":2}\n", BodyFormat::NdJson, 10_000).unwrap();
         assert_eq!(ok.len(), 2);
-        let err = parse_body(b"{\"a\":1}\n{oops}\n", BodyFormat::NdJson).unwrap_err();
+        let err = parse_body(b"{\"a\":1}\n{oops}\n", BodyFormat::NdJson, 10_000).unwrap_err();
         assert!(
             matches!(err, IngestError::InvalidJson(ref m) if m.starts_with("line 2:")),
             "{err}"
@@ -653,11 +794,11 @@ mod tests {
     #[test]
     fn wrong_shapes_are_invalid_batches() {
         for body in [&br#"{"x":[]}"#[..], br#"{"requests":{}}"#, b"42", br#""s""#] {
-            let err = parse_body(body, BodyFormat::Json).unwrap_err();
+            let err = parse_body(body, BodyFormat::Json, 10_000).unwrap_err();
             assert!(matches!(err, IngestError::InvalidBatch(_)), "{err}");
         }
         assert!(matches!(
-            parse_body(b"[{", BodyFormat::Json),
+            parse_body(b"[{", BodyFormat::Json, 10_000),
             Err(IngestError::InvalidJson(_))
         ));
     }
@@ -734,30 +875,71 @@ mod tests {
     }
 
     #[test]
-    fn rejects_integers_bson_cannot_hold_and_names_where() {
-        let rules = IngestRules::default();
-        let values = vec![
-            json!({"ok": i64::MAX, "neg": i64::MIN}),
-            json!({"a": {"b/c": [1, u64::MAX]}}),
-        ];
-        let err = build_batch(values, &rules, None, Utc::now()).unwrap_err();
+    fn integers_of_the_whole_64_bit_range_are_taken_as_sent() {
+        let values = vec![json!({"ok": i64::MAX, "neg": i64::MIN, "a": {"b/c": [1, u64::MAX]}})];
+        let batch = build(values.clone()).unwrap();
         assert_eq!(
-            err,
-            IngestError::NumberOutOfRange {
-                index: 1,
-                path: "/a/b~1c/1".into(),
-                number: u64::MAX.to_string(),
-            }
+            Value::Object(batch.items[0].request_data.clone()),
+            values[0]
         );
-        assert!(
-            build_batch(
-                vec![json!({"x": i64::MAX, "f": 1.5e300})],
-                &rules,
-                None,
-                Utc::now()
+    }
+
+    #[test]
+    fn parsing_stops_at_the_first_item_past_the_limit() {
+        let too_many = IngestError::TooManyItems { count: 3, max: 2 };
+        for (body, format) in [
+            (&b"[{},{},{}]"[..], BodyFormat::Json),
+            (br#"{"requests":[{},{},{}],"x":1}"#, BodyFormat::Json),
+            (b"{}\n{}\n{}\n", BodyFormat::NdJson),
+            (b"a\n1\n2\n3\n", BodyFormat::Csv),
+        ] {
+            assert_eq!(
+                parse_body(body, format, 2),
+                Err(too_many.clone()),
+                "{format:?}"
+            );
+            assert_eq!(parse_body(body, format, 3).unwrap().len(), 3, "{format:?}");
+        }
+        // The rest of the body is never read: what follows the limit's item
+        // may be anything.
+        assert_eq!(
+            parse_body(b"[{},{},{},oops", BodyFormat::Json, 2),
+            Err(too_many.clone())
+        );
+        assert_eq!(
+            parse_body(b"{}\n{}\n{}\n{oops", BodyFormat::NdJson, 2),
+            Err(too_many)
+        );
+        // Other members of the wrapper are skipped, not kept.
+        assert_eq!(
+            parse_body(
+                br#"{"x":[[[1]]],"requests":[{"a":1}]}"#,
+                BodyFormat::Json,
+                5
             )
-            .is_ok()
+            .unwrap(),
+            vec![json!({"a": 1})]
         );
+        assert!(matches!(
+            parse_body(br#"{"requests":{"requests":[{}]}}"#, BodyFormat::Json, 5),
+            Err(IngestError::InvalidBatch(_))
+        ));
+        assert!(matches!(
+            parse_body(br#"{"requests":[{}],"requests":[{}]}"#, BodyFormat::Json, 5),
+            Err(IngestError::DuplicateKey(_))
+        ));
+    }
+
+    #[test]
+    fn parse_cost_counts_small_values() {
+        // Small values cost far more than their bytes once parsed.
+        let zeros = format!("[{}0]", "0,".repeat(10_000));
+        assert!(parse_cost(zeros.as_bytes()) >= 100 * 10_000);
+        // Separators inside strings are text, not values.
+        let text = format!("[\"{}\"]", ",".repeat(10_000));
+        assert!(parse_cost(text.as_bytes()) < 2 * text.len());
+        let csv = format!("a,b\n{}", ",\n".repeat(10_000));
+        assert!(parse_cost(csv.as_bytes()) >= 100 * 20_000);
     }
 
     #[test]
@@ -836,22 +1018,35 @@ mod tests {
 
     #[test]
     fn duplicate_keys_and_nul_keys_are_refused_and_say_where() {
-        let duplicate = parse_body(br#"[{"a": 1, "b": {"c": 1, "c": 2}}]"#, BodyFormat::Json);
+        let duplicate = parse_body(
+            br#"[{"a": 1, "b": {"c": 1, "c": 2}}]"#,
+            BodyFormat::Json,
+            10_000,
+        );
         assert!(
             matches!(&duplicate, Err(IngestError::DuplicateKey(m)) if m.contains("\"c\"") && m.contains("column")),
             "{duplicate:?}"
         );
-        let nul = parse_body(b"{\"x\": 1}\n{\"a\\u0000b\": 1}", BodyFormat::NdJson);
+        let nul = parse_body(
+            b"{\"x\": 1}\n{\"a\\u0000b\": 1}",
+            BodyFormat::NdJson,
+            10_000,
+        );
         assert!(
             matches!(&nul, Err(IngestError::InvalidKey(m)) if m.starts_with("line 2")),
             "{nul:?}"
         );
-        let fine = parse_body(br#"[{"a": 1, "b": {"a": 1}}, {"a": 2}]"#, BodyFormat::Json).unwrap();
+        let fine = parse_body(
+            br#"[{"a": 1, "b": {"a": 1}}, {"a": 2}]"#,
+            BodyFormat::Json,
+            10_000,
+        )
+        .unwrap();
         assert_eq!(fine.len(), 2);
     }
 
     fn csv(body: &[u8]) -> Result<Vec<Value>, IngestError> {
-        parse_body(body, BodyFormat::Csv)
+        parse_body(body, BodyFormat::Csv, 10_000)
     }
 
     fn csv_error(body: &[u8]) -> CsvError {

@@ -248,6 +248,10 @@ pub struct Member {
     /// What it publishes, per stream it leads: items published since it
     /// started.
     pub published: std::collections::BTreeMap<String, u64>,
+    /// A fingerprint of its admin token (never the token), `None` when its
+    /// admin API is open: replicas with another token, or none, are
+    /// flagged, since every replica obeys what any of them stores.
+    pub admin_token: Option<String>,
 }
 
 /// The relay replicas' registry: each announces itself every few seconds.

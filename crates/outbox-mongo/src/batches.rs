@@ -588,7 +588,7 @@ impl BatchStore for MongoStore {
         let mut documents = Vec::with_capacity(batch.items.len());
         let mut sizes = Vec::with_capacity(batch.items.len());
         for (index, item) in batch.items.iter().enumerate() {
-            let document = item_document(batch, item)?;
+            let document = item_document(batch, item);
             sizes.push(check_size(index, &document)?);
             documents.push(document);
         }

@@ -139,14 +139,35 @@ pub fn batch_document(batch: &NewBatch, sequence: Sequence, processing_time_ms: 
     document
 }
 
+/// The request object as stored: its JSON text, never a BSON document. An
+/// object converted to BSON is read back as MongoDB extended JSON, so a
+/// payload shaped like it (`{"$date": 0}`, `{"$numberLong": "5"}`) would come
+/// back as another value, and grow on the way; JSON text comes back as the
+/// value that was sent (docs/CONSUMING.md gives its canonical form).
+pub(crate) fn stored_payload(payload: &Map<String, Value>) -> Bson {
+    Bson::String(Value::Object(payload.clone()).to_string())
+}
+
+/// The request object of an item or dead letter: JSON text, or (written
+/// before payloads were stored as text) a BSON document read as relaxed
+/// extended JSON.
+pub(crate) fn read_payload(doc: &Document) -> Result<Map<String, Value>, StoreError> {
+    match doc.get("request_data") {
+        Some(Bson::String(text)) => match serde_json::from_str(text) {
+            Ok(Value::Object(map)) => Ok(map),
+            _ => Err(malformed("request_data", doc)),
+        },
+        Some(Bson::Document(data)) => match Bson::Document(data.clone()).into_relaxed_extjson() {
+            Value::Object(map) => Ok(map),
+            _ => Err(malformed("request_data", doc)),
+        },
+        _ => Err(malformed("request_data", doc)),
+    }
+}
+
 /// An item document; `batch_sequence` is filled in per attempt.
-///
-/// # Errors
-/// When the request object holds a number BSON cannot represent.
-pub fn item_document(batch: &NewBatch, item: &NewItem) -> Result<Document, StoreError> {
-    let request_data = bson::to_document(&item.request_data).map_err(|e| {
-        StoreError::Other(format!("item {} cannot be stored: {e}", item.item_sequence))
-    })?;
+pub fn item_document(batch: &NewBatch, item: &NewItem) -> Document {
+    let request_data = stored_payload(&item.request_data);
     let item_id = item.item_id.0.to_string();
     let mut document = doc! {
         // The item id is the primary key too, so the relay's marks are
@@ -169,7 +190,7 @@ pub fn item_document(batch: &NewBatch, item: &NewItem) -> Result<Document, Store
     if !batch.stream.is_default() {
         document.insert("stream", batch.stream.as_str());
     }
-    Ok(document)
+    document
 }
 
 pub(crate) fn batch_summary(doc: &Document) -> Result<BatchSummary, StoreError> {
@@ -248,13 +269,7 @@ fn item_sequence(doc: &Document) -> Result<ItemSequence, StoreError> {
 }
 
 pub(crate) fn outbox_item(doc: &Document) -> Result<OutboxItem, StoreError> {
-    let request_data = match doc.get("request_data") {
-        Some(Bson::Document(data)) => match Bson::Document(data.clone()).into_relaxed_extjson() {
-            Value::Object(map) => map,
-            _ => Map::new(),
-        },
-        _ => return Err(malformed("request_data", doc)),
-    };
+    let request_data = read_payload(doc)?;
     Ok(OutboxItem {
         item_id: item_id(doc)?,
         batch_id: get_batch_id(doc)?,
@@ -356,6 +371,7 @@ pub(crate) fn member_document(member: &Member) -> Document {
         "started_at": bson_datetime(member.started_at),
         "expires_at_ms": member.expires_at_ms,
         "published": published,
+        "admin_token": member.admin_token.as_deref().map_or(Bson::Null, Bson::from),
     }
 }
 
@@ -388,6 +404,7 @@ pub(crate) fn member(doc: &Document) -> Result<Member, StoreError> {
             .and_then(|n| i64::try_from(n).ok())
             .unwrap_or(0),
         published,
+        admin_token: get_opt_string(doc, "admin_token"),
     })
 }
 
@@ -466,51 +483,146 @@ mod tests {
 
 #[cfg(test)]
 mod roundtrip {
+    use mongodb::bson::{self, Document};
     use outbox_core::ingest::{BodyFormat, IngestRules, build_batch, parse_body};
+    use outbox_core::model::{BatchStatus, Sequence};
+    use outbox_core::publish::{OrderingKeyMode, OutboxMessage};
+    use outbox_core::store::PendingBatch;
     use proptest::prelude::*;
-    use serde_json::{Map, Value};
+    use serde_json::{Map, Value, json};
 
     use super::{item_document, outbox_item};
 
-    /// Any JSON value a client may send (finite numbers, any text, nesting).
+    /// Objects shaped like MongoDB extended JSON (v1 and v2, canonical and
+    /// relaxed), `$`-prefixed and dotted keys, and numbers at the edges:
+    /// what a BSON conversion would change.
+    fn look_alike() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(|n| json!({ "$date": n })),
+            Just(json!({ "$date": "1970-01-01T00:00:00Z" })),
+            Just(json!({ "$date": { "$numberLong": "0" } })),
+            any::<i64>().prop_map(|n| json!({ "$numberLong": n.to_string() })),
+            any::<i32>().prop_map(|n| json!({ "$numberInt": n.to_string() })),
+            Just(json!({ "$numberDouble": "NaN" })),
+            Just(json!({ "$numberDouble": "-0.0" })),
+            Just(json!({ "$numberDecimal": "1.50" })),
+            Just(json!({ "$oid": "5f0c1d2e3a4b5c6d7e8f9a0b" })),
+            Just(json!({ "$binary": { "base64": "AA==", "subType": "00" } })),
+            Just(json!({ "$binary": "AA==", "$type": "00" })),
+            Just(json!({ "$regularExpression": { "pattern": "a", "options": "i" } })),
+            Just(json!({ "$regex": "a", "$options": "i" })),
+            Just(json!({ "$timestamp": { "t": 1, "i": 2 } })),
+            Just(json!({ "$symbol": "s" })),
+            Just(json!({ "$code": "f()", "$scope": {} })),
+            Just(json!({ "$minKey": 1 })),
+            Just(json!({ "$maxKey": 1 })),
+            Just(json!({ "$undefined": true })),
+            Just(json!({ "$uuid": "00000000-0000-4000-8000-000000000000" })),
+            Just(
+                json!({ "$dbPointer": { "$ref": "c", "$id": { "$oid": "5f0c1d2e3a4b5c6d7e8f9a0b" } } })
+            ),
+            Just(json!({ "$ref": "c", "$id": 1 })),
+            Just(json!({ "a.b": 1, "$x": 2, "": 3 })),
+            Just(json!(-0.0)),
+            Just(json!(1e308)),
+            Just(json!(5e-324)),
+            Just(json!(i64::MAX)),
+            Just(json!(i64::MIN)),
+            Just(json!(u64::MAX)),
+        ]
+    }
+
+    /// Any JSON value a client may send (finite numbers, any text, nesting,
+    /// extended-JSON look-alikes).
     fn json_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
             (-1e300_f64..1e300).prop_map(Value::from),
             ".{0,20}".prop_map(Value::String),
+            look_alike(),
         ];
         leaf.prop_recursive(4, 48, 6, |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::btree_map("[^\u{0}]{0,12}", inner, 0..6)
+                prop::collection::btree_map(key(), inner, 0..6)
                     .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
     }
 
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[^\u{0}]{0,12}",
+            "\\$[a-zA-Z]{1,12}",
+            "[a-z]{1,4}\\.[a-z]{1,4}",
+        ]
+    }
+
     fn object() -> impl Strategy<Value = Map<String, Value>> {
-        prop::collection::btree_map("[^\u{0}]{0,12}", json_value(), 0..8)
-            .prop_map(|m| m.into_iter().collect())
+        prop::collection::btree_map(key(), json_value(), 0..8).prop_map(|m| m.into_iter().collect())
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
+        #![proptest_config(ProptestConfig::with_cases(300))]
 
-        /// What a client sends is what the relay reads back: the body,
-        /// parsed, stored as BSON and read again, gives the same objects.
+        /// What a consumer receives is the JSON value the client sent: the
+        /// body is parsed, stored (as BSON bytes, as MongoDB keeps them),
+        /// read back and published, and the message's `payload` is the same
+        /// JSON text, extended-JSON look-alikes and all.
         #[test]
-        fn an_accepted_body_is_stored_and_read_back_unchanged(objects in prop::collection::vec(object(), 1..5)) {
+        fn an_accepted_body_is_published_as_sent(objects in prop::collection::vec(object(), 1..5)) {
             let body = serde_json::to_vec(&objects).expect("serializes");
-            let values = parse_body(&body, BodyFormat::Json).expect("accepted");
+            let values = parse_body(&body, BodyFormat::Json, 10_000).expect("accepted");
             let batch = build_batch(values, &IngestRules::default(), None, chrono::Utc::now()).expect("valid");
+            let pending = PendingBatch {
+                batch_id: batch.batch_id.clone(),
+                stream: batch.stream.clone(),
+                batch_sequence: Sequence(1),
+                status: BatchStatus::Pending,
+                total_items: batch.items.len() as u64,
+                created_at: batch.created_at,
+                last_error: None,
+                traceparent: None,
+            };
             for (item, original) in batch.items.iter().zip(&objects) {
-                let mut document = item_document(&batch, item).expect("storable");
+                let mut document = item_document(&batch, item);
                 document.insert("batch_sequence", 1_i64);
-                let read = outbox_item(&document).expect("readable");
-                prop_assert_eq!(&read.request_data, original);
+                let bytes = bson::to_vec(&document).expect("encodes");
+                let stored: Document = bson::from_slice(&bytes).expect("decodes");
+                let read = outbox_item(&stored).expect("readable");
+                let message = OutboxMessage::for_item(&read, &pending, &OrderingKeyMode::Global);
+                let published: Value = serde_json::from_slice(&message.data).expect("JSON");
+                let sent = serde_json::to_string(original).expect("text");
+                prop_assert_eq!(serde_json::to_string(&published["payload"]).expect("text"), sent);
             }
         }
+    }
+
+    #[test]
+    fn the_reported_payload_comes_back_as_sent() {
+        let sent = r#"{"request_id":"x1","d":{"$date":0},"n":{"$numberLong":"5"}}"#;
+        let values = parse_body(format!("[{sent}]").as_bytes(), BodyFormat::Json, 10_000).unwrap();
+        let batch = build_batch(values, &IngestRules::default(), None, chrono::Utc::now()).unwrap();
+        let mut document = item_document(&batch, &batch.items[0]);
+        document.insert("batch_sequence", 1_i64);
+        let read = outbox_item(&document).unwrap();
+        assert_eq!(Value::Object(read.request_data).to_string(), sent);
+    }
+
+    #[test]
+    fn payloads_stored_as_documents_before_still_read() {
+        let legacy = bson::doc! {
+            "item_id": "6f1c1d2e-3a4b-4c6d-8e8f-9a0b1c2d3e4f",
+            "batch_id": "0123456789abcdef",
+            "batch_sequence": 1_i64,
+            "item_sequence": 1_i64,
+            "vendor_name": "acme",
+            "request_data": { "a": 1_i32, "b": "x" },
+        };
+        let read = outbox_item(&legacy).unwrap();
+        assert_eq!(Value::Object(read.request_data), json!({"a": 1, "b": "x"}));
     }
 }

@@ -364,8 +364,7 @@ impl MongoStore {
                     .session(&mut *session)
                     .await
                     .map_err(classify)?;
-                let request_data = mongodb::bson::to_document(&item.request_data)
-                    .map_err(|e| StoreError::Other(e.to_string()))?;
+                let request_data = crate::documents::stored_payload(&item.request_data);
                 let mut letter = doc! {
                         "item_id": item.item_id.to_string(),
                         "batch_id": item.batch_id.as_str(),

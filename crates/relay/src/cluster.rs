@@ -69,6 +69,9 @@ pub struct ClusterSettings {
     /// Most streams the cluster runs (and values the metrics' `stream`
     /// label can take).
     pub max_streams: usize,
+    /// This replica's admin token fingerprint (`None`: its admin API is
+    /// open), announced with its member record.
+    pub admin_token: Option<String>,
 }
 
 /// The stores the cluster works with.
@@ -142,6 +145,25 @@ fn preference(stream: &StreamName, replica: &str) -> u64 {
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     hash ^ (hash >> 33)
+}
+
+/// How a replica's admin token compares with this one's: `same`,
+/// `different`, or `none` when it has none.
+pub fn token_match(own: Option<&str>, theirs: Option<&str>) -> &'static str {
+    match (own, theirs) {
+        (_, None) => "none",
+        (Some(own), Some(theirs)) if own == theirs => "same",
+        _ => "different",
+    }
+}
+
+/// The replicas (by id) whose admin token is not this one's.
+pub fn token_mismatches(own: Option<&str>, members: &[Member]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| token_match(own, m.admin_token.as_deref()) != "same")
+        .map(|m| m.id.clone())
+        .collect()
 }
 
 /// The most streams a live member leads: the ceiling of streams / members
@@ -375,6 +397,7 @@ impl Cluster {
                 started_at: started_at(),
                 expires_at_ms: now_ms + ttl_ms,
                 published: self.published(),
+                admin_token: self.settings.admin_token.clone(),
             })
             .await
     }
@@ -391,6 +414,8 @@ impl Cluster {
         let leases = self.stores.leases.leases().await?;
         let now_ms = self.stores.leases.now_ms().await?;
         let members = self.stores.members.members(now_ms).await?;
+        metrics::gauge!(crate::metrics::ADMIN_TOKEN_MISMATCHES)
+            .set(token_mismatches(self.settings.admin_token.as_deref(), &members).len() as f64);
         let definitions = self.definitions().await;
         for definition in &definitions {
             self.slot_for(definition);

@@ -216,9 +216,14 @@ pub struct Config {
     /// many distinct ordering keys: Google's client keeps every key's task for its life.
     #[arg(long, env = "PUBLISHER_MAX_KEYS", default_value_t = crate::pubsub::MAX_KEYS_PER_PUBLISHER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub publisher_max_keys: usize,
-    /// Bearer token required by the admin POST endpoints when set.
+    /// Bearer token every admin `/api` request needs (GET included), at least 32
+    /// characters (`openssl rand -hex 32`). Give every replica the same one.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Run without ADMIN_TOKEN: anyone who reaches the admin port may read
+    /// every batch and pause, define or replay streams. For development only.
+    #[arg(long, env = "ADMIN_INSECURE_NO_TOKEN")]
+    pub admin_insecure_no_token: bool,
     /// Create the topic at start (development).
     #[arg(long, env = "PUBSUB_CREATE_TOPIC")]
     pub create_topic: bool,
@@ -326,8 +331,25 @@ impl Config {
         if self.relay_id.trim().is_empty() {
             return Err("RELAY_ID must not be empty".to_owned());
         }
-        if self.admin_token.as_deref().is_some_and(str::is_empty) {
-            return Err("ADMIN_TOKEN must not be empty when set".to_owned());
+        match self.admin_token.as_deref() {
+            None if !self.admin_insecure_no_token => {
+                return Err(format!(
+                    "set ADMIN_TOKEN (at least {} characters, e.g. `openssl rand -hex 32`), \
+                     or start with --admin-insecure-no-token to leave the admin API open",
+                    crate::admin::AdminToken::MIN_LEN
+                ));
+            }
+            Some(token)
+                if token.chars().count() < crate::admin::AdminToken::MIN_LEN
+                    || !token.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                return Err(format!(
+                    "ADMIN_TOKEN must be at least {} visible ASCII characters \
+                     (e.g. `openssl rand -hex 32`)",
+                    crate::admin::AdminToken::MIN_LEN
+                ));
+            }
+            _ => {}
         }
         self.pubsub_config()?;
         self.mongo.to_config("outbox-relay").map(drop)

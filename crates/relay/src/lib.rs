@@ -139,6 +139,17 @@ impl Application {
         publishers: Arc<dyn Publishers>,
     ) -> anyhow::Result<Self> {
         metrics::describe();
+        if config.admin_token.is_none() {
+            warn!(
+                message = "the admin API is open: no ADMIN_TOKEN (--admin-insecure-no-token); anyone who reaches the admin port can read every batch and pause, define or replay streams",
+                admin_bind = %config.admin_bind
+            );
+        }
+        ::metrics::gauge!(metrics::ADMIN_OPEN).set(if config.admin_token.is_none() {
+            1.0
+        } else {
+            0.0
+        });
         let listener = TcpListener::bind(config.admin_bind)
             .with_context(|| format!("binding {}", config.admin_bind))?;
         let admin_addr = listener.local_addr().context("reading the bound address")?;
@@ -155,13 +166,17 @@ impl Application {
                 retention: config.retention(),
                 default_stream: config.default_stream(),
                 max_streams: config.max_streams,
+                admin_token: config
+                    .admin_token
+                    .as_deref()
+                    .map(|t| admin::AdminToken::new(t).fingerprint()),
             },
             stores,
             publishers,
         ));
         let state = web::Data::new(admin::AdminState {
             cluster: Arc::clone(&cluster),
-            admin_token: config.admin_token.clone(),
+            admin_token: config.admin_token.as_deref().map(admin::AdminToken::new),
             prometheus: outbox_service::telemetry::prometheus(),
         });
         let admin = HttpServer::new(move || {
@@ -169,6 +184,7 @@ impl Application {
                 .app_data(state.clone())
                 .app_data(outbox_service::problem::query_config())
                 .app_data(admin::json_config())
+                .wrap(actix_web::middleware::from_fn(admin::guard))
                 .wrap(actix_web::middleware::from_fn(
                     outbox_service::problem::limit_headers,
                 ))
@@ -176,6 +192,8 @@ impl Application {
                 .openapi(<admin::AdminApi as utoipa::OpenApi>::openapi())
                 .configure(admin::configure)
                 .split_for_parts();
+            let mut api = api;
+            admin::require_token_in(&mut api);
             app.configure(outbox_service::openapi::serve(api))
                 .default_service(web::to(admin::not_found))
         })

@@ -21,6 +21,8 @@ pub const RETENTION_REMOVED_DEAD_LETTERS: &str =
 
 pub const SEQUENCE_GAPS: &str = "outbox_relay_sequence_gaps_total";
 pub const REPLAYED: &str = "outbox_relay_replayed_total";
+pub const ADMIN_TOKEN_MISMATCHES: &str = "outbox_relay_admin_token_mismatches";
+pub const ADMIN_OPEN: &str = "outbox_relay_admin_open";
 
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -72,4 +74,12 @@ pub fn describe() {
     );
     describe_gauge!(HALTED, "1 while the stream is halted on a failed batch");
     describe_gauge!(PAUSED, "1 while the stream is paused (on every replica)");
+    describe_gauge!(
+        ADMIN_TOKEN_MISMATCHES,
+        "Live replicas whose admin token differs from this one's or that have none"
+    );
+    describe_gauge!(
+        ADMIN_OPEN,
+        "1 when this replica's admin API has no token (--admin-insecure-no-token)"
+    );
 }

@@ -11,12 +11,13 @@
 
 use std::num::NonZeroU32;
 
-use actix_web::body::{BoxBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use std::future::{Ready, ready};
+
+use actix_web::dev::Payload;
+use actix_web::error::InternalError;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::middleware::Next;
-use actix_web::{HttpMessage, ResponseError, web};
+use actix_web::{FromRequest, HttpRequest, ResponseError, web};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use outbox_service::problem::Problem;
@@ -204,39 +205,45 @@ fn unauthorized(detail: &str) -> Problem {
     Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
 }
 
-/// Middleware (`actix_web::middleware::from_fn`): every `/api/` request
-/// presents a valid key when keys are configured; the caller is put in the
-/// request's extensions. Health, metrics and docs stay open.
-///
-/// # Errors
-/// What the next service returns.
-pub async fn require_key(
-    req: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    if let Some(access) = req.app_data::<web::Data<Access>>().cloned()
-        && req.path().starts_with("/api/")
-    {
-        let caller = if access.required() {
-            match access.authenticate(req.headers().get(header::AUTHORIZATION)) {
-                Ok(caller) => caller,
-                Err(problem) => {
-                    metrics::counter!(crate::metrics::ERRORS, "code" => problem.code).increment(1);
-                    let mut response = problem.error_response();
-                    response.headers_mut().insert(
-                        header::WWW_AUTHENTICATE,
-                        HeaderValue::from_static("Bearer realm=\"batch-outbox\""),
-                    );
-                    return Ok(req.into_response(response));
-                }
-            }
-        } else {
-            // Open API: everyone is one caller with one limiter.
-            Caller(0)
-        };
-        req.extensions_mut().insert(caller);
+/// The caller of an `/api/` route, authenticated by the route itself: every
+/// handler that serves the API takes a `Caller` as its first argument, so the
+/// key is checked wherever the router sends a request, however its path was
+/// spelled (`/%61pi/...` reaches the same handler as `/api/...`). A path
+/// prefix checked before routing could be bypassed; this cannot. Health,
+/// metrics and docs take no `Caller` and stay open.
+impl FromRequest for Caller {
+    type Error = actix_web::Error;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(caller_of(req))
     }
-    Ok(next.call(req).await?.map_into_boxed_body())
+}
+
+fn caller_of(req: &HttpRequest) -> Result<Caller, actix_web::Error> {
+    // No keys configured: everyone is one caller with one limiter. Without
+    // the `Access` data at all, fail closed.
+    let Some(access) = req.app_data::<web::Data<Access>>() else {
+        return Err(InternalError::from_response(
+            "no access data",
+            Problem::internal().error_response(),
+        )
+        .into());
+    };
+    if !access.required() {
+        return Ok(Caller(0));
+    }
+    access
+        .authenticate(req.headers().get(header::AUTHORIZATION))
+        .map_err(|problem| {
+            metrics::counter!(crate::metrics::ERRORS, "code" => problem.code).increment(1);
+            let mut response = problem.error_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"batch-outbox\""),
+            );
+            InternalError::from_response(problem.detail.clone(), response).into()
+        })
 }
 
 #[cfg(test)]

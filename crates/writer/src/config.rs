@@ -70,6 +70,19 @@ pub struct Config {
     /// Without API keys the limit applies to all clients together.
     #[arg(long, env = "WRITER_RATE_LIMIT_ITEMS_PER_SECOND", default_value_t = 0)]
     pub rate_limit_items_per_second: u32,
+    /// How much memory all requests parsing at once may take together, in
+    /// bytes, as estimated before each parse (about 100 bytes a JSON value
+    /// or CSV cell, plus the body). A request waits for its share within
+    /// the request deadline (else 503 `writer_busy`); a body whose estimate
+    /// alone is over it gets 413 `body_too_complex`. Keep it well below the
+    /// writer's memory limit.
+    #[arg(long, env = "PARSE_MEMORY_BYTES", default_value_t = 512 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1 << 20..=1 << 40))]
+    pub parse_memory_bytes: u64,
+    /// How long a client may take to send its request body, in seconds
+    /// (then 408 `body_timeout`): a slow sender cannot hold a connection and
+    /// its buffer for ever.
+    #[arg(long, env = "BODY_READ_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_read_timeout_seconds: u64,
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "WRITER_WORKERS")]
     pub workers: Option<usize>,

@@ -101,13 +101,14 @@ impl Application {
             request_deadline: config.request_deadline(),
             schema_ready,
             prometheus: outbox_service::telemetry::prometheus(),
+            parse_budget: routes::ParseBudget::new(config.parse_memory_bytes),
+            body_read_timeout: Duration::from_secs(config.body_read_timeout_seconds),
         });
         let mut server = HttpServer::new(move || {
             let (app, api) = App::new()
                 .app_data(state.clone())
                 .app_data(access.clone())
                 .app_data(outbox_service::problem::query_config())
-                .wrap(actix_web::middleware::from_fn(auth::require_key))
                 .wrap(actix_web::middleware::from_fn(
                     outbox_service::problem::limit_headers,
                 ))

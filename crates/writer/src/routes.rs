@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, ContentType};
-use actix_web::{HttpMessage, HttpRequest, HttpResponse, get, post, web};
+use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -42,6 +42,70 @@ pub struct AppState {
     /// Set once indexes and the sequence counter exist.
     pub schema_ready: Arc<AtomicBool>,
     pub prometheus: PrometheusHandle,
+    /// The memory parses may take at once, in KiB permits (see
+    /// `PARSE_MEMORY_BYTES`).
+    pub parse_budget: ParseBudget,
+    /// How long a client may take to send its body.
+    pub body_read_timeout: Duration,
+}
+
+/// Bounds the memory concurrent parses take: each request reserves its
+/// body's estimated parse cost ([`ingest::parse_cost`]) before it parses and
+/// holds it until it has answered.
+pub struct ParseBudget {
+    permits: Arc<tokio::sync::Semaphore>,
+    kib: u32,
+}
+
+impl ParseBudget {
+    pub fn new(bytes: u64) -> Self {
+        let kib = u32::try_from(bytes / 1024)
+            .unwrap_or(u32::MAX)
+            .min(u32::try_from(tokio::sync::Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(kib as usize)),
+            kib,
+        }
+    }
+
+    /// Reserves what parsing `body` takes, waiting until `deadline`.
+    ///
+    /// # Errors
+    /// 413 `body_too_complex` when the estimate alone is over the budget;
+    /// 503 `writer_busy` when the budget is not free by the deadline.
+    async fn reserve(
+        &self,
+        body: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Problem> {
+        let cost = ingest::parse_cost(body);
+        let kib = u32::try_from(cost.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        if kib > self.kib {
+            return Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_complex",
+                format!(
+                    "parsing this body would take about {} MiB, over the writer's limit of {} MiB (PARSE_MEMORY_BYTES): send fewer, larger values, or split the batch",
+                    cost >> 20,
+                    self.kib >> 10
+                ),
+            ));
+        }
+        tokio::time::timeout_at(deadline, Arc::clone(&self.permits).acquire_many_owned(kib))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "writer_busy",
+                    "the writer is parsing as many large bodies as its memory allows; retry shortly",
+                )
+                .with_retry_after(1)
+            })
+    }
 }
 
 /// Registers every route; the OpenAPI document is collected from these
@@ -100,13 +164,6 @@ fn ingest_problem(error: IngestError) -> Problem {
         .with("index", index)
         .with("field", field)
         .with("max_bytes", max),
-        IngestError::NumberOutOfRange { index, path, .. } => Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "number_out_of_range",
-            detail,
-        )
-        .with("index", index)
-        .with("path", path),
         IngestError::InvalidIdempotencyKey => {
             Problem::bad_request("invalid_idempotency_key", detail)
         }
@@ -121,6 +178,9 @@ fn ingest_problem(error: IngestError) -> Problem {
                 }
                 CsvError::NoRows => {
                     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_no_rows", detail)
+                }
+                CsvError::TooManyRows => {
+                    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", detail)
                 }
                 CsvError::EmptyHeader { .. }
                 | CsvError::DuplicateHeader { .. }
@@ -350,7 +410,7 @@ fn parse_batch(
     idempotency: Option<Idempotency>,
 ) -> Result<NewBatch, IngestError> {
     let received = Utc::now();
-    let values = ingest::parse_body(body, format)?;
+    let values = ingest::parse_body(body, format, rules.max_items)?;
     ingest::build_batch(values, rules, idempotency, received)
 }
 
@@ -373,7 +433,9 @@ fn parse_batch(
             the messages. Limits: `MAX_BATCH_ITEMS` items, `MAX_BODY_BYTES` bytes; per item, \
             what Pub/Sub accepts of its message (10 MB with envelope and attributes, 1,024 \
             bytes for `request_id` and `vendor_name`) and 16 MiB of BSON; a key twice in one \
-            object, a NUL in a key and integers beyond the signed 64-bit range are refused.",
+            object and a NUL in a key are refused. Each object is published as the JSON value \
+            sent, in its canonical form (docs/CONSUMING.md), objects shaped like MongoDB \
+            extended JSON included.",
         content(
             (BatchBody = "application/json",
                 example = json!([{"request_id": "r1", "vendor_name": "acme", "amount": 12}, {"request_id": "r2", "vendor_name": "globex"}])),
@@ -409,18 +471,21 @@ fn parse_batch(
         (status = 401, description = "`unauthorized`: API keys are configured and none valid was sent.",
             body = ProblemDocument, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"batch-outbox\"`"))),
+        (status = 408, description = "`body_timeout`: the body did not arrive within `BODY_READ_TIMEOUT_SECONDS`.",
+            body = ProblemDocument, content_type = "application/problem+json"),
         (status = 410, description = "`batch_expired`: the batch stored under this Idempotency-Key was \
             committed and later removed by retention (`RETENTION_SECONDS`); it is not stored again.",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "`batch_too_large` (items or bytes; `max_items` or `max_body_bytes`), \
             `item_too_large` (`index`, `max_message_bytes`): the item's Pub/Sub message (its JSON \
             envelope, attributes and ordering key) would be over Pub/Sub's 10 MB limit, or its BSON \
-            over MongoDB's 16 MiB.",
+            over MongoDB's 16 MiB; `body_too_complex`: parsing the body would take more memory \
+            than `PARSE_MEMORY_BYTES` (many small values).",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`, `unsupported_charset` (only UTF-8).",
             body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_batch`, `empty_batch`, `item_not_object` (`index`), \
-            `duplicate_key`, `invalid_key`, `number_out_of_range` (`index`, `path`), \
+        (status = 422, description = "`empty_body`, `invalid_batch`, `empty_batch`, `item_not_object` (`index`), \
+            `duplicate_key`, `invalid_key`, \
             `attribute_too_long` (`index`, `field`, `max_bytes`: a field the message carries as an \
             attribute, `request_id` or `vendor_name`, is over Pub/Sub's 1,024 bytes), \
             `idempotency_key_reused`, `csv_empty`, `csv_no_rows`, `csv_header` (`line`), \
@@ -433,7 +498,8 @@ fn parse_batch(
         (status = 431, description = "`headers_too_large`: request headers over 16 KiB.",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`: MongoDB cannot be reached, has no primary, or \
-            the schema is still being created; nothing was stored, retry. `outcome_unknown` \
+            the schema is still being created; nothing was stored, retry. `writer_busy`: the \
+            writer is parsing as many large bodies as `PARSE_MEMORY_BYTES` allows. `outcome_unknown` \
             (with `batch_id`): MongoDB went away during the commit; look the batch up or \
             retry with the same Idempotency-Key.",
             body = ProblemDocument, content_type = "application/problem+json",
@@ -443,12 +509,21 @@ fn parse_batch(
 )]
 #[post("/api/v1/batch/process")]
 async fn process_batch(
+    caller: Caller,
     state: web::Data<AppState>,
     access: web::Data<Access>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, Problem> {
-    ingest_into(&state, &access, &req, payload, StreamName::default_stream()).await
+    ingest_into(
+        &state,
+        &access,
+        &caller,
+        &req,
+        payload,
+        StreamName::default_stream(),
+    )
+    .await
 }
 
 /// Store a batch in a stream
@@ -490,21 +565,23 @@ async fn process_batch(
         (status = 403, description = "`stream_forbidden`: the stream names its writers and this API key (or a caller without one) is not among them.",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "`stream_not_found`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 408, description = "`body_timeout`.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 410, description = "`batch_expired`.", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 413, description = "`batch_too_large`, `item_too_large`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 413, description = "`batch_too_large`, `item_too_large`, `body_too_complex`.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`, `unsupported_charset`.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "`schema_violation` (`index`, `pointer`: JSON Pointer into the item, `schema_pointer`), and the codes of `POST /api/v1/batch/process`.",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited`.", body = ProblemDocument, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds until the budget allows this batch."))),
         (status = 431, description = "`headers_too_large`.", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable`, `outcome_unknown`.", body = ProblemDocument, content_type = "application/problem+json",
+        (status = 503, description = "`store_unavailable`, `writer_busy`, `outcome_unknown`.", body = ProblemDocument, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
     ),
     security((), ("api_key" = []))
 )]
 #[post("/api/v1/streams/{stream}/batches")]
 async fn stream_batches(
+    caller: Caller,
     state: web::Data<AppState>,
     access: web::Data<Access>,
     req: HttpRequest,
@@ -520,12 +597,13 @@ async fn stream_batches(
             )));
         }
     };
-    ingest_into(&state, &access, &req, payload, stream).await
+    ingest_into(&state, &access, &caller, &req, payload, stream).await
 }
 
 async fn ingest_into(
     state: &AppState,
     access: &Access,
+    caller: &Caller,
     req: &HttpRequest,
     payload: web::Payload,
     stream: StreamName,
@@ -536,7 +614,7 @@ async fn ingest_into(
         req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
     );
     span.record("trace_id", traceparent.trace_id.as_str());
-    let mut response = process(state, access, req, payload, &traceparent, &stream)
+    let mut response = process(state, access, caller, req, payload, &traceparent, &stream)
         .instrument(span)
         .await
         .map_err(counted)?;
@@ -551,20 +629,41 @@ async fn ingest_into(
 async fn process(
     state: &AppState,
     access: &Access,
+    caller: &Caller,
     req: &HttpRequest,
     payload: web::Payload,
     traceparent: &TraceParent,
     stream_name: &StreamName,
 ) -> Result<HttpResponse, Problem> {
-    let caller = req
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(Problem::internal)?;
-    let submitted_by = access.name(&caller).to_owned();
+    let submitted_by = access.name(caller).to_owned();
     let format = body_format(req)?;
     let key = idempotency_key(req)?;
-    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let body = tokio::time::timeout(
+        state.body_read_timeout,
+        read_body(req, payload, state.max_body_bytes),
+    )
+    .await
+    .map_err(|_| {
+        Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                state.body_read_timeout.as_secs()
+            ),
+        )
+    })??;
+    let content = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&body);
+    if content.iter().all(u8::is_ascii_whitespace) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty_body",
+            "the request body is empty: send a JSON array of objects, one JSON object per line (NDJSON), or CSV with a header row",
+        ));
+    }
+    // A caller whose rate budget is spent is refused before its body is
+    // parsed: one item now, the rest once the count is known.
+    access.admit(caller, 1)?;
     if !state.schema_ready.load(Ordering::Acquire) {
         return Err(schema_not_ready());
     }
@@ -619,6 +718,7 @@ async fn process(
         }
         Ok::<_, Problem>(batch)
     };
+    let _parse_permit = state.parse_budget.reserve(&body, deadline).await?;
     let batch = if body.len() > BLOCKING_PARSE_BYTES {
         web::block(move || check(&body, &rules, idempotency))
             .await
@@ -626,7 +726,9 @@ async fn process(
     } else {
         check(&body, &rules, idempotency)?
     };
-    access.admit(&caller, batch.items.len())?;
+    if batch.items.len() > 1 {
+        access.admit(caller, batch.items.len() - 1)?;
+    }
     let batch = NewBatch {
         submitted_by: access.required().then(|| submitted_by.clone()),
         traceparent: Some(traceparent.to_string()),
@@ -700,6 +802,7 @@ async fn process(
 )]
 #[get("/api/v1/batch/{batch_id}/status")]
 async fn batch_status(
+    _caller: Caller,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {

@@ -18,9 +18,12 @@ pub mod views;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
 use actix_web::http::header;
-use actix_web::{HttpRequest, HttpResponse, get};
+use actix_web::middleware::Next;
+use actix_web::{HttpRequest, HttpResponse, ResponseError, get};
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox_core::model::{BatchId, InvalidBatchId};
 use outbox_core::store::StoreError;
@@ -28,6 +31,7 @@ use outbox_core::stream::StreamName;
 use outbox_service::problem::Problem;
 use serde::Deserialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::{error, warn};
 
@@ -41,7 +45,8 @@ const MAX_DEFINITION_BYTES: usize = 1024 * 1024;
 
 pub struct AdminState {
     pub cluster: Arc<Cluster>,
-    pub admin_token: Option<String>,
+    /// `None` only with `--admin-insecure-no-token`.
+    pub admin_token: Option<AdminToken>,
     pub prometheus: PrometheusHandle,
 }
 
@@ -98,8 +103,9 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
             stream's status, pause, resume, pending batches, batches, items and retry live \
             under `/api/v1/streams/{stream}/`. The `/api/v1/outbox/` endpoints are the \
             `default` stream's, as before streams existed. Any replica answers for every \
-            stream. PUT and POST need `Authorization: Bearer <ADMIN_TOKEN>` when the relay \
-            has a token. Errors are `application/problem+json` with a stable `code`.",
+            stream. Every `/api` request, GET included, needs `Authorization: Bearer \
+            <ADMIN_TOKEN>`; health, metrics and this document do not. A relay runs without \
+            a token only when started with `--admin-insecure-no-token`. Errors are `application/problem+json` with a stable `code`.",
         license(name = "Apache-2.0")
     ),
     tags(
@@ -165,26 +171,182 @@ pub(crate) fn known_stream(state: &AdminState, raw: &str) -> Result<StreamName, 
     }
 }
 
-/// Checks `Authorization: Bearer <token>` when a token is configured,
-/// comparing in constant time.
-pub(crate) fn authorize(state: &AdminState, req: &HttpRequest) -> Result<(), Problem> {
-    let Some(expected) = &state.admin_token else {
-        return Ok(());
+/// The admin token as the relay keeps it: its SHA-256 digest, compared in
+/// constant time with the digest of what a request presents, so neither the
+/// token's bytes nor its length leak through timing.
+pub struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    /// The least length of an `ADMIN_TOKEN` (e.g. `openssl rand -hex 32`).
+    pub const MIN_LEN: usize = 32;
+
+    pub fn new(token: &str) -> Self {
+        Self {
+            digest: Sha256::digest(token.as_bytes()).into(),
+        }
+    }
+
+    /// What replicas announce of their token so that a replica with
+    /// another one (or none) can be flagged: the first 12 hex digits of the
+    /// SHA-256 of a domain tag and the token's digest. The token itself
+    /// is never stored or shown.
+    pub fn fingerprint(&self) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(b"batch-outbox admin token fingerprint\0");
+        hasher.update(self.digest);
+        hex::encode(&hasher.finalize()[..6])
+    }
+
+    fn admits(&self, presented: &str) -> bool {
+        let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        bool::from(self.digest.ct_eq(&presented))
+    }
+}
+
+/// Paths that answer without the token: health, metrics, the API's
+/// description, and the dashboard's page and assets (which hold no data;
+/// the page asks for the token). Compared with the path exactly as sent:
+/// any other spelling, percent-encoded or not, needs the token (fail
+/// closed), and every `/api` route, present and future, is behind it.
+fn is_open(path: &str) -> bool {
+    matches!(
+        path,
+        "/" | "/dashboard.js"
+            | "/dashboard.css"
+            | "/health/live"
+            | "/health/ready"
+            | "/metrics"
+            | "/openapi.json"
+            | "/docs"
+    ) || path.starts_with("/docs/")
+}
+
+/// Middleware (`actix_web::middleware::from_fn`) in front of every route.
+///
+/// - With a token: every request but [`is_open`]'s needs `Authorization:
+///   Bearer <ADMIN_TOKEN>`, GET included (the API shows request ids,
+///   vendor names, schemas, hosts and errors).
+/// - Without one (only with `--admin-insecure-no-token`): a request that
+///   changes something is refused when a browser says it comes from
+///   another site (`Origin` or `Sec-Fetch-Site`), so that no web page can
+///   pause a stream through an operator's browser.
+///
+/// # Errors
+/// What the next service returns.
+pub async fn guard(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let state = req.app_data::<actix_web::web::Data<AdminState>>().cloned();
+    let refusal = match state.as_deref().map(|s| s.admin_token.as_ref()) {
+        // Fail closed when the state is missing.
+        None => Some(Problem::internal()),
+        Some(_) if is_open(req.path()) => None,
+        Some(Some(token)) => {
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    let (scheme, token) = v.trim().split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+                });
+            match presented {
+                Some(presented) if token.admits(presented) => None,
+                _ => Some(Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this relay's admin API needs its token: send Authorization: Bearer <ADMIN_TOKEN>",
+                )),
+            }
+        }
+        Some(None) => (!req.method().is_safe())
+            .then(|| cross_site(req.request()))
+            .flatten(),
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
+    match refusal {
+        None => Ok(next.call(req).await?.map_into_boxed_body()),
+        Some(problem) => {
+            let mut response = problem.error_response();
+            if problem.status == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer realm=\"batch-outbox admin\""),
+                );
+            }
+            Ok(req.into_response(response))
+        }
+    }
+}
+
+/// A browser's request from another site: `Sec-Fetch-Site: cross-site`, or
+/// an `Origin` whose host is not the one the request was sent to.
+fn cross_site(req: &HttpRequest) -> Option<Problem> {
+    let headers = req.headers();
+    let fetch_site = headers
+        .get("sec-fetch-site")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-        Ok(())
-    } else {
-        Err(Problem::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid bearer token is required",
-        ))
+        .unwrap_or("");
+    let origin_host = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(|origin| origin.split_once("://").map_or(origin, |(_, rest)| rest));
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let foreign = fetch_site.eq_ignore_ascii_case("cross-site")
+        || origin_host.is_some_and(|origin| Some(origin) != host);
+    foreign.then(|| {
+        Problem::new(
+            StatusCode::FORBIDDEN,
+            "cross_origin",
+            "a request from another site may not change this relay (it has no ADMIN_TOKEN)",
+        )
+    })
+}
+
+/// Marks every `/api` operation of the served document as needing the
+/// token, as [`guard`] does.
+pub fn require_token_in(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::SecurityRequirement;
+    for (path, item) in &mut api.paths.paths {
+        if !path.starts_with("/api/") {
+            continue;
+        }
+        for operation in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            operation.security = Some(vec![SecurityRequirement::new(
+                "admin_token",
+                Vec::<String>::new(),
+            )]);
+            let responses = &mut operation.responses.responses;
+            if !responses.contains_key("401") {
+                responses.insert(
+                    "401".to_owned(),
+                    utoipa::openapi::RefOr::T(
+                        utoipa::openapi::ResponseBuilder::new()
+                            .description("`unauthorized`: the admin token is missing or wrong.")
+                            .content(
+                                "application/problem+json",
+                                utoipa::openapi::ContentBuilder::new()
+                                    .schema(Some(utoipa::openapi::Ref::from_schema_name(
+                                        "ProblemDocument",
+                                    )))
+                                    .build(),
+                            )
+                            .build(),
+                    ),
+                );
+            }
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! `/api/v1/outbox/...`: the default stream, as these endpoints meant before
 //! streams existed (every stream has the same under `/api/v1/streams/`).
 
-use actix_web::{HttpRequest, HttpResponse, get, post, web};
+use actix_web::{HttpResponse, get, post, web};
 use outbox_core::stream::StreamName;
 use outbox_service::problem::{Problem, ProblemDocument};
 
@@ -48,11 +48,8 @@ pub(crate) async fn history(state: web::Data<AdminState>) -> Result<HttpResponse
     security((), ("admin_token" = []))
 )]
 #[post("/api/v1/outbox/start")]
-pub(crate) async fn start(
-    state: web::Data<AdminState>,
-    req: HttpRequest,
-) -> Result<HttpResponse, Problem> {
-    streams::set_paused(&state, &req, &StreamName::default_stream(), false).await
+pub(crate) async fn start(state: web::Data<AdminState>) -> Result<HttpResponse, Problem> {
+    streams::set_paused(&state, &StreamName::default_stream(), false).await
 }
 
 /// Pause the default stream
@@ -69,11 +66,8 @@ pub(crate) async fn start(
     security((), ("admin_token" = []))
 )]
 #[post("/api/v1/outbox/stop")]
-pub(crate) async fn stop(
-    state: web::Data<AdminState>,
-    req: HttpRequest,
-) -> Result<HttpResponse, Problem> {
-    streams::set_paused(&state, &req, &StreamName::default_stream(), true).await
+pub(crate) async fn stop(state: web::Data<AdminState>) -> Result<HttpResponse, Problem> {
+    streams::set_paused(&state, &StreamName::default_stream(), true).await
 }
 
 /// The default stream's pending batches

@@ -3,7 +3,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::http::header;
-use actix_web::{HttpRequest, HttpResponse, get, post, web};
+use actix_web::{HttpResponse, get, post, web};
 use chrono::SecondsFormat;
 use outbox_core::model::Sequence;
 use outbox_core::publish::OrderingKeyMode;
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use super::views::{ReplayBody, ReplayList, ReplayView};
-use super::{AdminState, authorize, known_stream, store_problem};
+use super::{AdminState, known_stream, store_problem};
 
 const MAX_REPLAYS_LISTED: u32 = 100;
 
@@ -143,10 +143,8 @@ fn not_found(id: &ReplayId) -> Problem {
 #[post("/api/v1/outbox/replays")]
 pub(crate) async fn start(
     state: web::Data<AdminState>,
-    req: HttpRequest,
     body: web::Json<StartBody>,
 ) -> Result<HttpResponse, Problem> {
-    authorize(&state, &req)?;
     let body = body.into_inner();
     let stream = known_stream(&state, body.stream.as_deref().unwrap_or("default"))?;
     let definition = state
@@ -301,13 +299,7 @@ pub(crate) async fn show(
     Ok(HttpResponse::Ok().json(replay_json(&job)))
 }
 
-async fn act(
-    state: &AdminState,
-    req: &HttpRequest,
-    raw: &str,
-    action: ReplayAction,
-) -> Result<HttpResponse, Problem> {
-    authorize(state, req)?;
+async fn act(state: &AdminState, raw: &str, action: ReplayAction) -> Result<HttpResponse, Problem> {
     let id = parse_replay_id(raw)?;
     let store = &state.cluster.stores().replays;
     let (from, to) = action.transition();
@@ -368,10 +360,9 @@ async fn act(
 #[post("/api/v1/outbox/replays/{replay_id}/pause")]
 pub(crate) async fn pause(
     state: web::Data<AdminState>,
-    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
-    act(&state, &req, &path, ReplayAction::Pause).await
+    act(&state, &path, ReplayAction::Pause).await
 }
 
 /// Resume a replay
@@ -392,10 +383,9 @@ pub(crate) async fn pause(
 #[post("/api/v1/outbox/replays/{replay_id}/resume")]
 pub(crate) async fn resume(
     state: web::Data<AdminState>,
-    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
-    act(&state, &req, &path, ReplayAction::Resume).await
+    act(&state, &path, ReplayAction::Resume).await
 }
 
 /// Cancel a replay
@@ -416,8 +406,7 @@ pub(crate) async fn resume(
 #[post("/api/v1/outbox/replays/{replay_id}/cancel")]
 pub(crate) async fn cancel(
     state: web::Data<AdminState>,
-    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
-    act(&state, &req, &path, ReplayAction::Cancel).await
+    act(&state, &path, ReplayAction::Cancel).await
 }

@@ -4,7 +4,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::http::header;
-use actix_web::{HttpRequest, HttpResponse, get, post, put, web};
+use actix_web::{HttpResponse, get, post, put, web};
 use chrono::SecondsFormat;
 use outbox_core::model::{BatchStatus, Sequence};
 use outbox_core::publish::OrderingKeyMode;
@@ -19,7 +19,7 @@ use super::views::{
     ClusterView, HistoryView, PausedView, PendingPage, StreamDefinitionBody, StreamList,
     StreamStatusView, StreamView,
 };
-use super::{AdminState, Page, authorize, known_stream, parse_stream, store_problem};
+use super::{AdminState, Page, known_stream, parse_stream, store_problem};
 
 fn time(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -156,6 +156,7 @@ async fn stream_json(state: &AdminState, name: &StreamName) -> Result<Value, Pro
 pub(crate) async fn cluster(state: web::Data<AdminState>) -> HttpResponse {
     let (members, leases) = seen(&state).await;
     let now_ms = chrono::Utc::now().timestamp_millis();
+    let own_token = state.cluster.settings().admin_token.as_deref();
     let replicas: Vec<Value> = members
         .iter()
         .map(|m| {
@@ -173,6 +174,7 @@ pub(crate) async fn cluster(state: web::Data<AdminState>) -> HttpResponse {
                 "started_at": time(m.started_at),
                 "leads": leads,
                 "this": m.id == state.cluster.relay_id(),
+                "admin_token": crate::cluster::token_match(own_token, m.admin_token.as_deref()),
             })
         })
         .collect();
@@ -182,6 +184,7 @@ pub(crate) async fn cluster(state: web::Data<AdminState>) -> HttpResponse {
         "replicas": replicas,
         "streams": streams,
         "share": crate::cluster::share(streams, members.len()),
+        "admin_token_mismatches": crate::cluster::token_mismatches(own_token, &members),
     }))
 }
 
@@ -322,11 +325,9 @@ impl DefinitionBody {
 #[put("/api/v1/streams/{stream}")]
 pub(crate) async fn put(
     state: web::Data<AdminState>,
-    req: HttpRequest,
     path: web::Path<String>,
     body: web::Json<DefinitionBody>,
 ) -> Result<HttpResponse, Problem> {
-    authorize(&state, &req)?;
     let name = parse_stream(&path)?;
     let definition = body.into_inner().definition(name.clone())?;
     let stores = state.cluster.stores();
@@ -506,11 +507,9 @@ pub(crate) async fn history(
 
 pub(crate) async fn set_paused(
     state: &AdminState,
-    req: &HttpRequest,
     name: &StreamName,
     paused: bool,
 ) -> Result<HttpResponse, Problem> {
-    authorize(state, req)?;
     state
         .cluster
         .stores()
@@ -548,11 +547,10 @@ pub(crate) async fn set_paused(
 #[post("/api/v1/streams/{stream}/pause")]
 pub(crate) async fn pause(
     state: web::Data<AdminState>,
-    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
     let name = known_stream(&state, &path)?;
-    set_paused(&state, &req, &name, true).await
+    set_paused(&state, &name, true).await
 }
 
 /// Resume a stream
@@ -570,11 +568,10 @@ pub(crate) async fn pause(
 #[post("/api/v1/streams/{stream}/resume")]
 pub(crate) async fn resume(
     state: web::Data<AdminState>,
-    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
     let name = known_stream(&state, &path)?;
-    set_paused(&state, &req, &name, false).await
+    set_paused(&state, &name, false).await
 }
 
 pub(crate) async fn pending_json(

@@ -90,6 +90,10 @@ pub struct ClusterView {
     streams: u64,
     /// How many streams each replica leads at most once the cluster is stable.
     share: u64,
+    /// Replicas whose admin token differs from this one's, or that have none
+    /// (`admin_token` is not `same`): each obeys what any replica stores, so
+    /// one open replica opens the cluster.
+    admin_token_mismatches: Vec<String>,
 }
 
 #[derive(ToSchema)]
@@ -103,6 +107,10 @@ pub struct ReplicaView {
     leads: Vec<String>,
     /// Whether this is the replica answering.
     this: bool,
+    /// Its admin token compared with this replica's: `same`, `different`,
+    /// or `none` (its admin API is open).
+    #[schema(pattern = "^(same|different|none)$")]
+    admin_token: String,
 }
 
 /// A stream as this replica sees it (`/api/v1/outbox/status` is the

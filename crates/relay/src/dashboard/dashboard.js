@@ -32,20 +32,27 @@ function text(id, value) {
   if (element.textContent !== value) element.textContent = value;
 }
 
+// The admin token as typed under Control, kept for this tab only.
+function headers() {
+  const token = $("token").value.trim();
+  return token ? { Accept: "application/json", Authorization: `Bearer ${token}` } : { Accept: "application/json" };
+}
+
 async function getJson(path) {
-  const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
-  if (!response.ok) throw new Error(`${path} answered ${response.status}`);
+  const response = await fetch(path, { headers: headers(), cache: "no-store" });
+  if (!response.ok) {
+    const error = new Error(`${path} answered ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
   return response.json();
 }
 
 // POSTs to the admin API with the token, and says what the server answered.
 async function command(path, button, success) {
-  const token = $("token").value.trim();
-  const headers = { Accept: "application/json" };
-  if (token) headers.Authorization = `Bearer ${token}`;
   button.disabled = true;
   try {
-    const response = await fetch(path, { method: "POST", headers, cache: "no-store" });
+    const response = await fetch(path, { method: "POST", headers: headers(), cache: "no-store" });
     const body = await response.json().catch(() => ({}));
     if (response.ok) {
       say(success(body), "ok");
@@ -140,8 +147,28 @@ function renderStreams(list, cluster) {
     item.append(r.this || !r.admin_url ? name : link(`${r.admin_url}/?stream=${encodeURIComponent(STREAM)}`, name));
     const leads = (r.leads || []).length ? `leads ${r.leads.join(", ")}` : "leads nothing";
     item.append(` · pid ${r.pid} on ${r.host || "?"} · ${leads}`);
+    if (r.admin_token && r.admin_token !== "same") {
+      const flag = document.createElement("span");
+      flag.className = "bad";
+      flag.textContent = r.admin_token === "none" ? " · admin API open (no token)" : " · another admin token";
+      item.append(flag);
+    }
     return item;
   }));
+  renderSecurity(replicas);
+}
+
+// Every replica obeys what any of them stores (pauses, streams, replays):
+// one replica without the token, or with another, opens the cluster.
+function renderSecurity(replicas) {
+  const banner = $("security");
+  const me = replicas.find((r) => r.this);
+  const others = replicas.filter((r) => !r.this && r.admin_token && r.admin_token !== "same");
+  const lines = [];
+  if (me && me.admin_token === "none") lines.push("This replica's admin API is open: it runs without ADMIN_TOKEN (--admin-insecure-no-token).");
+  if (others.length) lines.push(`${others.map((r) => `${r.relay_id} (${r.admin_token === "none" ? "no token" : "another token"})`).join(", ")}: give every replica the same ADMIN_TOKEN.`);
+  banner.hidden = lines.length === 0;
+  text("security", lines.join(" "));
 }
 
 function renderStatus(status) {
@@ -385,7 +412,9 @@ async function poll() {
     text("updated", `updated ${new Date().toLocaleTimeString()}`);
   } catch (error) {
     const banner = $("offline");
-    banner.textContent = `Cannot reach the admin API (${error.message}); retrying every second.`;
+    banner.textContent = error.status === 401
+      ? "This relay's admin API needs its token: enter ADMIN_TOKEN under Control below (kept for this tab only)."
+      : `Cannot reach the admin API (${error.message}); retrying every second.`;
     banner.hidden = false;
   } finally {
     polling = false;
@@ -400,6 +429,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("status-link").href = api("/status");
   document.title = `batch-outbox relay · ${STREAM}`;
   $("controls").addEventListener("submit", (e) => e.preventDefault());
+  $("token").value = sessionStorage.getItem("admin-token") || "";
+  $("token").addEventListener("input", () => {
+    sessionStorage.setItem("admin-token", $("token").value.trim());
+    loadHistory().then(poll);
+  });
   loadHistory().then(poll);
   setInterval(poll, POLL_MS);
 });

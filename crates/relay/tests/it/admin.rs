@@ -9,20 +9,23 @@ use tokio::sync::oneshot;
 
 use crate::fakes::{FakePublisher, store_batches};
 
+const TOKEN: &str = "s3cret-admin-token-0123456789abcdef";
+
 struct Admin {
     base: String,
     http: reqwest::Client,
+    /// The relay's token, sent with every GET.
+    token: Option<String>,
     _stop: oneshot::Sender<()>,
 }
 
 impl Admin {
     async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
         (
             response.status().as_u16(),
             response.json().await.unwrap_or(Value::Null),
@@ -67,9 +70,14 @@ async fn admin(store: &MemoryStore, extra: &[&str]) -> Admin {
     tokio::spawn(app.run(async move {
         let _ = rx.await;
     }));
+    let token = extra
+        .iter()
+        .position(|a| *a == "--admin-token")
+        .map(|i| extra[i + 1].to_owned());
     let admin = Admin {
         base,
         http: reqwest::Client::new(),
+        token,
         _stop: tx,
     };
     // The replica pauses the cluster as it starts.
@@ -90,7 +98,7 @@ async fn admin(store: &MemoryStore, extra: &[&str]) -> Admin {
 #[tokio::test]
 async fn status_start_stop_and_tokens() {
     let store = MemoryStore::new();
-    let admin = admin(&store, &["--admin-token", "s3cret"]).await;
+    let admin = admin(&store, &["--admin-token", TOKEN]).await;
     let (code, status) = admin.get("/api/v1/outbox/status").await;
     assert_eq!(code, 200);
     assert_eq!(status["paused"], true);
@@ -109,7 +117,7 @@ async fn status_start_stop_and_tokens() {
             .unwrap(),
         "an unauthorized start changed nothing"
     );
-    let (code, body) = admin.post("/api/v1/outbox/start", Some("s3cret")).await;
+    let (code, body) = admin.post("/api/v1/outbox/start", Some(TOKEN)).await;
     assert_eq!((code, body["paused"].clone()), (200, Value::Bool(false)));
     assert!(
         !store
@@ -117,10 +125,7 @@ async fn status_start_stop_and_tokens() {
             .await
             .unwrap()
     );
-    assert_eq!(
-        admin.post("/api/v1/outbox/stop", Some("s3cret")).await.0,
-        200
-    );
+    assert_eq!(admin.post("/api/v1/outbox/stop", Some(TOKEN)).await.0, 200);
     assert!(
         store
             .paused(&outbox_core::stream::StreamName::default())
@@ -232,7 +237,7 @@ async fn health_and_metrics() {
 async fn the_openapi_document_describes_every_admin_route_and_docs_are_served() {
     use outbox_service::openapi::{document_problems, operations};
     let store = MemoryStore::new();
-    let admin = admin(&store, &["--admin-token", "s3cret"]).await;
+    let admin = admin(&store, &["--admin-token", TOKEN]).await;
     let (code, doc) = admin.get("/openapi.json").await;
     assert_eq!(code, 200);
     assert_eq!(document_problems(&doc), Vec::<String>::new());
@@ -305,6 +310,7 @@ async fn the_openapi_document_describes_every_admin_route_and_docs_are_served() 
     let response = admin
         .http
         .get(format!("{}/api/v1/outbox/stop", admin.base))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
@@ -333,5 +339,158 @@ async fn history_has_the_counters_from_the_start() {
     assert!(
         sample["at"].as_str().is_some_and(|at| at.ends_with('Z')),
         "{answer}"
+    );
+}
+
+/// The paths of the served document's `/api` operations, filled in.
+fn api_routes(doc: &Value) -> Vec<(reqwest::Method, String)> {
+    outbox_service::openapi::operations(doc)
+        .into_iter()
+        .filter(|(_, path)| path.starts_with("/api/"))
+        .map(|(method, path)| {
+            let path = path
+                .replace("{stream}", "default")
+                .replace("{batch_id}", "0123456789abcdef")
+                .replace("{replay_id}", "00000000-0000-4000-8000-000000000000");
+            (method.parse().unwrap(), path)
+        })
+        .collect()
+}
+
+/// `path` with each letter percent-encoded in turn.
+fn encoded_spellings(path: &str) -> Vec<String> {
+    path.char_indices()
+        .filter(|(_, c)| c.is_ascii_alphabetic())
+        .map(|(i, c)| format!("{}%{:02X}{}", &path[..i], c as u32, &path[i + 1..]))
+        .collect()
+}
+
+#[tokio::test]
+async fn with_a_token_every_api_route_needs_it_however_the_path_is_spelled() {
+    let store = MemoryStore::new();
+    let admin = admin(&store, &["--admin-token", TOKEN]).await;
+    let http = &admin.http;
+    // Open without the token: health, metrics, the document, the page.
+    for path in [
+        "/health/live",
+        "/metrics",
+        "/openapi.json",
+        "/",
+        "/dashboard.js",
+    ] {
+        let response = http
+            .get(format!("{}{path}", admin.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let doc: Value = http
+        .get(format!("{}/openapi.json", admin.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let routes = api_routes(&doc);
+    assert_eq!(routes.len(), 26, "{routes:?}");
+    for (method, path) in &routes {
+        for spelling in std::iter::once(path.clone()).chain(encoded_spellings(path)) {
+            for token in [None, Some("wrong-token-0123456789abcdef-0123456")] {
+                let mut request = http.request(method.clone(), format!("{}{spelling}", admin.base));
+                if let Some(token) = token {
+                    request = request.bearer_auth(token);
+                }
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), 401, "{method} {spelling} with {token:?}");
+                assert!(response.headers().contains_key("www-authenticate"));
+            }
+        }
+    }
+    assert!(
+        store
+            .paused(&outbox_core::stream::StreamName::default())
+            .await
+            .unwrap(),
+        "nothing unauthorized changed the stream"
+    );
+    for (method, path) in &routes {
+        // With the token the route answers (whatever it answers, not 401).
+        let response = http
+            .request(method.clone(), format!("{}{path}", admin.base))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(response.status(), 401, "{method} {path} with the token");
+    }
+    // The document says so for every API operation.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let secured = operation["security"] == serde_json::json!([{ "admin_token": [] }]);
+            assert_eq!(secured, path.starts_with("/api/"), "{method} {path}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn without_a_token_no_other_site_can_change_anything() {
+    let store = MemoryStore::new();
+    let admin = admin(&store, &["--admin-insecure-no-token"]).await;
+    let start = format!("{}/api/v1/outbox/start", admin.base);
+    let host = admin.base.trim_start_matches("http://").to_owned();
+    for (header, value) in [
+        ("origin", "https://evil.example".to_owned()),
+        ("origin", "null".to_owned()),
+        ("sec-fetch-site", "cross-site".to_owned()),
+    ] {
+        let response = admin
+            .http
+            .post(&start)
+            .header(header, value.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{header}: {value}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "cross_origin");
+    }
+    assert!(
+        store
+            .paused(&outbox_core::stream::StreamName::default())
+            .await
+            .unwrap()
+    );
+    // Its own page (same origin) and a command-line client (no Origin) may.
+    let response = admin
+        .http
+        .post(&start)
+        .header("origin", format!("http://{host}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(admin.post("/api/v1/outbox/stop", None).await.0, 200);
+    // Reads are open without a token, and the replica says it is open.
+    let mut cluster = Value::Null;
+    for _ in 0..500 {
+        let (code, body) = admin.get("/api/v1/cluster").await;
+        assert_eq!(code, 200);
+        cluster = body;
+        if cluster["replicas"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(cluster["replicas"][0]["admin_token"], "none", "{cluster}");
+    assert_eq!(
+        cluster["admin_token_mismatches"][0], cluster["relay_id"],
+        "{cluster}"
     );
 }

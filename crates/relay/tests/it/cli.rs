@@ -300,10 +300,10 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
     let stack = start_stack().await;
-    let token = [("ADMIN_TOKEN", "s3cret")];
+    let token = [("ADMIN_TOKEN", "s3cret-admin-token-0123456789abcdef")];
     let relay_vars = [
         ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
-        ("ADMIN_TOKEN", "s3cret"),
+        ("ADMIN_TOKEN", "s3cret-admin-token-0123456789abcdef"),
     ];
     let (relay, admin) = stack.relay("relay-halts", &relay_vars);
     let writer = stack.writer_url.clone();
@@ -327,7 +327,7 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
         let run = ctl.run(&[command], &token).await;
         assert_eq!(run.code, 0, "{run:?}");
     }
-    let status = ctl.run(&["status", "--json"], &[]).await.json();
+    let status = ctl.run(&["status", "--json"], &token).await.json();
     assert_eq!(status["paused"], true, "{status}");
 
     // 11 MB: over Pub/Sub's 10 MB message limit, so the writer refuses it
@@ -338,7 +338,9 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
         {"request_id": "last"},
     ]);
     let paths = files("cli-halt", &[("huge.json", &huge.to_string())]);
-    let refused = ctl.run(&["submit", paths[0].to_str().unwrap()], &[]).await;
+    let refused = ctl
+        .run(&["submit", paths[0].to_str().unwrap()], &token)
+        .await;
     assert_eq!(refused.code, 1, "{refused:?}");
     assert!(
         refused
@@ -352,11 +354,11 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
     // pending, however many passes the relay makes.
     let small = files("cli-small", &[("small.json", r#"[{"request_id": "s1"}]"#)]);
     let submitted = ctl
-        .run(&["--json", "submit", small[0].to_str().unwrap()], &[])
+        .run(&["--json", "submit", small[0].to_str().unwrap()], &token)
         .await;
     assert_eq!(submitted.code, 0, "{submitted:?}");
     let batch_id = stack.store_unchecked(huge.as_array().unwrap()).await;
-    let pending = ctl.run(&["pending", "--json"], &[]).await.json();
+    let pending = ctl.run(&["pending", "--json"], &token).await.json();
     assert_eq!(pending["batches"].as_array().unwrap().len(), 2, "{pending}");
     assert_eq!(pending["batches"][1]["batch_id"], batch_id.as_str());
     // The relay reports the backlog it read after the pause: two passes
@@ -366,7 +368,7 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
         Duration::from_secs(30),
         "two relay passes while paused",
         || {
-            let status = ctl.run(&["status", "--json"], &[]);
+            let status = ctl.run(&["status", "--json"], &token);
             let ages = &ages;
             async move {
                 let status = status.await.json();
@@ -379,7 +381,7 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
         },
     )
     .await;
-    let pending = ctl.run(&["pending", "--json"], &[]).await.json();
+    let pending = ctl.run(&["pending", "--json"], &token).await.json();
     assert_eq!(
         pending["batches"][0]["status"],
         "pending",
@@ -387,13 +389,13 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
         relay.tail()
     );
     assert_eq!(
-        ctl.run(&["status", "--json"], &[]).await.json()["paused"],
+        ctl.run(&["status", "--json"], &token).await.json()["paused"],
         true
     );
 
     let resumed = ctl.run(&["resume"], &token).await;
     assert_eq!(resumed.code, 0, "{resumed:?}");
-    let watched = ctl.run(&["watch", &batch_id], &[]).await;
+    let watched = ctl.run(&["watch", &batch_id], &token).await;
     assert_eq!(watched.code, 1, "{watched:?}\n{}", relay.tail());
     assert!(
         watched.stderr.contains("failed and draining halted"),
@@ -405,7 +407,7 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
             .contains(&format!("outboxctl retry {batch_id}")),
         "{watched:?}"
     );
-    let status = ctl.run(&["status"], &[]).await;
+    let status = ctl.run(&["status"], &token).await;
     assert!(
         status
             .stdout
@@ -424,10 +426,10 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
         ],
     );
     stack.admin_ready(&admin).await;
-    let retried = outboxctl(&stack.writer_url, &admin, &["retry", &batch_id], &[]).await;
+    let retried = outboxctl(&stack.writer_url, &admin, &["retry", &batch_id], &token).await;
     assert_eq!(retried.code, 0, "{retried:?}\n{}", relay.tail());
     assert!(retried.stdout.contains("draining again"), "{retried:?}");
-    let watched = outboxctl(&stack.writer_url, &admin, &["watch", &batch_id], &[]).await;
+    let watched = outboxctl(&stack.writer_url, &admin, &["watch", &batch_id], &token).await;
     assert_eq!(watched.code, 1, "{watched:?}");
     assert!(
         watched
@@ -435,7 +437,7 @@ async fn outboxctl_pauses_resumes_and_retries_a_halted_batch() {
             .contains("committed with 1 of 3 items dead-lettered"),
         "{watched:?}"
     );
-    let again = outboxctl(&stack.writer_url, &admin, &["retry", &batch_id], &[]).await;
+    let again = outboxctl(&stack.writer_url, &admin, &["retry", &batch_id], &token).await;
     assert_eq!(again.code, 1);
     assert!(
         again.stderr.contains("(batch_not_failed, HTTP 409)"),
@@ -580,13 +582,16 @@ async fn outboxctl_says_what_went_wrong_in_one_line_with_its_exit_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outboxctl_applies_a_declared_set_of_streams_once() {
     let stack = start_stack().await;
-    let (_relay, admin) = stack.relay("relay-apply", &[("ADMIN_TOKEN", "s3cret")]);
+    let (_relay, admin) = stack.relay(
+        "relay-apply",
+        &[("ADMIN_TOKEN", "s3cret-admin-token-0123456789abcdef")],
+    );
     stack.admin_ready(&admin).await;
     let ctl = Ctl {
         writer: stack.writer_url.clone(),
         admin,
     };
-    let token = [("ADMIN_TOKEN", "s3cret")];
+    let token = [("ADMIN_TOKEN", "s3cret-admin-token-0123456789abcdef")];
     let topic = &stack.pubsub.topic;
     let declaration = |orders_topic: &str| {
         format!(
@@ -640,7 +645,7 @@ async fn outboxctl_applies_a_declared_set_of_streams_once() {
         [pair("orders", "updated"), pair("audit", "unchanged")]
     );
     let shown = ctl
-        .run(&["stream", "show", "orders", "--json"], &[])
+        .run(&["stream", "show", "orders", "--json"], &token)
         .await
         .json();
     assert_eq!(shown["topic"], format!("{topic}-orders-2"), "{shown}");

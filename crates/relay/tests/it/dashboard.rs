@@ -191,7 +191,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     let stack = start_stack().await;
     let relay_vars = [
         ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
-        ("ADMIN_TOKEN", "s3cret"),
+        ("ADMIN_TOKEN", "s3cret-admin-token-0123456789abcdef"),
         ("OUTBOX_BATCH_SIZE", "100"),
     ];
     let (relay, admin) = stack.relay("relay-dash", &relay_vars);
@@ -230,7 +230,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
         t.contains("401") && t.contains("unauthorized")
     })
     .await;
-    type_token(&browser, "s3cret").await;
+    type_token(&browser, "s3cret-admin-token-0123456789abcdef").await;
     click(&browser, "#pause").await;
     until(&browser, "answer", "paused", |t| {
         t == "Stream default paused on every replica."
@@ -331,7 +331,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     drop(relay);
     let dead_letter = [
         ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
-        ("ADMIN_TOKEN", "s3cret"),
+        ("ADMIN_TOKEN", "s3cret-admin-token-0123456789abcdef"),
         ("OUTBOX_ON_POISON", "dead-letter"),
     ];
     let (relay, admin) = stack.relay("relay-dash-2", &dead_letter);
@@ -342,7 +342,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
         t.contains("Batch 2")
     })
     .await;
-    type_token(&browser, "s3cret").await;
+    type_token(&browser, "s3cret-admin-token-0123456789abcdef").await;
     click(&browser, "#failed button").await;
     until(&browser, "answer", "the retry", |t| {
         t.ends_with("is processing again.")
@@ -364,7 +364,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     let started = stack
         .http
         .post(format!("{admin}/api/v1/outbox/replays"))
-        .bearer_auth("s3cret")
+        .bearer_auth("s3cret-admin-token-0123456789abcdef")
         .json(&json!({"from_sequence": 1, "to_sequence": 1}))
         .send()
         .await

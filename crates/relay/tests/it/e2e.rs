@@ -63,6 +63,8 @@ impl Process {
             .args(args)
             .env("LOG_FORMAT", "pretty")
             .env("RUST_LOG", "info")
+            // Relays without ADMIN_TOKEN (tests that want one set it).
+            .env("ADMIN_INSECURE_NO_TOKEN", "true")
             .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))
@@ -343,7 +345,7 @@ impl Stack {
             .items
             .iter()
             .map(|item| {
-                let mut document = outbox_mongo::documents::item_document(&batch, item).unwrap();
+                let mut document = outbox_mongo::documents::item_document(&batch, item);
                 document.insert("batch_sequence", i64::try_from(sequence).unwrap());
                 document
             })

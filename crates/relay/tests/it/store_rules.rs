@@ -266,7 +266,7 @@ async fn a_batch_after_a_gap_in_the_sequence_is_not_published() {
     .unwrap();
     let mut documents = Vec::new();
     for item in &late.items {
-        let mut document = outbox_mongo::documents::item_document(&late, item).unwrap();
+        let mut document = outbox_mongo::documents::item_document(&late, item);
         document.insert("batch_sequence", 2_i64);
         documents.push(document);
     }
@@ -472,7 +472,7 @@ async fn abandoned_staged_items_are_swept_and_nothing_else() {
             let items: Vec<Document> = batch
                 .items
                 .iter()
-                .map(|item| outbox_mongo::documents::item_document(&batch, item).unwrap())
+                .map(|item| outbox_mongo::documents::item_document(&batch, item))
                 .collect();
             db.collection::<Document>("batch_items")
                 .insert_many(items)

@@ -173,3 +173,61 @@ async fn the_trace_context_is_continued_stored_and_answered() {
     // Open API: batches carry no submitter.
     assert!(batches[0].get("submitted_by").is_none());
 }
+
+/// The spellings of `path` with one letter percent-encoded (upper- and
+/// lowercase hex in turn): the router decodes them to the same route.
+fn encoded_spellings(path: &str) -> Vec<String> {
+    path.char_indices()
+        .filter(|(_, c)| c.is_ascii_alphabetic())
+        .map(|(i, c)| {
+            let hex = if i % 2 == 0 {
+                format!("%{:02X}", c as u32)
+            } else {
+                format!("%{:02x}", c as u32)
+            };
+            format!("{}{hex}{}", &path[..i], &path[i + 1..])
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn no_spelling_of_an_api_path_gets_past_the_key_check() {
+    let app = spawn_app_with(&["--api-keys", &format!("ops:{OPS_KEY}")]).await;
+    let stored = post_as(&app, Some(OPS_KEY), &objects(1)).await;
+    assert_eq!(stored.status(), 201);
+    let batch_id = json(stored).await["data"]["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doc = json(app.http.get(app.url("/openapi.json")).send().await.unwrap()).await;
+    let api: Vec<(String, String)> = outbox_service::openapi::operations(&doc)
+        .into_iter()
+        .filter(|(_, path)| path.starts_with("/api/"))
+        .collect();
+    assert_eq!(api.len(), 3, "every API route is covered: {api:?}");
+    let mut tried = 0;
+    for (method, template) in api {
+        let path = template
+            .replace("{batch_id}", &batch_id)
+            .replace("{stream}", "default");
+        let method: reqwest::Method = method.parse().unwrap();
+        for spelling in std::iter::once(path.clone()).chain(encoded_spellings(&path)) {
+            let response = app
+                .http
+                .request(method.clone(), app.url(&spelling))
+                .json(&objects(1))
+                .send()
+                .await
+                .unwrap();
+            // Every spelling reaches the route and is refused there.
+            assert_eq!(response.status(), 401, "{method} {spelling}");
+            tried += 1;
+        }
+    }
+    assert!(tried > 60, "{tried}");
+    assert_eq!(
+        app.count("batches").await,
+        1,
+        "nothing stored without a key"
+    );
+}
