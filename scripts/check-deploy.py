@@ -3,7 +3,9 @@
 Parses the compose file, every Kubernetes manifest, the Prometheus rules and
 the Grafana dashboard, and checks them against the binaries themselves: ports
 and environment variables against `outbox-writer --help` / `outbox-relay
---help`, metric names against the metric constants in the Rust sources.
+--help`, metric names against the metric constants in the Rust sources. Also
+checks the closed defaults: compose ports on loopback, ServiceAccounts without
+tokens, securityContexts, NetworkPolicies and the example Secret's placeholder.
 
     python check-deploy.py ROOT BIN_DIR
 Exits 1 and lists every problem when anything is off.
@@ -201,6 +203,140 @@ check(hpa.get("spec", {}).get("scaleTargetRef", {}).get("name") == "outbox-write
 lifetime_job = objects.get(("Job", "mongo-transaction-lifetime"), {})
 check("transactionLifetimeLimitSeconds" in json.dumps(lifetime_job), "k8s: a Job must lower MongoDB's transactionLifetimeLimitSeconds")
 check("directConnection" in json.dumps(lifetime_job), "k8s: the lifetime Job must set the parameter on every member (directConnection), not only the primary")
+
+# -- Closed defaults ------------------------------------------------------------
+# Nothing is reachable by default that a stranger could use: compose publishes on
+# loopback only, every pod runs under its own ServiceAccount without an API token
+# and with a locked-down securityContext, NetworkPolicies open the writer's and the
+# relay's ports to labelled peers only, and the example Secret holds no usable
+# admin token. docs/OPERATIONS.md, "Security", describes the same.
+LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def published_host_ip(port: object) -> str | None:
+    """The host address a compose `ports:` entry binds to; None when it binds every address."""
+    if isinstance(port, dict):  # long syntax: {target, published, host_ip}
+        return port.get("host_ip")
+    text = str(port).split("/", 1)[0]
+    if text.startswith("["):  # "[::1]:9091:9090"
+        host, _, rest = text[1:].partition("]")
+        return host if rest.count(":") == 2 else None
+    parts = text.rsplit(":", 2)  # "127.0.0.1:9091:9090", "::1:9091:9090"; "9091:9090" has none
+    return parts[0] if len(parts) == 3 else None
+
+
+for name, service in services.items():
+    for port in service.get("ports", []) or []:
+        check(published_host_ip(port) in LOOPBACK,
+              f"compose: {name} publishes {port!r} on every address; bind it to loopback (\"127.0.0.1:HOST:CONTAINER\")")
+    check(service.get("network_mode") != "host", f"compose: {name} must not use the host's network (it would listen on every address)")
+
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
+workloads = []  # (what, pod labels, pod spec)
+for (kind, name), doc in objects.items():
+    if kind not in WORKLOAD_KINDS:
+        continue
+    spec = doc.get("spec", {})
+    if kind == "CronJob":
+        spec = spec.get("jobTemplate", {}).get("spec", {})
+    template = spec.get("template", {})
+    workloads.append((f"{kind} {name}", template.get("metadata", {}).get("labels", {}) or {}, template.get("spec", {}) or {}))
+check(len(workloads) >= 3, "k8s: expected the writer and relay Deployments and the settings Job")
+
+# Each pod under its own ServiceAccount, and no Kubernetes API token in any pod.
+service_accounts = {name: doc for (kind, name), doc in objects.items() if kind == "ServiceAccount"}
+for name, account in service_accounts.items():
+    check(account.get("automountServiceAccountToken") is False, f"k8s: ServiceAccount {name} must set automountServiceAccountToken: false")
+dedicated_accounts = {"Deployment outbox-writer": "outbox-writer", "Deployment outbox-relay": "outbox-relay"}
+for what, _, pod in workloads:
+    account = pod.get("serviceAccountName")
+    check(account not in (None, "", "default"), f"k8s: {what} must name its own serviceAccountName, not the namespace's default")
+    check(account in (None, "", "default") or account in service_accounts,
+          f"k8s: {what} runs as ServiceAccount {account}, which the kustomization does not create")
+    check(pod.get("automountServiceAccountToken") is False, f"k8s: {what} must set automountServiceAccountToken: false on its pod")
+    if what in dedicated_accounts:
+        check(account == dedicated_accounts[what], f"k8s: {what} must run as ServiceAccount {dedicated_accounts[what]}")
+
+# Every container of every pod (Jobs and init containers too): non-root, seccomp,
+# no privilege escalation, read-only root filesystem, no capabilities.
+for what, _, pod in workloads:
+    pod_context = pod.get("securityContext", {}) or {}
+    check(not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"),
+          f"k8s: {what} must not share the node's network, PID or IPC namespace")
+    for container in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+        context = container.get("securityContext", {}) or {}
+        who = f"k8s: {what} container {container.get('name')}"
+        # The container's setting wins over the pod's.
+        check(context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is True, f"{who} must run with runAsNonRoot: true")
+        check(context.get("runAsUser", pod_context.get("runAsUser")) != 0, f"{who} must not run as user 0")
+        seccomp = context.get("seccompProfile", pod_context.get("seccompProfile")) or {}
+        check(seccomp.get("type") == "RuntimeDefault", f"{who} needs seccompProfile type RuntimeDefault")
+        check(context.get("allowPrivilegeEscalation") is False, f"{who} must set allowPrivilegeEscalation: false")
+        check(context.get("privileged") is not True, f"{who} must not be privileged")
+        check(context.get("readOnlyRootFilesystem") is True, f"{who} must set readOnlyRootFilesystem: true")
+        capabilities = context.get("capabilities", {}) or {}
+        check("ALL" in (capabilities.get("drop") or []) and not capabilities.get("add"), f"{who} must drop ALL capabilities and add none")
+
+# NetworkPolicies: ingress denied in the namespace, the writer's and the relay's
+# ports opened to these peers alone (deploy/k8s/networkpolicy.yaml documents them).
+# No relay-to-relay rule: the replicas meet in MongoDB, never over HTTP.
+CLIENT = {"matchLabels": {"batch-outbox/client": "true"}}
+ADMIN = {"matchLabels": {"batch-outbox/admin": "true"}}
+PROMETHEUS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
+allowed_peers = {
+    "outbox-writer": [{"podSelector": CLIENT}, {"namespaceSelector": CLIENT}, PROMETHEUS],
+    "outbox-relay": [{"podSelector": ADMIN}, {"namespaceSelector": ADMIN, "podSelector": ADMIN}, PROMETHEUS],
+}
+policies = [doc for (kind, _), doc in objects.items() if kind == "NetworkPolicy"]
+for policy in policies:
+    selector = policy.get("spec", {}).get("podSelector")
+    check(isinstance(selector, dict) and not selector.get("matchExpressions"),
+          f"k8s: NetworkPolicy {policy['metadata']['name']} must select pods by matchLabels (this check reads no matchExpressions)")
+check(any(p["spec"].get("podSelector") == {} and "Ingress" in p["spec"].get("policyTypes", []) and not p["spec"].get("ingress")
+          for p in policies), "k8s: a NetworkPolicy must deny all ingress in the namespace (podSelector: {}, policyTypes: [Ingress], no rules)")
+for name, (target, port, _) in expected.items():
+    deployment = objects.get(("Deployment", name))
+    if deployment is None:
+        continue
+    labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    port_names = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+    selecting = [p for p in policies
+                 if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                 and (p["spec"].get("podSelector") or {}).get("matchLabels", {}).items() <= labels.items()]
+    check(any((p["spec"].get("podSelector") or {}).get("matchLabels") for p in selecting),
+          f"k8s: no NetworkPolicy selects the {name} pods by their labels")
+    seen_peers = []
+    for policy in selecting:
+        where = f"k8s: NetworkPolicy {policy['metadata']['name']}"
+        for rule in policy["spec"].get("ingress") or []:
+            rule_ports = rule.get("ports") or []
+            check(bool(rule_ports), f"{where} opens every port of {name}; name its port {port}")
+            for p in rule_ports:
+                number = port_names.get(p.get("port"), p.get("port"))
+                check(number == port and p.get("protocol", "TCP") == "TCP" and "endPort" not in p,
+                      f"{where} opens {p} on {name}, which listens on TCP {port} alone")
+            peers = rule.get("from") or []
+            check(bool(peers), f"{where} lets anyone reach {name}; name the peers")
+            for peer in peers:
+                check(peer in allowed_peers[name],
+                      f"{where} lets {peer} reach {name}; only the documented selectors may (docs/OPERATIONS.md, \"Network policies\")")
+                seen_peers.append(peer)
+    for peer in allowed_peers[name]:
+        check(peer in seen_peers, f"k8s: no NetworkPolicy lets {peer} reach {name} on port {port}")
+
+# The example Secret holds no usable admin token: a placeholder the relay refuses
+# (it refuses an ADMIN_TOKEN shorter than 32 characters) and that says so.
+ADMIN_TOKEN_MIN_CHARS = 32
+example_secret = objects.get(("Secret", "batch-outbox-secrets"), {})
+example_token = str(example_secret.get("stringData", {}).get("ADMIN_TOKEN", ""))
+check(len(example_token) < ADMIN_TOKEN_MIN_CHARS and "REPLACE" in example_token.upper(),
+      f"k8s: secret.example.yaml's ADMIN_TOKEN must be a placeholder the relay refuses: shorter than "
+      f"{ADMIN_TOKEN_MIN_CHARS} characters and saying REPLACE, not {example_token!r}")
+check("ADMIN_TOKEN" not in (example_secret.get("data") or {}), "k8s: secret.example.yaml must not carry an ADMIN_TOKEN in data")
 
 # -- Prometheus and Grafana ---------------------------------------------------
 rules = load_all(ROOT / "deploy/prometheus/alerts.yml")[0]
