@@ -7,6 +7,7 @@ mod big_batch;
 mod budget;
 mod conflicts;
 mod latency;
+mod parse_bombs;
 mod process;
 mod relay_drain;
 mod report;
@@ -53,6 +54,9 @@ enum Command {
     /// Aggregate drain rate with the backlog spread over 1 to 8 streams
     /// and 1 to 3 relays; the writer on one stream or several.
     Streams(streams::StreamArgs),
+    /// The writer's peak memory and CPU time under bodies built to make a
+    /// parser work hard (CSV header, empty cells, small values, slow body).
+    ParseBombs(parse_bombs::ParseBombArgs),
     /// The recorded results as docs/BENCHMARKS.md's tables and SVG charts.
     Report(report::ReportArgs),
 }
@@ -93,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Streams(args) => streams::run(args).await,
         Command::Rtt(args) => rtt::run(args).await,
         Command::Budget(args) => budget::run(args).await,
+        Command::ParseBombs(args) => parse_bombs::run(args).await,
         Command::Report(args) => report::run(&args),
     }
 }

@@ -130,6 +130,9 @@ pub struct MemoryStore {
     model: TransactionModel,
     /// The store's clock (see [`LeaseStore::now_ms`]).
     clock: Arc<std::sync::OnceLock<(i64, tokio::time::Instant)>>,
+    /// Batches whose commit loses its answer: applied, then answered
+    /// [`StoreError::OutcomeUnknown`] (see [`MemoryStore::lose_commit_answer`]).
+    lost_answers: Arc<Mutex<std::collections::BTreeSet<Sequence>>>,
 }
 
 impl MemoryStore {
@@ -148,6 +151,17 @@ impl MemoryStore {
     /// Item writes lost to aborted insert transactions.
     pub fn wasted_item_writes(&self) -> u64 {
         self.wasted_items.load(Ordering::SeqCst)
+    }
+
+    /// The commit of the batch at `sequence` applies and then answers
+    /// [`StoreError::OutcomeUnknown`], once, as a commit does on MongoDB
+    /// when its answer is lost (a step-down after it replicated, a cut
+    /// connection, a write concern error).
+    pub fn lose_commit_answer(&self, sequence: Sequence) {
+        self.lost_answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(sequence);
     }
 
     /// Makes every call fail with [`StoreError::Unavailable`] (or work again).
@@ -957,6 +971,16 @@ impl OutboxStore for MemoryStore {
         batch.committed_at = Some(Utc::now());
         if let Some(lease) = state.stream(&fence.stream).lease.as_mut() {
             lease.committed = lease.committed.max(Some(sequence));
+        }
+        let lost = self
+            .lost_answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&sequence);
+        if lost {
+            return Err(StoreError::OutcomeUnknown(format!(
+                "the answer to the commit of batch {batch_id} was lost (it applied)"
+            )));
         }
         Ok(())
     }

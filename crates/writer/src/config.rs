@@ -71,7 +71,7 @@ pub struct Config {
     #[arg(long, env = "WRITER_RATE_LIMIT_ITEMS_PER_SECOND", default_value_t = 0)]
     pub rate_limit_items_per_second: u32,
     /// How much memory all requests parsing at once may take together, in
-    /// bytes, as estimated before each parse (about 100 bytes a JSON value
+    /// bytes, as estimated before each parse (200 bytes a JSON value
     /// or CSV cell, plus the body). A request waits for its share within
     /// the request deadline (else 503 `writer_busy`); a body whose estimate
     /// alone is over it gets 413 `body_too_complex`. Keep it well below the

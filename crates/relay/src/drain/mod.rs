@@ -199,7 +199,8 @@ impl Drainer {
     }
 
     /// The highest committed sequence, read from the store once per lease
-    /// epoch and then kept up to date by our own commits.
+    /// epoch and then kept up to date by our own commits; read again after
+    /// any failed pass (see [`write::Shared::forget_committed`]).
     async fn committed_through(&self, epoch: u64) -> Result<Option<Sequence>, DrainError> {
         let known = *self
             .shared
@@ -254,6 +255,13 @@ impl Drainer {
         shutdown: &CancellationToken,
     ) -> Result<Pass, DrainError> {
         let result = self.pass_pipelined(leadership, shutdown).await;
+        if result.is_err() {
+            // Whatever failed (a write whose answer was lost, a gap seen
+            // from a position known before), the next pass starts from
+            // what the store says is committed, never from what this
+            // replica remembers.
+            self.shared.forget_committed();
+        }
         if !matches!(result, Ok(Pass::Committed(_))) {
             // Whatever ended the pass, the writes handed over must be done
             // (or their failure known) before the next pass reads MongoDB.

@@ -154,19 +154,18 @@ impl Reader {
             let Some(batch) = queued.pop_front() else {
                 break;
             };
-            // Batch N+1 only after N: a gap is a batch not readable yet.
-            if let Some(last) = last
-                && batch.batch_sequence != last.next()
-            {
+            // Batch N+1 only after N, and batch 1 first when nothing is
+            // committed: a gap is a batch not readable yet (on a sharded
+            // cluster without zones, an earlier batch's shard may answer
+            // later than a later one's).
+            let expected = last.map_or(Sequence(1), Sequence::next);
+            if batch.batch_sequence != expected {
                 let found = batch.batch_sequence;
                 queued.push_front(batch);
                 if windows.is_empty() {
                     ::metrics::counter!(metrics::SEQUENCE_GAPS, "kind" => "batch", "stream" => self.stream.to_string()).increment(1);
                     return Ok(Read {
-                        next: Next::Gap {
-                            expected: last.next(),
-                            found,
-                        },
+                        next: Next::Gap { expected, found },
                         position,
                         queued: VecDeque::new(),
                     });

@@ -58,6 +58,13 @@ impl Shared {
         }
     }
 
+    /// Forgets what is known committed: after a write that failed, its
+    /// commit may have applied all the same (an answer lost on the way
+    /// back), so the next pass asks the store rather than trust this.
+    pub fn forget_committed(&self) {
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn committed(&self, batch: &PendingBatch) {
         self.record_committed(batch.batch_sequence);
         let age = (chrono::Utc::now() - batch.created_at)
@@ -248,6 +255,7 @@ async fn write(
                 }
             }
             Err(e) => {
+                shared.forget_committed();
                 shared.failed.store(true, Ordering::SeqCst);
                 *error = Some(e);
             }

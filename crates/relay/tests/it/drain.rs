@@ -425,6 +425,54 @@ async fn a_batch_after_a_gap_waits_for_the_missing_one() {
     assert_eq!(delivered, expected_order(&[2, 4, 3]));
 }
 
+/// With nothing committed, the first batch published is sequence 1: a
+/// later batch readable before it (on a sharded cluster without zones, its
+/// shard answered first) waits for it.
+#[tokio::test(start_paused = true)]
+async fn with_nothing_committed_the_first_batch_waits_for_sequence_one() {
+    let store = MemoryStore::new();
+    let missing = store.skip_sequence();
+    store_batches(&store, &[3]).await;
+    let publisher = FakePublisher::new("a");
+    let replica = replica(
+        &store,
+        &publisher,
+        settings("relay-first", 2, PoisonPolicy::Halt),
+    );
+    let status = std::sync::Arc::clone(&replica.status);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(replica.runner.run(stop.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !status
+        .snapshot()
+        .recent_errors
+        .iter()
+        .any(|e| e.message.contains("batch 1 is not readable yet"))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no gap reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(publisher.delivered().is_empty(), "nothing before batch 1");
+    store.insert_at(missing, &fakes_batch(2)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while !all_committed(&store) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            store.batch_statuses()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let delivered: Vec<_> = publisher
+        .delivered()
+        .iter()
+        .map(|(b, i, _)| (*b, *i))
+        .collect();
+    assert_eq!(delivered, expected_order(&[2, 3]));
+}
+
 /// An item absent from its batch's window ends the pass: nothing at or
 /// after its position goes out until it is readable again.
 #[tokio::test(start_paused = true)]

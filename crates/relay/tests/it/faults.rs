@@ -912,3 +912,87 @@ async fn connections_closed_during_the_marks_lose_nothing_and_keep_order() {
     }
     println!("{entered} connections closed mid-marks: 500 items in order, {duplicates} duplicates");
 }
+
+/// Every commit of the relay applies and is answered with a write concern
+/// error (code 91, as when a primary steps down after the commit
+/// replicated): the relay hears `OutcomeUnknown` for commits that happened.
+/// Once the fault heals, the batches submitted after it are delivered under
+/// the same lease epoch, without a restart: the drain asks MongoDB what is
+/// committed instead of trusting what it remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_whose_answers_were_lost_never_stall_the_stream() {
+    let Some(mongo) = FaultyMongo::start("commits_whose_answers_were_lost", None).await else {
+        return;
+    };
+    let stack = mongo.stack(&unique("writer"), &[]).await;
+    let app = unique("relay");
+    let (relay, admin) = mongo.relay(
+        &stack,
+        "r",
+        &app,
+        &[
+            ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
+            ("OUTBOX_BATCH_SIZE", "10"),
+        ],
+    );
+    wait_leader(&stack.http, &admin, Duration::from_secs(30)).await;
+    let epoch = |status: &Value| status["lease"]["epoch"].as_u64();
+    let first_epoch = epoch(&status_of(&stack.http, &admin).await.unwrap());
+    // Batches of one page each: every write the relay makes commits one.
+    let sizes = vec![10; 12];
+    stack.submit(&sizes[..2]).await;
+    let batches = stack.db.collection::<Document>("batches");
+    eventually(Duration::from_secs(60), "two batches committed", || {
+        let n = batches.count_documents(doc! { "status": "committed" });
+        async move { n.await.unwrap() == 2 }
+    })
+    .await;
+    let before = mongo
+        .fail_point(
+            Bson::String("alwaysOn".into()),
+            doc! {
+                "failCommands": ["commitTransaction"], "appName": &app,
+                "writeConcernError": { "code": 91, "errmsg": "Replication is being shut down" },
+            },
+        )
+        .await;
+    stack.submit(&sizes[2..6]).await;
+    mongo.wait_for_fail_point(before + 1).await;
+    // The relay retries a commit whose outcome is unknown for its commit
+    // timeout (10 s), then gives up on it: the fault lasts until it has.
+    eventually(
+        Duration::from_secs(60),
+        "a commit given up as unknown",
+        || {
+            let status = status_of(&stack.http, &admin);
+            async move {
+                status.await.is_some_and(|s| {
+                    s["recent_errors"].as_array().is_some_and(|errors| {
+                        errors
+                            .iter()
+                            .any(|e| e["message"].as_str().is_some_and(|m| m.contains("outcome")))
+                    })
+                })
+            }
+        },
+    )
+    .await;
+    mongo.fail_point_off().await;
+    // After the fault: these must go out too, under the same epoch.
+    stack.submit(&sizes[6..]).await;
+    let received = receive(&stack, 120, Duration::from_secs(120), |_| {}).await;
+    let (firsts, duplicates) = firsts(&received);
+    let stored = stack.items().await;
+    assert_in_order(&firsts, &sizes_by_sequence(&stored));
+    eventually(Duration::from_secs(60), "every batch committed", || {
+        let n = batches.count_documents(doc! { "status": "committed" });
+        async move { n.await.unwrap() == 12 }
+    })
+    .await;
+    let status = status_of(&stack.http, &admin).await.unwrap();
+    assert_eq!(epoch(&status), first_epoch, "{}", relay.tail());
+    assert_eq!(role(&status), "leader");
+    println!(
+        "commits answered with a write concern error: 120 items in order under one epoch, {duplicates} duplicates"
+    );
+}

@@ -216,3 +216,30 @@ async fn a_store_lost_after_an_acknowledgement_in_the_middle_of_a_group_republis
             .all(|(_, _, status, id)| *status == ItemStatus::Sent && id.is_some())
     );
 }
+
+/// A commit that applied but whose answer was lost (`OutcomeUnknown`): the
+/// drain must not trust the position it remembered; it asks the store, and
+/// every later batch is published under the same lease epoch.
+#[tokio::test(start_paused = true)]
+async fn a_commit_whose_answer_was_lost_never_stalls_the_stream() {
+    for ordering in ["global", "batch", "field:/vendor_name"] {
+        let store = MemoryStore::new();
+        store_batches(&store, &SIZES).await;
+        store.lose_commit_answer(outbox_core::model::Sequence(3));
+        store.lose_commit_answer(outbox_core::model::Sequence(5));
+        let publisher = FakePublisher::new("a");
+        publisher.set_latency(Duration::from_millis(20));
+        drain(&store, &publisher, ordering, 4, PoisonPolicy::Halt).await;
+
+        let (firsts, _) = first_deliveries(&publisher.delivered());
+        assert_eq!(firsts, expected_order(&SIZES), "{ordering}");
+        let lease = outbox_core::store::LeaseStore::current(
+            &store,
+            &outbox_core::stream::StreamName::default_stream(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(lease.epoch, 1, "{ordering}: one leader, one epoch");
+    }
+}
