@@ -16,6 +16,15 @@ start_pubsub
 ensure_browser
 export MONGODB_URL MONGODB_FLAVOR PUBSUB_EMULATOR_HOST
 export OUTBOX_BIN_DIR="$ROOT/target/debug"
+# The stand-in's own tests: its transaction gate, and the reads outside
+# transactions that do not wait for it, against a stand-in of their own.
+standin_check=0
+if [ "$MONGODB_FLAVOR" = standin ]; then
+  log "testing the MongoDB stand-in (scripts/mongo-standin/test_standin.py)"
+  ensure_standin
+  timeout 300 "$(standin_python)" scripts/mongo-standin/test_standin.py \
+    || { standin_check=1; log "error: the stand-in's tests failed (above)"; }
+fi
 log "checking both OpenAPI documents against the binaries (schemathesis)"
 api_check=0
 bash scripts/api-check.sh 50 || { api_check=1; log "error: the OpenAPI check failed (above)"; }
@@ -27,4 +36,5 @@ else
   cargo test --workspace --all-targets --locked --no-fail-fast "$@" || tests=$?
 fi
 [ "$api_check" -eq 0 ] || exit 1
+[ "$standin_check" -eq 0 ] || exit 1
 exit "$tests"

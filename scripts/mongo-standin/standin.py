@@ -13,12 +13,31 @@ server over SQLite) through this launcher. It subclasses the package's handler
   aggregate, ...) is opened anyway, and a failed commit no longer leaves the
   session stuck "in transaction";
 * transactions are serialized by a gate: while one session's transaction is
-  open, other sessions' data commands wait. SQLite has one connection per
-  database here and nested SAVEPOINTs of two sessions would commit each
-  other's writes. A transaction idle for longer than
-  `transactionLifetimeLimitSeconds` (60 s by default, as on MongoDB) is
-  aborted; a command with `maxTimeMS` waits for the gate at most that long and
-  then fails with MaxTimeMSExpired (50), as it would waiting for a lock;
+  open, other sessions' transactions and writes wait (and so do reads inside
+  a transaction). SQLite has one write connection per database here and
+  nested SAVEPOINTs of two sessions would commit each other's writes. A
+  transaction idle for longer than `transactionLifetimeLimitSeconds` (60 s by
+  default, as on MongoDB) is aborted; a command with `maxTimeMS` waits for the
+  gate at most that long and then fails with MaxTimeMSExpired (50), as it
+  would waiting for a lock;
+* reads outside a transaction never wait for the gate, as on MongoDB: find,
+  aggregate (without $out, $merge or $changeStream), count, distinct,
+  listCollections and listIndexes (and the getMore of their cursors, which
+  are kept in memory) are served by a read-only connection from the last
+  committed state, so an open transaction's writes are not seen until it
+  commits, and never if it aborts. Every read concern (local, majority,
+  available, snapshot) reads that state. (Until issue 27 these reads waited
+  for the gate too, and a read blocked past its `maxTimeMS` meant a
+  transaction was open; it no longer does: LEASE_KILL_ON_BLOCKED_READ has
+  nothing left to act on here.) For this every database is a SQLite file in
+  WAL mode: `--data-dir memory` (the default) puts the files in a temporary
+  directory, on /dev/shm when it has room, removed when the stand-in is gone,
+  even by SIGKILL. A count, distinct or plain aggregate of a collection that
+  does not exist answers empty without creating it, as MongoDB does; the few
+  reads that would create one on the package's write path (listIndexes, a
+  $lookup of a missing collection) and GridFS reads take the gated way, as
+  before. Fail points (`blockConnection` included) apply to these reads as to
+  any command;
 * MongoDB's own test commands, with MongoDB's syntax, so the same fault
   injection runs against a real `mongod --setParameter enableTestCommands=1`:
   `configureFailPoint` for the `failCommand` fail point (`mode` alwaysOn, off,
@@ -35,23 +54,42 @@ no WriteConflict / TransientTransactionError is ever raised on its own (a
 fail point can inject one), a write error does
 not abort the transaction, DateTime written with `$set` reads back as a string,
 Int64 reads back as Int32, and a contended findAndModify upsert returns null
-instead of E11000.
+instead of E11000. What the stand-in cannot show at all: two transactions at
+once (the gate runs one at a time, so no two ever conflict or interleave),
+replication (majority is the one node: no secondary lags, no acknowledged
+write is ever rolled back after an election), and a read at a point in time
+other than the last commit. Reads outside transactions do not purge
+TTL-expired documents (the package purges lazily when it reads on the write
+connection; MongoDB's TTL monitor is lazy too). A read may see a
+multi-document write command (an insert of many documents, an update with
+`multi`) partly applied, as on MongoDB; each document's write is atomic.
+
+test_standin.py, beside this file, pins the gate and the reads beside it
+against a stand-in of its own; scripts/test.sh runs it before the Rust tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
+import resource
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 
 from bson import Int64, ObjectId, Timestamp
 
+from neosqlite import Connection
 from nx_27017.handler import NeoSQLiteHandler
 from nx_27017.server import run_server_threaded
 from nx_27017.wire_protocol import _extract_session_id
@@ -72,6 +110,7 @@ NOT_FAILABLE = frozenset(
 
 # Commands that never touch data and so never wait for the gate. The driver's
 # monitors and connection handshakes must not block behind a transaction.
+# (Reads outside a transaction do not wait either: see SNAPSHOT_READS.)
 UNGATED = frozenset(
     {
         "hello", "Hello", "ismaster", "isMaster", "ping", "buildinfo", "buildInfo",
@@ -81,6 +120,36 @@ UNGATED = frozenset(
         "configureFailPoint", "waitForFailPoint", "killSessions", "setParameter",
     }
 )
+
+# Reads that, outside a transaction, are answered from the last committed
+# state (a read-only connection) without waiting for the gate.
+SNAPSHOT_READS = frozenset(
+    {"find", "aggregate", "count", "distinct", "listCollections", "listIndexes"}
+)
+
+# Aggregation stages that keep an aggregate on the gated way: they write, or
+# the package serves them from the write connection.
+GATED_STAGES = frozenset({"$out", "$merge", "$changeStream", "$listSearchIndexes"})
+
+# Stages whose output is empty on an empty input: an aggregate of only these
+# over a collection that does not exist is answered with an empty cursor, as
+# MongoDB does. Any other stage ($lookup, $unionWith, $facet, ...) takes the
+# gated way there, as before.
+EMPTY_ON_EMPTY_STAGES = frozenset(
+    {
+        "$match", "$group", "$sort", "$limit", "$skip", "$project", "$count",
+        "$addFields", "$set", "$unset", "$unwind", "$replaceRoot",
+        "$replaceWith", "$sortByCount", "$sample",
+    }
+)
+
+# How many idle read-only connections are kept, over all databases.
+IDLE_READERS = 16
+
+# `--data-dir memory`: the databases are files in a directory of this name
+# (on /dev/shm when it has room), removed when the stand-in is gone.
+EPHEMERAL_PREFIX = "batch-outbox-standin-"
+EPHEMERAL_LOCK = ".owner.lock"
 
 # Error codes the driver acts on, chosen by the reply's message.
 CODES_BY_MESSAGE = (
@@ -121,7 +190,9 @@ def _error_code(message: str) -> tuple[int, str]:
 
 
 class TransactionGate:
-    """One open transaction at a time; plain data commands wait while one is open."""
+    """One open transaction at a time; writes (and reads inside a
+    transaction) wait while one is open. Reads outside a transaction do not
+    come here: they are served from the last committed state."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -325,11 +396,148 @@ CODE_NAMES = {
 }
 
 
+class ReadConnection(Connection):
+    """A read-only connection to one database's file (SQLite in WAL mode).
+
+    Outside an explicit transaction, WAL gives each read the state of the
+    last commit, whatever the write connection has open. The package's
+    connection setup writes (auto_vacuum, journal_mode: both already set in
+    the file by the write connection), so it is skipped here; and reads do
+    not purge TTL-expired documents, which a read-only connection cannot
+    delete (MongoDB's TTL monitor is lazy too: it runs once a minute)."""
+
+    def _configure_connection(self) -> None:
+        self.db.isolation_level = None
+        self._register_custom_functions()
+
+    def _check_and_migrate_autovacuum(self, *args, **kwargs) -> None:
+        pass
+
+    def __getitem__(self, name: str):
+        collection = super().__getitem__(name)
+        collection._auto_purge_ttl = _no_purge
+        return collection
+
+
+def _no_purge() -> None:
+    pass
+
+
+class SnapshotReaders:
+    """Read-only connections, one per command being served, per database.
+
+    A connection is lent to one thread for one command and then kept idle
+    for the next (at most IDLE_READERS idle over all databases, least
+    recently used closed first). Dropping a database waits for its lent
+    connections, closes its idle ones and lends none meanwhile, so no
+    reader outlives the file it reads."""
+
+    def __init__(self, idle_limit: int = IDLE_READERS) -> None:
+        self._cond = threading.Condition()
+        self._idle_limit = idle_limit
+        self._idle: OrderedDict[str, list[ReadConnection]] = OrderedDict()
+        self._lent: dict[str, int] = {}
+        self._dropping: set[str] = set()
+
+    def borrow(self, db_name: str, open_database) -> ReadConnection:
+        """A read connection to `db_name`. `open_database()` opens the
+        database's write connection (creating its file) and returns the
+        file's path; it runs while no drop of the database can (a drop
+        waits for the connections lent, and none is lent while it runs)."""
+        with self._cond:
+            while db_name in self._dropping:
+                self._cond.wait()
+            self._lent[db_name] = self._lent.get(db_name, 0) + 1
+            idle = self._idle.get(db_name)
+            conn = idle.pop() if idle else None
+        try:
+            path = open_database()
+            if conn is None:
+                uri = f"file:{urllib.parse.quote(path)}?mode=ro"
+                conn = ReadConnection(uri, uri=True, check_same_thread=False, timeout=5.0)
+            return conn
+        except BaseException:
+            if conn is not None:
+                _close_quietly(conn)
+            self._returned(db_name)
+            raise
+
+    def give_back(self, db_name: str, conn: ReadConnection, reusable: bool) -> None:
+        surplus: list[ReadConnection] = []
+        with self._cond:
+            if reusable and db_name not in self._dropping and not conn.db.in_transaction:
+                self._idle.setdefault(db_name, []).append(conn)
+                self._idle.move_to_end(db_name)
+                total = sum(len(conns) for conns in self._idle.values())
+                while total > self._idle_limit:
+                    oldest = next(iter(self._idle))
+                    surplus.append(self._idle[oldest].pop(0))
+                    if not self._idle[oldest]:
+                        del self._idle[oldest]
+                    total -= 1
+            else:
+                surplus.append(conn)
+        for idle in surplus:
+            _close_quietly(idle)
+        self._returned(db_name)
+
+    def _returned(self, db_name: str) -> None:
+        with self._cond:
+            self._lent[db_name] -= 1
+            if not self._lent[db_name]:
+                del self._lent[db_name]
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def dropping(self, db_name: str):
+        """Closes the database's readers and lends none until the drop is done."""
+        with self._cond:
+            while db_name in self._dropping:
+                self._cond.wait()
+            self._dropping.add(db_name)
+            while self._lent.get(db_name):
+                self._cond.wait()
+            idle = self._idle.pop(db_name, [])
+        try:
+            for conn in idle:
+                _close_quietly(conn)
+            yield
+        finally:
+            with self._cond:
+                self._dropping.discard(db_name)
+                self._cond.notify_all()
+
+    def close_all(self) -> None:
+        with self._cond:
+            idle = [conn for conns in self._idle.values() for conn in conns]
+            self._idle.clear()
+        for conn in idle:
+            _close_quietly(conn)
+
+
+def _close_quietly(conn: Connection) -> None:
+    try:
+        conn.close()
+    except Exception:
+        logger.debug("closing a read connection failed", exc_info=True)
+
+
+class NotFromSnapshot(Exception):
+    """A snapshot read asked for something only the gated way serves."""
+
+
 class ReplicaSetHandler(NeoSQLiteHandler):
     """The package's handler, presented as a replica-set primary and repaired."""
 
-    def __init__(self, *args, me: str, **kwargs) -> None:
+    def __init__(self, *args, me: str, ephemeral: bool = False, **kwargs) -> None:
+        # Set first: the package's constructor may open databases.
+        self._ephemeral = ephemeral
+        self._readers = SnapshotReaders()
+        # The read connection lent to this thread's command, if any.
+        self._lent = threading.local()
         super().__init__(*args, **kwargs)
+        # One file per database is what a read-only connection can open.
+        self._snapshot_reads = self._mode == "files"
         self._me = me
         self._election_id = ObjectId()
         self._gate = TransactionGate()
@@ -436,6 +644,10 @@ class ReplicaSetHandler(NeoSQLiteHandler):
 
         if name in UNGATED:
             return self._run(msg, run)
+        if self._snapshot_reads and _snapshot_read(name, body):
+            served = self._read_snapshot(msg, body, name)
+            if served is not None:
+                return served[0], _repair(served[1])
         if not self._gate.enter_plain(self._end_transaction, deadline):
             return msg["request_id"], _max_time_expired()
         try:
@@ -450,6 +662,120 @@ class ReplicaSetHandler(NeoSQLiteHandler):
             logger.exception("command failed")
             request_id, reply = msg.get("request_id", 0), {"ok": 0, "errmsg": str(exc)}
         return request_id, _repair(reply)
+
+    # -- reads from the last committed state --------------------------------
+
+    def _read_snapshot(self, msg, body: dict, name: str):
+        """Serves a read outside a transaction on a read-only connection,
+        which sees the last committed state and never waits for the gate:
+        as on MongoDB, an open transaction neither blocks it nor shows it
+        its uncommitted writes. None when the read must take the gated way
+        (it would create a collection, touch GridFS, ...): as before."""
+        db_name = body.get("$db", "test")
+
+        def open_database() -> str:
+            # Opens (creates) the database's file, as the gated way would.
+            NeoSQLiteHandler.get_database(self, db_name)
+            return self._db_file(db_name)
+
+        try:
+            reader = self._readers.borrow(db_name, open_database)
+        except Exception:
+            logger.debug("no snapshot read for %s on %r", name, db_name, exc_info=True)
+            return None
+        reusable = False
+        try:
+            # One read transaction: the whole command sees one commit.
+            reader.db.execute("BEGIN")
+            try:
+                served = self._snapshot_command(reader, msg, body, name, db_name)
+            finally:
+                if reader.db.in_transaction:
+                    reader.db.execute("COMMIT")
+            reusable = True
+        except Exception:
+            logger.debug("snapshot read of %s failed; taking the gated way", name, exc_info=True)
+            return None
+        finally:
+            self._readers.give_back(db_name, reader, reusable)
+        if served is None:
+            logger.debug("%s on %r takes the gated way", name, db_name)
+        return served
+
+    def _snapshot_command(self, reader: ReadConnection, msg, body: dict, name: str, db_name: str):
+        coll_name = body.get(name)
+        if name != "listCollections":
+            if not isinstance(coll_name, str) or self._is_gridfs_collection(coll_name):
+                return None
+            exists = reader.db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                (coll_name,),
+            ).fetchone()
+            if exists is None:
+                # The package would create the collection (find does not).
+                if name == "count":
+                    return msg["request_id"], {"n": 0, "ok": 1.0}
+                if name == "distinct":
+                    return msg["request_id"], {"values": [], "ok": 1.0}
+                if name == "aggregate" and all(
+                    key in EMPTY_ON_EMPTY_STAGES
+                    for stage in body.get("pipeline") or []
+                    for key in stage
+                ):
+                    return msg["request_id"], {
+                        "cursor": {"id": 0, "ns": f"{db_name}.{coll_name}", "firstBatch": []},
+                        "ok": 1.0,
+                    }
+                if name != "find":
+                    return None
+        # Without the session: it is not needed outside a transaction, and
+        # the package would bind a new session to the read connection.
+        read = dict(msg)
+        read["sections"] = [
+            (kind, {k: v for k, v in data.items() if k != "lsid"})
+            if kind == "body" and isinstance(data, dict)
+            else (kind, data)
+            for kind, data in msg["sections"]
+        ]
+        self._lent.reader = (db_name, reader)
+        self._lent.refused = False
+        try:
+            # The package's handler without its per-database lock: the read
+            # connection is this thread's alone.
+            request_id, reply = NeoSQLiteHandler.handle_command.__wrapped__(self, read)
+        finally:
+            self._lent.reader = None
+        if self._lent.refused:
+            return None
+        if isinstance(reply, dict) and reply.get("ok") in (0, 0.0, False):
+            message = str(reply.get("errmsg", "")).lower()
+            if "readonly" in message or "no such table" in message:
+                return None
+        return request_id, reply
+
+    def get_database(self, db_name: str):
+        lent = getattr(self._lent, "reader", None)
+        if lent is not None:
+            if lent[0] == db_name:
+                return lent[1]
+            self._lent.refused = True
+            raise NotFromSnapshot(f"a snapshot read of {lent[0]!r} asked for {db_name!r}")
+        return super().get_database(db_name)
+
+    def _evict_lru_locked(self) -> None:
+        # `--data-dir memory` keeps every database open, as the package's
+        # memory mode does (its LRU eviction can close a connection another
+        # thread is using).
+        if not self._ephemeral:
+            super()._evict_lru_locked()
+
+    def _drop_file_db(self, db_name: str) -> None:
+        with self._readers.dropping(db_name):
+            super()._drop_file_db(db_name)
+
+    def close_all(self) -> None:
+        self._readers.close_all()
+        super().close_all()
 
     # -- MongoDB's test and administration commands -------------------------
 
@@ -563,6 +889,21 @@ class ReplicaSetHandler(NeoSQLiteHandler):
         return reply
 
 
+def _snapshot_read(name: str, body: dict) -> bool:
+    """Whether a command (outside a transaction) only reads, so that the
+    last committed state can answer it."""
+    if name not in SNAPSHOT_READS:
+        return False
+    if name == "aggregate":
+        pipeline = body.get("pipeline")
+        if not isinstance(pipeline, list):
+            return False
+        for stage in pipeline:
+            if not isinstance(stage, dict) or any(key in GATED_STAGES for key in stage):
+                return False
+    return True
+
+
 def _max_time_expired() -> dict:
     return {
         "ok": 0.0,
@@ -599,6 +940,96 @@ def _repair(reply: dict) -> dict:
     return reply
 
 
+def _ephemeral_data_dir() -> str:
+    """The directory of `--data-dir memory`: on /dev/shm when it has room,
+    else in the temporary directory, removed when this process is gone,
+    however it ends (tests stop their stand-ins with SIGKILL)."""
+    base = tempfile.gettempdir()
+    try:
+        shm = os.statvfs("/dev/shm")
+        if os.access("/dev/shm", os.W_OK) and shm.f_bavail * shm.f_frsize >= 1 << 30:
+            base = "/dev/shm"
+    except OSError:
+        pass
+    _remove_abandoned(base)
+    path = tempfile.mkdtemp(prefix=f"{EPHEMERAL_PREFIX}{os.getpid()}-", dir=base)
+    # Held for this process's life; the lock file appears only once held.
+    lock = os.open(os.path.join(path, EPHEMERAL_LOCK + ".new"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    os.rename(os.path.join(path, EPHEMERAL_LOCK + ".new"), os.path.join(path, EPHEMERAL_LOCK))
+    _remove_when_gone(path, lock)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _remove_abandoned(base: str) -> None:
+    """Removes directories of earlier stand-ins whose process and cleaner
+    are both gone (nobody holds their lock)."""
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(EPHEMERAL_PREFIX):
+            continue
+        path = os.path.join(base, entry)
+        try:
+            lock = os.open(os.path.join(path, EPHEMERAL_LOCK), os.O_RDWR)
+        except FileNotFoundError:
+            # Died between mkdtemp and its lock, or still starting.
+            with contextlib.suppress(OSError):
+                if time.time() - os.stat(path).st_mtime > 3600:
+                    shutil.rmtree(path, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # alive
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(lock)
+
+
+def _remove_when_gone(path: str, lock: int) -> None:
+    """Forks a cleaner that removes `path` when this process is gone: it
+    waits on a pipe whose only write end this process holds. It leaves the
+    process group, so signals to the group do not stop it first."""
+    read_end, write_end = os.pipe()
+    if os.fork() != 0:
+        os.close(read_end)
+        return
+    try:
+        os.setsid()
+        os.close(write_end)
+        os.close(lock)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        keep = sorted({0, 1, 2, read_end})
+        for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
+            os.closerange(low + 1, high)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        while os.read(read_end, 1):
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os._exit(0)
+
+
+def _raise_open_files_limit() -> None:
+    """Three descriptors a database (file, WAL, shared memory) and more per
+    read connection: the soft limit up to the hard one (at most 65536)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -606,7 +1037,8 @@ def main() -> int:
     parser.add_argument(
         "--data-dir",
         default="memory",
-        help="directory for one SQLite file per database, or 'memory'",
+        help="directory for one SQLite file per database, or 'memory' (files in a"
+        " temporary directory, on /dev/shm when it has room, removed at exit)",
     )
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument(
@@ -623,8 +1055,15 @@ def main() -> int:
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     threading.excepthook = _ignore_close
+    data_dir = args.data_dir
+    # Reads outside transactions need files (a read-only connection beside
+    # the write one), so 'memory' is a temporary directory.
+    ephemeral = data_dir.strip() in ("memory", ":memory:")
+    if ephemeral:
+        data_dir = _ephemeral_data_dir()
+    _raise_open_files_limit()
     handler = ReplicaSetHandler(
-        ":memory:", data_dir=args.data_dir, me=f"{args.host}:{args.port}"
+        ":memory:", data_dir=data_dir, me=f"{args.host}:{args.port}", ephemeral=ephemeral
     )
     for setting in args.setParameter:
         name, _, value = setting.partition("=")
