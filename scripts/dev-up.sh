@@ -37,10 +37,13 @@ wait_until 60 "relay-1" curl -fsS "http://127.0.0.1:9090/health/ready" || die "r
 # every message from the first batch on (the emulator's REST API).
 wait_until 30 "the topic" curl -fsS "http://$PUBSUB_EMULATOR_HOST/v1/projects/$PUBSUB_PROJECT_ID/topics/$PUBSUB_TOPIC" \
   || die "the relays did not create topic $PUBSUB_TOPIC; see $RUN_DIR/relay-1.log"
-curl -fsS -X PUT "http://$PUBSUB_EMULATOR_HOST/v1/projects/$PUBSUB_PROJECT_ID/subscriptions/batch-outbox-tail" \
-  -H 'content-type: application/json' \
-  -d "{\"topic\": \"projects/$PUBSUB_PROJECT_ID/topics/$PUBSUB_TOPIC\", \"enableMessageOrdering\": true}" >/dev/null 2>&1 \
-  || log "subscription batch-outbox-tail exists already or could not be made; outboxctl tail makes it"
+# batch-outbox-consume is the consumer example's (crates/outbox-consumer).
+for subscription in batch-outbox-tail batch-outbox-consume; do
+  curl -fsS -X PUT "http://$PUBSUB_EMULATOR_HOST/v1/projects/$PUBSUB_PROJECT_ID/subscriptions/$subscription" \
+    -H 'content-type: application/json' \
+    -d "{\"topic\": \"projects/$PUBSUB_PROJECT_ID/topics/$PUBSUB_TOPIC\", \"enableMessageOrdering\": true}" >/dev/null 2>&1 \
+    || log "subscription $subscription exists already or could not be made"
+done
 
 # What a new shell needs to reach what dev-up started: `source` it.
 cat >"$RUN_DIR/dev.env" <<ENV

@@ -61,6 +61,15 @@ fn admin(mut case: Case) -> Case {
     case
 }
 
+/// An admin GET with the token: every admin `/api` route needs it.
+fn admin_get(name: &'static str, path: impl Into<String>, status: u16, code: &'static str) -> Case {
+    admin(with_header(
+        get(name, path, status, code),
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}"),
+    ))
+}
+
 fn nested(depth: usize) -> String {
     format!("[{{\"a\":{}1{}}}]", "[".repeat(depth), "]".repeat(depth))
 }
@@ -360,30 +369,30 @@ fn cases() -> Vec<Case> {
                 "batch_not_found",
             )
         }),
-        admin(get(
+        admin_get(
             "admin items of an unknown batch",
             format!("/api/v1/outbox/batch/{valid_unknown}/items"),
             404,
             "batch_not_found",
-        )),
-        admin(get(
+        ),
+        admin_get(
             "admin negative limit",
             "/api/v1/outbox/pending-batches?limit=-1",
             400,
             "invalid_query",
-        )),
-        admin(get(
+        ),
+        admin_get(
             "admin non-numeric limit",
             "/api/v1/outbox/pending-batches?limit=abc",
             400,
             "invalid_query",
-        )),
-        admin(get(
+        ),
+        admin_get(
             "admin unknown route",
             "/api/v1/outbox/../../etc/passwd",
             404,
             "route_not_found",
-        )),
+        ),
     ];
     // Paths of the admin POST cases.
     for case in &mut cases {

@@ -355,6 +355,7 @@ impl Service {
         self.process.as_ref()?;
         let response = http
             .get(format!("{}/api/v1/outbox/status", self.url))
+            .bearer_auth(crate::stack::ADMIN_TOKEN)
             .timeout(Duration::from_millis(500))
             .send()
             .await

@@ -184,6 +184,7 @@ impl Stack {
             let Ok(response) = self
                 .http
                 .get(format!("{}/api/v1/streams", relay.url))
+                .bearer_auth(ADMIN_TOKEN)
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await

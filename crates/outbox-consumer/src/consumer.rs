@@ -6,12 +6,14 @@
 //! subscriber client; [`Core`] is the same logic over any source of
 //! deliveries (tests feed it directly).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use google_cloud_pubsub::client::Subscriber;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
+use tokio::time::Instant;
 use tracing::warn;
 
 use crate::item::{Item, Lane, NotAnItem};
@@ -28,6 +30,12 @@ pub enum Delivery {
     /// Every item of one batch, in `item_sequence` order, once the last of
     /// them came (`whole_batches`).
     Batch(Vec<Item>),
+    /// What came of a batch whose other items did not come within
+    /// [`Limits::batch_wait`] (an item dead-lettered at its first publish,
+    /// a position a replay could not read), in `item_sequence` order, with
+    /// the positions that did not come. Its items are acknowledged once
+    /// handled, like a whole batch's.
+    Partial { items: Vec<Item>, missing: Vec<u32> },
 }
 
 /// The application's side.
@@ -69,7 +77,9 @@ pub struct Received {
 pub enum Outcome {
     /// Handled and acknowledged (with the others of its batch, when whole).
     Handled,
-    /// Kept until the rest of its batch comes.
+    /// Kept until the rest of its batch comes (a copy of an item held is
+    /// kept too, unanswered: it is acknowledged with the batch, never
+    /// before it is handled).
     Held,
     /// A copy of an item already handled: acknowledged, not handled.
     Duplicate,
@@ -83,11 +93,56 @@ pub enum Outcome {
     Foreign(String),
 }
 
+/// How long the consumer waits for what may never come to this client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// With whole batches: how long after a batch's first item came the
+    /// rest may take. Then what came is handed over as
+    /// [`Delivery::Partial`] (an item dead-lettered at its first publish
+    /// never comes). Default 5 minutes.
+    pub batch_wait: Duration,
+    /// After a failure, how long the failed message's ordering key stays
+    /// blocked in this client waiting for it to come again. Pub/Sub may
+    /// redeliver it to another client (ordering keys move between clients
+    /// on reconnects and scaling) or a dead-letter policy may take it; then
+    /// the key is released and its messages are handled again. Default 60
+    /// seconds.
+    pub release_blocked_after: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            batch_wait: Duration::from_secs(300),
+            release_blocked_after: Duration::from_secs(60),
+        }
+    }
+}
+
 /// A batch being collected.
 struct Collecting {
     items: BTreeMap<u32, Item>,
+    /// Every delivery of its items, copies included: all are answered when
+    /// the batch is (a copy acknowledged early would acknowledge an item
+    /// not yet handled).
     answers: Vec<Box<dyn Answer>>,
     total: u64,
+    /// When its first item came.
+    since: Instant,
+    /// The ordering keys of its items.
+    keys: BTreeSet<String>,
+}
+
+impl Collecting {
+    fn complete(&self) -> bool {
+        self.items.len() as u64 >= self.total
+    }
+}
+
+/// A key blocked after a failure: the delivery awaited again, and since when.
+struct Blocked {
+    awaited: String,
+    since: Instant,
 }
 
 /// The consumer's logic, over any source of deliveries.
@@ -95,9 +150,10 @@ pub struct Core<S, H> {
     seen: S,
     handler: H,
     whole_batches: bool,
+    limits: Limits,
     collecting: BTreeMap<(Lane, u64), Collecting>,
     /// Ordering keys with a failed delivery, and the item awaited again.
-    blocked: BTreeMap<(Lane, String), String>,
+    blocked: BTreeMap<(Lane, String), Blocked>,
     verifier: Verifier,
     /// Copies of items held for their batch (the verifier sees an item
     /// once its batch is handled).
@@ -110,11 +166,19 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
             seen,
             handler,
             whole_batches,
+            limits: Limits::default(),
             collecting: BTreeMap::new(),
             blocked: BTreeMap::new(),
             verifier: Verifier::new(contract),
             held_copies: 0,
         }
+    }
+
+    /// The same, with other [`Limits`].
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The order contract as the deliveries so far kept it.
@@ -141,8 +205,15 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
         };
         let key = item.dedup_key();
         let ordering = (item.lane(), item.ordering_key.clone());
-        if let Some(awaited) = self.blocked.get(&ordering) {
-            if *awaited == key {
+        if let Some(blocked) = self.blocked.get(&ordering) {
+            if blocked.awaited == key {
+                self.blocked.remove(&ordering);
+            } else if blocked.since.elapsed() >= self.limits.release_blocked_after {
+                warn!(
+                    message = "the failed message did not come again to this client in time; its ordering key is released",
+                    ordering_key = %item.ordering_key,
+                    awaited = %blocked.awaited
+                );
                 self.blocked.remove(&ordering);
             } else {
                 answer.nack();
@@ -174,7 +245,13 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
                 answer.ack();
             } else {
                 // Until it comes again, the rest of its key waits.
-                self.blocked.insert(ordering, key);
+                self.blocked.insert(
+                    ordering,
+                    Blocked {
+                        awaited: key,
+                        since: Instant::now(),
+                    },
+                );
                 answer.nack();
             }
             return outcome;
@@ -187,24 +264,86 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
                 items: BTreeMap::new(),
                 answers: Vec::new(),
                 total: item.batch_total_items,
+                since: Instant::now(),
+                keys: BTreeSet::new(),
             });
-        if collecting.items.contains_key(&item.position.item_sequence) {
-            // A copy of an item held for its batch: the held one answers.
-            self.held_copies += 1;
-            answer.ack();
-            return Outcome::Duplicate;
-        }
-        collecting.items.insert(item.position.item_sequence, item);
         collecting.answers.push(answer);
-        if (collecting.items.len() as u64) < collecting.total {
+        if collecting.items.contains_key(&item.position.item_sequence) {
+            // A copy of an item held for its batch: answered with it.
+            self.held_copies += 1;
             return Outcome::Held;
         }
-        let Some(done) = self.collecting.remove(&slot) else {
-            return Outcome::Held;
-        };
-        let items: Vec<Item> = done.items.into_values().collect();
+        collecting.keys.insert(item.ordering_key.clone());
+        collecting.items.insert(item.position.item_sequence, item);
+        let outcomes = self.hand_over().await;
+        outcomes
+            .into_iter()
+            .find(|(s, _)| *s == slot)
+            .map_or(Outcome::Held, |(_, outcome)| outcome)
+    }
+
+    /// Hands over the batches whose time to wait for the rest is up (call
+    /// it every second or so while no message comes); returns how each
+    /// batch handed over ended.
+    pub async fn tick(&mut self) -> Vec<Outcome> {
+        self.hand_over()
+            .await
+            .into_iter()
+            .map(|(_, outcome)| outcome)
+            .collect()
+    }
+
+    /// Hands over, in `batch_sequence` order, every batch that is complete
+    /// (or waited [`Limits::batch_wait`]) and that no earlier batch still
+    /// collecting shares an ordering key with: a later batch on a key is
+    /// never handed over before an earlier one.
+    async fn hand_over(&mut self) -> Vec<((Lane, u64), Outcome)> {
+        let mut ready = Vec::new();
+        let mut waiting: BTreeSet<(Lane, String)> = BTreeSet::new();
+        for (slot, batch) in &self.collecting {
+            let keys: Vec<(Lane, String)> = batch
+                .keys
+                .iter()
+                .map(|k| (slot.0.clone(), k.clone()))
+                .collect();
+            let due = batch.complete() || batch.since.elapsed() >= self.limits.batch_wait;
+            if due && !keys.iter().any(|k| waiting.contains(k)) {
+                ready.push(slot.clone());
+            } else {
+                waiting.extend(keys);
+            }
+        }
+        let mut outcomes = Vec::new();
+        for slot in ready {
+            let Some(batch) = self.collecting.remove(&slot) else {
+                continue;
+            };
+            let outcome = self.deliver(batch).await;
+            outcomes.push((slot, outcome));
+        }
+        outcomes
+    }
+
+    async fn deliver(&mut self, batch: Collecting) -> Outcome {
+        let missing: Vec<u32> = (1..=u32::try_from(batch.total).unwrap_or(u32::MAX))
+            .filter(|p| !batch.items.contains_key(p))
+            .collect();
+        let items: Vec<Item> = batch.items.into_values().collect();
         let keys: Vec<String> = items.iter().map(Item::dedup_key).collect();
-        let outcome = match self.handler.handle(Delivery::Batch(items.clone())).await {
+        let delivery = if missing.is_empty() {
+            Delivery::Batch(items.clone())
+        } else {
+            warn!(
+                message = "a batch's other items did not come in time; handing over what came",
+                batch_sequence = items.first().map(|i| i.position.batch_sequence),
+                missing = ?missing
+            );
+            Delivery::Partial {
+                items: items.clone(),
+                missing,
+            }
+        };
+        let outcome = match self.handler.handle(delivery).await {
             Ok(()) => match self.seen.remember(&keys).await {
                 Ok(()) => Outcome::Handled,
                 Err(e) => Outcome::Failed(format!("remembering: {e:#}")),
@@ -216,14 +355,19 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
             for item in &items {
                 self.note(item);
             }
-        } else if let Some(first) = items.first() {
-            // Until the batch comes again, the rest of its key waits.
-            self.blocked.insert(
-                (first.lane(), first.ordering_key.clone()),
-                first.dedup_key(),
-            );
+        } else {
+            // Until the batch comes again, the rest of each of its keys
+            // waits (for the key's first item of the batch).
+            for item in &items {
+                self.blocked
+                    .entry((item.lane(), item.ordering_key.clone()))
+                    .or_insert_with(|| Blocked {
+                        awaited: item.dedup_key(),
+                        since: Instant::now(),
+                    });
+            }
         }
-        for answer in done.answers {
+        for answer in batch.answers {
             if handled {
                 answer.ack();
             } else {
@@ -263,6 +407,8 @@ pub struct ConsumerConfig {
     pub whole_batches: bool,
     /// What the stream's ordering-key mode promises (for the report).
     pub contract: Contract,
+    /// How long to wait for what may never come to this client.
+    pub limits: Limits,
 }
 
 impl ConsumerConfig {
@@ -275,6 +421,7 @@ impl ConsumerConfig {
             max_outstanding: 1000,
             whole_batches: false,
             contract: Contract::Global,
+            limits: Limits::default(),
         }
     }
 
@@ -318,11 +465,21 @@ impl Consumer {
             .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
             .build();
         let shutdown = stream.shutdown_token();
-        let mut core = Core::new(seen, handler, config.whole_batches, config.contract);
+        let mut core = Core::new(seen, handler, config.whole_batches, config.contract)
+            .with_limits(config.limits);
         let mut stop = std::pin::pin!(stop);
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
             let next = tokio::select! {
                 () = &mut stop => break Ok(()),
+                _ = ticks.tick() => {
+                    for outcome in core.tick().await {
+                        if let Outcome::Failed(reason) = outcome {
+                            warn!(message = "not handled; it comes again", reason = %reason);
+                        }
+                    }
+                    continue;
+                }
                 next = stream.next() => next,
             };
             match next {
@@ -397,7 +554,9 @@ mod tests {
         async fn handle(&self, delivery: Delivery) -> anyhow::Result<()> {
             let ids: Vec<String> = match &delivery {
                 Delivery::Item(item) => vec![item.item_id.clone()],
-                Delivery::Batch(items) => items.iter().map(|i| i.item_id.clone()).collect(),
+                Delivery::Batch(items) | Delivery::Partial { items, .. } => {
+                    items.iter().map(|i| i.item_id.clone()).collect()
+                }
             };
             let mut fail = self.fail_once.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(at) = fail.iter().position(|f| ids.contains(f)) {
@@ -462,7 +621,7 @@ mod tests {
             .iter()
             .map(|d| match d {
                 Delivery::Item(item) => item.item_id.clone(),
-                Delivery::Batch(_) => String::new(),
+                Delivery::Batch(_) | Delivery::Partial { .. } => String::new(),
             })
             .collect();
         assert_eq!(handled, ["i1-1", "i1-2", "i2-1", "i2-2", "i3-1"]);
@@ -508,7 +667,7 @@ mod tests {
             .iter()
             .map(|d| match d {
                 Delivery::Batch(items) => items.iter().map(|i| i.item_id.clone()).collect(),
-                Delivery::Item(_) => Vec::new(),
+                Delivery::Item(_) | Delivery::Partial { .. } => Vec::new(),
             })
             .collect();
         assert_eq!(
@@ -525,5 +684,191 @@ mod tests {
             .collect();
         assert_eq!(nacked, ["m3", "m4"]);
         assert!(core.report().held());
+    }
+
+    /// The item at (`batch`, `position`) of a batch of `total`, its message
+    /// named `message`.
+    fn at(batch: u64, position: u32, total: u64, message: &str) -> Item {
+        let mut item = item(batch, position, total);
+        item.message_id = message.to_owned();
+        item
+    }
+
+    fn answered(answers: &Answers) -> Vec<(String, bool)> {
+        answers.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn handled_batches(core: &Core<MemorySeen, Keeping>) -> Vec<(Vec<String>, Vec<u32>)> {
+        core.handler()
+            .handled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|d| match d {
+                Delivery::Batch(items) => {
+                    (items.iter().map(|i| i.item_id.clone()).collect(), vec![])
+                }
+                Delivery::Partial { items, missing } => (
+                    items.iter().map(|i| i.item_id.clone()).collect(),
+                    missing.clone(),
+                ),
+                Delivery::Item(item) => (vec![item.item_id.clone()], vec![]),
+            })
+            .collect()
+    }
+
+    /// A copy of an item held for its batch (Pub/Sub redelivers a message
+    /// whose lease the subscriber stopped extending) is answered with the
+    /// batch: acknowledged once the batch is handled, nacked if it fails,
+    /// never before.
+    #[tokio::test]
+    async fn a_copy_of_a_held_item_is_never_acknowledged_before_its_batch_is_handled() {
+        for fails in [false, true] {
+            let answers = Answers::default();
+            let handler = Keeping::default();
+            if fails {
+                handler
+                    .fail_once
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push("i1-1".to_owned());
+            }
+            let mut core = Core::new(MemorySeen::default(), handler, true, Contract::Global);
+            assert_eq!(
+                core.on(received(at(1, 1, 2, "m0"), &answers)).await,
+                Outcome::Held
+            );
+            assert_eq!(
+                core.on(received(at(1, 1, 2, "m1"), &answers)).await,
+                Outcome::Held
+            );
+            assert!(
+                answered(&answers).is_empty(),
+                "nothing answered before the batch is handled"
+            );
+            let last = core.on(received(at(1, 2, 2, "m2"), &answers)).await;
+            assert_eq!(last == Outcome::Handled, !fails, "{last:?}");
+            let mut all = answered(&answers);
+            all.sort();
+            let acked = !fails;
+            assert_eq!(
+                all,
+                [
+                    ("m0".to_owned(), acked),
+                    ("m1".to_owned(), acked),
+                    ("m2".to_owned(), acked)
+                ]
+            );
+        }
+    }
+
+    /// A position that never comes (dead-lettered at its first publish) does
+    /// not hold the batch for ever: after the wait, what came is handed over
+    /// as partial, with what is missing, and acknowledged once handled.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_missing_a_position_is_handed_over_partial_after_the_wait() {
+        let answers = Answers::default();
+        let limits = Limits {
+            batch_wait: Duration::from_secs(30),
+            ..Limits::default()
+        };
+        let mut core = Core::new(
+            MemorySeen::default(),
+            Keeping::default(),
+            true,
+            Contract::Global,
+        )
+        .with_limits(limits);
+        assert_eq!(
+            core.on(received(at(1, 1, 3, "m0"), &answers)).await,
+            Outcome::Held
+        );
+        assert_eq!(
+            core.on(received(at(1, 3, 3, "m1"), &answers)).await,
+            Outcome::Held
+        );
+        assert!(core.tick().await.is_empty(), "not before the wait is over");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(core.tick().await, [Outcome::Handled]);
+        assert_eq!(
+            handled_batches(&core),
+            [(vec!["i1-1".to_owned(), "i1-3".to_owned()], vec![2])]
+        );
+        assert!(answered(&answers).iter().all(|(_, acked)| *acked));
+        assert_eq!(answered(&answers).len(), 2);
+    }
+
+    /// A later batch on a key is never handed over before an earlier one,
+    /// even when it is complete first.
+    #[tokio::test]
+    async fn a_later_batch_on_a_key_waits_for_the_earlier_one() {
+        let answers = Answers::default();
+        let mut core = Core::new(
+            MemorySeen::default(),
+            Keeping::default(),
+            true,
+            Contract::Global,
+        );
+        assert_eq!(
+            core.on(received(at(1, 1, 2, "m0"), &answers)).await,
+            Outcome::Held
+        );
+        assert_eq!(
+            core.on(received(at(2, 1, 1, "m1"), &answers)).await,
+            Outcome::Held,
+            "batch 2 is complete but batch 1 is not"
+        );
+        assert_eq!(
+            core.on(received(at(1, 2, 2, "m2"), &answers)).await,
+            Outcome::Handled
+        );
+        let order: Vec<Vec<String>> = handled_batches(&core)
+            .into_iter()
+            .map(|(ids, _)| ids)
+            .collect();
+        assert_eq!(order, [vec!["i1-1", "i1-2"], vec!["i2-1"]]);
+        assert_eq!(answered(&answers).len(), 3);
+    }
+
+    /// A key blocked after a failure is released when the failed message
+    /// does not come again to this client in time (it went to another
+    /// client, or to the dead-letter topic).
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_key_is_released_after_the_wait() {
+        let answers = Answers::default();
+        let handler = Keeping::default();
+        handler
+            .fail_once
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("i1-1".to_owned());
+        let mut core = Core::new(MemorySeen::default(), handler, false, Contract::Global);
+        assert!(matches!(
+            core.on(received(at(1, 1, 2, "m0"), &answers)).await,
+            Outcome::Failed(_)
+        ));
+        assert_eq!(
+            core.on(received(at(1, 2, 2, "m1"), &answers)).await,
+            Outcome::Blocked
+        );
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(
+            core.on(received(at(1, 2, 2, "m2"), &answers)).await,
+            Outcome::Blocked
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            core.on(received(at(1, 2, 2, "m3"), &answers)).await,
+            Outcome::Handled
+        );
+        assert_eq!(
+            answered(&answers),
+            [
+                ("m0".to_owned(), false),
+                ("m1".to_owned(), false),
+                ("m2".to_owned(), false),
+                ("m3".to_owned(), true)
+            ]
+        );
     }
 }

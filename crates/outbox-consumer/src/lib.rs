@@ -35,7 +35,9 @@ mod item;
 mod seen;
 mod verify;
 
-pub use consumer::{Answer, Consumer, ConsumerConfig, Core, Delivery, Handler, Outcome, Received};
+pub use consumer::{
+    Answer, Consumer, ConsumerConfig, Core, Delivery, Handler, Limits, Outcome, Received,
+};
 pub use item::{Item, Lane, NotAnItem, Position};
 #[cfg(feature = "mongodb")]
 pub use seen::MongoSeen;

@@ -232,10 +232,28 @@ pub trait LeaseStore: Send + Sync + 'static {
     async fn leases(&self) -> Result<Vec<Lease>, StoreError>;
 }
 
+/// A relay process's identity, as lease holder and member: its configured
+/// name (`RELAY_ID`, what people read) and a suffix drawn when the process
+/// starts, `NAME#SUFFIX`. A process restarted under the same name (a
+/// container's host name and pid 1 are the same after a restart) is another
+/// holder: its predecessor's lease is taken over (a new epoch, the orphaned
+/// transaction killed), never renewed as its own; and two live processes
+/// configured with one name never share an epoch.
+pub fn instance_id(name: &str, suffix: u32) -> String {
+    format!("{name}#{suffix:08x}")
+}
+
+/// The configured name in an [`instance_id`] (the whole id when it has no
+/// suffix: holders written before instance ids).
+pub fn instance_name(id: &str) -> &str {
+    id.rsplit_once('#').map_or(id, |(name, _)| name)
+}
+
 /// A relay replica, as the others see it: what the share of the streams is
 /// computed from, and what the cluster's status pages show.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Member {
+    /// Its [`instance_id`].
     pub id: String,
     /// Where its admin port answers (empty when not known).
     pub admin_url: String,
@@ -252,6 +270,27 @@ pub struct Member {
     /// admin API is open: replicas with another token, or none, are
     /// flagged, since every replica obeys what any of them stores.
     pub admin_token: Option<String>,
+}
+
+impl Member {
+    /// Its configured name (`RELAY_ID`).
+    pub fn name(&self) -> &str {
+        instance_name(&self.id)
+    }
+}
+
+/// The names two or more live members share: processes configured with one
+/// `RELAY_ID` (a copy-pasted deployment, a second process started by hand).
+pub fn shared_names(members: &[Member]) -> Vec<String> {
+    let mut names: Vec<&str> = members.iter().map(Member::name).collect();
+    names.sort_unstable();
+    let mut shared: Vec<String> = names
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0].to_owned())
+        .collect();
+    shared.dedup();
+    shared
 }
 
 /// The relay replicas' registry: each announces itself every few seconds.

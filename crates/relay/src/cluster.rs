@@ -157,12 +157,12 @@ pub fn token_match(own: Option<&str>, theirs: Option<&str>) -> &'static str {
     }
 }
 
-/// The replicas (by id) whose admin token is not this one's.
+/// The replicas (by name) whose admin token is not this one's.
 pub fn token_mismatches(own: Option<&str>, members: &[Member]) -> Vec<String> {
     members
         .iter()
         .filter(|m| token_match(own, m.admin_token.as_deref()) != "same")
-        .map(|m| m.id.clone())
+        .map(|m| m.name().to_owned())
         .collect()
 }
 

@@ -196,7 +196,10 @@ pub struct Config {
     /// says nothing about the holder, and the kill would come from a stale view.
     #[arg(long, env = "LEASE_KILL_ON_BLOCKED_READ", default_value_t = false, action = clap::ArgAction::Set)]
     pub kill_on_blocked_lease_read: bool,
-    /// This replica's name in the lease (default: host name and process id).
+    /// This replica's name, as pages and logs show it (default: host name and
+    /// process id). Each process holds leases under the name and a suffix it
+    /// draws at start (`NAME#SUFFIX`), so a restart under the same name is a
+    /// takeover, never a renewal. No '#'.
     #[arg(long, env = "RELAY_ID", default_value_t = default_relay_id())]
     pub relay_id: String,
     /// Start the default stream paused when false (stored in MongoDB; POST /api/v1/outbox/start resumes it).
@@ -328,8 +331,8 @@ impl Config {
         if !(0.1..=3600.0).contains(&self.max_backoff_seconds) {
             return Err("OUTBOX_MAX_BACKOFF_SECONDS must be between 0.1 and 3600".to_owned());
         }
-        if self.relay_id.trim().is_empty() {
-            return Err("RELAY_ID must not be empty".to_owned());
+        if self.relay_id.trim().is_empty() || self.relay_id.contains('#') {
+            return Err("RELAY_ID must not be empty nor contain '#'".to_owned());
         }
         match self.admin_token.as_deref() {
             None if !self.admin_insecure_no_token => {

@@ -15,7 +15,7 @@ const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
     img-src 'self' data:; connect-src 'self'; form-action 'none'; \
     frame-ancestors 'none'; base-uri 'none'";
 
-fn asset(content_type: &str, body: &'static str) -> HttpResponse {
+fn asset(content_type: &str, body: impl actix_web::body::MessageBody + 'static) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, content_type))
         .insert_header((header::CONTENT_SECURITY_POLICY, POLICY))
@@ -34,8 +34,18 @@ fn asset(content_type: &str, body: &'static str) -> HttpResponse {
     (status = 200, description = "The page.", body = String, content_type = "text/html"),
 ))]
 #[get("/")]
-pub async fn page() -> HttpResponse {
-    asset("text/html; charset=utf-8", PAGE)
+pub async fn page(state: actix_web::web::Data<crate::admin::AdminState>) -> HttpResponse {
+    // The page asks for the token before it reads anything when the relay
+    // has one (the page itself holds no data).
+    let token = if state.admin_token.is_some() {
+        "required"
+    } else {
+        "open"
+    };
+    asset(
+        "text/html; charset=utf-8",
+        PAGE.replace("<body>", &format!("<body data-admin-token=\"{token}\">")),
+    )
 }
 
 /// Dashboard script

@@ -155,7 +155,7 @@ impl Application {
         let admin_addr = listener.local_addr().context("reading the bound address")?;
         let cluster = Arc::new(Cluster::new(
             ClusterSettings {
-                relay_id: config.relay_id.clone(),
+                relay_id: outbox_core::store::instance_id(&config.relay_id, rand::random()),
                 admin_url: config.admin_url(admin_addr),
                 page_size: config.page_size,
                 ttl: config.lease_ttl(),

@@ -23,6 +23,7 @@ pub const SEQUENCE_GAPS: &str = "outbox_relay_sequence_gaps_total";
 pub const REPLAYED: &str = "outbox_relay_replayed_total";
 pub const ADMIN_TOKEN_MISMATCHES: &str = "outbox_relay_admin_token_mismatches";
 pub const ADMIN_OPEN: &str = "outbox_relay_admin_open";
+pub const DUPLICATE_NAMES: &str = "outbox_relay_duplicate_names";
 
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -77,6 +78,10 @@ pub fn describe() {
     describe_gauge!(
         ADMIN_TOKEN_MISMATCHES,
         "Live replicas whose admin token differs from this one's or that have none"
+    );
+    describe_gauge!(
+        DUPLICATE_NAMES,
+        "RELAY_IDs that two or more live relay processes share"
     );
     describe_gauge!(
         ADMIN_OPEN,

@@ -8,7 +8,7 @@ use actix_web::{HttpResponse, get, post, put, web};
 use chrono::SecondsFormat;
 use outbox_core::model::{BatchStatus, Sequence};
 use outbox_core::publish::OrderingKeyMode;
-use outbox_core::store::{Lease, Member};
+use outbox_core::store::{Lease, Member, instance_name, shared_names};
 use outbox_core::stream::{PoisonPolicy, StreamDefinition, StreamName};
 use outbox_service::problem::{Problem, ProblemDocument};
 use serde::Deserialize;
@@ -62,7 +62,8 @@ pub(crate) async fn live_state(
         .map(|l| {
             let member = members.iter().find(|m| m.id == l.holder);
             json!({
-                "relay_id": l.holder,
+                "relay_id": instance_name(&l.holder),
+                "instance": l.holder,
                 "admin_url": member.map(|m| m.admin_url.clone()),
                 "pid": member.map(|m| m.pid),
             })
@@ -166,7 +167,8 @@ pub(crate) async fn cluster(state: web::Data<AdminState>) -> HttpResponse {
                 .map(|l| &l.stream)
                 .collect();
             json!({
-                "relay_id": m.id,
+                "relay_id": m.name(),
+                "instance": m.id,
                 "admin_url": m.admin_url,
                 "host": m.host,
                 "pid": m.pid,
@@ -180,11 +182,13 @@ pub(crate) async fn cluster(state: web::Data<AdminState>) -> HttpResponse {
         .collect();
     let streams = state.cluster.streams().len();
     HttpResponse::Ok().json(json!({
-        "relay_id": state.cluster.relay_id(),
+        "relay_id": instance_name(state.cluster.relay_id()),
+        "instance": state.cluster.relay_id(),
         "replicas": replicas,
         "streams": streams,
         "share": crate::cluster::share(streams, members.len()),
         "admin_token_mismatches": crate::cluster::token_mismatches(own_token, &members),
+        "duplicate_names": shared_names(&members),
     }))
 }
 
@@ -389,7 +393,12 @@ pub(crate) async fn status_json(state: &AdminState, name: &StreamName) -> Result
     }
     let lease_json = match leases.iter().find(|l| &l.stream == name) {
         Some(lease) => {
-            json!({ "holder": lease.holder, "epoch": lease.epoch, "expires_at_ms": lease.expires_at_ms })
+            json!({
+                "holder": instance_name(&lease.holder),
+                "holder_instance": lease.holder,
+                "epoch": lease.epoch,
+                "expires_at_ms": lease.expires_at_ms,
+            })
         }
         None => Value::Null,
     };
@@ -418,7 +427,8 @@ pub(crate) async fn status_json(state: &AdminState, name: &StreamName) -> Result
     Ok(json!({
         "stream": name,
         "topic": view.definition.topic,
-        "relay_id": state.cluster.relay_id(),
+        "relay_id": instance_name(state.cluster.relay_id()),
+        "instance": state.cluster.relay_id(),
         "relay_pid": std::process::id(),
         "role": if view.leading { "leader" } else { "standby" },
         "lease": lease_json,

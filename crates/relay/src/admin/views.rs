@@ -10,7 +10,10 @@ pub type StreamStatusView = StatusView;
 
 #[derive(ToSchema)]
 pub struct LeaderView {
+    /// Its name (`RELAY_ID`).
     relay_id: String,
+    /// Its instance id, the lease's holder.
+    instance: String,
     /// Where the leader's admin port (and dashboard) answers.
     admin_url: Option<String>,
     pid: Option<u32>,
@@ -94,11 +97,18 @@ pub struct ClusterView {
     /// (`admin_token` is not `same`): each obeys what any replica stores, so
     /// one open replica opens the cluster.
     admin_token_mismatches: Vec<String>,
+    /// Names (`RELAY_ID`) two or more live processes share: give each its own.
+    duplicate_names: Vec<String>,
+    /// This process's instance id (`RELAY_ID#suffix`): its lease holder id.
+    instance: String,
 }
 
 #[derive(ToSchema)]
 pub struct ReplicaView {
+    /// Its name (`RELAY_ID`).
     relay_id: String,
+    /// Its instance id (`RELAY_ID#suffix`, drawn when the process started).
+    instance: String,
     admin_url: String,
     host: String,
     pid: u32,
@@ -119,7 +129,10 @@ pub struct ReplicaView {
 pub struct StatusView {
     stream: String,
     topic: String,
+    /// This replica's name (`RELAY_ID`).
     relay_id: String,
+    /// This process's instance id (`RELAY_ID#suffix`).
+    instance: String,
     /// This replica's process id.
     relay_pid: u32,
     /// This replica's role for the stream: `leader` or `standby`.
@@ -182,7 +195,10 @@ pub struct HaltView {
 
 #[derive(utoipa::ToSchema)]
 pub struct LeaseView {
+    /// The holder's name (`RELAY_ID`).
     holder: Option<String>,
+    /// The holder's instance id (`RELAY_ID#suffix`).
+    holder_instance: Option<String>,
     epoch: Option<u64>,
     expires_at_ms: Option<i64>,
     error: Option<String>,

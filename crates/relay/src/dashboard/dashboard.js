@@ -32,10 +32,20 @@ function text(id, value) {
   if (element.textContent !== value) element.textContent = value;
 }
 
-// The admin token as typed under Control, kept for this tab only.
+// The admin token as entered under Control (Enter, or leaving the field),
+// kept for this tab only.
+let adminToken = sessionStorage.getItem("admin-token") || "";
+
 function headers() {
+  return adminToken ? { Accept: "application/json", Authorization: `Bearer ${adminToken}` } : { Accept: "application/json" };
+}
+
+function commitToken() {
   const token = $("token").value.trim();
-  return token ? { Accept: "application/json", Authorization: `Bearer ${token}` } : { Accept: "application/json" };
+  if (token === adminToken) return;
+  adminToken = token;
+  sessionStorage.setItem("admin-token", token);
+  loadHistory().then(poll);
 }
 
 async function getJson(path) {
@@ -50,6 +60,7 @@ async function getJson(path) {
 
 // POSTs to the admin API with the token, and says what the server answered.
 async function command(path, button, success) {
+  commitToken();
   button.disabled = true;
   try {
     const response = await fetch(path, { method: "POST", headers: headers(), cache: "no-store" });
@@ -115,7 +126,7 @@ function renderStreams(list, cluster) {
   if (stuck) summary += ` ${stuck} stream${stuck === 1 ? "" : "s"} halted or without a leader.`;
   if (paused) summary += ` ${paused} paused.`;
   text("cluster-summary", summary);
-  const byId = new Map(replicas.map((r) => [r.relay_id, r]));
+  const byId = new Map(replicas.map((r) => [r.instance || r.relay_id, r]));
   $("streams").replaceChildren(...streams.map((s) => {
     const row = document.createElement("tr");
     if (s.stream === STREAM) {
@@ -128,7 +139,7 @@ function renderStreams(list, cluster) {
     if (!leader) {
       cell(row, "none", "bad");
     } else {
-      const replica = byId.get(leader.relay_id);
+      const replica = byId.get(leader.instance || leader.relay_id);
       const url = leader.admin_url || (replica && replica.admin_url);
       const here = replica && replica.this;
       cell(row, here || !url ? `${leader.relay_id}${here ? " (this one)" : ""}`
@@ -155,18 +166,21 @@ function renderStreams(list, cluster) {
     }
     return item;
   }));
-  renderSecurity(replicas);
+  renderSecurity(replicas, cluster);
 }
 
 // Every replica obeys what any of them stores (pauses, streams, replays):
-// one replica without the token, or with another, opens the cluster.
-function renderSecurity(replicas) {
+// one replica without the token, or with another, opens the cluster. Two
+// live processes under one name are flagged here too.
+function renderSecurity(replicas, cluster) {
   const banner = $("security");
   const me = replicas.find((r) => r.this);
   const others = replicas.filter((r) => !r.this && r.admin_token && r.admin_token !== "same");
   const lines = [];
   if (me && me.admin_token === "none") lines.push("This replica's admin API is open: it runs without ADMIN_TOKEN (--admin-insecure-no-token).");
   if (others.length) lines.push(`${others.map((r) => `${r.relay_id} (${r.admin_token === "none" ? "no token" : "another token"})`).join(", ")}: give every replica the same ADMIN_TOKEN.`);
+  const shared = cluster.duplicate_names || [];
+  if (shared.length) lines.push(`More than one live process is named ${shared.join(", ")}: give each relay its own RELAY_ID.`);
   banner.hidden = lines.length === 0;
   text("security", lines.join(" "));
 }
@@ -181,7 +195,7 @@ function renderStatus(status) {
   const lease = status.lease || {};
   const leader = status.leader;
   const holder = $("holder");
-  if (leader && leader.admin_url && leader.relay_id !== status.relay_id) {
+  if (leader && leader.admin_url && (leader.instance || leader.relay_id) !== (status.instance || status.relay_id)) {
     holder.replaceChildren(link(`${leader.admin_url}/?stream=${encodeURIComponent(status.stream)}`, leader.relay_id));
   } else {
     text("holder", lease.error ? "unknown (MongoDB)" : lease.holder || "nobody");
@@ -380,6 +394,7 @@ function renderCharts(status) {
 // The replica's own record of the last minutes, so that a page opened now
 // has charts at once.
 async function loadHistory() {
+  if (TOKEN_REQUIRED() && !adminToken) return;
   try {
     const history = await getJson(api("/history"));
     for (const s of history.samples) {
@@ -394,8 +409,17 @@ let lastStatus = null;
 let lastPending = null;
 let polling = false;
 
+// The relay says in the page whether its admin API needs the token.
+const TOKEN_REQUIRED = () => document.body.dataset.adminToken === "required";
+
 async function poll() {
   if (polling) return;
+  if (TOKEN_REQUIRED() && !adminToken) {
+    const banner = $("offline");
+    banner.textContent = "This relay's admin API needs its token: enter ADMIN_TOKEN under Control below and press Enter (kept for this tab only).";
+    banner.hidden = false;
+    return;
+  }
   polling = true;
   try {
     const [streams, cluster] = await Promise.all([getJson("/api/v1/streams"), getJson("/api/v1/cluster")]);
@@ -413,7 +437,7 @@ async function poll() {
   } catch (error) {
     const banner = $("offline");
     banner.textContent = error.status === 401
-      ? "This relay's admin API needs its token: enter ADMIN_TOKEN under Control below (kept for this tab only)."
+      ? "The admin token under Control below is not this relay's ADMIN_TOKEN."
       : `Cannot reach the admin API (${error.message}); retrying every second.`;
     banner.hidden = false;
   } finally {
@@ -428,12 +452,12 @@ document.addEventListener("DOMContentLoaded", () => {
     () => `Stream ${STREAM} resumed.`));
   $("status-link").href = api("/status");
   document.title = `batch-outbox relay · ${STREAM}`;
-  $("controls").addEventListener("submit", (e) => e.preventDefault());
-  $("token").value = sessionStorage.getItem("admin-token") || "";
-  $("token").addEventListener("input", () => {
-    sessionStorage.setItem("admin-token", $("token").value.trim());
-    loadHistory().then(poll);
+  $("controls").addEventListener("submit", (e) => {
+    e.preventDefault();
+    commitToken();
   });
+  $("token").value = adminToken;
+  $("token").addEventListener("change", commitToken);
   loadHistory().then(poll);
   setInterval(poll, POLL_MS);
 });

@@ -147,9 +147,17 @@ async fn until(browser: &Client, id: &str, what: &str, check: impl Fn(&str) -> b
     }
 }
 
+const TOKEN: &str = "s3cret-admin-token-0123456789abcdef";
+
+async fn clear_token(browser: &Client) {
+    let field = browser.find(Locator::Id("token")).await.unwrap();
+    field.clear().await.unwrap();
+}
+
+/// Types the token and presses Enter (the page takes it then).
 async fn type_token(browser: &Client, token: &str) {
     let field = browser.find(Locator::Id("token")).await.unwrap();
-    field.send_keys(token).await.unwrap();
+    field.send_keys(&format!("{token}\u{E007}")).await.unwrap();
 }
 
 async fn aria_label(browser: &Client, id: &str) -> String {
@@ -191,15 +199,22 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     let stack = start_stack().await;
     let relay_vars = [
         ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
-        ("ADMIN_TOKEN", "s3cret-admin-token-0123456789abcdef"),
+        ("ADMIN_TOKEN", TOKEN),
         ("OUTBOX_BATCH_SIZE", "100"),
     ];
     let (relay, admin) = stack.relay("relay-dash", &relay_vars);
     stack.admin_ready(&admin).await;
     let (_driver, browser) = start_browser(driver, chromium).await;
 
-    // The page loads, offline-capable and quiet, and shows this replica leading.
+    // The page asks for the token before it reads anything (every /api
+    // route needs it), then loads, offline-capable and quiet, and shows
+    // this replica leading.
     browser.goto(&format!("{admin}/")).await.unwrap();
+    until(&browser, "offline", "the token asked for", |t| {
+        t.contains("needs its token")
+    })
+    .await;
+    type_token(&browser, TOKEN).await;
     until(&browser, "role", "leader", |t| t == "leader of default").await;
     assert_eq!(text(&browser, "relay-id").await, "relay-dash");
     until(&browser, "holder", "the lease holder", |t| {
@@ -224,13 +239,17 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
         .unwrap();
     assert_eq!(unnamed, json!([]), "controls without a name");
 
-    // Pause without the token: the server's 401 is shown; with it, paused.
+    // Pause with a wrong token: the server's 401 is shown; with the right
+    // one, paused.
+    clear_token(&browser).await;
+    type_token(&browser, "wrong-token").await;
     click(&browser, "#pause").await;
     until(&browser, "answer", "the 401", |t| {
         t.contains("401") && t.contains("unauthorized")
     })
     .await;
-    type_token(&browser, "s3cret-admin-token-0123456789abcdef").await;
+    clear_token(&browser).await;
+    type_token(&browser, TOKEN).await;
     click(&browser, "#pause").await;
     until(&browser, "answer", "paused", |t| {
         t == "Stream default paused on every replica."
@@ -306,7 +325,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     // its live polls all read 3,002, a rate of 0.
     let history = format!("{admin}/api/v1/outbox/history");
     eventually(Duration::from_secs(60), "a sample after the drain", || {
-        let request = stack.http.get(&history).send();
+        let request = stack.http.get(&history).bearer_auth(TOKEN).send();
         async move {
             let Ok(response) = request.await else {
                 return false;
@@ -331,18 +350,18 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     drop(relay);
     let dead_letter = [
         ("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"),
-        ("ADMIN_TOKEN", "s3cret-admin-token-0123456789abcdef"),
+        ("ADMIN_TOKEN", TOKEN),
         ("OUTBOX_ON_POISON", "dead-letter"),
     ];
     let (relay, admin) = stack.relay("relay-dash-2", &dead_letter);
     stack.admin_ready(&admin).await;
     browser.goto(&format!("{admin}/")).await.unwrap();
     console_problems(&browser).await; // what the old page met while its relay was gone
+    type_token(&browser, TOKEN).await;
     until(&browser, "failed", "the failed batch", |t| {
         t.contains("Batch 2")
     })
     .await;
-    type_token(&browser, "s3cret-admin-token-0123456789abcdef").await;
     click(&browser, "#failed button").await;
     until(&browser, "answer", "the retry", |t| {
         t.ends_with("is processing again.")
@@ -364,7 +383,7 @@ async fn the_dashboard_shows_the_relay_live_and_its_buttons_pause_resume_and_ret
     let started = stack
         .http
         .post(format!("{admin}/api/v1/outbox/replays"))
-        .bearer_auth("s3cret-admin-token-0123456789abcdef")
+        .bearer_auth(TOKEN)
         .json(&json!({"from_sequence": 1, "to_sequence": 1}))
         .send()
         .await
