@@ -186,7 +186,7 @@ fn cases() -> Vec<Case> {
             "application/x-ndjson",
         ),
         with_header(
-            case("NDJSON of blank lines", "\n\n  \n", 422, "empty_batch"),
+            case("NDJSON of blank lines", "\n\n  \n", 422, "empty_body"),
             "content-type",
             "application/x-ndjson",
         ),

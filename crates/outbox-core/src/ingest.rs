@@ -670,6 +670,14 @@ pub fn build_batch(
         let request_id = scalar_text(object.get(&rules.request_id_field));
         let vendor_name = scalar_text(object.get(&rules.vendor_field))
             .unwrap_or_else(|| UNKNOWN_VENDOR.to_owned());
+        if vendor_name.contains('\0') {
+            // Vendors are counted under their names as keys of the batch
+            // document, and MongoDB keys cannot hold a NUL.
+            return Err(IngestError::InvalidKey(format!(
+                "item {index}: {} has a NUL character, which MongoDB cannot store as a key",
+                rules.vendor_field
+            )));
+        }
         let item_sequence = ItemSequence(u32::try_from(index + 1).unwrap_or(u32::MAX));
         let item = NewItem {
             item_id: ItemId::of(&batch_id, item_sequence),

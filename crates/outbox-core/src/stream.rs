@@ -207,7 +207,10 @@ impl StreamDefinition {
 
     /// The schema, compiled; `None` without one. Only self-contained
     /// schemas: references to other documents (files, URLs) are not
-    /// fetched.
+    /// fetched. `pattern` and `patternProperties` run on the linear-time
+    /// `regex` engine: a pattern that needs backtracking (look-around,
+    /// back-references) is refused, and no item can make a pattern take
+    /// more than time linear in its length.
     ///
     /// # Errors
     /// When the schema is not a valid JSON Schema.
@@ -215,7 +218,9 @@ impl StreamDefinition {
         let Some(schema) = &self.schema else {
             return Ok(None);
         };
-        jsonschema::validator_for(schema)
+        jsonschema::options()
+            .with_pattern_options(jsonschema::PatternOptions::regex())
+            .build(schema)
             .map(|validator| Some(Arc::new(ItemSchema { validator })))
             .map_err(|e| InvalidDefinition(format!("schema is not a valid JSON Schema: {e}")))
     }
@@ -348,6 +353,28 @@ mod tests {
         let missing = vec![json!({"x": 1}).as_object().unwrap().clone()];
         assert_eq!(schema.check(&missing).unwrap_err().pointer, "");
         assert!(schema.check(&items[..1]).is_ok());
+    }
+
+    /// Patterns run on the linear-time engine: one that needs backtracking
+    /// is refused when the stream is defined, and a pattern that would
+    /// backtrack exponentially on a backtracking engine checks at once.
+    #[test]
+    fn patterns_run_in_linear_time_and_backtracking_ones_are_refused() {
+        let look_ahead = definition(Some(json!({"properties": {"a": {"pattern": "^(?=x)x$"}}})));
+        assert!(look_ahead.validate().is_err());
+        let def = definition(Some(
+            json!({"properties": {"a": {"type": "string", "pattern": "^(a+)+$"}}}),
+        ));
+        let schema = def.compile_schema().unwrap().unwrap();
+        let evil = vec![
+            json!({"a": format!("{}b", "a".repeat(5_000))})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ];
+        assert_eq!(schema.check(&evil).unwrap_err().pointer, "/a");
+        let fine = vec![json!({"a": "aaaa"}).as_object().unwrap().clone()];
+        assert!(schema.check(&fine).is_ok());
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub struct MongoArgs {
     #[arg(
         long,
         env = "MONGODB_URL",
+        hide_env_values = true,
         default_value = "mongodb://127.0.0.1:27017/?replicaSet=rs0"
     )]
     pub mongodb_url: String,
@@ -66,10 +67,8 @@ impl MongoArgs {
         if !(self.mongodb_url.starts_with("mongodb://")
             || self.mongodb_url.starts_with("mongodb+srv://"))
         {
-            return Err(format!(
-                "MONGODB_URL must start with mongodb:// or mongodb+srv://, got {:?}",
-                self.mongodb_url
-            ));
+            // Not echoed: a connection string may carry a password.
+            return Err("MONGODB_URL must start with mongodb:// or mongodb+srv://".to_owned());
         }
         let mut config = MongoConfig::new(&self.mongodb_url, &self.mongodb_database);
         config.batches_collection.clone_from(&self.batch_collection);
@@ -133,4 +132,34 @@ pub fn parse<T: Parser>() -> Result<T, ExitCode> {
 pub fn config_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_CONFIG)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::MongoArgs;
+
+    #[derive(Parser)]
+    struct Probe {
+        #[command(flatten)]
+        mongo: MongoArgs,
+    }
+
+    /// A connection string may carry a password: a bad one is not echoed,
+    /// and `--help` never shows the environment's value.
+    #[test]
+    fn the_connection_string_is_never_shown() {
+        let secret = "postgres://admin:hunter2@db.example/x";
+        let probe = Probe::try_parse_from(["probe", "--mongodb-url", secret]).unwrap();
+        let error = probe.mongo.to_config("probe").unwrap_err();
+        assert!(!error.contains("hunter2"), "{error}");
+        let help = Probe::command().render_long_help().to_string();
+        assert!(help.contains("MONGODB_URL"), "{help}");
+        let arg = Probe::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "mongodb_url")
+            .map(clap::Arg::is_hide_env_values_set);
+        assert_eq!(arg, Some(true));
+    }
 }

@@ -42,6 +42,29 @@ pub enum Service {
 pub struct Client {
     http: reqwest::Client,
     connection: Connection,
+    /// The admin URLs to try, in order (`--admin-url a,b`).
+    admin_urls: Vec<String>,
+    /// The first of them that answered, once one was needed.
+    admin: tokio::sync::OnceCell<String>,
+}
+
+/// Whether `url` names this machine (a secret sent there in clear text
+/// does not cross a network).
+fn loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The warning for a secret that would cross a network in clear text.
+fn clear_text_warning(url: &reqwest::Url, secret: bool, what: &str) -> Option<String> {
+    (secret && url.scheme() == "http" && !loopback(url)).then(|| {
+        format!("warning: the {what} goes to {url} over plain http: anyone on the way can read it; use https://")
+    })
 }
 
 impl Client {
@@ -52,26 +75,100 @@ impl Client {
             .user_agent(concat!("outboxctl/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Failure::Usage(format!("cannot build the HTTP client: {e}")))?;
-        for url in [&connection.writer_url, &connection.admin_url] {
-            reqwest::Url::parse(url)
-                .map_err(|e| Failure::Usage(format!("{url:?} is not a URL: {e}")))?;
+        let admin_urls: Vec<String> = connection
+            .admin_url
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if admin_urls.is_empty() {
+            return Err(Failure::Usage("--admin-url names no URL".to_owned()));
         }
-        Ok(Self { http, connection })
+        let writer = std::iter::once((
+            &connection.writer_url,
+            connection.api_key.is_some(),
+            "API key",
+        ));
+        let admins = admin_urls
+            .iter()
+            .map(|u| (u, connection.admin_token.is_some(), "admin token"));
+        for (url, secret, what) in writer.chain(admins) {
+            let parsed = reqwest::Url::parse(url)
+                .map_err(|e| Failure::Usage(format!("{url:?} is not a URL: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(Failure::Usage(format!(
+                    "{url:?} is not an http:// or https:// URL"
+                )));
+            }
+            if let Some(warning) = clear_text_warning(&parsed, secret, what) {
+                eprintln!("{warning}");
+            }
+        }
+        Ok(Self {
+            http,
+            connection,
+            admin_urls,
+            admin: tokio::sync::OnceCell::new(),
+        })
     }
 
-    /// A request to `path` on `service`, with its credentials.
+    /// A request to `path` on `service`, with its credentials. An admin
+    /// request goes to the first admin URL that answers (see [`send`]).
     pub fn request(&self, service: Service, method: Method, path: &str) -> RequestBuilder {
         let (base, secret) = match service {
-            Service::Writer => (&self.connection.writer_url, &self.connection.api_key),
-            Service::Admin => (&self.connection.admin_url, &self.connection.admin_token),
+            Service::Writer => (
+                self.connection.writer_url.trim_end_matches('/'),
+                &self.connection.api_key,
+            ),
+            Service::Admin => (
+                self.admin
+                    .get()
+                    .map_or(self.admin_urls[0].as_str(), String::as_str),
+                &self.connection.admin_token,
+            ),
         };
-        let request = self
-            .http
-            .request(method, format!("{}{path}", base.trim_end_matches('/')));
+        let request = self.http.request(method, format!("{base}{path}"));
         match secret {
             Some(secret) => request.bearer_auth(secret),
             None => request,
         }
+    }
+
+    /// The admin URL to use: the only one given, or the first of several
+    /// whose `/health/live` answers (said on stderr when it is not the
+    /// first).
+    async fn admin_url(&self) -> Result<&str, Failure> {
+        if self.admin_urls.len() == 1 {
+            return Ok(&self.admin_urls[0]);
+        }
+        self.admin
+            .get_or_try_init(|| async {
+                let mut tried = Vec::new();
+                for url in &self.admin_urls {
+                    let probe = self
+                        .http
+                        .get(format!("{url}/health/live"))
+                        .timeout(std::time::Duration::from_secs(3))
+                        .send()
+                        .await;
+                    match probe {
+                        Ok(response) if response.status().is_success() => {
+                            if !tried.is_empty() {
+                                eprintln!("using the relay at {url} ({})", tried.join("; "));
+                            }
+                            return Ok(url.clone());
+                        }
+                        Ok(response) => tried.push(format!("{url} answered {}", response.status())),
+                        Err(e) => tried.push(format!("{url}: {}", root_cause(&e))),
+                    }
+                }
+                Err(Failure::Unavailable(format!(
+                    "cannot reach any relay's admin port: {} (OUTBOX_ADMIN_URL or --admin-url takes a comma-separated list, tried in order)",
+                    tried.join("; ")
+                )))
+            })
+            .await
+            .map(String::as_str)
     }
 
     /// Sends a request and reads its JSON answer; a problem answer becomes a
@@ -86,23 +183,49 @@ impl Client {
         service: Service,
         request: RequestBuilder,
     ) -> Result<Response, Failure> {
-        request
-            .send()
+        let mut request = request
+            .build()
+            .map_err(|e| Failure::Usage(format!("cannot build the request: {e}")))?;
+        if let Service::Admin = service {
+            // Built against the first URL; sent to the one that answers.
+            let chosen = self.admin_url().await?;
+            let first = &self.admin_urls[0];
+            if chosen != first.as_str() && request.url().as_str().starts_with(&format!("{first}/"))
+            {
+                let url = request.url().as_str().replacen(first.as_str(), chosen, 1);
+                *request.url_mut() = reqwest::Url::parse(&url)
+                    .map_err(|e| Failure::Usage(format!("{url:?} is not a URL: {e}")))?;
+            }
+        }
+        self.http
+            .execute(request)
             .await
             .map_err(|e| self.unreachable(service, &e))
     }
 
     fn unreachable(&self, service: Service, error: &reqwest::Error) -> Failure {
         let (name, base) = match service {
-            Service::Writer => ("the writer", &self.connection.writer_url),
-            Service::Admin => ("the relay's admin port", &self.connection.admin_url),
+            Service::Writer => ("the writer", self.connection.writer_url.clone()),
+            Service::Admin => (
+                "the relay's admin port",
+                self.admin
+                    .get()
+                    .cloned()
+                    .unwrap_or_else(|| self.admin_urls.join(", ")),
+            ),
         };
         let what = if error.is_timeout() {
             "no answer in time".to_owned()
         } else {
             root_cause(error)
         };
-        Failure::Unavailable(format!("cannot reach {name} at {base}: {what}"))
+        let hint = match service {
+            Service::Admin if self.admin_urls.len() == 1 => {
+                " (another replica? OUTBOX_ADMIN_URL or --admin-url takes a comma-separated list, tried in order)"
+            }
+            _ => "",
+        };
+        Failure::Unavailable(format!("cannot reach {name} at {base}: {what}{hint}"))
     }
 }
 
@@ -188,6 +311,49 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_secret_over_plain_http_off_this_machine_is_warned_about() {
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        assert!(
+            clear_text_warning(&url("http://relay.example:9090"), true, "admin token").is_some()
+        );
+        assert!(clear_text_warning(&url("http://10.1.2.3:9090"), true, "API key").is_some());
+        for quiet in [
+            "http://127.0.0.1:9090",
+            "http://localhost:8000",
+            "http://[::1]:9090",
+            "https://relay.example",
+        ] {
+            assert_eq!(
+                clear_text_warning(&url(quiet), true, "admin token"),
+                None,
+                "{quiet}"
+            );
+        }
+        assert_eq!(
+            clear_text_warning(&url("http://relay.example"), false, "admin token"),
+            None
+        );
+    }
+
+    /// `https://` works: the TLS backend is built in (the connection is
+    /// refused by a closed port, not by a missing scheme).
+    #[tokio::test]
+    async fn https_urls_are_spoken() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let error = reqwest::Client::new()
+            .get(format!("https://127.0.0.1:{port}/health/live"))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(error.is_connect(), "{error:?}");
+        assert!(!root_cause(&error).contains("scheme"), "{error:?}");
+    }
 
     #[test]
     fn a_problem_is_one_line_with_its_code_and_where() {

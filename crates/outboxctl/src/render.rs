@@ -18,9 +18,27 @@ fn table(header: &[&str]) -> Table {
 fn text(value: &Value) -> String {
     match value {
         Value::Null => "–".to_owned(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s),
         other => other.to_string(),
     }
+}
+
+/// `text` with control characters escaped (`\u{1b}`): request ids, vendor
+/// names and errors come from clients, and a terminal escape sequence in
+/// one must not reach the operator's terminal.
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `12 s`, `3 min 4 s`, `2 h 5 min`.
@@ -209,7 +227,7 @@ pub fn streams(streams: &Value, cluster: &Value) -> String {
         }
     };
     let replica_count = cluster["replicas"].as_array().map_or(0, Vec::len) as u64;
-    format!(
+    let mut out = format!(
         "{table}\n{replicas}\n{} over {}: each leads at most {}",
         plural(
             cluster["streams"].as_u64().unwrap_or(0),
@@ -218,7 +236,39 @@ pub fn streams(streams: &Value, cluster: &Value) -> String {
         ),
         plural(replica_count, "replica", "replicas"),
         text(&cluster["share"])
-    )
+    );
+    out.push_str(&cluster_warnings(cluster));
+    out
+}
+
+/// What an operator must fix: replicas whose admin token is not this one's
+/// (every replica obeys what any of them stores), names two live processes
+/// share.
+pub fn cluster_warnings(cluster: &Value) -> String {
+    let names = |key: &str| -> Vec<String> {
+        cluster[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect()
+    };
+    let mut out = String::new();
+    let mismatched = names("admin_token_mismatches");
+    if !mismatched.is_empty() {
+        out.push_str(&format!(
+            "\nwarning: admin token missing or different on {}: give every replica the same ADMIN_TOKEN (docs/OPERATIONS.md, Security)",
+            mismatched.join(", ")
+        ));
+    }
+    let shared = names("duplicate_names");
+    if !shared.is_empty() {
+        out.push_str(&format!(
+            "\nwarning: more than one live relay process is named {}: give each its own RELAY_ID",
+            shared.join(", ")
+        ));
+    }
+    out
 }
 
 fn table_of(header: &[&str]) -> Table {
@@ -366,6 +416,15 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// What clients sent (request ids, vendor names, errors) cannot drive
+    /// the operator's terminal: control characters are printed escaped.
+    #[test]
+    fn control_characters_from_clients_are_escaped() {
+        assert_eq!(printable("acme"), "acme");
+        assert_eq!(printable("ev\u{1b}[2Jil\u{7}"), "ev\\u{1b}[2Jil\\u{7}");
+        assert_eq!(text(&serde_json::json!("a\nb")), "a\\nb");
+    }
 
     #[test]
     fn ages_read_like_a_person_says_them() {

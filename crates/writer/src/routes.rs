@@ -450,7 +450,9 @@ fn parse_batch(
             description = "1 to 255 visible ASCII characters. The first request with a key \
                 stores the batch; a retry with the same key and the same body answers the \
                 stored batch again (201 with `Idempotent-Replayed: true`), with another body \
-                422 `idempotency_key_reused`. Keys are remembered `IDEMPOTENCY_TTL_SECONDS`."
+                422 `idempotency_key_reused`. Keys are remembered `IDEMPOTENCY_TTL_SECONDS`, \
+                per stream and, when the writer has API keys, per caller: two callers' keys \
+                never meet."
         ),
         (
             "traceparent" = Option<String>, Header,
@@ -574,7 +576,7 @@ async fn process_batch(
         (status = 429, description = "`rate_limited`.", body = ProblemDocument, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds until the budget allows this batch."))),
         (status = 431, description = "`headers_too_large`.", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable`, `writer_busy`, `outcome_unknown`.", body = ProblemDocument, content_type = "application/problem+json",
+        (status = 503, description = "`store_unavailable`, `writer_busy`, `schema_unavailable` (the stored schema does not compile), `outcome_unknown`.", body = ProblemDocument, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
     ),
     security((), ("api_key" = []))
@@ -684,6 +686,14 @@ async fn process(
                 format!("no stream {stream_name}: an operator defines it with PUT /api/v1/streams/{stream_name} on a relay's admin port"),
             )
         })?;
+    if let Some(error) = &stream.schema_error {
+        return Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "schema_unavailable",
+            format!("stream {stream_name}'s stored JSON Schema does not compile ({error}); an operator must define it again"),
+        )
+        .with_retry_after(30));
+    }
     if !stream
         .definition
         .admits(access.required().then_some(submitted_by.as_str()))
@@ -694,8 +704,14 @@ async fn process(
             format!("this API key may not write stream {stream_name}"),
         ));
     }
+    // Keys are the caller's own when callers are told apart (API keys):
+    // one client can neither claim another's key nor read its batch.
     let idempotency = key.map(|key| Idempotency {
-        key,
+        key: if access.required() {
+            format!("{submitted_by}/{key}")
+        } else {
+            key
+        },
         request_hash: ingest::request_hash(&body),
     });
     if let Some(idem) = &idempotency

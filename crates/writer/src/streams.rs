@@ -13,11 +13,20 @@ use tokio::time::Instant;
 
 /// How long a definition read from the store is used.
 const FRESH_FOR: Duration = Duration::from_secs(1);
+/// The most names the cache keeps: every defined stream fits (the relay's
+/// `MAX_STREAMS` is 1,000 by default); names asked for that are not defined
+/// are cached only while there is room, so a client asking for random names
+/// cannot grow the writer's memory.
+const CACHE_CAPACITY: usize = 4096;
 
 /// A stream, ready for ingest.
 pub struct Stream {
     pub definition: StreamDefinition,
     pub schema: Option<Arc<ItemSchema>>,
+    /// Why the stored schema does not compile (it was stored some other way
+    /// than through the admin API, which compiles it first): the stream
+    /// takes nothing until it is fixed (503), rather than everything.
+    pub schema_error: Option<String>,
 }
 
 /// When a definition was read, and what was read (`None`: no such stream).
@@ -80,18 +89,57 @@ impl Catalog {
                 Some(previous)
             }
             (Some(definition), _) => {
-                let schema = definition.compile_schema().unwrap_or_else(|error| {
-                    // Stored through the admin API, which compiles it first.
-                    tracing::error!(message = "a stored schema does not compile; the stream takes any item", stream = %name, %error);
-                    None
-                });
-                Some(Arc::new(Stream { definition, schema }))
+                let (schema, schema_error) = match definition.compile_schema() {
+                    Ok(schema) => (schema, None),
+                    Err(error) => {
+                        tracing::error!(message = "a stored schema does not compile; the stream takes nothing until it is fixed", stream = %name, %error);
+                        (None, Some(error.to_string()))
+                    }
+                };
+                Some(Arc::new(Stream {
+                    definition,
+                    schema,
+                    schema_error,
+                }))
             }
         };
-        self.cache
+        let mut cache = self
+            .cache
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.clone(), (Instant::now(), stream.clone()));
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= CACHE_CAPACITY && !cache.contains_key(name) {
+            // Names of no stream go first, then anything not read lately.
+            cache.retain(|_, (at, stream)| stream.is_some() && at.elapsed() < FRESH_FOR * 60);
+        }
+        if stream.is_some() || cache.len() < CACHE_CAPACITY {
+            cache.insert(name.clone(), (Instant::now(), stream.clone()));
+        }
         Ok(stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use outbox_core::memory::MemoryStore;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn names_of_no_stream_never_grow_the_cache_past_its_capacity() {
+        let catalog = Catalog::new(Arc::new(MemoryStore::new()));
+        for n in 0..CACHE_CAPACITY + 500 {
+            let name: StreamName = format!("nope-{n}").parse().unwrap();
+            assert!(catalog.get(&name).await.unwrap().is_none());
+        }
+        let size = catalog.cache.lock().unwrap().len();
+        assert!(size <= CACHE_CAPACITY, "{size}");
+        // The default stream is still answered.
+        assert!(
+            catalog
+                .get(&StreamName::default_stream())
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 }

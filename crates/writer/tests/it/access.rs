@@ -231,3 +231,35 @@ async fn no_spelling_of_an_api_path_gets_past_the_key_check() {
         "nothing stored without a key"
     );
 }
+
+/// Idempotency keys are the caller's own: the same key from two API keys'
+/// callers stores two batches, and neither replays the other's.
+#[tokio::test]
+async fn an_idempotency_key_is_scoped_to_its_caller() {
+    let keys = format!("ops:{OPS_KEY},billing:{BILLING_KEY}");
+    let app = spawn_app_with(&["--api-keys", &keys]).await;
+    let send = |token: &'static str| {
+        app.http
+            .post(app.url("/api/v1/batch/process"))
+            .bearer_auth(token)
+            .header("Idempotency-Key", "order-42")
+            .json(&objects(1))
+            .send()
+    };
+    let ops = send(OPS_KEY).await.unwrap();
+    assert_eq!(ops.status(), 201);
+    let ops_batch = json(ops).await["data"]["batch_id"].clone();
+    let billing = send(BILLING_KEY).await.unwrap();
+    assert_eq!(billing.status(), 201);
+    assert!(billing.headers().get("idempotent-replayed").is_none());
+    let billing_batch = json(billing).await["data"]["batch_id"].clone();
+    assert_ne!(
+        ops_batch, billing_batch,
+        "another caller's key is not a replay"
+    );
+    // The same caller again: a replay of its own batch.
+    let again = send(OPS_KEY).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(json(again).await["data"]["batch_id"], ops_batch);
+    assert_eq!(app.count("batches").await, 2);
+}

@@ -169,3 +169,23 @@ async fn an_item_of_many_small_values_is_stored_at_its_json_size() {
         .await;
     assert_eq!(items[1].get_str("request_data").unwrap(), big);
 }
+
+/// Deep nesting up to the parser's limit is stored as sent (items are kept
+/// as JSON text, so MongoDB's 100 levels do not apply); a NUL in the vendor
+/// name, which the batch counts under as a key, is a client error, not 500.
+#[tokio::test]
+async fn deep_items_are_stored_and_a_nul_in_the_vendor_is_422() {
+    let app = spawn_app().await;
+    let deep = format!("[{{\"a\":{}1{}}}]", "[".repeat(120), "]".repeat(120));
+    let response = post(&app, &deep, "application/json").await;
+    assert_eq!(response.status(), 201);
+    let body = json(response).await;
+    assert_eq!(body["data"]["total_json_objects"], 1, "{body}");
+    assert_problem(
+        post(&app, r#"[{"vendor_name":"a\u0000b"}]"#, "application/json").await,
+        422,
+        "invalid_key",
+    )
+    .await;
+    assert_eq!(app.count("batches").await, 1);
+}

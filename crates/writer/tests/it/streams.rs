@@ -237,3 +237,31 @@ async fn writers_of_different_streams_never_conflict() {
         }
     }
 }
+
+/// A stored schema that does not compile (written by hand, not through the
+/// admin API) stops the stream's ingest with 503, rather than letting every
+/// item through unchecked.
+#[tokio::test]
+async fn a_stored_schema_that_does_not_compile_answers_503_and_stores_nothing() {
+    let store = MemoryStore::new();
+    store
+        .put_stream(&definition("broken", Some(json!({"type": 12})), None))
+        .await
+        .unwrap();
+    let app = crate::helpers::spawn_memory_app(store.clone());
+    let response = app
+        .http
+        .post(app.url("/api/v1/streams/broken/batches"))
+        .json(&objects(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(json(response).await["code"], "schema_unavailable");
+    assert!(
+        store
+            .batch_statuses_in(&"broken".parse().unwrap())
+            .is_empty()
+    );
+}
