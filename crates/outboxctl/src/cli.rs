@@ -228,6 +228,10 @@ pub struct SubmitArgs {
     /// How often an unavailable writer is retried before giving up.
     #[arg(long, default_value = "3")]
     pub retries: u32,
+    /// Stop at the first file that cannot be read or is refused (by
+    /// default the others are still sent, and a summary says which were not).
+    #[arg(long)]
+    pub fail_fast: bool,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -23,6 +23,44 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The same failure, naming the file it concerns.
+    #[must_use]
+    pub fn about(self, file: &str) -> Self {
+        match self {
+            Failure::Refused(m) => Failure::Refused(format!("{file}: {m}")),
+            Failure::Usage(m) => Failure::Usage(format!("{file}: {m}")),
+            Failure::Unavailable(m) => Failure::Unavailable(format!("{file}: {m}")),
+        }
+    }
+
+    /// One failure for several files' (each said already): of the kind
+    /// with the highest exit code, naming how many files failed.
+    pub fn worst(failed: Vec<(String, Failure)>) -> Option<Self> {
+        let count = failed.len();
+        let kind = failed
+            .into_iter()
+            .map(|(_, f)| f)
+            .max_by_key(Failure::rank)?;
+        let message = if count == 1 {
+            "1 file was not stored (above)".to_owned()
+        } else {
+            format!("{count} files were not stored (above)")
+        };
+        Some(match kind {
+            Failure::Refused(_) => Failure::Refused(message),
+            Failure::Usage(_) => Failure::Usage(message),
+            Failure::Unavailable(_) => Failure::Unavailable(message),
+        })
+    }
+
+    fn rank(&self) -> u8 {
+        match self {
+            Failure::Refused(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Unavailable(_) => 3,
+        }
+    }
+
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             Failure::Refused(_) => 1,

@@ -79,17 +79,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "--idempotency-key names one batch: give one file".to_owned(),
                 ));
             }
-            // Every file is read (and its format settled) before anything is sent.
-            let uploads = args
-                .files
-                .iter()
-                .map(|path| {
-                    submit::Upload::read(path, args.format, args.idempotency_key.as_deref())
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            // Every file is read (and its format settled) before anything
+            // is sent; a file that cannot be, or that the writer refuses,
+            // is named and the others go on (unless --fail-fast).
+            let mut failed: Vec<(String, Failure)> = Vec::new();
+            let mut uploads = Vec::with_capacity(args.files.len());
+            for path in &args.files {
+                match submit::Upload::read(path, args.format, args.idempotency_key.as_deref()) {
+                    Ok(upload) => uploads.push(upload),
+                    Err(failure) if args.fail_fast || args.files.len() == 1 => return Err(failure),
+                    Err(failure) => {
+                        eprintln!("error: {failure}");
+                        failed.push((path.display().to_string(), failure));
+                    }
+                }
+            }
             let mut stored = Vec::with_capacity(uploads.len());
             for upload in &uploads {
-                let batch = submit::submit(&client, &stream, upload, args.retries, bars).await?;
+                let batch = match submit::submit(&client, &stream, upload, args.retries, bars).await
+                {
+                    Ok(batch) => batch,
+                    Err(failure) => {
+                        let failure = failure.about(&upload.name);
+                        if args.fail_fast || args.files.len() == 1 {
+                            return Err(failure);
+                        }
+                        eprintln!("error: {failure}");
+                        failed.push((upload.name.clone(), failure));
+                        continue;
+                    }
+                };
                 if json {
                     out!("{}", batch.to_json(upload));
                 } else {
@@ -107,6 +126,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     );
                 }
                 stored.push(batch);
+            }
+            if args.files.len() > 1 && !json {
+                let total: u64 = stored.iter().map(|b| b.items).sum();
+                let mut summary = format!(
+                    "{} of {} files stored ({})",
+                    stored.len(),
+                    args.files.len(),
+                    items(total)
+                );
+                if !failed.is_empty() {
+                    let names: Vec<&str> = failed.iter().map(|(name, _)| name.as_str()).collect();
+                    summary.push_str(&format!("; not stored: {}", names.join(", ")));
+                }
+                out!("{summary}");
+            }
+            if let Some(failure) = Failure::worst(failed) {
+                return Err(failure);
             }
             if args.wait {
                 for batch in &stored {

@@ -41,6 +41,13 @@ impl Upload {
         } else {
             std::fs::read(path).map_err(|e| Failure::Usage(format!("cannot read {name}: {e}")))?
         };
+        let content = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&body);
+        if content.iter().all(u8::is_ascii_whitespace) {
+            // What the writer would answer (422 empty_body), said before sending.
+            return Err(Failure::Usage(format!(
+                "{name} is empty: a batch needs at least one item (empty_body)"
+            )));
+        }
         let format = format.or_else(|| format_of(path, &body)).ok_or_else(|| {
             Failure::Usage(format!(
                 "cannot tell the format of {name}: name it .json, .ndjson or .csv, or pass --format"

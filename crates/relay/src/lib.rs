@@ -61,6 +61,8 @@ pub struct Application {
     lease_ttl: Duration,
     /// Topics to create for streams as they appear (development).
     create_topics: Option<pubsub::PubSubConfig>,
+    /// What replays' topics are checked against (set by [`Application::build`]).
+    topics: Arc<admin::Topics>,
 }
 
 /// The server-side time limit of each lease operation: a quarter of the
@@ -125,6 +127,7 @@ impl Application {
         let mut app = Self::with_parts(&config, stores, Arc::new(client))?;
         app.mongo = Some(mongo);
         app.change_stream = config.change_stream;
+        app.topics.set(pubsub.clone(), config.create_topic);
         app.create_topics = config.create_topic.then_some(pubsub);
         Ok(app)
     }
@@ -174,8 +177,10 @@ impl Application {
             stores,
             publishers,
         ));
+        let topics = Arc::new(admin::Topics::default());
         let state = web::Data::new(admin::AdminState {
             cluster: Arc::clone(&cluster),
+            topics: Arc::clone(&topics),
             admin_token: config.admin_token.as_deref().map(admin::AdminToken::new),
             prometheus: outbox_service::telemetry::prometheus(),
         });
@@ -212,6 +217,7 @@ impl Application {
             change_stream: false,
             lease_ttl: config.lease_ttl(),
             create_topics: None,
+            topics,
         })
     }
 

@@ -307,8 +307,37 @@ pub async fn ensure_topic(config: &PubSubConfig) -> anyhow::Result<()> {
     }
 }
 
+/// Whether a topic exists, as Pub/Sub's admin API says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TopicState {
+    Exists,
+    Missing,
+    /// Pub/Sub did not say (unreachable, or the relay may not read topics:
+    /// `roles/pubsub.publisher` has no `pubsub.topics.get`).
+    Unknown(String),
+}
+
+/// Asks Pub/Sub whether `config`'s topic exists.
+pub async fn topic_state(config: &PubSubConfig) -> TopicState {
+    let admin = match configured!(TopicAdmin::builder(), config).build().await {
+        Ok(admin) => admin,
+        Err(e) => return TopicState::Unknown(e.to_string()),
+    };
+    match admin
+        .get_topic()
+        .set_topic(config.topic_path())
+        .send()
+        .await
+    {
+        Ok(_) => TopicState::Exists,
+        Err(e) if e.status().is_some_and(|s| s.code == Code::NotFound) => TopicState::Missing,
+        Err(e) => TopicState::Unknown(e.to_string()),
+    }
+}
+
 /// Creates a subscription on the topic unless it exists; `ordered` enables
 /// message ordering, which a consumer needs to see ordering keys honoured.
+/// `Ok(true)` when it was created now.
 ///
 /// # Errors
 /// When Pub/Sub cannot be reached or refuses.
@@ -316,7 +345,7 @@ pub async fn ensure_subscription(
     config: &PubSubConfig,
     subscription: &str,
     ordered: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let admin = configured!(SubscriptionAdmin::builder(), config)
         .build()
         .await?;
@@ -329,8 +358,8 @@ pub async fn ensure_subscription(
         .send()
         .await;
     match result {
-        Ok(_) => Ok(()),
-        Err(e) if e.status().is_some_and(|s| s.code == Code::AlreadyExists) => Ok(()),
+        Ok(_) => Ok(true),
+        Err(e) if e.status().is_some_and(|s| s.code == Code::AlreadyExists) => Ok(false),
         Err(e) => Err(anyhow::anyhow!("creating subscription {subscription}: {e}")),
     }
 }

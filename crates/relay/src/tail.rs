@@ -19,7 +19,7 @@
 //!   the unary `pull` of its REST API: exactly the messages it prints,
 //!   acknowledged before the next pull.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -50,7 +50,9 @@ pub async fn run(source: &TailSource) -> ExitCode {
         Err(problem) => return cli::config_error(problem),
     };
     let mut out = std::io::stdout().lock();
-    let notices = std::io::stderr().is_terminal();
+    // What tail reads and what it waits for go to stderr, whatever stdout
+    // is (a file, a pipe): the messages alone go to stdout.
+    let notices = true;
     let mut check = source.verify.map(Check::new);
     let stop = async {
         // Ctrl-C ends the tail cleanly: acknowledgements sent, nothing held.
@@ -252,12 +254,27 @@ pub async fn tail(
     } else {
         ""
     };
+    let exists = tokio::time::timeout(SETUP_LIMIT, pubsub::topic_state(config)).await;
+    if let Ok(pubsub::TopicState::Missing) = exists {
+        anyhow::bail!(
+            "topic {} does not exist on {place}: nothing was published to it yet. A replay with --topic creates it on a relay run with PUBSUB_CREATE_TOPIC (dev-up's); elsewhere `gcloud pubsub topics create {}`",
+            config.topic,
+            config.topic
+        );
+    }
     let setup = tokio::time::timeout(
         SETUP_LIMIT,
         pubsub::ensure_subscription(config, subscription, true),
     );
     match setup.await {
-        Ok(Ok(())) => {}
+        Ok(Ok(created)) => {
+            if created && notices {
+                eprintln!(
+                    "created subscription {subscription} on topic {}: it holds what is published from now on, not the messages published before",
+                    config.topic
+                );
+            }
+        }
         Ok(Err(error)) => {
             anyhow::bail!("cannot open subscription {subscription} on {place}: {error:#}{hint}")
         }

@@ -45,9 +45,62 @@ const MAX_DEFINITION_BYTES: usize = 1024 * 1024;
 
 pub struct AdminState {
     pub cluster: Arc<Cluster>,
+    /// Where replays may publish.
+    pub topics: Arc<Topics>,
     /// `None` only with `--admin-insecure-no-token`.
     pub admin_token: Option<AdminToken>,
     pub prometheus: PrometheusHandle,
+}
+
+/// Checks the topic a replay names before the job is stored, and creates it
+/// where the relay creates topics (`PUBSUB_CREATE_TOPIC`, as dev-up runs
+/// it). Without a Pub/Sub configuration (tests over fakes) every topic is
+/// taken as there.
+#[derive(Default)]
+pub struct Topics {
+    pubsub: std::sync::OnceLock<(crate::pubsub::PubSubConfig, bool)>,
+}
+
+impl Topics {
+    /// Uses `config`'s Pub/Sub; `create` makes a missing topic.
+    pub fn set(&self, config: crate::pubsub::PubSubConfig, create: bool) {
+        let _ = self.pubsub.set((config, create));
+    }
+
+    /// `Ok` when `topic` exists (or was made, or Pub/Sub does not say).
+    ///
+    /// # Errors
+    /// 422 `topic_not_found`, saying how to create it.
+    pub async fn check(&self, topic: &str) -> Result<(), Problem> {
+        use crate::pubsub::{TopicState, ensure_topic, topic_state};
+        let Some((config, create)) = self.pubsub.get() else {
+            return Ok(());
+        };
+        let config = config.for_topic(topic);
+        match topic_state(&config).await {
+            TopicState::Exists => Ok(()),
+            TopicState::Missing if *create => ensure_topic(&config).await.map_err(|e| {
+                warn!(message = "cannot create the replay's topic", %e);
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "pubsub_unavailable", e.to_string())
+                    .with_retry_after(5)
+            }),
+            TopicState::Missing => Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "topic_not_found",
+                format!(
+                    "topic {} does not exist: create it first (`gcloud pubsub topics create {topic} --project {}`), or run the relays with PUBSUB_CREATE_TOPIC",
+                    config.topic_path(),
+                    config.project_id
+                ),
+            )
+            .with("topic", topic)),
+            TopicState::Unknown(reason) => {
+                // The replay's publishes will say, and fail the job.
+                warn!(message = "cannot tell whether the replay's topic exists; starting anyway", %topic, %reason);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Definitions of streams in the body of a PUT: problem+json on bad JSON.

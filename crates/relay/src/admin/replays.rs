@@ -135,8 +135,8 @@ fn not_found(id: &ReplayId) -> Problem {
         (status = 410, description = "`range_removed`: retention removed the start of the range; `first_available_sequence` is the first batch still held.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "`body_too_large`.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`.", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_replay`: an empty range, a topic Pub/Sub would refuse, an unknown ordering-key mode, a zero rate; `range_not_committed`: the range goes past the last committed batch.", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_replay`: an empty range, a topic Pub/Sub would refuse, an unknown ordering-key mode, a zero rate; `range_not_committed`: the range goes past the last committed batch; `topic_not_found`: the topic does not exist (a relay with `PUBSUB_CREATE_TOPIC` creates it instead).", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`, `pubsub_unavailable` (the topic could not be created).", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -158,6 +158,7 @@ pub(crate) async fn start(
             "{topic:?} is not a topic name Pub/Sub takes"
         )));
     }
+    state.topics.check(&topic).await?;
     let ordering: OrderingKeyMode = match body.ordering_key.as_deref() {
         Some(mode) => mode.parse().map_err(invalid)?,
         None => definition.ordering.clone(),

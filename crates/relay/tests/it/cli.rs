@@ -650,3 +650,59 @@ async fn outboxctl_applies_a_declared_set_of_streams_once() {
         .json();
     assert_eq!(shown["topic"], format!("{topic}-orders-2"), "{shown}");
 }
+
+/// Several files: a refused one is named, the others are still sent, and a
+/// summary says what was stored and what was not (exit 1); `--fail-fast`
+/// stops at the first. An empty file is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outboxctl_submits_the_other_files_when_one_is_refused() {
+    let stack = start_stack().await;
+    let ctl = Ctl {
+        writer: stack.writer_url.clone(),
+        admin: "http://127.0.0.1:9".to_owned(),
+    };
+    let paths = files(
+        "cli-many",
+        &[
+            ("a.json", r#"[{"request_id": "a"}]"#),
+            ("bad.csv", "a,b,c\r\n1,2,3\r\n4,5\r\n"),
+            ("c.json", r#"[{"request_id": "c1"}, {"request_id": "c2"}]"#),
+            ("empty.json", " \n"),
+        ],
+    );
+    let path = |i: usize| paths[i].to_str().unwrap();
+    let run = ctl.run(&["submit", path(0), path(1), path(2)], &[]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains(&format!(
+            "{}: line 3: 2 fields, but the header has 3",
+            path(1)
+        )),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains(&format!("{}: stored batch", path(2))),
+        "c.json still sent: {run:?}"
+    );
+    assert!(
+        run.stdout.contains(&format!(
+            "2 of 3 files stored (3 items); not stored: {}",
+            path(1)
+        )),
+        "{run:?}"
+    );
+    let fast = ctl
+        .run(&["submit", "--fail-fast", path(1), path(2)], &[])
+        .await;
+    assert_eq!(fast.code, 1, "{fast:?}");
+    assert!(
+        !fast.stdout.contains("stored batch"),
+        "nothing after the first refusal: {fast:?}"
+    );
+    let empty = ctl.run(&["submit", path(3)], &[]).await;
+    assert_eq!(empty.code, 2, "{empty:?}");
+    assert!(
+        empty.stderr.contains("is empty") && empty.stderr.contains("empty_body"),
+        "{empty:?}"
+    );
+}

@@ -468,3 +468,56 @@ async fn a_range_retention_removed_is_refused_with_410() {
         "a refused replay stores nothing"
     );
 }
+
+/// A replay to a topic that does not exist is refused when it is started,
+/// saying how to create it; a relay that creates topics
+/// (`PUBSUB_CREATE_TOPIC`, as dev-up runs it) creates it instead, and the
+/// copies arrive there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_to_a_missing_topic_is_refused_or_the_topic_made() {
+    let stack = start_stack().await;
+    let (relay, admin) = stack.relay("relay-topics", &relay_vars());
+    stack.admin_ready(&admin).await;
+    post_batches(&stack, 2, 2, "t").await;
+    let _ = receive_items(&stack, &stack.subscription, 4, Duration::from_secs(60)).await;
+    let missing = format!("{}-nowhere", stack.pubsub.topic);
+    let (status, problem, _) = start_replay(
+        &stack,
+        &admin,
+        json!({"from_sequence": 1, "to_sequence": 2, "topic": missing}),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (422, Some("topic_not_found")),
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("gcloud pubsub topics create"),
+        "{problem}"
+    );
+    assert_eq!(list(&stack, &admin).await["replays"], json!([]));
+    drop(relay);
+
+    let mut vars = relay_vars().to_vec();
+    vars.push(("PUBSUB_CREATE_TOPIC", "true"));
+    let (_relay, admin) = stack.relay("relay-topics-2", &vars);
+    stack.admin_ready(&admin).await;
+    let made = format!("{}-made", stack.pubsub.topic);
+    let (status, job, _) = start_replay(
+        &stack,
+        &admin,
+        json!({"from_sequence": 1, "to_sequence": 2, "topic": made}),
+    )
+    .await;
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(
+        pubsub::topic_state(&stack.pubsub.for_topic(&made)).await,
+        pubsub::TopicState::Exists
+    );
+    let id = job["replay_id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_done(&stack, &admin, &id).await["state"], "done");
+}
