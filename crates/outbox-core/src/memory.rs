@@ -432,6 +432,7 @@ impl MemoryStore {
             total_items: batch.items.len() as u64,
             vendor_counts: batch.vendor_counts.clone(),
             processing_time_ms: elapsed_ms(batch.created_at),
+            submitted_by: batch.submitted_by.clone(),
         };
         let items = batch
             .items

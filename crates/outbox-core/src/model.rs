@@ -235,6 +235,9 @@ pub struct BatchSummary {
     pub total_items: u64,
     pub vendor_counts: VendorCounts,
     pub processing_time_ms: u64,
+    /// The name of the API key that submitted it (when the writer has keys).
+    #[serde(default)]
+    pub submitted_by: Option<String>,
 }
 
 /// Item counts of a batch by status, for status endpoints.

@@ -282,6 +282,37 @@ impl ItemSchema {
     }
 }
 
+/// What a 404 for an unknown stream says: the closest known name when one
+/// is close (a typo), and how to define the stream.
+pub fn unknown_stream<'a>(name: &StreamName, known: impl IntoIterator<Item = &'a str>) -> String {
+    let close = known
+        .into_iter()
+        .map(|k| (edit_distance(name.as_str(), k), k))
+        .filter(|(d, k)| *d <= 2 && *k != name.as_str())
+        .min();
+    let hint = close.map_or_else(String::new, |(_, k)| format!(" (did you mean {k}?)"));
+    format!(
+        "no stream {name}{hint}: define it with `outboxctl stream create {name} --topic TOPIC` \
+         (PUT /api/v1/streams/{name} on a relay's admin port)"
+    )
+}
+
+/// Levenshtein distance, for names of at most 63 characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -375,6 +406,19 @@ mod tests {
         assert_eq!(schema.check(&evil).unwrap_err().pointer, "/a");
         let fine = vec![json!({"a": "aaaa"}).as_object().unwrap().clone()];
         assert!(schema.check(&fine).is_ok());
+    }
+
+    #[test]
+    fn an_unknown_stream_suggests_a_close_name_and_how_to_define_it() {
+        let name: StreamName = "order".parse().unwrap();
+        let detail = unknown_stream(&name, ["orders", "audit", "default"]);
+        assert!(detail.contains("did you mean orders?"), "{detail}");
+        assert!(
+            detail.contains("outboxctl stream create order --topic TOPIC"),
+            "{detail}"
+        );
+        let far: StreamName = "payments".parse().unwrap();
+        assert!(!unknown_stream(&far, ["orders"]).contains("did you mean"));
     }
 
     #[test]

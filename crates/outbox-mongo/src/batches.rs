@@ -478,6 +478,7 @@ impl MongoStore {
             total_items: batch.items.len() as u64,
             vendor_counts: batch.vendor_counts.clone(),
             processing_time_ms,
+            submitted_by: batch.submitted_by.clone(),
         })
     }
 

@@ -213,6 +213,7 @@ pub(crate) fn batch_summary(doc: &Document) -> Result<BatchSummary, StoreError> 
         total_items: get_u64(doc, "total_items")?,
         vendor_counts,
         processing_time_ms: get_u64(doc, "processing_time_ms")?,
+        submitted_by: get_opt_string(doc, "submitted_by"),
     })
 }
 

@@ -275,14 +275,44 @@ fn table_of(header: &[&str]) -> Table {
     table(header)
 }
 
+/// The stream's ordering key as it applies to its messages: the key
+/// `global` puts on every message (the stream's name; `batch-outbox` for
+/// `default`), what `batch` and `field:` take it from.
+fn ordering_key(stream: &Value) -> String {
+    let mode = text(&stream["ordering_key"]);
+    let name = text(&stream["stream"]);
+    match mode.as_str() {
+        "global" => {
+            let key = if name == "default" {
+                "batch-outbox"
+            } else {
+                name.as_str()
+            };
+            format!("global: every message on the key {key}")
+        }
+        "batch" => "batch: each batch's id as its key".to_owned(),
+        "none" => "none: no ordering key".to_owned(),
+        field => {
+            // The relay puts a stream's name where `batch-outbox` would
+            // be: two streams never share a key.
+            let default = text(&stream["ordering_key_default"]);
+            let default = if default == "batch-outbox" && name != "default" {
+                name
+            } else {
+                default
+            };
+            format!("{field}: the item's value there, else the key {default}")
+        }
+    }
+}
+
 /// One stream's definition and live state.
 pub fn stream(stream: &Value) -> String {
     let mut table = table(&[]);
     let rows = [
         ("Stream", text(&stream["stream"])),
         ("Topic", text(&stream["topic"])),
-        ("Ordering key", text(&stream["ordering_key"])),
-        ("Default key", text(&stream["ordering_key_default"])),
+        ("Ordering key", ordering_key(stream)),
         ("On poison", text(&stream["on_poison"])),
         (
             "Schema",

@@ -354,6 +354,7 @@ fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
             vendor_counts: summary.vendor_counts.clone(),
             unique_vendors: summary.vendor_counts.len(),
             processing_time_ms: summary.processing_time_ms,
+            submitted_by: summary.submitted_by.clone(),
         },
     };
     let mut response = HttpResponse::Created();
@@ -679,13 +680,16 @@ async fn process(
                 "the stream's definition could not be read within the request deadline".to_owned(),
             ))
         })?
-        .map_err(|e| store_problem(&e))?
-        .ok_or_else(|| {
-            Problem::not_found(
-                "stream_not_found",
-                format!("no stream {stream_name}: an operator defines it with PUT /api/v1/streams/{stream_name} on a relay's admin port"),
-            )
-        })?;
+        .map_err(|e| store_problem(&e))?;
+    let Some(stream) = stream else {
+        let names = tokio::time::timeout_at(deadline, state.catalog.names())
+            .await
+            .unwrap_or_default();
+        return Err(Problem::not_found(
+            "stream_not_found",
+            outbox_core::stream::unknown_stream(stream_name, names.iter().map(String::as_str)),
+        ));
+    };
     if let Some(error) = &stream.schema_error {
         return Err(Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1004,6 +1008,10 @@ pub struct AcceptedBatch {
     pub unique_vendors: usize,
     /// Time spent storing the batch.
     pub processing_time_ms: u64,
+    /// The name of the API key that submitted it; absent when the writer
+    /// has no API keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
 }
 
 /// A batch's status and item counts.

@@ -46,6 +46,16 @@ impl Catalog {
         }
     }
 
+    /// The names of the streams defined (for a 404's suggestion); empty
+    /// when the store cannot say.
+    pub async fn names(&self) -> Vec<String> {
+        self.store
+            .streams()
+            .await
+            .map(|all| all.into_iter().map(|d| d.name.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// The stream, `None` when it is not defined. The default stream always
     /// exists: as stored when it was defined, else without schema or writers.
     ///

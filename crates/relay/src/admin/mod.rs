@@ -217,9 +217,15 @@ pub(crate) fn known_stream(state: &AdminState, raw: &str) -> Result<StreamName, 
     if state.cluster.stream(&name).is_some() {
         Ok(name)
     } else {
+        let known: Vec<String> = state
+            .cluster
+            .streams()
+            .iter()
+            .map(|view| view.definition.name.to_string())
+            .collect();
         Err(Problem::not_found(
             "stream_not_found",
-            format!("no stream {name}: define it with PUT /api/v1/streams/{name}"),
+            outbox_core::stream::unknown_stream(&name, known.iter().map(String::as_str)),
         ))
     }
 }

@@ -248,7 +248,12 @@ async fn an_idempotency_key_is_scoped_to_its_caller() {
     };
     let ops = send(OPS_KEY).await.unwrap();
     assert_eq!(ops.status(), 201);
-    let ops_batch = json(ops).await["data"]["batch_id"].clone();
+    let ops_body = json(ops).await;
+    assert_eq!(
+        ops_body["data"]["submitted_by"], "ops",
+        "the answer names the caller"
+    );
+    let ops_batch = ops_body["data"]["batch_id"].clone();
     let billing = send(BILLING_KEY).await.unwrap();
     assert_eq!(billing.status(), 201);
     assert!(billing.headers().get("idempotent-replayed").is_none());
