@@ -15,9 +15,8 @@ export MONGODB_URL PUBSUB_EMULATOR_HOST
 export PUBSUB_PROJECT_ID="${PUBSUB_PROJECT_ID:-local-project}" PUBSUB_TOPIC="${PUBSUB_TOPIC:-batch-outbox}"
 export LOG_FORMAT="${LOG_FORMAT:-pretty}"
 if [ "${MONGODB_FLAVOR:-}" = standin ]; then
-  # The stand-in's change streams are not reliable, and its reads wait for an
-  # open transaction (see LEASE_KILL_ON_BLOCKED_READ in outbox-relay --help).
-  export OUTBOX_CHANGE_STREAM=false LEASE_KILL_ON_BLOCKED_READ=true
+  # The stand-in's change streams are not reliable.
+  export OUTBOX_CHANGE_STREAM=false
 fi
 mkdir -p "$RUN_DIR"
 

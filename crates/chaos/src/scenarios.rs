@@ -103,9 +103,11 @@ async fn finish(
 /// `kill -9` of whichever relay leads, at random moments during a drain,
 /// each killed replica restarted.
 async fn leader_kills(length: Length) -> anyhow::Result<Report> {
+    // At least 20 kills in full: a takeover that waits for the transaction
+    // lifetime limit showed in 1 of 10 before.
     let (kills, batches) = match length {
         Length::Short => (2, 20),
-        Length::Full => (10, 500),
+        Length::Full => (24, 2000),
     };
     let mut stack = Stack::start("leader-kills", 1, 3).await?;
     let consumer = Consumer::start(&stack).await?;

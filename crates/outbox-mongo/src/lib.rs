@@ -7,7 +7,10 @@
 //! - `documents`: the stored document shapes and their conversions.
 //! - `errors`: driver errors to [`StoreError`] (what is transient, what not).
 //! - `batches`: atomic batch ingest with the gap-free sequence.
-//! - `outbox`: the relay's reads and its fenced progress writes.
+//! - `outbox`: the relay's reads, retention and the pause flag.
+//! - `fenced`: the relay's writes under a lease epoch (marks, commits,
+//!   dead letters, replay progress) on one recorded session.
+//! - `replays`: replay jobs.
 //! - `lease`: each stream's leader lease (compare-and-swap on holder and epoch).
 //! - `registry`: the stream definitions and the relay replicas (members).
 //! - [`sharding`]: shard keys and zones of a sharded cluster.

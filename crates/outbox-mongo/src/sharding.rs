@@ -22,7 +22,7 @@
 //!
 //! What changes on a sharded cluster (mongos):
 //! - a unique index must start with the shard key: `batches.batch_id` is
-//!   indexed, not unique (batch ids are UUIDv7s the writer draws), and the
+//!   indexed, not unique (batch ids are 64 random bits the writer draws), and the
 //!   items' uniqueness is `{stream, batch_id, item_sequence}`;
 //!   [`crate::MongoStore::ensure_schema`] builds those when it talks to mongos;
 //! - the relay's marks update items by `_id`, which mongos sends to every

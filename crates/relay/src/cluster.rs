@@ -407,15 +407,20 @@ impl Cluster {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<(), outbox_core::store::StoreError> {
-        // The leases first: on a store whose reads wait for an open
-        // transaction (the development stand-in), a blocked read of them is
-        // what lets a dead leader's orphan be killed (see
-        // LEASE_KILL_ON_BLOCKED_READ).
+        // The leases first: on a server whose reads wait for an open
+        // transaction, a blocked read of them is what lets a dead leader's
+        // orphan be killed (LEASE_KILL_ON_BLOCKED_READ; neither MongoDB's
+        // reads nor the stand-in's do now).
         let leases = self.stores.leases.leases().await?;
         let now_ms = self.stores.leases.now_ms().await?;
         let members = self.stores.members.members(now_ms).await?;
         metrics::gauge!(crate::metrics::ADMIN_TOKEN_MISMATCHES)
             .set(token_mismatches(self.settings.admin_token.as_deref(), &members).len() as f64);
+        let shared = outbox_core::store::shared_names(&members);
+        metrics::gauge!(crate::metrics::DUPLICATE_NAMES).set(shared.len() as f64);
+        if !shared.is_empty() {
+            warn!(message = "live relay processes share a RELAY_ID; give each its own", names = ?shared);
+        }
         let definitions = self.definitions().await;
         for definition in &definitions {
             self.slot_for(definition);
@@ -579,8 +584,6 @@ impl Cluster {
         });
     }
 
-    /// Stops the stream's runner: the page in flight finishes, the lease is
-    /// released.
     /// Tells the stream's runner to hand the stream over; it settles and
     /// releases in the background.
     fn begin_stop(&self, name: &StreamName) {

@@ -80,6 +80,7 @@ pub async fn run(
         leadership: leadership.clone(),
         settings: settings.clone(),
         failures: std::sync::Mutex::new(None),
+        pace: std::sync::Mutex::new(None),
     };
     let mut changes = leadership;
     let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_cap);
@@ -116,6 +117,10 @@ struct Worker {
     /// The job and position of the last transient failure, and how many
     /// came in a row there.
     failures: std::sync::Mutex<Option<(ReplayPosition, String, u32)>>,
+    /// The pace of the job last run: kept when the job is run again (after
+    /// a failure, a pause check), so its rate holds across the runs, from
+    /// the first second on.
+    pace: std::sync::Mutex<Option<(String, Pace)>>,
 }
 
 /// Items per second at most: waits before each page until the items sent
@@ -161,11 +166,35 @@ impl Worker {
     async fn run_job(&self, mut job: ReplayJob) -> Result<(), ReplayError> {
         info!(message = "replaying", replay_id = %job.replay_id, stream = %self.stream, from = job.position.batch_sequence.0, after = job.position.after.0, to = job.to_sequence.0, topic = %job.topic);
         let publisher = self.publishers.for_topic(&job.topic);
-        let mut pace = Pace {
-            rate: job.max_items_per_second,
-            start: Instant::now(),
-            sent: 0,
-        };
+        let id = job.replay_id.to_string();
+        let kept = self
+            .pace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .filter(|(of, pace)| *of == id && pace.rate == job.max_items_per_second);
+        let mut pace = kept.map_or_else(
+            || Pace {
+                rate: job.max_items_per_second,
+                start: Instant::now(),
+                sent: 0,
+            },
+            |(_, pace)| pace,
+        );
+        let result = self.run_job_paced(&mut job, &*publisher, &mut pace).await;
+        *self
+            .pace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((id, pace));
+        result
+    }
+
+    async fn run_job_paced(
+        &self,
+        job: &mut ReplayJob,
+        publisher: &dyn outbox_core::publish::Publisher,
+        pace: &mut Pace,
+    ) -> Result<(), ReplayError> {
         // A page is at most a second of the rate.
         let page_size = job
             .max_items_per_second
@@ -182,13 +211,13 @@ impl Worker {
                     _ => {
                         // Paused or cancelled: what was published is
                         // recorded (its progress shows where it stopped).
-                        self.record(&job, false).await?;
+                        self.record(job, false).await?;
                         return Ok(());
                     }
                 }
             }
             if job.position.batch_sequence > job.to_sequence {
-                self.record(&job, true).await?;
+                self.record(job, true).await?;
                 info!(message = "replay done", replay_id = %job.replay_id, items = job.items_sent, batches = job.batches_sent);
                 return Ok(());
             }
@@ -206,7 +235,7 @@ impl Worker {
                     "batch {} of the range is no longer held: retention removed it",
                     job.position.batch_sequence
                 );
-                return self.fail(&mut job, &error).await;
+                return self.fail(job, &error).await;
             }
             for batch in batches {
                 if batch.batch_sequence != job.position.batch_sequence
@@ -231,7 +260,7 @@ impl Worker {
                                 "batch {} of the range is no longer held (retention removed it)",
                                 batch.batch_sequence
                             );
-                            return self.fail(&mut job, &error).await;
+                            return self.fail(job, &error).await;
                         }
                         Err(e) => return Err(e.into()),
                     };
@@ -239,20 +268,20 @@ impl Worker {
                     // Never publish under a lease that lapsed: a successor
                     // may be publishing from the recorded position.
                     self.fence()?;
-                    if let Err(failure) = self.publish(&job, &batch, &items, &*publisher).await {
+                    if let Err(failure) = self.publish(job, &batch, &items, publisher).await {
                         return match failure {
-                            PublishError::Permanent(error) => self.fail(&mut job, &error).await,
+                            PublishError::Permanent(error) => self.fail(job, &error).await,
                             PublishError::Transient(error) => {
-                                if self.transient_failure(&job) >= TRANSIENT_FAILURES_BEFORE_FAILING
+                                if self.transient_failure(job) >= TRANSIENT_FAILURES_BEFORE_FAILING
                                 {
                                     let error = format!(
                                         "{TRANSIENT_FAILURES_BEFORE_FAILING} publish attempts in a row failed at batch {} position {}: {error}",
                                         job.position.batch_sequence,
                                         job.position.after.0 + 1
                                     );
-                                    return self.fail(&mut job, &error).await;
+                                    return self.fail(job, &error).await;
                                 }
-                                self.record(&job, false).await?;
+                                self.record(job, false).await?;
                                 Err(ReplayError::Publish(error))
                             }
                         };
@@ -263,7 +292,7 @@ impl Worker {
                     ::metrics::counter!(metrics::REPLAYED, "stream" => self.stream.to_string())
                         .increment(items.len() as u64);
                     if recorded.elapsed() >= RECORD_EVERY {
-                        self.record(&job, false).await?;
+                        self.record(job, false).await?;
                         recorded = Instant::now();
                     }
                     if checked.elapsed() >= CHECK_EVERY {

@@ -26,6 +26,8 @@ pub type Delivery = (u64, u32, String);
 #[derive(Default)]
 struct State {
     delivered: Vec<Delivery>,
+    /// When each delivery was accepted (tokio's clock).
+    delivered_at: Vec<tokio::time::Instant>,
     /// Publishes that fail once each (by (batch_sequence, item_sequence)).
     fail_once: HashSet<(u64, u32)>,
     /// Items Pub/Sub always rejects.
@@ -134,6 +136,11 @@ impl FakePublisher {
         self.state.lock().unwrap().delivered.clone()
     }
 
+    /// When each of [`delivered`](Self::delivered) was accepted.
+    pub fn delivered_at(&self) -> Vec<tokio::time::Instant> {
+        self.state.lock().unwrap().delivered_at.clone()
+    }
+
     pub fn attempts(&self, batch_sequence: u64, item_sequence: u32) -> u32 {
         self.state
             .lock()
@@ -164,6 +171,7 @@ impl Publisher for FakePublisher {
         } else {
             state.next_id += 1;
             state.delivered.push((at.0, at.1, self.name.clone()));
+            state.delivered_at.push(tokio::time::Instant::now());
             if let Some((_, store)) = state.break_store_after.take_if(|(when, _)| *when == at) {
                 store.set_unavailable(true);
             }

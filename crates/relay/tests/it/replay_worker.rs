@@ -31,6 +31,16 @@ async fn replay_until_stopped(
     publisher: &FakePublisher,
     before_replay: impl FnOnce(&MemoryStore, &[outbox_core::model::NewBatch]),
 ) -> ReplayJob {
+    replay_at(store, publisher, None, before_replay).await
+}
+
+/// [`replay_until_stopped`] at `rate` items per second.
+async fn replay_at(
+    store: &MemoryStore,
+    publisher: &FakePublisher,
+    rate: Option<u32>,
+    before_replay: impl FnOnce(&MemoryStore, &[outbox_core::model::NewBatch]),
+) -> ReplayJob {
     let batches = store_batches(store, &SIZES).await;
     let replica = replica(
         store,
@@ -57,7 +67,7 @@ async fn replay_until_stopped(
             to_sequence: Sequence(3),
             topic: "replayed".to_owned(),
             ordering: OrderingKeyMode::Global,
-            max_items_per_second: None,
+            max_items_per_second: rate,
         },
         9,
         Utc::now(),
@@ -138,4 +148,34 @@ async fn a_publish_that_keeps_failing_fails_the_job_instead_of_holding_up_the_st
         1 + 10,
         "the drain's one and the replay's ten"
     );
+}
+
+/// The rate holds from the first second, and across the job's runs: a
+/// transient failure that ends a run (the job is run again from its
+/// recorded position) does not start the pace afresh.
+#[tokio::test(start_paused = true)]
+async fn a_replay_holds_its_rate_from_the_first_second_and_across_its_runs() {
+    let store = MemoryStore::new();
+    let publisher = FakePublisher::new("a");
+    let drained = std::sync::Mutex::new(0);
+    let job = replay_at(&store, &publisher, Some(1), |_, _| {
+        *drained.lock().unwrap() = publisher.delivered().len();
+        // Twice in the range: the job's run ends and it is run again.
+        publisher.fail_once(1, 3);
+        publisher.fail_once(2, 2);
+    })
+    .await;
+    assert_eq!(job.state, ReplayState::Done, "{job:?}");
+    let from = *drained.lock().unwrap();
+    let times = publisher.delivered_at();
+    let copies = &times[from..];
+    assert_eq!(copies.len(), 9);
+    for (n, at) in copies.iter().enumerate() {
+        let since = at.duration_since(copies[0]);
+        assert!(
+            since >= Duration::from_secs(n as u64),
+            "copy {} went out {since:?} after the first: over 1 a second",
+            n + 1
+        );
+    }
 }

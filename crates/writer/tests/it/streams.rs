@@ -136,7 +136,10 @@ async fn an_unknown_stream_a_forbidden_key_and_a_schema_violation_store_nothing(
     let typo = json(post(&app, "ledgr", Some(OPS_KEY), &objects(1), None).await).await;
     let detail = typo["detail"].as_str().unwrap();
     assert!(detail.contains("did you mean ledger?"), "{detail}");
-    assert!(detail.contains("outboxctl stream create ledgr --topic TOPIC"), "{detail}");
+    assert!(
+        detail.contains("outboxctl stream create ledgr --topic TOPIC"),
+        "{detail}"
+    );
     let bad_name = post(&app, "Not_A_Stream", Some(OPS_KEY), &objects(1), None).await;
     assert_eq!(bad_name.status(), 400);
     assert_eq!(json(bad_name).await["code"], "invalid_stream_name");
