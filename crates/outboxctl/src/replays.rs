@@ -89,13 +89,15 @@ async fn get(client: &Client, path: &str) -> Result<Value, Failure> {
     client.call(Service::Admin, request).await
 }
 
-/// Follows a job until it is done (`Ok`), or stops otherwise (`Err`, with
-/// its state).
+/// Follows a job until it is done (`Ok`), or failed or cancelled (`Err`,
+/// with its state). A paused job is watched on, shown paused (on stderr,
+/// once, without a terminal's bar), until it is resumed and done.
 async fn watch(client: &Client, id: &str, bar: bool) -> Result<Value, Failure> {
     let path = format!("{BASE}/{id}");
     let (progress, width) = progress::line_bar(bar);
     let label = format!("replay {}", &id[..8]);
     let mut meter = progress::Meter::default();
+    let mut said_paused = false;
     let result = loop {
         let job = get(client, &path).await?;
         let sent = job["items_sent"].as_u64().unwrap_or(0);
@@ -116,7 +118,16 @@ async fn watch(client: &Client, id: &str, bar: bool) -> Result<Value, Failure> {
         ));
         match state.as_str() {
             "done" => break Ok(job),
-            "running" => {}
+            "running" => said_paused = false,
+            "paused" => {
+                if !bar && !said_paused {
+                    eprintln!(
+                        "replay {id} is paused at batch {}; watching until it is resumed (`outboxctl replay resume {id}`)",
+                        job["position"]["batch_sequence"]
+                    );
+                }
+                said_paused = true;
+            }
             "failed" => {
                 break Err(Failure::Refused(format!(
                     "replay {id} failed: {}; fix the cause, then `outboxctl replay resume {id}`",

@@ -280,6 +280,66 @@ async fn outboxctl_submits_three_formats_waits_for_them_and_reads_them_back() {
     let bad = ctl.run(&["replay", "show", "../status"], &[]).await;
     assert_eq!(bad.code, 2, "{bad:?}");
 
+    // A slow replay paused while it is watched: the watch goes on, says the
+    // job is paused, and ends with 0 once the job is resumed and done.
+    let slow = ctl
+        .run(
+            &[
+                "replay",
+                "start",
+                "--from",
+                "1",
+                "--to",
+                "2",
+                "--max-items-per-second",
+                "1",
+                "--json",
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(slow.code, 0, "{slow:?}");
+    let slow_id = slow.json()["replay_id"].as_str().unwrap().to_owned();
+    let mut watch = tokio::process::Command::new(binary("outboxctl"))
+        .args(["replay", "watch", &slow_id])
+        .env_remove("ADMIN_TOKEN")
+        .env("OUTBOX_WRITER_URL", &ctl.writer)
+        .env("OUTBOX_ADMIN_URL", &ctl.admin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let paused = ctl.run(&["replay", "pause", &slow_id], &[]).await;
+    assert_eq!(paused.code, 0, "{paused:?}");
+    // The watch says so, and goes on.
+    let mut stderr = tokio::io::BufReader::new(watch.stderr.take().unwrap());
+    let mut said = String::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        use tokio::io::AsyncBufReadExt;
+        while !said.contains("is paused") {
+            assert!(
+                stderr.read_line(&mut said).await.unwrap() > 0,
+                "the watch ended: {said}"
+            );
+        }
+    })
+    .await
+    .expect("the watch says the job is paused");
+    assert!(
+        watch.try_wait().unwrap().is_none(),
+        "the watch goes on through a pause"
+    );
+    let resumed = ctl.run(&["replay", "resume", &slow_id], &[]).await;
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    let watched = tokio::time::timeout(Duration::from_secs(60), watch.wait_with_output())
+        .await
+        .expect("the watch ends once the job is done")
+        .unwrap();
+    assert_eq!(watched.status.code(), Some(0), "{said}");
+    let out = String::from_utf8_lossy(&watched.stdout);
+    assert!(out.contains(&format!("replay {slow_id} done")), "{out}");
+
     // A tail that cannot reach Pub/Sub says so, and what to do, in seconds.
     let nowhere = format!("127.0.0.1:{}", free_port());
     let unreachable = tokio::time::timeout(
