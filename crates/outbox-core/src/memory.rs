@@ -705,6 +705,7 @@ impl LeaseStore for MemoryStore {
                 epoch: current.as_ref().map_or(0, |l| l.epoch) + 1,
                 expires_at_ms: now_ms + ttl_ms,
                 committed: current.as_ref().and_then(|l| l.committed),
+                published: current.as_ref().map_or(0, |l| l.published),
             },
         };
         stream_state.lease = Some(next.clone());
@@ -927,6 +928,9 @@ impl OutboxStore for MemoryStore {
         marks: &[SentMark],
     ) -> Result<(), StoreError> {
         let mut state = self.fenced(fence)?;
+        if let Some(lease) = state.stream(&fence.stream).lease.as_mut() {
+            lease.published += marks.len() as u64;
+        }
         let batch = state.batch_mut(batch_id)?;
         let now = Utc::now();
         for mark in marks {

@@ -182,6 +182,10 @@ pub struct Lease {
     /// the commit's own fenced write; `None` before the first commit that
     /// recorded it.
     pub committed: Option<Sequence>,
+    /// Items of the stream published and recorded, counted by every
+    /// leader's fenced writes (an item published twice counts twice): what
+    /// the stream has published, whichever replica led it.
+    pub published: u64,
 }
 
 impl Lease {

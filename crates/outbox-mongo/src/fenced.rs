@@ -69,6 +69,15 @@ pub(crate) enum FencedWrite<'a> {
 }
 
 impl FencedWrite<'_> {
+    /// The marks it records: the items it says were published.
+    fn marks(&self) -> usize {
+        match self {
+            Self::Marks(_, marks) | Self::Finish(_, _, marks) => marks.len(),
+            Self::Pages(pages) => pages.iter().map(|p| p.marks.len()).sum(),
+            _ => 0,
+        }
+    }
+
     /// The sequence this write commits, if it commits a batch.
     fn commits(&self) -> Option<Sequence> {
         match self {
@@ -162,7 +171,11 @@ impl MongoStore {
             // The fence, and for a commit the record of the highest
             // committed sequence (what the next batch must follow), in one
             // statement.
-            let mut claim = doc! { "$inc": { "fenced_writes": 1_i64 } };
+            // With the count of items the stream published (whoever led).
+            let mut claim = doc! { "$inc": {
+                "fenced_writes": 1_i64,
+                "published_items": i64::try_from(write.marks()).unwrap_or(i64::MAX),
+            } };
             if let Some(sequence) = write.commits() {
                 claim.insert("$max", doc! { "committed_sequence": to_i64(sequence.0) });
             }

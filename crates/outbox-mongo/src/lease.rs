@@ -52,6 +52,7 @@ fn lease_from(stream: &StreamName, doc: &Document) -> Lease {
         holder: doc.get_str("holder").unwrap_or_default().to_owned(),
         epoch: u64::try_from(lenient_i64(doc.get("epoch"))).unwrap_or(0),
         expires_at_ms: lenient_i64(doc.get("expires_at_ms")),
+        published: u64::try_from(lenient_i64(doc.get("published_items"))).unwrap_or(0),
         committed: doc
             .get("committed_sequence")
             .map(|v| Sequence(u64::try_from(lenient_i64(Some(v))).unwrap_or(0))),
@@ -271,6 +272,7 @@ impl LeaseStore for MongoStore {
                 epoch: 1,
                 expires_at_ms,
                 committed: None,
+                published: 0,
             };
             let mut claim = self.session_for(stream).await?;
             let session = claim
@@ -321,6 +323,7 @@ impl LeaseStore for MongoStore {
                 epoch: current.epoch + 1,
                 expires_at_ms,
                 committed: current.committed,
+                published: current.published,
             }
         };
         // Only if nobody changed the lease since we read it. A renewal

@@ -80,19 +80,10 @@ pub(crate) async fn live_state(
     } else {
         "idle"
     };
-    // The others' counts as they last announced them, this replica's own
-    // as it is now.
-    let me = state.cluster.relay_id();
-    let own = state
-        .cluster
-        .stream(name)
-        .map_or(0, |view| view.status.snapshot().published_total);
-    let published: u64 = members
-        .iter()
-        .filter(|m| m.id != me)
-        .filter_map(|m| m.published.get(name.as_str()))
-        .sum::<u64>()
-        + own;
+    // What the stream published, as its leaders recorded it with their
+    // fenced writes: the same on every replica, and kept across a change of
+    // leader (a replica's own count starts at 0 with the process).
+    let published = lease.map_or(0, |l| l.published);
     let age = backlog
         .oldest_created_at
         .map(|at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0);

@@ -64,7 +64,8 @@ pub struct StreamView {
     /// Batches not committed yet.
     backlog: u64,
     oldest_pending_age_seconds: Option<f64>,
-    /// Items published by every live replica since each started.
+    /// Items the stream published, as its leaders recorded them (kept
+    /// across changes of leader; an item published twice counts twice).
     published_total: u64,
     head_batch: Option<HeadBatchView>,
 }
@@ -141,7 +142,8 @@ pub struct StatusView {
     leader: Option<LeaderView>,
     /// `running`, `idle`, `paused`, `halted` or `no leader`.
     state: String,
-    /// Items of the stream published by every live replica since each started.
+    /// Items the stream published, as its leaders recorded them (kept
+    /// across changes of leader): the stream's count.
     cluster_published_total: u64,
     /// The lease as stored (null before anyone took it; `{error}` when
     /// MongoDB did not answer).
@@ -153,6 +155,8 @@ pub struct StatusView {
     current_batch: Option<CurrentBatchView>,
     pending_batches: Option<u64>,
     oldest_pending_age_seconds: Option<f64>,
+    /// Items this replica published since it started (the stream's count,
+    /// whoever led, is `cluster_published_total`).
     published_total: u64,
     batches_committed_total: u64,
     last_error: Option<String>,

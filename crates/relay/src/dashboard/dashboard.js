@@ -187,6 +187,11 @@ function renderSecurity(replicas, cluster) {
 
 function renderStatus(status) {
   text("relay-id", status.relay_id);
+  // The chart is this replica's drain: say so when another one leads.
+  const leaderName = status.leader && status.leader.relay_id;
+  text("rate-caption", status.role === "leader"
+    ? "Drain rate by this replica, the stream's leader (items/s)"
+    : `Drain rate by this replica (items/s): it does not lead ${status.stream}${leaderName ? `; ${leaderName} does, its page has the stream's rate` : ""}`);
   text("stream-name", status.stream);
   text("stream-topic", `topic ${status.topic}`);
   const role = $("role");

@@ -695,6 +695,25 @@ async fn a_leader_killed_mid_batch_loses_nothing_and_keeps_first_deliveries_in_o
         .unwrap();
     assert_eq!(status["lease"]["holder"], "relay-b", "{}", b.tail());
     assert!(status["lease"]["epoch"].as_u64().unwrap() >= 2);
+    // The stream's published count comes from the store: what the killed
+    // leader recorded is still in it, on the survivor.
+    eventually(
+        Duration::from_secs(30),
+        "the stream's count of everything",
+        || async {
+            let streams: Value = stack
+                .http
+                .get(format!("{admin_b}/api/v1/streams"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            streams["streams"][0]["published_total"].as_u64() >= Some(total as u64)
+        },
+    )
+    .await;
     drop(b);
 }
 
