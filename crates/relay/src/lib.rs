@@ -255,19 +255,17 @@ impl Application {
             } else {
                 info!(message = "change stream disabled; polling only");
             }
-            tokio::select! {
-                () = prepare(mongo, self.start_paused, stores.outbox.as_ref()) => {}
-                () = token.cancelled() => {}
+            if self.start_paused {
+                tokio::select! {
+                    () = pause_default(stores.outbox.as_ref()) => {}
+                    () = token.cancelled() => {}
+                }
             }
-            // A leader killed inside a transaction is replaced after the TTL
-            // (its session is killed); MongoDB's own limit matters for the
-            // writers, whose orphans nobody can know.
-            mongo
-                .check_transaction_lifetime(
-                    self.lease_ttl.max(Duration::from_secs(15)),
-                    "writers and relays",
-                )
-                .await;
+            // Indexes in the background: the cluster takes over streams at
+            // once. A replica started while another's orphaned transaction
+            // holds a collection (or, on the stand-in, every write) would
+            // otherwise wait for it before it could kill it.
+            tokio::spawn(prepare(mongo.clone(), self.lease_ttl, token.clone()));
         } else if self.start_paused {
             let _ = stores
                 .outbox
@@ -337,22 +335,16 @@ async fn sample_history(cluster: Arc<Cluster>, token: CancellationToken) {
 
 /// Creates indexes (and pauses the cluster when configured to start paused),
 /// retrying until MongoDB answers.
-async fn prepare(mongo: &MongoStore, start_paused: bool, store: &dyn OutboxStore) {
+/// Pauses the default stream (`ENABLE_OUTBOX_PROCESSOR=false`) before
+/// anything drains, retrying until MongoDB answers.
+async fn pause_default(store: &dyn OutboxStore) {
     let mut backoff = backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        let result = async {
-            mongo.ensure_schema().await?;
-            if start_paused {
-                store
-                    .set_paused(&StreamName::default_stream(), true)
-                    .await?;
+        match store.set_paused(&StreamName::default_stream(), true).await {
+            Ok(()) => {
                 info!(message = "ENABLE_OUTBOX_PROCESSOR=false: the default stream is paused");
+                return;
             }
-            Ok::<_, outbox_core::store::StoreError>(())
-        }
-        .await;
-        match result {
-            Ok(()) => return,
             Err(error) => {
                 let delay = backoff.next_delay();
                 warn!(message = "MongoDB not ready; retrying", %error, retry_in_ms = delay.as_millis() as u64);
@@ -360,6 +352,31 @@ async fn prepare(mongo: &MongoStore, start_paused: bool, store: &dyn OutboxStore
             }
         }
     }
+}
+
+/// Creates the indexes (retrying until MongoDB answers) and checks the
+/// transaction lifetime limit.
+async fn prepare(mongo: MongoStore, lease_ttl: Duration, token: CancellationToken) {
+    let mut backoff = backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    while !token.is_cancelled() {
+        match mongo.ensure_schema().await {
+            Ok(()) => break,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                warn!(message = "cannot create the indexes yet; retrying", %error, retry_in_ms = delay.as_millis() as u64);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = token.cancelled() => return,
+                }
+            }
+        }
+    }
+    // A leader killed inside a transaction is replaced after the TTL (its
+    // session is killed); MongoDB's own limit matters for the writers,
+    // whose orphans nobody can know.
+    mongo
+        .check_transaction_lifetime(lease_ttl.max(Duration::from_secs(15)), "writers and relays")
+        .await;
 }
 
 async fn create_topic_with_retries(pubsub: &pubsub::PubSubConfig) -> anyhow::Result<()> {

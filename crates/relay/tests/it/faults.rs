@@ -996,3 +996,50 @@ async fn commits_whose_answers_were_lost_never_stall_the_stream() {
         "commits answered with a write concern error: 120 items in order under one epoch, {duplicates} duplicates"
     );
 }
+
+/// A replica started while MongoDB cannot create its indexes (a fail point
+/// holds `createIndexes`, as an orphaned transaction holds every write on
+/// the stand-in) still takes over a dead leader's stream within TTL + poll
+/// + 2 s: the indexes are made in the background, not before the
+/// replica's supervision starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_indexes_hang_still_takes_over_in_time() {
+    let Some(mongo) = FaultyMongo::start("a_replica_whose_indexes_hang", None).await else {
+        return;
+    };
+    let stack = mongo.stack(&unique("writer"), &[]).await;
+    let (ttl, poll) = (Duration::from_secs(3), Duration::from_millis(500));
+    let fast = [
+        ("LEASE_TTL_SECONDS", "3"),
+        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.5"),
+    ];
+    let (mut a, admin_a) = mongo.relay(&stack, "a", &unique("relay-a"), &fast);
+    wait_leader(&stack.http, &admin_a, Duration::from_secs(30)).await;
+    let b_app = unique("relay-b");
+    let before = mongo
+        .fail_point(
+            Bson::String("alwaysOn".into()),
+            doc! {
+                "failCommands": ["createIndexes"], "appName": &b_app,
+                "blockConnection": true, "blockTimeMS": 60_000,
+            },
+        )
+        .await;
+    let (b, admin_b) = mongo.relay(&stack, "b", &b_app, &fast);
+    mongo.wait_for_fail_point(before + 1).await;
+    a.kill_hard();
+    let killed = Instant::now();
+    wait_leader(&stack.http, &admin_b, Duration::from_secs(120)).await;
+    let took = killed.elapsed();
+    mongo.fail_point_off().await;
+    let bound = ttl + poll + Duration::from_secs(2);
+    assert!(
+        took <= bound,
+        "takeover after {took:?}, over {bound:?}\n{}",
+        b.tail()
+    );
+    let sequence = submit_one(&stack, 5, "after").await;
+    let received = receive(&stack, 5, Duration::from_secs(60), |_| {}).await;
+    let (firsts, _) = firsts(&received);
+    assert_in_order(&firsts, &BTreeMap::from([(sequence, 5)]));
+}
