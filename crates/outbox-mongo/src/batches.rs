@@ -274,20 +274,23 @@ impl MongoStore {
         Ok(())
     }
 
-    /// Removes a staged batch that will not be published (its transaction
-    /// failed, or the writer gave up): the staging record first, so that a
-    /// transaction still trying cannot claim half-removed items, then the
-    /// items by primary key. In the background, briefly retried; what is
-    /// left is swept by the relay ([`MongoStore::sweep_staged`]).
+    /// Gives up a staged batch that will not be published (its transaction
+    /// failed, or the writer gave up): its staging record is marked
+    /// abandoned (so its transaction, if still trying, cannot claim it),
+    /// then its items are removed by primary key. The record stays: a chunk
+    /// insert the writer gave up on may still land afterwards, and the
+    /// relay's sweep ([`MongoStore::sweep_staged`], after
+    /// `STAGED_ABANDONED_AFTER_SECONDS`) removes the items again, and then
+    /// the record. In the background, briefly retried.
     fn unstage_in_background(&self, batch_id: &BatchId, total_items: usize) {
         let store = self.clone();
         let batch_id = batch_id.clone();
         tokio::spawn(async move {
             for attempt in 0..5_u32 {
-                match store.unstage(&batch_id, total_items).await {
+                match store.abandon(&batch_id, total_items).await {
                     Ok(()) => return,
                     Err(error) => {
-                        debug!(message = "cannot remove a staged batch yet", %batch_id, %error, attempt);
+                        debug!(message = "cannot give up a staged batch yet", %batch_id, %error, attempt);
                         tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
                     }
                 }
@@ -295,6 +298,37 @@ impl MongoStore {
         });
     }
 
+    /// Marks the staging record abandoned and removes the items stored so
+    /// far (unless the batch was published).
+    async fn abandon(&self, batch_id: &BatchId, total_items: usize) -> Result<(), StoreError> {
+        let marked = self
+            .staged()
+            .update_one(
+                doc! { "_id": batch_id.as_str() },
+                doc! { "$set": { "abandoned_at": bson_datetime(Utc::now()) } },
+            )
+            .await
+            .map_err(classify)?;
+        if marked.matched_count == 0 && self.published(batch_id).await? {
+            return Ok(());
+        }
+        self.remove_staged_items(batch_id, total_items).await
+    }
+
+    /// Whether the batch document exists.
+    async fn published(&self, batch_id: &BatchId) -> Result<bool, StoreError> {
+        Ok(self
+            .batches()
+            .find_one(doc! { "batch_id": batch_id.as_str() })
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(classify)?
+            .is_some())
+    }
+
+    /// Removes a staged batch for good (the relay's sweep of abandoned
+    /// ones): its record first, so that its transaction, if still trying,
+    /// cannot claim half-removed items, then its items.
     pub(crate) async fn unstage(
         &self,
         batch_id: &BatchId,
@@ -305,19 +339,19 @@ impl MongoStore {
             .delete_one(doc! { "_id": batch_id.as_str() })
             .await
             .map_err(classify)?;
-        if removed.deleted_count == 0 {
-            // Claimed by its transaction (published), or removed already.
-            let published = self
-                .batches()
-                .find_one(doc! { "batch_id": batch_id.as_str() })
-                .projection(doc! { "_id": 1 })
-                .await
-                .map_err(classify)?
-                .is_some();
-            if published {
-                return Ok(());
-            }
+        if removed.deleted_count == 0 && self.published(batch_id).await? {
+            // Claimed by its transaction (published).
+            return Ok(());
         }
+        self.remove_staged_items(batch_id, total_items).await
+    }
+
+    /// Removes a staged batch's items by primary key.
+    async fn remove_staged_items(
+        &self,
+        batch_id: &BatchId,
+        total_items: usize,
+    ) -> Result<(), StoreError> {
         let total = u32::try_from(total_items).unwrap_or(u32::MAX);
         let mut first = 1;
         while first <= total {
@@ -458,7 +492,10 @@ impl MongoStore {
                 // record first, so one of the two wins).
                 let claimed = self
                     .staged()
-                    .delete_one(doc! { "_id": batch.batch_id.as_str() })
+                    .delete_one(doc! {
+                        "_id": batch.batch_id.as_str(),
+                        "abandoned_at": { "$exists": false },
+                    })
                     .session(&mut *session)
                     .await
                     .map_err(classify)?;

@@ -172,6 +172,27 @@ pub fn share(streams: usize, members: usize) -> usize {
     streams.div_ceil(members.max(1))
 }
 
+/// How many of the streams it leads a member hands over, so that
+/// assignments stay where they are unless balance needs a move: only a
+/// member over the ceiling (`share`) hands over what is above it, or, while
+/// another live member leads fewer than the floor (`streams / members`), a
+/// member above the floor hands over one. A replica back from a partition
+/// or a restart gets streams from replicas over the ceiling, never from one
+/// within it: a flapping network does not make a stream ping-pong.
+/// `others` are what each other live member leads.
+pub fn to_hand_over(leading: usize, streams: usize, others: &[usize]) -> usize {
+    let members = others.len() + 1;
+    let ceiling = share(streams, members);
+    let floor = streams / members;
+    if leading > ceiling {
+        leading - ceiling
+    } else if leading > floor && others.iter().any(|n| *n < floor) {
+        1
+    } else {
+        0
+    }
+}
+
 /// The share of the member `me` among `members` (ids, `me` among them):
 /// `streams / members`, one more for the first `streams % members` by id.
 pub fn share_of(streams: usize, members: &[&str], me: &str) -> usize {
@@ -462,10 +483,21 @@ impl Cluster {
                 })
                 .cloned()
                 .collect();
-            // Over the share: hand the least preferred over.
+            // Over the ceiling, or above the floor while another is under
+            // it: hand the least preferred over (`to_hand_over`).
             let mut excess = leading.clone();
             excess.sort_by_key(|name| preference(name, me));
-            let over = leading.len().saturating_sub(target);
+            let others: Vec<usize> = members
+                .iter()
+                .filter(|m| m.id != me)
+                .map(|m| {
+                    names
+                        .iter()
+                        .filter(|name| holder(name) == Some(m.id.as_str()))
+                        .count()
+                })
+                .collect();
+            let over = to_hand_over(leading.len(), names.len(), &others);
             let handed: Vec<StreamName> = excess.into_iter().take(over).collect();
             // Standing by for a stream a live member leads: stop.
             for (name, slot) in slots.iter() {
@@ -637,6 +669,52 @@ fn started_at() -> chrono::DateTime<chrono::Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Assignments are sticky: a replica within the ceiling keeps what it
+    /// leads (one back from a partition gets nothing taken from it), one
+    /// over it hands the excess over, and a starved replica gets one from a
+    /// replica above the floor.
+    #[test]
+    fn streams_move_only_when_balance_needs_it() {
+        // One stream, two replicas: whoever leads it keeps it.
+        assert_eq!(to_hand_over(1, 1, &[0]), 0);
+        // Six streams, three replicas, one restarted: the two that took its
+        // streams (3 each, ceiling 2) hand one each.
+        assert_eq!(to_hand_over(3, 6, &[3, 0]), 1);
+        // Four streams, three replicas at 2, 2, 0: the third is under the
+        // floor (1): each replica above the floor hands one over.
+        assert_eq!(to_hand_over(2, 4, &[2, 0]), 1);
+        // At 2, 1, 1 nobody moves.
+        assert_eq!(to_hand_over(2, 4, &[1, 1]), 0);
+        assert_eq!(to_hand_over(1, 4, &[2, 1]), 0);
+        // Alone, it leads everything.
+        assert_eq!(to_hand_over(5, 5, &[]), 0);
+        // Simulated rounds converge and then stay put.
+        let mut leads = vec![6_usize, 0, 0];
+        for _ in 0..10 {
+            let moves: Vec<usize> = (0..leads.len())
+                .map(|i| {
+                    let others: Vec<usize> = (0..leads.len())
+                        .filter(|j| *j != i)
+                        .map(|j| leads[j])
+                        .collect();
+                    to_hand_over(leads[i], 6, &others)
+                })
+                .collect();
+            let handed: usize = moves.iter().sum();
+            for (i, n) in moves.iter().enumerate() {
+                leads[i] -= n;
+            }
+            // The freed streams go to the least loaded.
+            for _ in 0..handed {
+                let least = (0..leads.len()).min_by_key(|i| leads[*i]).unwrap();
+                leads[least] += 1;
+            }
+        }
+        let mut sorted = leads.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [2, 2, 2]);
+    }
 
     #[test]
     fn the_shares_add_up_and_none_is_over_the_ceiling() {

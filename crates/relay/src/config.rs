@@ -303,6 +303,14 @@ impl Config {
         Duration::from_secs(self.lease_ttl_seconds)
     }
 
+    /// How long the relay may take to exit after SIGTERM, whatever MongoDB
+    /// and Pub/Sub do: the page in flight's grace (`PUBLISH_RETRY_SECONDS`),
+    /// a lease TTL to release the leases and leave the registry, and 5 s for
+    /// the admin port (45 s with the defaults).
+    pub fn shutdown_bound(&self) -> Duration {
+        Duration::from_secs(self.publish_retry_seconds + self.lease_ttl_seconds + 5)
+    }
+
     pub fn retention(&self) -> crate::retention::RetentionSettings {
         let keep = |seconds: u64| (seconds > 0).then(|| Duration::from_secs(seconds));
         crate::retention::RetentionSettings {

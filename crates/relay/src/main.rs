@@ -55,6 +55,7 @@ async fn shard_plan(args: &relay::config::ShardPlanArgs) -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
+    let bound = config.shutdown_bound();
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -63,10 +64,33 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     tracing::info!(message = "relay admin listening", address = %app.admin_addr());
-    match app.run(shutdown::signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!(message = "relay failed", error = %e);
+    // After SIGTERM the relay exits within `bound` whatever MongoDB or
+    // Pub/Sub do: a store command that hangs cannot keep it alive (its
+    // leases then expire, and the successor kills its orphan).
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown::signal().await;
+        let _ = stopping.send(());
+    };
+    let overdue = async move {
+        if stopped.await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(bound).await;
+    };
+    tokio::select! {
+        result = app.run(signal) => match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!(message = "relay failed", error = %e);
+                ExitCode::FAILURE
+            }
+        },
+        () = overdue => {
+            error!(
+                message = "not stopped within the shutdown bound; exiting anyway (the leases expire)",
+                bound_seconds = bound.as_secs()
+            );
             ExitCode::FAILURE
         }
     }

@@ -790,7 +790,10 @@ async fn process(
             // Not found by a majority read yet: its commit is not majority
             // committed; the client retries shortly.
             let idem = batch.idempotency.as_ref().ok_or_else(Problem::internal)?;
-            replay(state.store.as_ref(), stream_name, idem, deadline)
+            // A lookup of its own: a large (staged) batch may have spent
+            // the request's deadline before it lost the race.
+            let lookup = tokio::time::Instant::now() + state.request_deadline;
+            replay(state.store.as_ref(), stream_name, idem, lookup)
                 .await?
                 .ok_or_else(Problem::store_unavailable)
         }

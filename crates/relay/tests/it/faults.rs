@@ -1043,3 +1043,117 @@ async fn a_replica_whose_indexes_hang_still_takes_over_in_time() {
     let (firsts, _) = firsts(&received);
     assert_in_order(&firsts, &BTreeMap::from([(sequence, 5)]));
 }
+
+/// A leader killed inside its fenced transaction and restarted at once under
+/// the same `RELAY_ID` (a container keeps its host name and pid 1): the new
+/// process is another holder, so it takes the lease over with a new epoch
+/// and kills the orphan, instead of renewing the dead process's lease and
+/// waiting for the orphan's lifetime limit (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_under_the_same_name_takes_over_with_a_new_epoch() {
+    let Some(mongo) = FaultyMongo::start("a_leader_restarted_under_the_same_name", None).await
+    else {
+        return;
+    };
+    let stack = mongo.stack(&unique("writer"), &[]).await;
+    let (ttl, poll) = (Duration::from_secs(3), Duration::from_millis(500));
+    let fast = [
+        ("LEASE_TTL_SECONDS", "3"),
+        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.5"),
+        ("OUTBOX_BATCH_SIZE", "10"),
+    ];
+    let app = unique("relay-same");
+    let (mut first, admin) = mongo.relay(&stack, "same", &app, &fast);
+    wait_leader(&stack.http, &admin, Duration::from_secs(30)).await;
+    let first_status = status_of(&stack.http, &admin).await.unwrap();
+    let epoch = first_status["lease"]["epoch"].as_u64().unwrap();
+    let first_instance = first_status["instance"].clone();
+    let before = mongo
+        .fail_point(
+            Bson::Document(doc! { "times": 1 }),
+            doc! {
+                "failCommands": ["commitTransaction"], "appName": &app,
+                "blockConnection": true, "blockTimeMS": 60_000,
+            },
+        )
+        .await;
+    let sequence = submit_one(&stack, 20, "same").await;
+    mongo.wait_for_fail_point(before + 1).await;
+    first.kill_hard();
+    let killed = Instant::now();
+    drop(first);
+    let (second, admin) = mongo.relay(&stack, "same", &app, &fast);
+    wait_leader(&stack.http, &admin, Duration::from_secs(120)).await;
+    let took = killed.elapsed();
+    let status = status_of(&stack.http, &admin).await.unwrap();
+    assert!(
+        status["lease"]["epoch"].as_u64().unwrap() > epoch,
+        "a new holder, a new epoch: {status}"
+    );
+    assert_eq!(status["lease"]["holder"], "same");
+    assert_eq!(status["lease"]["holder_instance"], status["instance"]);
+    assert_ne!(
+        status["instance"], first_instance,
+        "another process, another instance"
+    );
+    let bound = ttl + poll + Duration::from_secs(2);
+    assert!(
+        took <= bound,
+        "takeover after {took:?}, over {bound:?}\n{}",
+        second.tail()
+    );
+    let received = receive(&stack, 20, Duration::from_secs(60), |_| {}).await;
+    let (firsts, _) = firsts(&received);
+    assert_in_order(&firsts, &BTreeMap::from([(sequence, 20)]));
+}
+
+/// SIGTERM while every MongoDB command of the relay hangs: it exits within
+/// its documented bound (PUBLISH_RETRY_SECONDS + LEASE_TTL_SECONDS + 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_store_hangs_exits_within_the_bound() {
+    let Some(mongo) = FaultyMongo::start("sigterm_while_the_store_hangs", None).await else {
+        return;
+    };
+    let stack = mongo.stack(&unique("writer"), &[]).await;
+    let app = unique("relay-term");
+    let (mut relay, admin) = mongo.relay(
+        &stack,
+        "term",
+        &app,
+        &[
+            ("LEASE_TTL_SECONDS", "3"),
+            ("OUTBOX_POLL_INTERVAL_SECONDS", "0.5"),
+            ("PUBLISH_RETRY_SECONDS", "2"),
+        ],
+    );
+    wait_leader(&stack.http, &admin, Duration::from_secs(30)).await;
+    let before = mongo
+        .fail_point(
+            Bson::String("alwaysOn".into()),
+            doc! {
+                "failCommands": ["find", "aggregate", "update", "insert", "delete", "findAndModify",
+                    "commitTransaction", "abortTransaction", "killSessions", "createIndexes", "hello"],
+                "appName": &app,
+                "blockConnection": true, "blockTimeMS": 120_000,
+            },
+        )
+        .await;
+    let _ = submit_one(&stack, 5, "term").await;
+    mongo.wait_for_fail_point(before + 1).await;
+    relay.signal("TERM");
+    let signalled = Instant::now();
+    let exited = tokio::time::timeout(Duration::from_secs(60), relay.child.wait()).await;
+    let took = signalled.elapsed();
+    mongo.fail_point_off().await;
+    assert!(
+        exited.is_ok(),
+        "still running 60 s after SIGTERM\n{}",
+        relay.tail()
+    );
+    let bound = Duration::from_secs(2 + 3 + 5);
+    assert!(
+        took <= bound + Duration::from_secs(1),
+        "exited after {took:?}, over {bound:?}\n{}",
+        relay.tail()
+    );
+}

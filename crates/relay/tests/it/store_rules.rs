@@ -497,9 +497,19 @@ async fn abandoned_staged_items_are_swept_and_nothing_else() {
         )
         .unwrap()
     };
-    let (old, young) = (batch(1500), batch(4));
+    let (old, young, late) = (batch(1500), batch(4), batch(2));
     stage(&old, chrono::Duration::hours(2)).await;
     stage(&young, chrono::Duration::minutes(1)).await;
+    // A batch its writer gave up on (its record marked abandoned, its items
+    // removed) whose last chunk landed afterwards: the sweep removes it too.
+    stage(&late, chrono::Duration::hours(2)).await;
+    db.collection::<Document>("staged_batches")
+        .update_one(
+            doc! { "_id": late.batch_id.as_str() },
+            doc! { "$set": { "abandoned_at": mongodb::bson::DateTime::now() } },
+        )
+        .await
+        .unwrap();
     let removed = store
         .remove_expired(
             &outbox_core::stream::StreamName::default(),
@@ -510,7 +520,15 @@ async fn abandoned_staged_items_are_swept_and_nothing_else() {
         )
         .await
         .unwrap();
-    assert_eq!(removed.abandoned_batches, 1);
+    assert_eq!(removed.abandoned_batches, 2);
+    assert_eq!(
+        db.collection::<Document>("batch_items")
+            .count_documents(doc! { "batch_id": late.batch_id.as_str() })
+            .await
+            .unwrap(),
+        0,
+        "a late chunk of an abandoned batch is swept"
+    );
     let items = db.collection::<Document>("batch_items");
     assert_eq!(
         items
