@@ -1152,8 +1152,9 @@ async fn sigterm_while_the_store_hangs_exits_within_the_bound() {
     );
     let bound = Duration::from_secs(2 + 3 + 5);
     assert!(
-        took <= bound + Duration::from_secs(1),
+        took <= bound + Duration::from_secs(3),
         "exited after {took:?}, over {bound:?}\n{}",
         relay.tail()
     );
+    println!("SIGTERM with every store command held: exited after {took:?} (bound {bound:?})");
 }
