@@ -125,6 +125,9 @@ pub struct Cluster {
     wake: Notify,
     /// The live members and the leases as last read.
     seen: Mutex<(Vec<Member>, Vec<Lease>)>,
+    /// Since when MongoDB has not answered this replica's supervision
+    /// (`None` while it does): what the status says when it cannot ask.
+    unreachable_since: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
     /// Wakes the replay workers (a job was started or resumed).
     replays_wake: Arc<Notify>,
 }
@@ -220,6 +223,7 @@ impl Cluster {
             slots: Mutex::default(),
             wake: Notify::new(),
             seen: Mutex::default(),
+            unreachable_since: Mutex::default(),
             replays_wake: Arc::new(Notify::new()),
         };
         let default = cluster.settings.default_stream.clone();
@@ -305,6 +309,14 @@ impl Cluster {
     }
 
     /// The live members and the leases as the last supervision read them.
+    /// Since when MongoDB has not answered this replica, if it does not.
+    pub fn store_unreachable_since(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        *self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub fn seen(&self) -> (Vec<Member>, Vec<Lease>) {
         self.seen
             .lock()
@@ -380,13 +392,41 @@ impl Cluster {
         let mut last_heartbeat: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
             if last_heartbeat.is_none_or(|at| at.elapsed() >= self.settings.ttl / 3) {
-                match self.heartbeat().await {
-                    Ok(()) => last_heartbeat = Some(tokio::time::Instant::now()),
-                    Err(error) => warn!(message = "cannot announce this replica", %error),
+                let heartbeat = tokio::time::timeout(self.settings.ttl / 2, self.heartbeat());
+                match heartbeat.await {
+                    Ok(Ok(())) => last_heartbeat = Some(tokio::time::Instant::now()),
+                    Ok(Err(error)) => warn!(message = "cannot announce this replica", %error),
+                    Err(_) => {
+                        warn!(message = "cannot announce this replica: MongoDB did not answer")
+                    }
                 }
             }
-            if let Err(error) = self.supervise(&shutdown).await {
-                warn!(message = "cannot work out this replica's streams; trying again", %error);
+            // Bounded: a partitioned store must not stall the loop (a
+            // driver waits up to its server selection timeout, 30 s).
+            let supervised = tokio::time::timeout(self.settings.ttl, self.supervise(&shutdown));
+            let reached = match supervised.await {
+                Ok(Ok(())) => true,
+                Ok(Err(error)) => {
+                    warn!(message = "cannot work out this replica's streams; trying again", %error);
+                    !matches!(error, outbox_core::store::StoreError::Unavailable(_))
+                }
+                Err(_) => {
+                    warn!(
+                        message = "cannot work out this replica's streams: MongoDB did not answer within the TTL"
+                    );
+                    false
+                }
+            };
+            {
+                let mut since = self
+                    .unreachable_since
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if reached {
+                    *since = None;
+                } else if since.is_none() {
+                    *since = Some(chrono::Utc::now());
+                }
             }
             tokio::select! {
                 () = shutdown.cancelled() => {}

@@ -110,18 +110,49 @@ pub(crate) async fn live_state(
     }))
 }
 
+/// How long a status answer waits for MongoDB before it says what it
+/// knows without it.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the status says of a stream when MongoDB does not answer: the
+/// leader and count as the last supervision read them, the rest unknown.
+fn unknown_state(name: &StreamName, leases: &[Lease], paused: bool) -> Value {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let lease = leases.iter().find(|l| &l.stream == name);
+    let leader = lease
+        .filter(|l| l.expires_at_ms > now_ms && !l.holder.is_empty())
+        .map(|l| json!({ "relay_id": instance_name(&l.holder), "instance": l.holder, "admin_url": null, "pid": null }));
+    json!({
+        "leader": leader,
+        "epoch": lease.map(|l| l.epoch),
+        "lease_expires_at_ms": lease.map(|l| l.expires_at_ms),
+        "state": "unknown",
+        "paused": paused,
+        "halted": null,
+        "backlog": null,
+        "oldest_pending_age_seconds": null,
+        "published_total": lease.map_or(0, |l| l.published),
+        "head_batch": null,
+    })
+}
+
 /// The leases and members as the last supervision read them (refreshed
-/// every poll interval), or read now when none was yet.
+/// every poll interval), or read now (briefly) when none was yet.
 async fn seen(state: &AdminState) -> (Vec<Member>, Vec<Lease>) {
     let (members, leases) = state.cluster.seen();
     if !members.is_empty() || !leases.is_empty() {
         return (members, leases);
     }
     let stores = state.cluster.stores();
-    let leases = stores.leases.leases().await.unwrap_or_default();
-    let now_ms = stores.leases.now_ms().await.unwrap_or(0);
-    let members = stores.members.members(now_ms).await.unwrap_or_default();
-    (members, leases)
+    let read = async {
+        let leases = stores.leases.leases().await.unwrap_or_default();
+        let now_ms = stores.leases.now_ms().await.unwrap_or(0);
+        let members = stores.members.members(now_ms).await.unwrap_or_default();
+        (members, leases)
+    };
+    tokio::time::timeout(STORE_WAIT, read)
+        .await
+        .unwrap_or_default()
 }
 
 /// One stream: its definition and live state.
@@ -196,12 +227,18 @@ pub(crate) async fn cluster(state: web::Data<AdminState>) -> HttpResponse {
 pub(crate) async fn list(state: web::Data<AdminState>) -> Result<HttpResponse, Problem> {
     let (members, leases) = seen(&state).await;
     let views = state.cluster.streams();
-    let live = futures::future::try_join_all(
-        views
-            .iter()
-            .map(|v| live_state(&state, &v.definition.name, &leases, &members)),
-    )
-    .await?;
+    let live = futures::future::join_all(views.iter().map(|v| async {
+        match tokio::time::timeout(
+            STORE_WAIT,
+            live_state(&state, &v.definition.name, &leases, &members),
+        )
+        .await
+        {
+            Ok(Ok(live)) => live,
+            _ => unknown_state(&v.definition.name, &leases, v.status.snapshot().paused),
+        }
+    }))
+    .await;
     let streams: Vec<Value> = views
         .iter()
         .zip(live)
@@ -393,17 +430,27 @@ pub(crate) async fn status_json(state: &AdminState, name: &StreamName) -> Result
         }
         None => Value::Null,
     };
-    let live = live_state(state, name, &leases, &members).await?;
+    // Answered whatever MongoDB does: what the store cannot say within
+    // STORE_WAIT is shown as unknown, with since when it has not answered.
+    let live =
+        match tokio::time::timeout(STORE_WAIT, live_state(state, name, &leases, &members)).await {
+            Ok(Ok(live)) => live,
+            _ => unknown_state(name, &leases, snapshot.paused),
+        };
     let current = match &snapshot.current_batch {
         Some(batch) if view.leading => {
-            let progress = state
-                .cluster
-                .stores()
-                .outbox
-                .batch_progress(&batch.batch_id)
-                .await
-                .ok()
-                .flatten();
+            let progress = tokio::time::timeout(
+                STORE_WAIT,
+                state
+                    .cluster
+                    .stores()
+                    .outbox
+                    .batch_progress(&batch.batch_id),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
             json!({
                 "batch_id": batch.batch_id,
                 "batch_sequence": batch.batch_sequence,
@@ -435,6 +482,7 @@ pub(crate) async fn status_json(state: &AdminState, name: &StreamName) -> Result
         "batches_committed_total": snapshot.batches_committed_total,
         "last_error": snapshot.last_error,
         "last_error_at": snapshot.last_error_at.map(time),
+        "mongodb_unreachable_since": state.cluster.store_unreachable_since().map(time),
         "recent_errors": snapshot.recent_errors.iter().map(|e| json!({
             "at": time(e.at),
             "message": e.message,

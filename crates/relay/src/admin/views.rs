@@ -161,6 +161,9 @@ pub struct StatusView {
     batches_committed_total: u64,
     last_error: Option<String>,
     last_error_at: Option<String>,
+    /// Since when MongoDB has not answered this replica (RFC 3339), while
+    /// it does not; what only MongoDB can say is then unknown.
+    mongodb_unreachable_since: Option<String>,
     /// This replica's last errors, newest first (at most 20).
     recent_errors: Vec<ErrorView>,
 }

@@ -187,6 +187,11 @@ function renderSecurity(replicas, cluster) {
 
 function renderStatus(status) {
   text("relay-id", status.relay_id);
+  if (status.mongodb_unreachable_since) {
+    const banner = $("offline");
+    banner.textContent = `This replica cannot reach MongoDB since ${new Date(status.mongodb_unreachable_since).toLocaleTimeString()}: it leads nothing until it can; what only MongoDB can say is shown as unknown.`;
+    banner.hidden = false;
+  }
   // The chart is this replica's drain: say so when another one leads.
   const leaderName = status.leader && status.leader.relay_id;
   text("rate-caption", status.role === "leader"
@@ -437,7 +442,7 @@ async function poll() {
     renderPending(lastPending);
     renderFailed(lastStatus, lastPending && lastPending.batches);
     renderReplays(await getJson(`/api/v1/outbox/replays?stream=${encodeURIComponent(STREAM)}`));
-    $("offline").hidden = true;
+    $("offline").hidden = !lastStatus.mongodb_unreachable_since;
     text("updated", `updated ${new Date().toLocaleTimeString()}`);
   } catch (error) {
     const banner = $("offline");

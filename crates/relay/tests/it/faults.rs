@@ -1158,3 +1158,209 @@ async fn sigterm_while_the_store_hangs_exits_within_the_bound() {
     );
     println!("SIGTERM with every store command held: exited after {took:?} (bound {bound:?})");
 }
+
+/// A TCP proxy that can be cut and healed: while cut, nothing crosses it
+/// in either direction (the bytes wait, as over a partitioned network).
+struct Cuttable {
+    address: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let watch = cut.subscribe();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        Self::pipe(client_read, server_write, watch.clone()),
+                        Self::pipe(server_read, client_write, watch)
+                    );
+                });
+            }
+        });
+        Self { address, cut, task }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut cut: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buffer = vec![0_u8; 64 * 1024];
+        loop {
+            while *cut.borrow() {
+                if cut.changed().await.is_err() {
+                    return;
+                }
+            }
+            let n = match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            while *cut.borrow() {
+                if cut.changed().await.is_err() {
+                    return;
+                }
+            }
+            if to.write_all(&buffer[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The status within `limit`, or `None` when it does not answer in time.
+async fn status_within(http: &reqwest::Client, admin: &str, limit: Duration) -> Option<Value> {
+    let response = http
+        .get(format!("{admin}/api/v1/outbox/status"))
+        .timeout(limit)
+        .send()
+        .await
+        .ok()?;
+    response.json().await.ok()
+}
+
+/// A leader cut off from MongoDB (not from Pub/Sub): its status answers all
+/// through the cut, it says it is not leading before its lease can expire,
+/// and since when it cannot reach MongoDB; the other replica takes over;
+/// once the cut heals it stays a standby (no hand-over back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_mongodb_steps_down_visibly_and_stays_standby_once_healed() {
+    let Some(mongo) = FaultyMongo::start("a_leader_cut_off_from_mongodb", None).await else {
+        return;
+    };
+    if !mongo.standin {
+        println!(
+            "SKIPPED a_leader_cut_off_from_mongodb: needs a MongoDB this test can put a proxy before"
+        );
+        return;
+    }
+    let stack = mongo.stack(&unique("writer"), &[]).await;
+    let upstream: std::net::SocketAddr = mongo
+        .url
+        .trim_start_matches("mongodb://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let proxy = Cuttable::start(upstream).await;
+    let (ttl, poll) = (Duration::from_secs(3), Duration::from_millis(500));
+    let proxied = format!(
+        "mongodb://{}/?directConnection=true&appName={}",
+        proxy.address,
+        unique("relay-cut")
+    );
+    let fast = [
+        ("LEASE_TTL_SECONDS", "3"),
+        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.5"),
+    ];
+    let mut vars = fast.to_vec();
+    vars.push(("MONGODB_URL", proxied.as_str()));
+    let (a, admin_a) = stack.relay("cut-a", &vars);
+    wait_leader(&stack.http, &admin_a, Duration::from_secs(30)).await;
+    let (b, admin_b) = mongo.relay(&stack, "cut-b", &unique("relay-b"), &fast);
+    eventually(Duration::from_secs(30), "the standby to start", || {
+        let status = status_of(&stack.http, &admin_b);
+        async move { status.await.is_some() }
+    })
+    .await;
+
+    proxy.set_cut(true);
+    let cut = Instant::now();
+    // Every status during the cut answers within 2 s; A says standby, with
+    // since when MongoDB is unreachable, before its lease (TTL) expires.
+    let mut stepped_down = None;
+    let mut unreachable_said = None;
+    while cut.elapsed() < ttl + poll + Duration::from_secs(3) {
+        // When the request was sent: the role is read as it arrives.
+        let asked = cut.elapsed();
+        let status = status_within(&stack.http, &admin_a, Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "A's status did not answer {asked:?} into the cut\n{}",
+                    a.tail()
+                )
+            });
+        if stepped_down.is_none() && role(&status) == "standby" {
+            stepped_down = Some(asked);
+        }
+        if unreachable_said.is_none() && status["mongodb_unreachable_since"].is_string() {
+            unreachable_said = Some(asked);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stepped_down = stepped_down.expect("A never said it stopped leading");
+    assert!(
+        stepped_down < ttl,
+        "A said standby {stepped_down:?} into the cut, not before its lease expired ({ttl:?})"
+    );
+    assert!(
+        unreachable_said.is_some(),
+        "A never said it cannot reach MongoDB\n{}",
+        a.tail()
+    );
+    wait_leader(&stack.http, &admin_b, Duration::from_secs(30)).await;
+    let taken_over = cut.elapsed();
+    let epoch = status_of(&stack.http, &admin_b).await.unwrap()["lease"]["epoch"].clone();
+
+    proxy.set_cut(false);
+    let healed = Instant::now();
+    eventually(Duration::from_secs(30), "A to reach MongoDB again", || {
+        let status = status_of(&stack.http, &admin_a);
+        async move {
+            status
+                .await
+                .is_some_and(|s| s["mongodb_unreachable_since"].is_null())
+        }
+    })
+    .await;
+    // For three TTLs after the heal, the stream stays where it is.
+    let mut hand_overs = 0;
+    while healed.elapsed() < ttl * 3 {
+        let status = status_of(&stack.http, &admin_b).await.unwrap();
+        if status["lease"]["epoch"] != epoch {
+            hand_overs += 1;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        hand_overs,
+        0,
+        "the stream moved back after the heal\n{}\n{}",
+        a.tail(),
+        b.tail()
+    );
+    let sequence = submit_one(&stack, 5, "healed").await;
+    let received = receive(&stack, 5, Duration::from_secs(60), |_| {}).await;
+    let (firsts, _) = firsts(&received);
+    assert_in_order(&firsts, &BTreeMap::from([(sequence, 5)]));
+    println!(
+        "cut from MongoDB: A said standby after {stepped_down:?}, B led after {taken_over:?}; 0 hand-overs in {:?} after the heal",
+        ttl * 3
+    );
+}
