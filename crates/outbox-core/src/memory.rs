@@ -761,9 +761,28 @@ impl MemberStore for MemoryStore {
             .collect())
     }
 
+    async fn recently_gone(&self, now_ms: i64) -> Result<Vec<Member>, StoreError> {
+        self.check_available()?;
+        let mut state = self.lock();
+        state
+            .members
+            .retain(|_, m| m.expires_at_ms > now_ms - crate::store::GONE_SHOWN_MS);
+        let mut gone: Vec<Member> = state
+            .members
+            .values()
+            .filter(|m| m.expires_at_ms <= now_ms)
+            .cloned()
+            .collect();
+        gone.sort_by(|a, b| b.expires_at_ms.cmp(&a.expires_at_ms));
+        Ok(gone)
+    }
+
     async fn leave(&self, id: &str) -> Result<(), StoreError> {
         self.check_available()?;
-        self.lock().members.remove(id);
+        let now_ms = self.now_ms().await?;
+        if let Some(member) = self.lock().members.get_mut(id) {
+            member.expires_at_ms = now_ms;
+        }
         Ok(())
     }
 }

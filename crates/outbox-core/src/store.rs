@@ -283,6 +283,10 @@ impl Member {
     }
 }
 
+/// How long a member that left or stopped announcing itself is shown as
+/// gone: 10 minutes.
+pub const GONE_SHOWN_MS: i64 = 10 * 60 * 1000;
+
 /// The names two or more live members share: processes configured with one
 /// `RELAY_ID` (a copy-pasted deployment, a second process started by hand).
 pub fn shared_names(members: &[Member]) -> Vec<String> {
@@ -306,7 +310,13 @@ pub trait MemberStore: Send + Sync + 'static {
     /// The members whose announcement has not expired at `now_ms`.
     async fn members(&self, now_ms: i64) -> Result<Vec<Member>, StoreError>;
 
-    /// Removes a member that stops.
+    /// The members whose announcement expired (or who left) in the
+    /// [`GONE_SHOWN_MS`] before `now_ms`, newest first: shown as gone for a
+    /// while. Older records are removed (every process is a member of its
+    /// own, so the registry would otherwise grow with every restart).
+    async fn recently_gone(&self, now_ms: i64) -> Result<Vec<Member>, StoreError>;
+
+    /// Marks a member that stops as gone (its announcement expires now).
     async fn leave(&self, id: &str) -> Result<(), StoreError>;
 }
 

@@ -5,7 +5,7 @@ use chrono::Utc;
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use mongodb::options::ReadConcern;
-use outbox_core::store::{Member, MemberStore, StoreError, StreamStore};
+use outbox_core::store::{LeaseStore, Member, MemberStore, StoreError, StreamStore};
 use outbox_core::stream::{StreamDefinition, StreamName};
 
 use crate::MongoStore;
@@ -117,9 +117,41 @@ impl MemberStore for MongoStore {
         Ok(members)
     }
 
-    async fn leave(&self, id: &str) -> Result<(), StoreError> {
+    async fn recently_gone(&self, now_ms: i64) -> Result<Vec<Member>, StoreError> {
+        let cutoff = now_ms - outbox_core::store::GONE_SHOWN_MS;
+        // Older records go: every process announces itself under an id of
+        // its own, so the registry would grow with every restart.
         self.members()
-            .delete_one(doc! { "_id": id })
+            .delete_many(doc! { "expires_at_ms": { "$lt": cutoff } })
+            .await
+            .map_err(classify)?;
+        let documents: Vec<Document> = self
+            .members()
+            .find(doc! { "expires_at_ms": { "$lte": now_ms } })
+            .read_concern(ReadConcern::majority())
+            .max_time(self.config().lease_timeout)
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        let mut gone: Vec<Member> = documents
+            .iter()
+            .filter_map(|d| member(d).ok())
+            .filter(|m| m.expires_at_ms <= now_ms && m.expires_at_ms >= cutoff)
+            .collect();
+        gone.sort_by(|a, b| b.expires_at_ms.cmp(&a.expires_at_ms));
+        Ok(gone)
+    }
+
+    async fn leave(&self, id: &str) -> Result<(), StoreError> {
+        // Kept, expired, to be shown as gone for a while.
+        let now_ms = LeaseStore::now_ms(self).await?;
+        self.members()
+            .update_one(
+                doc! { "_id": id },
+                doc! { "$set": { "expires_at_ms": now_ms } },
+            )
             .await
             .map_err(classify)?;
         Ok(())

@@ -226,6 +226,18 @@ pub fn streams(streams: &Value, cluster: &Value) -> String {
             format!("{n} {many}")
         }
     };
+    for gone in cluster["gone"].as_array().into_iter().flatten() {
+        replicas.add_row(vec![
+            format!(
+                "{} (gone since {})",
+                text(&gone["relay_id"]),
+                text(&gone["gone_at"])
+            ),
+            text(&gone["pid"]),
+            "–".to_owned(),
+            "–".to_owned(),
+        ]);
+    }
     let replica_count = cluster["replicas"].as_array().map_or(0, Vec::len) as u64;
     let mut out = format!(
         "{table}\n{replicas}\n{} over {}: each leads at most {}",

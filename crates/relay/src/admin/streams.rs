@@ -203,7 +203,30 @@ pub(crate) async fn cluster(state: web::Data<AdminState>) -> HttpResponse {
         })
         .collect();
     let streams = state.cluster.streams().len();
+    // Replicas that left or stopped announcing themselves lately: shown as
+    // gone, with when, for a while (GONE_SHOWN_MS).
+    let gone: Vec<Value> = tokio::time::timeout(
+        STORE_WAIT,
+        state.cluster.stores().members.recently_gone(now_ms),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or_default()
+    .iter()
+    .filter(|m| !members.iter().any(|live| live.id == m.id))
+    .map(|m| {
+        json!({
+            "relay_id": m.name(),
+            "instance": m.id,
+            "host": m.host,
+            "pid": m.pid,
+            "gone_at": chrono::DateTime::from_timestamp_millis(m.expires_at_ms).map(time),
+        })
+    })
+    .collect();
     HttpResponse::Ok().json(json!({
+        "gone": gone,
         "relay_id": instance_name(state.cluster.relay_id()),
         "instance": state.cluster.relay_id(),
         "replicas": replicas,

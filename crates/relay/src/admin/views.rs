@@ -100,8 +100,21 @@ pub struct ClusterView {
     admin_token_mismatches: Vec<String>,
     /// Names (`RELAY_ID`) two or more live processes share: give each its own.
     duplicate_names: Vec<String>,
+    /// Replicas gone in the last 10 minutes (left, or stopped announcing
+    /// themselves), newest first.
+    gone: Vec<GoneView>,
     /// This process's instance id (`RELAY_ID#suffix`): its lease holder id.
     instance: String,
+}
+
+#[derive(ToSchema)]
+pub struct GoneView {
+    relay_id: String,
+    instance: String,
+    host: String,
+    pid: u32,
+    /// When its announcement expired or it left (RFC 3339).
+    gone_at: Option<String>,
 }
 
 #[derive(ToSchema)]

@@ -165,6 +165,12 @@ function renderStreams(list, cluster) {
       item.append(flag);
     }
     return item;
+  }), ...(cluster.gone || []).map((r) => {
+    const item = document.createElement("li");
+    item.className = "muted";
+    const when = r.gone_at ? new Date(r.gone_at).toLocaleTimeString() : "?";
+    item.textContent = `${r.relay_id} · gone since ${when} (pid ${r.pid} on ${r.host || "?"})`;
+    return item;
   }));
   renderSecurity(replicas, cluster);
 }

@@ -240,6 +240,27 @@ async fn three_relays_share_six_streams_and_hand_them_over_in_order() {
         "streams {orphaned:?} led again after {takeover:?}"
     );
     submit("during").await;
+    // The killed replica is listed as gone, with when, for a while.
+    eventually(
+        Duration::from_secs(30),
+        "the killed relay shown as gone",
+        || async {
+            let cluster: serde_json::Value = stack
+                .http
+                .get(format!("{survivor}/api/v1/cluster"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            cluster["gone"].as_array().is_some_and(|gone| {
+                gone.iter()
+                    .any(|g| g["relay_id"] == victim.as_str() && g["gone_at"].is_string())
+            })
+        },
+    )
+    .await;
 
     // Restarted, it gets its share back.
     let (restarted, restarted_admin) = stack.relay(&victim, &vars);
