@@ -710,3 +710,39 @@ mod tests {
         assert!(retry.attempts() > 1);
     }
 }
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    fn member(id: &str) -> Member {
+        Member {
+            id: id.to_owned(),
+            admin_url: String::new(),
+            host: String::new(),
+            pid: 1,
+            version: String::new(),
+            started_at: Utc::now(),
+            expires_at_ms: 0,
+            published: std::collections::BTreeMap::new(),
+            admin_token: None,
+        }
+    }
+
+    /// Each process is its own holder, under its configured name; two live
+    /// processes configured with one name are flagged.
+    #[test]
+    fn processes_with_one_name_are_told_apart_and_flagged() {
+        let a = instance_id("relay-1", 1);
+        let b = instance_id("relay-1", 2);
+        assert_ne!(a, b);
+        assert_eq!(
+            (instance_name(&a), instance_name(&b)),
+            ("relay-1", "relay-1")
+        );
+        assert_eq!(instance_name("old-holder"), "old-holder");
+        let members = [member(&a), member(&b), member(&instance_id("relay-2", 3))];
+        assert_eq!(shared_names(&members), ["relay-1"]);
+        assert!(shared_names(&members[1..]).is_empty());
+    }
+}

@@ -51,7 +51,7 @@ pub fn config(extra: &[&str]) -> Config {
     Config::try_parse_from(args).expect("test configuration parses")
 }
 
-fn start(app: Application, db: Option<mongodb::Database>) -> TestApp {
+pub fn start(app: Application, db: Option<mongodb::Database>) -> TestApp {
     let address = format!("http://{}", app.local_addr());
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(app.run(async move {
