@@ -64,7 +64,7 @@ pub struct Connection {
     /// The writer's API key, when it requires one (WRITER_API_KEYS).
     #[arg(long, env = "OUTBOX_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
-    /// The relay's admin token, for pause, resume and retry.
+    /// The relays' admin token (every admin command needs it when they have one).
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, global = true)]
     pub admin_token: Option<String>,
     /// Seconds one HTTP request may take.

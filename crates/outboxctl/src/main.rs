@@ -22,15 +22,113 @@ mod watch;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
 use reqwest::Method;
 use serde_json::Value;
 
+use clap::Parser;
 use cli::{Cli, Command, PageArgs, StreamCommand};
 use client::{Client, Failure, Service};
 
+/// The global flags a subcommand does not use, hidden from its `--help`
+/// (they are still accepted, so that a shell's exported settings never
+/// make a command fail): the writer's for admin commands, the relay's for
+/// writer commands, none of them for `tail` and `completions`.
+const UNUSED_FLAGS: &[(&str, &[&str])] = &[
+    ("submit", &["admin_url", "admin_token"]),
+    ("watch", &["admin_url", "admin_token", "stream"]),
+    ("batch", &["admin_url", "admin_token", "stream"]),
+    ("status", &["writer_url", "api_key"]),
+    ("pending", &["writer_url", "api_key"]),
+    ("items", &["writer_url", "api_key", "stream"]),
+    ("retry", &["writer_url", "api_key", "stream"]),
+    ("pause", &["writer_url", "api_key"]),
+    ("resume", &["writer_url", "api_key"]),
+    ("stream", &["writer_url", "api_key", "stream"]),
+    ("replay", &["writer_url", "api_key"]),
+    (
+        "tail",
+        &[
+            "writer_url",
+            "admin_url",
+            "api_key",
+            "admin_token",
+            "timeout",
+            "stream",
+            "json",
+        ],
+    ),
+    (
+        "completions",
+        &[
+            "writer_url",
+            "admin_url",
+            "api_key",
+            "admin_token",
+            "timeout",
+            "stream",
+            "json",
+        ],
+    ),
+];
+
+/// Hides `flags` in `command` and every subcommand of it.
+fn hide(command: clap::Command, flags: &[&str]) -> clap::Command {
+    let mut command = command;
+    for flag in flags {
+        if command.get_arguments().any(|a| a.get_id() == *flag) {
+            command = command.mut_arg(*flag, |a| a.hide(true));
+        }
+    }
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    for name in names {
+        command = command.mut_subcommand(name, |sub| hide(sub, flags));
+    }
+    command
+}
+
+/// The command line, each subcommand's help showing the flags it uses:
+/// for rendering help only (an argument changed after `build` is not
+/// parsed right; parsing uses `Cli` itself).
+fn command() -> clap::Command {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    command.build();
+    for (name, flags) in UNUSED_FLAGS {
+        command = command.mut_subcommand(*name, |sub| hide(sub, flags));
+    }
+    command
+}
+
+/// The help of the subcommand `args` name, from [`command`] (where each
+/// subcommand shows only the flags it uses).
+fn subcommand_help(args: &[String], long: bool) -> String {
+    let mut command = command();
+    let mut current = &mut command;
+    for arg in args {
+        if current.find_subcommand(arg).is_some() {
+            current = current.find_subcommand_mut(arg).expect("found");
+        }
+    }
+    if long {
+        current.render_long_help().to_string()
+    } else {
+        current.render_help().to_string()
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if error.kind() == clap::error::ErrorKind::DisplayHelp => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let long = args.iter().any(|a| a == "--help");
+            print!("{}", subcommand_help(&args, long));
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => error.exit(),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -365,4 +463,48 @@ fn items(n: u64) -> String {
 fn print_out(text: impl std::fmt::Display) {
     use std::io::Write;
     let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
+#[cfg(test)]
+mod help_tests {
+    /// Each subcommand's help shows the connection flags it uses, and not
+    /// the others'.
+    #[test]
+    fn each_subcommand_shows_only_the_flags_it_uses() {
+        let mut command = super::command();
+        let help = |command: &mut clap::Command, name: &str| {
+            command
+                .find_subcommand_mut(name)
+                .unwrap()
+                .render_long_help()
+                .to_string()
+        };
+        let tail = help(&mut command, "tail");
+        for flag in ["--api-key", "--admin-token", "--writer-url", "--admin-url"] {
+            assert!(!tail.contains(flag), "tail shows {flag}:\n{tail}");
+        }
+        let submit = help(&mut command, "submit");
+        assert!(
+            submit.contains("--api-key") && submit.contains("--writer-url"),
+            "{submit}"
+        );
+        assert!(!submit.contains("--admin-token"), "{submit}");
+        let pause = help(&mut command, "pause");
+        assert!(
+            pause.contains("--admin-token") && pause.contains("--admin-url"),
+            "{pause}"
+        );
+        assert!(!pause.contains("--api-key"), "{pause}");
+        let list = command
+            .find_subcommand_mut("stream")
+            .unwrap()
+            .find_subcommand_mut("list")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(
+            list.contains("--admin-token") && !list.contains("--api-key"),
+            "{list}"
+        );
+    }
 }
