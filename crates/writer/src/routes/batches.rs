@@ -1,341 +1,29 @@
-//! HTTP handlers.
+//! Storing a batch: `POST /api/v1/batch/process` and
+//! `POST /api/v1/streams/{stream}/batches`, idempotent replays.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{self, ContentType};
-use actix_web::{HttpRequest, HttpResponse, get, post, web};
+use actix_web::http::header::{self};
+use actix_web::{HttpRequest, HttpResponse, post, web};
 use chrono::{SecondsFormat, Utc};
-use futures::StreamExt;
-use metrics_exporter_prometheus::PrometheusHandle;
-use outbox_core::ingest::{self, BodyFormat, CsvError, IngestError, IngestRules};
-use outbox_core::model::{BatchId, BatchSummary, Idempotency, NewBatch};
+use outbox_core::ingest::{self, BodyFormat, IngestError, IngestRules};
+use outbox_core::model::{BatchSummary, Idempotency, NewBatch};
 use outbox_core::store::{BatchStore, StoreError};
-use outbox_core::stream::{SchemaViolation, StreamName};
+use outbox_core::stream::StreamName;
 use outbox_service::problem::{Problem, ProblemDocument};
 use outbox_service::trace_context::{TRACEPARENT, TraceParent};
-use serde_json::json;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, info, info_span};
 
+use super::body::{body_format, idempotency_key, read_body};
+use super::problems::{ingest_problem, schema_not_ready, schema_problem, store_problem};
+use super::views::{AcceptedBatch, BatchAccepted, BatchBody, CsvRows, RequestList};
+use super::{AppState, BLOCKING_PARSE_BYTES, IDEMPOTENT_REPLAYED, counted};
 use crate::auth::{Access, Caller};
-use crate::metrics::{BATCHES_ACCEPTED, ERRORS, IDEMPOTENT_REPLAYS, ITEMS_ACCEPTED};
+use crate::metrics::{BATCHES_ACCEPTED, IDEMPOTENT_REPLAYS, ITEMS_ACCEPTED};
 
-/// Bodies larger than this are parsed off the HTTP worker thread.
-const BLOCKING_PARSE_BYTES: usize = 1 << 20;
-/// Readiness waits this long for MongoDB before answering 503.
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
-
-pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
-pub const IDEMPOTENT_REPLAYED: &str = "Idempotent-Replayed";
-
-/// What the handlers share.
-pub struct AppState {
-    pub store: Arc<dyn BatchStore>,
-    /// The streams' definitions (schema, writers, ordering).
-    pub catalog: crate::streams::Catalog,
-    pub rules: IngestRules,
-    pub max_body_bytes: usize,
-    /// How long one request may spend on the store.
-    pub request_deadline: Duration,
-    /// Set once indexes and the sequence counter exist.
-    pub schema_ready: Arc<AtomicBool>,
-    pub prometheus: PrometheusHandle,
-    /// The memory parses may take at once, in KiB permits (see
-    /// `PARSE_MEMORY_BYTES`).
-    pub parse_budget: ParseBudget,
-    /// How long a client may take to send its body.
-    pub body_read_timeout: Duration,
-}
-
-/// Bounds the memory concurrent parses take: each request reserves its
-/// body's estimated parse cost ([`ingest::parse_cost`]) before it parses and
-/// holds it until it has answered.
-pub struct ParseBudget {
-    permits: Arc<tokio::sync::Semaphore>,
-    kib: u32,
-}
-
-impl ParseBudget {
-    pub fn new(bytes: u64) -> Self {
-        let kib = u32::try_from(bytes / 1024)
-            .unwrap_or(u32::MAX)
-            .min(u32::try_from(tokio::sync::Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
-        Self {
-            permits: Arc::new(tokio::sync::Semaphore::new(kib as usize)),
-            kib,
-        }
-    }
-
-    /// Reserves what parsing `body` takes, waiting until `deadline`.
-    ///
-    /// # Errors
-    /// 413 `body_too_complex` when the estimate alone is over the budget;
-    /// 503 `writer_busy` when the budget is not free by the deadline.
-    async fn reserve(
-        &self,
-        body: &[u8],
-        deadline: tokio::time::Instant,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, Problem> {
-        let cost = ingest::parse_cost(body);
-        let kib = u32::try_from(cost.div_ceil(1024))
-            .unwrap_or(u32::MAX)
-            .max(1);
-        if kib > self.kib {
-            return Err(Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_complex",
-                format!(
-                    "parsing this body would take about {} MiB, over the writer's limit of {} MiB (PARSE_MEMORY_BYTES): send fewer, larger values, or split the batch",
-                    cost >> 20,
-                    self.kib >> 10
-                ),
-            ));
-        }
-        tokio::time::timeout_at(deadline, Arc::clone(&self.permits).acquire_many_owned(kib))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| {
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "writer_busy",
-                    "the writer is parsing as many large bodies as its memory allows; retry shortly",
-                )
-                .with_retry_after(1)
-            })
-    }
-}
-
-/// Registers every route; the OpenAPI document is collected from these
-/// registrations, so it lists exactly the routes the app serves.
-pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(process_batch)
-        .service(stream_batches)
-        .service(batch_status)
-        .service(live)
-        .service(ready)
-        .service(render_metrics);
-}
-
-/// Counts an error response by its code.
-fn counted(problem: Problem) -> Problem {
-    metrics::counter!(ERRORS, "code" => problem.code).increment(1);
-    problem
-}
-
-fn ingest_problem(error: IngestError) -> Problem {
-    let detail = error.to_string();
-    match error {
-        IngestError::InvalidJson(_) => Problem::bad_request("invalid_json", detail),
-        IngestError::DuplicateKey(_) => {
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "duplicate_key", detail)
-        }
-        IngestError::InvalidKey(_) => {
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", detail)
-        }
-        IngestError::InvalidBatch(_) => {
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_batch", detail)
-        }
-        IngestError::ItemNotObject { index, .. } => {
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "item_not_object", detail)
-                .with("index", index)
-        }
-        IngestError::EmptyBatch => {
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "empty_batch", detail)
-        }
-        IngestError::TooManyItems { max, .. } => {
-            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", detail)
-                .with("max_items", max)
-        }
-        IngestError::ItemTooLarge { index, max, .. } => {
-            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "item_too_large", detail)
-                .with("index", index)
-                .with("max_message_bytes", max)
-        }
-        IngestError::AttributeTooLong {
-            index, field, max, ..
-        } => Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "attribute_too_long",
-            detail,
-        )
-        .with("index", index)
-        .with("field", field)
-        .with("max_bytes", max),
-        IngestError::InvalidIdempotencyKey => {
-            Problem::bad_request("invalid_idempotency_key", detail)
-        }
-        IngestError::Csv(error) => {
-            let problem = match error {
-                CsvError::Malformed { .. } => Problem::bad_request("invalid_csv", detail),
-                CsvError::Quote { .. } => {
-                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_quote", detail)
-                }
-                CsvError::Empty => {
-                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_empty", detail)
-                }
-                CsvError::NoRows => {
-                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_no_rows", detail)
-                }
-                CsvError::TooManyRows => {
-                    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", detail)
-                }
-                CsvError::EmptyHeader { .. }
-                | CsvError::DuplicateHeader { .. }
-                | CsvError::InvalidHeader { .. } => {
-                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_header", detail)
-                }
-                CsvError::FieldCount { .. } => {
-                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "csv_field_count", detail)
-                }
-            };
-            match error.line() {
-                Some(line) => problem.with("line", line),
-                None => problem,
-            }
-        }
-    }
-}
-
-fn schema_problem(violation: SchemaViolation) -> Problem {
-    Problem::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "schema_violation",
-        violation.to_string(),
-    )
-    .with("index", violation.index)
-    .with("pointer", violation.pointer)
-    .with("schema_pointer", violation.schema_pointer)
-}
-
-fn store_problem(error: &StoreError) -> Problem {
-    match error {
-        StoreError::Unavailable(_) | StoreError::Conflict(_) => {
-            warn!(message = "store unavailable", %error);
-            Problem::store_unavailable()
-        }
-        StoreError::OutcomeUnknown(_) => {
-            warn!(message = "commit outcome unknown", %error);
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "outcome_unknown",
-                "MongoDB went away while the batch was committing: it may or may not be stored. \
-                 Look it up by batch_id, or send the request again with the same Idempotency-Key",
-            )
-            .with_retry_after(2)
-        }
-        StoreError::ItemTooLarge {
-            index,
-            bytes,
-            limit,
-        } => Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "item_too_large",
-            format!("item {index} is {bytes} bytes once stored, over MongoDB's limit of {limit} bytes per item"),
-        )
-        .with("index", *index),
-        _ => {
-            error!(message = "store error", %error);
-            Problem::internal()
-        }
-    }
-}
-
-/// Before the schema exists a POST cannot be stored: 503, like readiness.
-fn schema_not_ready() -> Problem {
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        "the writer is still preparing MongoDB (indexes, sequence counter); retry shortly",
-    )
-    .with_retry_after(1)
-}
-
-fn body_format(req: &HttpRequest) -> Result<BodyFormat, Problem> {
-    let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
-        return Ok(BodyFormat::Json);
-    };
-    let text = value.to_str().unwrap_or_default().to_ascii_lowercase();
-    let mut parts = text.split(';');
-    let essence = parts.next().unwrap_or_default().trim().to_owned();
-    // JSON is UTF-8 (RFC 8259): a body declared in another charset would be
-    // misread, so it is refused.
-    if let Some(charset) = parts
-        .filter_map(|p| p.trim().strip_prefix("charset="))
-        .map(|c| c.trim_matches('"'))
-        .find(|c| !matches!(*c, "utf-8" | "utf8"))
-    {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_charset",
-            format!("charset {charset:?} is not supported; send UTF-8"),
-        ));
-    }
-    match essence.as_str() {
-        "application/json" => Ok(BodyFormat::Json),
-        e if e.starts_with("application/") && e.ends_with("+json") => Ok(BodyFormat::Json),
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
-            Ok(BodyFormat::NdJson)
-        }
-        "text/csv" | "application/csv" => Ok(BodyFormat::Csv),
-        other => Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!(
-                "content type {other:?} is not supported; send application/json, application/x-ndjson or text/csv"
-            ),
-        )),
-    }
-}
-
-fn too_large(max: usize) -> Problem {
-    Problem::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "batch_too_large",
-        format!("request body is larger than the limit of {max} bytes"),
-    )
-    .with("max_body_bytes", max)
-}
-
-async fn read_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    max: usize,
-) -> Result<Vec<u8>, Problem> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > max) {
-        return Err(too_large(max));
-    }
-    let mut body = Vec::with_capacity(declared.unwrap_or(0));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| Problem::bad_request("invalid_body", format!("reading the body: {e}")))?;
-        if body.len() + chunk.len() > max {
-            return Err(too_large(max));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, Problem> {
-    let Some(value) = req.headers().get(IDEMPOTENCY_KEY) else {
-        return Ok(None);
-    };
-    let key = value
-        .to_str()
-        .map_err(|_| ingest_problem(IngestError::InvalidIdempotencyKey))?;
-    ingest::validate_idempotency_key(key).map_err(ingest_problem)?;
-    Ok(Some(key.to_owned()))
-}
-
-fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
+pub(crate) fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
     let location = format!("/api/v1/batch/{}/status", summary.batch_id);
     let body = BatchAccepted {
         status: "success",
@@ -368,7 +56,7 @@ fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
 /// The stored batch for a key, or a 422 when the key came with another body.
 /// Reads what a majority has (a batch that may still roll back is not
 /// replayed), within the request deadline.
-async fn replay(
+pub(crate) async fn replay(
     store: &dyn BatchStore,
     stream: &StreamName,
     idem: &Idempotency,
@@ -404,7 +92,7 @@ async fn replay(
     Ok(Some(accepted_response(&summary, true)))
 }
 
-fn parse_batch(
+pub(crate) fn parse_batch(
     body: &[u8],
     format: BodyFormat,
     rules: &IngestRules,
@@ -511,7 +199,7 @@ fn parse_batch(
     security((), ("api_key" = []))
 )]
 #[post("/api/v1/batch/process")]
-async fn process_batch(
+pub(crate) async fn process_batch(
     caller: Caller,
     state: web::Data<AppState>,
     access: web::Data<Access>,
@@ -583,7 +271,7 @@ async fn process_batch(
     security((), ("api_key" = []))
 )]
 #[post("/api/v1/streams/{stream}/batches")]
-async fn stream_batches(
+pub(crate) async fn stream_batches(
     caller: Caller,
     state: web::Data<AppState>,
     access: web::Data<Access>,
@@ -603,7 +291,7 @@ async fn stream_batches(
     ingest_into(&state, &access, &caller, &req, payload, stream).await
 }
 
-async fn ingest_into(
+pub(crate) async fn ingest_into(
     state: &AppState,
     access: &Access,
     caller: &Caller,
@@ -629,7 +317,7 @@ async fn ingest_into(
     Ok(response)
 }
 
-async fn process(
+pub(crate) async fn process(
     state: &AppState,
     access: &Access,
     caller: &Caller,
@@ -802,253 +490,4 @@ async fn process(
         }
         Err(e) => Err(span.in_scope(|| store_problem(&e))),
     }
-}
-
-/// A batch's status
-///
-/// How far the relay is with a stored batch. Reads what a majority of the
-/// replica set has: a batch that may still roll back is not shown.
-#[utoipa::path(
-    tag = "batches",
-    params(("batch_id" = String, Path, pattern = "^[0-9a-f]{16}$",
-        description = "The `batch_id` the POST answered: 16 lowercase hex digits.")),
-    responses(
-        (status = 200, description = "The batch and its item counts.", body = BatchStatusView),
-        (status = 400, description = "`invalid_batch_id`.", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`.", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 404, description = "`batch_not_found`: never stored, or removed by retention.",
-            body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json",
-            headers(("Retry-After" = u32, description = "Seconds to wait."))),
-    ),
-    security((), ("api_key" = []))
-)]
-#[get("/api/v1/batch/{batch_id}/status")]
-async fn batch_status(
-    _caller: Caller,
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-) -> Result<HttpResponse, Problem> {
-    let raw = path.into_inner();
-    let result = async {
-        let batch_id: BatchId = raw
-            .parse()
-            .map_err(|e: outbox_core::model::InvalidBatchId| {
-                Problem::bad_request("invalid_batch_id", e.to_string())
-            })?;
-        let progress = state
-            .store
-            .batch_progress(&batch_id)
-            .await
-            .map_err(|e| store_problem(&e))?
-            .ok_or_else(|| Problem::not_found("batch_not_found", format!("no batch {batch_id}")))?;
-        let time = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Millis, true);
-        Ok(HttpResponse::Ok().json(BatchStatusView {
-            batch_id: progress.batch_id.to_string(),
-            stream: progress.stream.to_string(),
-            batch_sequence: progress.batch_sequence.0,
-            status: progress.status.as_str(),
-            total: progress.counts.total,
-            sent: progress.counts.sent,
-            failed: progress.counts.failed,
-            pending: progress.counts.pending,
-            progress_percentage: progress.counts.progress_percentage(),
-            created_at: time(progress.created_at),
-            committed_at: progress.committed_at.map(time),
-            last_error: progress.last_error,
-            submitted_by: progress.submitted_by,
-            traceparent: progress.traceparent,
-        }))
-    }
-    .await;
-    result.map_err(counted)
-}
-
-/// Liveness
-///
-/// 200 while the process serves HTTP; it does not look at MongoDB.
-#[utoipa::path(tag = "operations", responses((status = 200, description = "Alive.", body = HealthView)))]
-#[get("/health/live")]
-async fn live() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
-}
-
-/// Readiness
-///
-/// 200 when MongoDB answers and the schema (indexes, sequence counter)
-/// exists: the writer can store batches.
-#[utoipa::path(tag = "operations", responses(
-    (status = 200, description = "Ready.", body = HealthView),
-    (status = 503, description = "Not ready, with the reason.", body = HealthView,
-        headers(("Retry-After" = u32, description = "Seconds to wait."))),
-))]
-#[get("/health/ready")]
-async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let problem = if !state.schema_ready.load(Ordering::Acquire) {
-        Some("indexes and sequence counter not created yet".to_owned())
-    } else {
-        match tokio::time::timeout(READY_TIMEOUT, state.store.ready()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("MongoDB did not answer in time".to_owned()),
-        }
-    };
-    match problem {
-        None => HttpResponse::Ok().json(json!({ "status": "ready" })),
-        Some(reason) => HttpResponse::ServiceUnavailable()
-            .insert_header((header::RETRY_AFTER, "2"))
-            .json(json!({ "status": "unavailable", "reason": reason })),
-    }
-}
-
-/// Prometheus metrics
-///
-/// `outbox_writer_*` counters and histograms in the Prometheus text format.
-#[utoipa::path(tag = "operations", responses(
-    (status = 200, description = "Prometheus text exposition format 0.0.4.", body = String, content_type = "text/plain"),
-))]
-#[get("/metrics")]
-async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header(ContentType(mime_text_plain()))
-        .body(state.prometheus.render())
-}
-
-fn mime_text_plain() -> actix_web::mime::Mime {
-    "text/plain; version=0.0.4; charset=utf-8"
-        .parse()
-        .unwrap_or(actix_web::mime::TEXT_PLAIN)
-}
-
-/// Unknown routes get a problem+json 404, known routes with another method
-/// a 405 with `Allow`.
-pub async fn not_found(req: HttpRequest) -> HttpResponse {
-    let (problem, allow) = outbox_service::problem::no_route(&req);
-    outbox_service::problem::no_route_response(&counted(problem), allow)
-}
-
-/// A request body in JSON: an array of request objects, or the same array
-/// under `requests`.
-#[derive(utoipa::ToSchema)]
-#[serde(untagged)]
-#[allow(dead_code)] // describes the body for OpenAPI; ingest parses it
-pub enum BatchBody {
-    Objects(RequestList),
-    Wrapped { requests: RequestList },
-}
-
-/// One or more request objects.
-pub struct RequestList;
-
-impl utoipa::PartialSchema for RequestList {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::schema::ArrayBuilder::new()
-            .items(<RequestObject as utoipa::PartialSchema>::schema())
-            .min_items(Some(1))
-            .into()
-    }
-}
-
-impl utoipa::ToSchema for RequestList {}
-
-/// A CSV body's content: rows of string cells under one header row.
-pub struct CsvRows;
-
-impl utoipa::PartialSchema for CsvRows {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
-        let cell = ObjectBuilder::new().schema_type(Type::String);
-        // A key a row lacks is an empty cell.
-        let row = ObjectBuilder::new()
-            .additional_properties(Some(cell))
-            .description(Some(
-                "One row: the header row names the keys, every cell is a string.",
-            ));
-        ArrayBuilder::new()
-            .items(row)
-            .min_items(Some(1))
-            .description(Some(
-                "The rows of a CSV file (RFC 4180) whose header row is the union of their keys.",
-            ))
-            .into()
-    }
-}
-
-impl utoipa::ToSchema for CsvRows {}
-
-/// One request: any JSON object, stored and published exactly as sent.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-pub struct RequestObject(std::collections::BTreeMap<String, serde_json::Value>);
-
-/// The answer to a stored batch.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct BatchAccepted {
-    /// Always `success`.
-    #[schema(example = "success")]
-    pub status: &'static str,
-    #[schema(example = "batch of 2 items stored")]
-    pub message: String,
-    pub data: AcceptedBatch,
-}
-
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct AcceptedBatch {
-    /// 16 lowercase hex digits.
-    #[schema(example = "4f1c2a9e0b7d3c58")]
-    pub batch_id: String,
-    /// The stream the batch is in (`default` for `/api/v1/batch/process`).
-    #[schema(example = "default")]
-    pub stream: String,
-    /// Gap-free, in commit order; the relay publishes batches in this order.
-    #[schema(example = 42)]
-    pub batch_sequence: u64,
-    /// When the batch was received (RFC 3339, UTC).
-    pub timestamp: String,
-    pub total_json_objects: u64,
-    /// Items per vendor (`unknown` for items without a vendor).
-    pub vendor_counts: std::collections::BTreeMap<String, u64>,
-    pub unique_vendors: usize,
-    /// Time spent storing the batch.
-    pub processing_time_ms: u64,
-    /// The name of the API key that submitted it; absent when the writer
-    /// has no API keys.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub submitted_by: Option<String>,
-}
-
-/// A batch's status and item counts.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct BatchStatusView {
-    pub batch_id: String,
-    /// The stream the batch is in.
-    pub stream: String,
-    pub batch_sequence: u64,
-    /// `pending`, `processing`, `committed` or `failed`.
-    #[schema(example = "committed")]
-    pub status: &'static str,
-    pub total: u64,
-    /// Items acknowledged by Pub/Sub.
-    pub sent: u64,
-    /// Items set aside as dead letters.
-    pub failed: u64,
-    pub pending: u64,
-    pub progress_percentage: f64,
-    pub created_at: String,
-    /// When the relay committed the batch (every item acknowledged).
-    pub committed_at: Option<String>,
-    pub last_error: Option<String>,
-    /// The API key name that submitted the batch, when keys are required.
-    pub submitted_by: Option<String>,
-    /// The trace context stored with the batch.
-    pub traceparent: Option<String>,
-}
-
-/// A health answer.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct HealthView {
-    /// `ok`, `ready` or `unavailable`.
-    pub status: String,
-    /// Why the service is not ready.
-    pub reason: Option<String>,
 }
