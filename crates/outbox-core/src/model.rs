@@ -10,8 +10,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-pub use crate::stream::StreamName;
-
 /// A batch id: 16 lowercase hexadecimal characters (64 random bits).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -273,6 +271,108 @@ pub struct BatchProgress {
     pub last_error: Option<String>,
     pub submitted_by: Option<String>,
     pub traceparent: Option<String>,
+}
+
+/// A stream's name: `[a-z0-9][a-z0-9-]{0,62}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StreamName(String);
+
+/// A string that is not a valid [`StreamName`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "a stream name is 1 to 63 characters of lowercase letters, digits and '-', starting with a letter or digit; got {0:?}"
+)]
+pub struct InvalidStreamName(pub String);
+
+impl StreamName {
+    pub const DEFAULT: &'static str = "default";
+    pub const MAX_LEN: usize = 63;
+
+    /// The stream everything without a stream name means.
+    pub fn default_stream() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+
+    pub fn is_default(&self) -> bool {
+        self.0 == Self::DEFAULT
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for StreamName {
+    fn default() -> Self {
+        Self::default_stream()
+    }
+}
+
+impl FromStr for StreamName {
+    type Err = InvalidStreamName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = s.as_bytes();
+        let valid = !bytes.is_empty()
+            && bytes.len() <= Self::MAX_LEN
+            && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+        if valid {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidStreamName(s.chars().take(80).collect()))
+        }
+    }
+}
+
+impl TryFrom<String> for StreamName {
+    type Error = InvalidStreamName;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<StreamName> for String {
+    fn from(name: StreamName) -> Self {
+        name.0
+    }
+}
+
+impl fmt::Display for StreamName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A batch the relay has still to finish.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PendingBatch {
+    pub batch_id: BatchId,
+    pub stream: StreamName,
+    pub batch_sequence: Sequence,
+    pub status: BatchStatus,
+    pub total_items: u64,
+    pub created_at: DateTime<Utc>,
+    /// Why the batch is failed, when it is.
+    pub last_error: Option<String>,
+    /// The trace context the batch was submitted with, for its messages.
+    pub traceparent: Option<String>,
+}
+
+/// An item as the relay publishes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxItem {
+    pub item_id: ItemId,
+    pub batch_id: BatchId,
+    pub batch_sequence: Sequence,
+    pub item_sequence: ItemSequence,
+    pub request_id: Option<String>,
+    pub vendor_name: String,
+    pub request_data: Map<String, Value>,
 }
 
 #[cfg(test)]

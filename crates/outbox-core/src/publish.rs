@@ -8,9 +8,7 @@ use futures_core::future::BoxFuture;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::model::{BatchId, ItemId, ItemSequence, Sequence};
-use crate::store::{OutboxItem, PendingBatch};
-use crate::stream::StreamName;
+use crate::model::{BatchId, ItemId, ItemSequence, OutboxItem, PendingBatch, Sequence, StreamName};
 
 /// How messages are grouped for Pub/Sub's per-key ordering.
 ///

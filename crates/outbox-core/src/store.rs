@@ -6,12 +6,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value};
 
 use crate::model::{
-    BatchId, BatchProgress, BatchStatus, BatchSummary, ItemId, ItemSequence, ItemStatus, NewBatch,
-    Sequence,
+    BatchId, BatchProgress, BatchSummary, ItemId, ItemSequence, ItemStatus, NewBatch, Sequence,
 };
+pub use crate::model::{OutboxItem, PendingBatch};
 use crate::replay::{HeldRange, ReplayAction, ReplayId, ReplayJob, ReplayProgress};
 use crate::stream::{StreamDefinition, StreamName};
 
@@ -344,33 +343,6 @@ pub struct Removed {
     /// made them visible (a writer that died or gave up), removed with
     /// their items.
     pub abandoned_batches: u64,
-}
-
-/// A batch the relay has still to finish.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PendingBatch {
-    pub batch_id: BatchId,
-    pub stream: StreamName,
-    pub batch_sequence: Sequence,
-    pub status: BatchStatus,
-    pub total_items: u64,
-    pub created_at: DateTime<Utc>,
-    /// Why the batch is failed, when it is.
-    pub last_error: Option<String>,
-    /// The trace context the batch was submitted with, for its messages.
-    pub traceparent: Option<String>,
-}
-
-/// An item as the relay publishes it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OutboxItem {
-    pub item_id: ItemId,
-    pub batch_id: BatchId,
-    pub batch_sequence: Sequence,
-    pub item_sequence: ItemSequence,
-    pub request_id: Option<String>,
-    pub vendor_name: String,
-    pub request_data: Map<String, Value>,
 }
 
 /// An item as the admin API shows it.
