@@ -8,7 +8,7 @@ stop_services_on_exit
 cd "$ROOT"
 
 log "building (cargo's own progress below; the first build takes 10 to 15 minutes on 2 cores)"
-cargo build --workspace --locked
+cargo build --workspace --locked --bins --examples
 start_mongo
 start_pubsub
 export MONGODB_URL PUBSUB_EMULATOR_HOST
