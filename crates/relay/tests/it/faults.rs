@@ -1364,3 +1364,99 @@ async fn a_leader_cut_off_from_mongodb_steps_down_visibly_and_stays_standby_once
         ttl * 3
     );
 }
+
+/// The leader killed inside the other kind of fenced transaction it runs,
+/// a replay job's progress write (the drain's page writes are the test
+/// above; a batch's failure and a dead letter are fenced writes on the same
+/// recorded session): the successor takes over within TTL + poll + 2 s and
+/// finishes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_inside_a_replay_progress_write_is_replaced_within_ttl_and_poll() {
+    let Some(mongo) =
+        FaultyMongo::start("a_leader_killed_inside_a_replay_progress_write", None).await
+    else {
+        return;
+    };
+    let stack = mongo.stack(&unique("writer"), &[]).await;
+    let (ttl, poll) = (Duration::from_secs(3), Duration::from_millis(500));
+    let fast = [
+        ("LEASE_TTL_SECONDS", "3"),
+        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.5"),
+        ("OUTBOX_BATCH_SIZE", "10"),
+    ];
+    let a_app = unique("relay-a");
+    let (mut a, admin_a) = mongo.relay(&stack, "a", &a_app, &fast);
+    wait_leader(&stack.http, &admin_a, Duration::from_secs(30)).await;
+    let (b, admin_b) = mongo.relay(&stack, "b", &unique("relay-b"), &fast);
+    eventually(Duration::from_secs(30), "the standby to start", || {
+        let status = status_of(&stack.http, &admin_b);
+        async move { status.await.is_some() }
+    })
+    .await;
+    stack.submit(&[10, 10]).await;
+    let batches = stack.db.collection::<Document>("batches");
+    eventually(
+        Duration::from_secs(60),
+        "both batches committed",
+        || async {
+            batches
+                .count_documents(doc! { "status": "committed" })
+                .await
+                .unwrap()
+                == 2
+        },
+    )
+    .await;
+    // The drain is idle: the next commit is the replay's progress write.
+    let before = mongo
+        .fail_point(
+            Bson::Document(doc! { "times": 1 }),
+            doc! {
+                "failCommands": ["commitTransaction"], "appName": &a_app,
+                "blockConnection": true, "blockTimeMS": 60_000,
+            },
+        )
+        .await;
+    let started: Value = stack
+        .http
+        .post(format!("{admin_a}/api/v1/outbox/replays"))
+        .json(&json!({"from_sequence": 1, "to_sequence": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["replay_id"].as_str().expect("started").to_owned();
+    mongo.wait_for_fail_point(before + 1).await;
+    a.kill_hard();
+    let killed = Instant::now();
+    wait_leader(&stack.http, &admin_b, Duration::from_secs(120)).await;
+    let took = killed.elapsed();
+    let bound = ttl + poll + Duration::from_secs(2);
+    assert!(
+        took <= bound,
+        "takeover after {took:?}, over {bound:?}\n{}",
+        b.tail()
+    );
+    eventually(
+        Duration::from_secs(60),
+        "the replay finished by the successor",
+        || async {
+            let job: Value = stack
+                .http
+                .get(format!("{admin_b}/api/v1/outbox/replays/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            job["state"] == "done"
+        },
+    )
+    .await;
+    println!(
+        "leader killed inside a replay progress write: takeover after {took:?} (bound {bound:?})"
+    );
+}
