@@ -773,7 +773,7 @@ impl MemberStore for MemoryStore {
             .filter(|m| m.expires_at_ms <= now_ms)
             .cloned()
             .collect();
-        gone.sort_by(|a, b| b.expires_at_ms.cmp(&a.expires_at_ms));
+        gone.sort_by_key(|m| std::cmp::Reverse(m.expires_at_ms));
         Ok(gone)
     }
 

@@ -140,7 +140,7 @@ impl MemberStore for MongoStore {
             .filter_map(|d| member(d).ok())
             .filter(|m| m.expires_at_ms <= now_ms && m.expires_at_ms >= cutoff)
             .collect();
-        gone.sort_by(|a, b| b.expires_at_ms.cmp(&a.expires_at_ms));
+        gone.sort_by_key(|m| std::cmp::Reverse(m.expires_at_ms));
         Ok(gone)
     }
 

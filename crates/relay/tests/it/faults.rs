@@ -939,7 +939,7 @@ async fn commits_whose_answers_were_lost_never_stall_the_stream() {
     let epoch = |status: &Value| status["lease"]["epoch"].as_u64();
     let first_epoch = epoch(&status_of(&stack.http, &admin).await.unwrap());
     // Batches of one page each: every write the relay makes commits one.
-    let sizes = vec![10; 12];
+    let sizes = [10; 12];
     stack.submit(&sizes[..2]).await;
     let batches = stack.db.collection::<Document>("batches");
     eventually(Duration::from_secs(60), "two batches committed", || {
