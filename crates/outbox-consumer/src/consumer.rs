@@ -298,8 +298,10 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
     /// collecting shares an ordering key with: a later batch on a key is
     /// never handed over before an earlier one.
     async fn hand_over(&mut self) -> Vec<((Lane, u64), Outcome)> {
+        // Keys that wait: blocked after a failure (their failed batch comes
+        // again first), or holding an earlier batch still being collected.
+        let mut waiting: BTreeSet<(Lane, String)> = self.blocked.keys().cloned().collect();
         let mut ready = Vec::new();
-        let mut waiting: BTreeSet<(Lane, String)> = BTreeSet::new();
         for (slot, batch) in &self.collecting {
             let keys: Vec<(Lane, String)> = batch
                 .keys
@@ -308,17 +310,26 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
                 .collect();
             let due = batch.complete() || batch.since.elapsed() >= self.limits.batch_wait;
             if due && !keys.iter().any(|k| waiting.contains(k)) {
-                ready.push(slot.clone());
+                ready.push((slot.clone(), keys));
             } else {
                 waiting.extend(keys);
             }
         }
         let mut outcomes = Vec::new();
-        for slot in ready {
+        let mut failed: BTreeSet<(Lane, String)> = BTreeSet::new();
+        for (slot, keys) in ready {
+            // A batch after one that failed on its key waits (its messages
+            // come again after the failed one's).
+            if keys.iter().any(|k| failed.contains(k)) {
+                continue;
+            }
             let Some(batch) = self.collecting.remove(&slot) else {
                 continue;
             };
             let outcome = self.deliver(batch).await;
+            if outcome != Outcome::Handled {
+                failed.extend(keys);
+            }
             outcomes.push((slot, outcome));
         }
         outcomes
@@ -870,5 +881,50 @@ mod tests {
                 ("m3".to_owned(), true)
             ]
         );
+    }
+
+    /// When an earlier batch fails, a later one on its key that was ready at
+    /// the same moment is not handed over before it: it waits, and goes
+    /// after the earlier one once that comes again and is handled.
+    #[tokio::test]
+    async fn a_batch_after_a_failed_one_on_its_key_waits_for_it() {
+        let answers = Answers::default();
+        let handler = Keeping::default();
+        handler
+            .fail_once
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("i1-1".to_owned());
+        let mut core = Core::new(MemorySeen::default(), handler, true, Contract::Global);
+        assert_eq!(
+            core.on(received(at(1, 1, 2, "m0"), &answers)).await,
+            Outcome::Held
+        );
+        assert_eq!(
+            core.on(received(at(2, 1, 1, "m1"), &answers)).await,
+            Outcome::Held
+        );
+        // Batch 1 completes and fails: batch 2, ready too, is not handed over.
+        assert!(matches!(
+            core.on(received(at(1, 2, 2, "m2"), &answers)).await,
+            Outcome::Failed(_)
+        ));
+        assert!(handled_batches(&core).is_empty());
+        // Batch 1 comes again: it goes, then batch 2.
+        assert_eq!(
+            core.on(received(at(1, 1, 2, "m3"), &answers)).await,
+            Outcome::Held
+        );
+        assert_eq!(
+            core.on(received(at(1, 2, 2, "m4"), &answers)).await,
+            Outcome::Handled
+        );
+        let order: Vec<Vec<String>> = handled_batches(&core)
+            .into_iter()
+            .map(|(ids, _)| ids)
+            .collect();
+        assert_eq!(order, [vec!["i1-1", "i1-2"], vec!["i2-1"]]);
+        // m1 (batch 2) was answered once, with its batch, acknowledged.
+        assert!(answered(&answers).contains(&("m1".to_owned(), true)));
     }
 }

@@ -198,24 +198,29 @@ const TOO_MANY_ITEMS: &str = "more items than the batch limit";
 /// what makes a body expand: `[0,0,...]` or a CSV of empty cells take some
 /// 15 to 100 times their size once parsed. The writer reserves this much of
 /// its parse budget before it parses.
-pub fn parse_cost(body: &[u8]) -> usize {
+pub fn parse_cost(body: &[u8], format: BodyFormat) -> usize {
     const PER_VALUE: usize = 200;
     let mut values = 1usize;
     let mut in_string = false;
     let mut escaped = false;
     for &byte in body {
         if in_string {
-            match (escaped, byte) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+            match (format, escaped, byte) {
+                // JSON strings escape with a backslash; CSV fields only
+                // double their quotes (`""`: out and back in).
+                (BodyFormat::Csv, _, b'"') => in_string = false,
+                (BodyFormat::Csv, _, _) => {}
+                (_, true, _) => escaped = false,
+                (_, false, b'\\') => escaped = true,
+                (_, false, b'"') => in_string = false,
                 _ => {}
             }
             continue;
         }
-        match byte {
-            b'"' => in_string = true,
-            b',' | b':' | b'[' | b'{' | b'\n' => values += 1,
+        match (format, byte) {
+            (_, b'"') => in_string = true,
+            (BodyFormat::Csv, b',' | b'\n') => values += 1,
+            (BodyFormat::Json | BodyFormat::NdJson, b',' | b':' | b'[' | b'{') => values += 1,
             _ => {}
         }
     }
@@ -943,12 +948,16 @@ mod tests {
     fn parse_cost_counts_small_values() {
         // Small values cost far more than their bytes once parsed.
         let zeros = format!("[{}0]", "0,".repeat(10_000));
-        assert!(parse_cost(zeros.as_bytes()) >= 100 * 10_000);
+        assert!(parse_cost(zeros.as_bytes(), BodyFormat::Json) >= 100 * 10_000);
         // Separators inside strings are text, not values.
         let text = format!("[\"{}\"]", ",".repeat(10_000));
-        assert!(parse_cost(text.as_bytes()) < 2 * text.len());
+        assert!(parse_cost(text.as_bytes(), BodyFormat::Json) < 2 * text.len());
         let csv = format!("a,b\n{}", ",\n".repeat(10_000));
-        assert!(parse_cost(csv.as_bytes()) >= 100 * 20_000);
+        assert!(parse_cost(csv.as_bytes(), BodyFormat::Csv) >= 100 * 20_000);
+        // A CSV field holding a backslash before its closing quote is one
+        // field: the cells after it still count (no JSON escapes in CSV).
+        let tricky = format!("a,b\n{}", "\"\\\",\n".repeat(10_000));
+        assert!(parse_cost(tricky.as_bytes(), BodyFormat::Csv) >= 100 * 20_000);
     }
 
     #[test]

@@ -91,7 +91,9 @@ async fn serve(config: Config) -> ExitCode {
                 message = "not stopped within the shutdown bound; exiting anyway (the leases expire)",
                 bound_seconds = bound.as_secs()
             );
-            ExitCode::FAILURE
+            // Now: dropping the runtime would wait for blocking work
+            // (a DNS lookup) without a bound.
+            std::process::exit(1)
         }
     }
 }

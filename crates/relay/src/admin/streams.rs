@@ -205,10 +205,12 @@ pub(crate) async fn cluster(state: web::Data<AdminState>) -> HttpResponse {
     let streams = state.cluster.streams().len();
     // Replicas that left or stopped announcing themselves lately: shown as
     // gone, with when, for a while (GONE_SHOWN_MS).
-    let gone: Vec<Value> = tokio::time::timeout(
-        STORE_WAIT,
-        state.cluster.stores().members.recently_gone(now_ms),
-    )
+    // By the store's clock, as members' expiries are.
+    let stores = state.cluster.stores();
+    let gone: Vec<Value> = tokio::time::timeout(STORE_WAIT, async {
+        let store_ms = stores.leases.now_ms().await?;
+        stores.members.recently_gone(store_ms).await
+    })
     .await
     .ok()
     .and_then(Result::ok)

@@ -766,3 +766,33 @@ async fn outboxctl_submits_the_other_files_when_one_is_refused() {
         "{empty:?}"
     );
 }
+
+/// `OUTBOX_ADMIN_URL` takes a list: with the first relay gone, outboxctl
+/// uses the next that answers and says so; with none, it names every URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outboxctl_goes_on_with_the_next_relay_when_the_first_is_gone() {
+    let stack = start_stack().await;
+    let (_relay, admin) = stack.relay("relay-list", &[]);
+    stack.admin_ready(&admin).await;
+    let gone = format!("http://127.0.0.1:{}", free_port());
+    let list = format!("{gone},{admin}");
+    let status = outboxctl(&stack.writer_url, &list, &["status", "--json"], &[]).await;
+    assert_eq!(status.code, 0, "{status:?}");
+    assert!(
+        status
+            .stderr
+            .contains(&format!("using the relay at {admin}")),
+        "{status:?}"
+    );
+    assert!(status.json()["relay_id"].is_string(), "{status:?}");
+    let none = format!("{gone},http://127.0.0.1:{}", free_port());
+    let failed = outboxctl(&stack.writer_url, &none, &["status"], &[]).await;
+    assert_eq!(failed.code, 3, "{failed:?}");
+    assert!(
+        failed
+            .stderr
+            .contains("cannot reach any relay's admin port")
+            && failed.stderr.contains(&gone),
+        "{failed:?}"
+    );
+}

@@ -426,7 +426,7 @@ pub(crate) async fn process(
         }
         Ok::<_, Problem>(batch)
     };
-    let _parse_permit = state.parse_budget.reserve(&body, deadline).await?;
+    let _parse_permit = state.parse_budget.reserve(&body, format, deadline).await?;
     let batch = if body.len() > BLOCKING_PARSE_BYTES {
         web::block(move || check(&body, &rules, idempotency))
             .await

@@ -88,9 +88,10 @@ impl ParseBudget {
     async fn reserve(
         &self,
         body: &[u8],
+        format: ingest::BodyFormat,
         deadline: tokio::time::Instant,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, Problem> {
-        let cost = ingest::parse_cost(body);
+        let cost = ingest::parse_cost(body, format);
         let kib = u32::try_from(cost.div_ceil(1024))
             .unwrap_or(u32::MAX)
             .max(1);
