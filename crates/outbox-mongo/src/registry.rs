@@ -65,6 +65,25 @@ impl StreamStore for MongoStore {
     }
 }
 
+impl MongoStore {
+    /// The member records `filter` selects, as a majority has them. Expiries
+    /// are compared by the callers, not in the query alone: one stored in
+    /// another numeric type still reads.
+    async fn member_records(&self, filter: Document) -> Result<Vec<Member>, StoreError> {
+        let documents: Vec<Document> = self
+            .members()
+            .find(filter)
+            .read_concern(ReadConcern::majority())
+            .max_time(self.config().lease_timeout)
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(documents.iter().filter_map(|d| member(d).ok()).collect())
+    }
+}
+
 #[async_trait]
 impl MemberStore for MongoStore {
     async fn heartbeat(&self, member: &Member) -> Result<(), StoreError> {
@@ -96,23 +115,8 @@ impl MemberStore for MongoStore {
     }
 
     async fn members(&self, now_ms: i64) -> Result<Vec<Member>, StoreError> {
-        // Compared here, not in the query: an expiry stored in another
-        // numeric type still reads.
-        let documents: Vec<Document> = self
-            .members()
-            .find(doc! {})
-            .read_concern(ReadConcern::majority())
-            .max_time(self.config().lease_timeout)
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
-        let mut members: Vec<Member> = documents
-            .iter()
-            .filter_map(|d| member(d).ok())
-            .filter(|m| m.expires_at_ms > now_ms)
-            .collect();
+        let mut members = self.member_records(doc! {}).await?;
+        members.retain(|m| m.expires_at_ms > now_ms);
         members.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(members)
     }
@@ -125,21 +129,10 @@ impl MemberStore for MongoStore {
             .delete_many(doc! { "expires_at_ms": { "$lt": cutoff } })
             .await
             .map_err(classify)?;
-        let documents: Vec<Document> = self
-            .members()
-            .find(doc! { "expires_at_ms": { "$lte": now_ms } })
-            .read_concern(ReadConcern::majority())
-            .max_time(self.config().lease_timeout)
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
-        let mut gone: Vec<Member> = documents
-            .iter()
-            .filter_map(|d| member(d).ok())
-            .filter(|m| m.expires_at_ms <= now_ms && m.expires_at_ms >= cutoff)
-            .collect();
+        let mut gone = self
+            .member_records(doc! { "expires_at_ms": { "$lte": now_ms } })
+            .await?;
+        gone.retain(|m| m.expires_at_ms <= now_ms && m.expires_at_ms >= cutoff);
         gone.sort_by_key(|m| std::cmp::Reverse(m.expires_at_ms));
         Ok(gone)
     }
