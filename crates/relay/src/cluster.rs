@@ -389,18 +389,13 @@ impl Cluster {
     /// Runs the share rule every poll interval until `shutdown`, then stops
     /// every runner (each releases its lease) and leaves the registry.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut last_heartbeat: Option<tokio::time::Instant> = None;
+        // Announced on a task of its own, every third of the TTL: a slow
+        // supervision round cannot let this replica's record lapse (the
+        // others would count it gone and the shares would churn). It goes
+        // on while the streams are handed over, and stops before leaving.
+        let announcing = CancellationToken::new();
+        let announcer = tokio::spawn(Arc::clone(&self).announce(announcing.clone()));
         while !shutdown.is_cancelled() {
-            if last_heartbeat.is_none_or(|at| at.elapsed() >= self.settings.ttl / 3) {
-                let heartbeat = tokio::time::timeout(self.settings.ttl / 2, self.heartbeat());
-                match heartbeat.await {
-                    Ok(Ok(())) => last_heartbeat = Some(tokio::time::Instant::now()),
-                    Ok(Err(error)) => warn!(message = "cannot announce this replica", %error),
-                    Err(_) => {
-                        warn!(message = "cannot announce this replica: MongoDB did not answer")
-                    }
-                }
-            }
             // Bounded: a partitioned store must not stall the loop (a
             // driver waits up to its server selection timeout, 30 s).
             let supervised = tokio::time::timeout(self.settings.ttl, self.supervise(&shutdown));
@@ -435,12 +430,29 @@ impl Cluster {
             }
         }
         self.stop_all().await;
+        announcing.cancel();
+        let _ = announcer.await;
         let leave = tokio::time::timeout(
             self.settings.ttl / 2,
             self.stores.members.leave(&self.settings.relay_id),
         );
         if !matches!(leave.await, Ok(Ok(()))) {
             warn!(message = "cannot leave the members registry; the announcement expires");
+        }
+    }
+
+    /// Announces this replica every third of the TTL until `stop`.
+    async fn announce(self: Arc<Self>, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            match tokio::time::timeout(self.settings.ttl / 2, self.heartbeat()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(message = "cannot announce this replica", %error),
+                Err(_) => warn!(message = "cannot announce this replica: MongoDB did not answer"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(self.settings.ttl / 3) => {}
+            }
         }
     }
 
@@ -557,7 +569,14 @@ impl Cluster {
                     slot.running.is_some() && !leading.contains(name) && !to_stop.contains(name)
                 })
                 .count();
-            let room = target.saturating_sub(kept + standing_by);
+            // Streams without a live leader are taken by anyone with room
+            // under the ceiling (not only under its rank's share): a
+            // leader that is alive but cannot renew leaves its stream free,
+            // and a replica whose share is 0 must still take it.
+            let members_count = others.len() + 1;
+            let room = share(names.len(), members_count)
+                .max(target)
+                .saturating_sub(kept + standing_by);
             let mut free: Vec<StreamName> = names
                 .iter()
                 .filter(|name| slots.get(*name).is_some_and(|s| s.running.is_none()))
