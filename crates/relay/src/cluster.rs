@@ -573,10 +573,7 @@ impl Cluster {
             // under the ceiling (not only under its rank's share): a
             // leader that is alive but cannot renew leaves its stream free,
             // and a replica whose share is 0 must still take it.
-            let members_count = others.len() + 1;
-            let room = share(names.len(), members_count)
-                .max(target)
-                .saturating_sub(kept + standing_by);
+            let room = share(names.len(), others.len() + 1).saturating_sub(kept + standing_by);
             let mut free: Vec<StreamName> = names
                 .iter()
                 .filter(|name| slots.get(*name).is_some_and(|s| s.running.is_none()))

@@ -231,6 +231,18 @@ impl Stack {
     }
 
     /// Waits until the relay's admin port at `admin` answers ready.
+    /// `GET url` and its JSON answer.
+    pub(crate) async fn get_json(&self, url: &str) -> Value {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub(crate) async fn admin_ready(&self, admin: &str) {
         let ready = format!("{admin}/health/ready");
         eventually(Duration::from_secs(60), "the relay's admin port", || {
@@ -701,15 +713,7 @@ async fn a_leader_killed_mid_batch_loses_nothing_and_keeps_first_deliveries_in_o
         Duration::from_secs(30),
         "the stream's count of everything",
         || async {
-            let streams: Value = stack
-                .http
-                .get(format!("{admin_b}/api/v1/streams"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let streams = stack.get_json(&format!("{admin_b}/api/v1/streams")).await;
             streams["streams"][0]["published_total"].as_u64() >= Some(total as u64)
         },
     )

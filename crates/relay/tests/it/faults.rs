@@ -1443,15 +1443,9 @@ async fn a_leader_killed_inside_a_replay_progress_write_is_replaced_within_ttl_a
         Duration::from_secs(60),
         "the replay finished by the successor",
         || async {
-            let job: Value = stack
-                .http
-                .get(format!("{admin_b}/api/v1/outbox/replays/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let job = stack
+                .get_json(&format!("{admin_b}/api/v1/outbox/replays/{id}"))
+                .await;
             job["state"] == "done"
         },
     )

@@ -245,15 +245,7 @@ async fn three_relays_share_six_streams_and_hand_them_over_in_order() {
         Duration::from_secs(30),
         "the killed relay shown as gone",
         || async {
-            let cluster: serde_json::Value = stack
-                .http
-                .get(format!("{survivor}/api/v1/cluster"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let cluster = stack.get_json(&format!("{survivor}/api/v1/cluster")).await;
             cluster["gone"].as_array().is_some_and(|gone| {
                 gone.iter()
                     .any(|g| g["relay_id"] == victim.as_str() && g["gone_at"].is_string())
