@@ -39,7 +39,7 @@ const QUIET_NOTICE: Duration = Duration::from_secs(10);
 const EMPTY_PULL_PAUSE: Duration = Duration::from_millis(100);
 
 /// Tails the subscription (created with message ordering when missing) to
-/// stdout. On a terminal, stderr says what it reads and, when nothing comes,
+/// stdout. Stderr says what it reads and, when nothing comes,
 /// what it is waiting for.
 pub async fn run(source: &TailSource) -> ExitCode {
     let config = match source
@@ -50,9 +50,6 @@ pub async fn run(source: &TailSource) -> ExitCode {
         Err(problem) => return cli::config_error(problem),
     };
     let mut out = std::io::stdout().lock();
-    // What tail reads and what it waits for go to stderr, whatever stdout
-    // is (a file, a pipe): the messages alone go to stdout.
-    let notices = true;
     let mut check = source.verify.map(Check::new);
     let stop = async {
         // Ctrl-C ends the tail cleanly: acknowledgements sent, nothing held.
@@ -62,7 +59,6 @@ pub async fn run(source: &TailSource) -> ExitCode {
         &config,
         &source.subscription,
         source.count,
-        notices,
         stop,
         &mut Printer {
             out: &mut out,
@@ -244,7 +240,6 @@ pub async fn tail(
     config: &PubSubConfig,
     subscription: &str,
     count: Option<u64>,
-    notices: bool,
     stop: impl std::future::Future<Output = ()>,
     printer: &mut Printer<'_>,
 ) -> anyhow::Result<()> {
@@ -268,7 +263,7 @@ pub async fn tail(
     );
     match setup.await {
         Ok(Ok(created)) => {
-            if created && notices {
+            if created {
                 eprintln!(
                     "created subscription {subscription} on topic {}: it holds what is published from now on, not the messages published before",
                     config.topic
@@ -283,20 +278,18 @@ pub async fn tail(
             SETUP_LIMIT.as_secs()
         ),
     }
-    if notices {
+    // What tail reads and waits for goes to stderr, whatever stdout is (a
+    // file, a pipe): the messages alone go to stdout.
+    eprintln!(
+        "tailing subscription {subscription} (topic {}) on {place}; Ctrl-C to stop",
+        config.topic
+    );
+    let waiting = || {
         eprintln!(
-            "tailing subscription {subscription} (topic {}) on {place}; Ctrl-C to stop",
+            "no message for {} s: waiting for messages on {subscription} (it holds what was published to {} since it was created; an ordered subscription delivers a key's messages only after the earlier ones are acknowledged or their ack deadline passes)",
+            QUIET_NOTICE.as_secs(),
             config.topic
         );
-    }
-    let waiting = || {
-        if notices {
-            eprintln!(
-                "no message for {} s: waiting for messages on {subscription} (it holds what was published to {} since it was created; an ordered subscription delivers a key's messages only after the earlier ones are acknowledged or their ack deadline passes)",
-                QUIET_NOTICE.as_secs(),
-                config.topic
-            );
-        }
     };
     match &config.emulator_host {
         Some(host) => {
