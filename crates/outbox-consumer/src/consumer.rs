@@ -459,6 +459,7 @@ impl Consumer {
         handler: H,
         stop: impl Future<Output = ()>,
     ) -> anyhow::Result<Report> {
+        crate::install_crypto_provider();
         let mut builder = Subscriber::builder();
         if let Some(host) = &config.emulator_host {
             builder = builder

@@ -31,6 +31,7 @@
 //! ```
 
 mod consumer;
+mod crypto;
 mod item;
 mod seen;
 mod verify;
@@ -38,6 +39,7 @@ mod verify;
 pub use consumer::{
     Answer, Consumer, ConsumerConfig, Core, Delivery, Handler, Limits, Outcome, Received,
 };
+pub use crypto::install_crypto_provider;
 pub use item::{Item, Lane, NotAnItem, Position};
 #[cfg(feature = "mongodb")]
 pub use seen::MongoSeen;

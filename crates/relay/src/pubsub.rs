@@ -67,6 +67,7 @@ impl PubSubConfig {
 /// which share these setters but no trait.
 macro_rules! configured {
     ($builder:expr, $config:expr) => {{
+        outbox_consumer::install_crypto_provider();
         let mut builder = $builder;
         if let Some(host) = &$config.emulator_host {
             builder = builder
