@@ -335,7 +335,47 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
         outcomes
     }
 
-    async fn deliver(&mut self, batch: Collecting) -> Outcome {
+    async fn deliver(&mut self, mut batch: Collecting) -> Outcome {
+        // Items another client handled since they came here (their key
+        // moved, they came to both): not handed over again.
+        let keys: Vec<String> = batch.items.values().map(Item::dedup_key).collect();
+        match self.seen.seen_of(&keys).await {
+            Ok(handled) if !handled.is_empty() => {
+                let elsewhere: Vec<u32> = batch
+                    .items
+                    .iter()
+                    .filter(|(_, item)| handled.contains(&item.dedup_key()))
+                    .map(|(position, _)| *position)
+                    .collect();
+                for position in elsewhere {
+                    if let Some(item) = batch.items.remove(&position) {
+                        self.verifier.observe(&item);
+                    }
+                }
+                if batch.items.is_empty() {
+                    for answer in batch.answers {
+                        answer.ack();
+                    }
+                    return Outcome::Duplicate;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // As a failed handler: the batch comes again, its keys wait.
+                for item in batch.items.values() {
+                    self.blocked
+                        .entry((item.lane(), item.ordering_key.clone()))
+                        .or_insert_with(|| Blocked {
+                            awaited: item.dedup_key(),
+                            since: Instant::now(),
+                        });
+                }
+                for answer in batch.answers {
+                    answer.nack();
+                }
+                return Outcome::Failed(format!("reading what was seen: {e:#}"));
+            }
+        }
         let missing: Vec<u32> = (1..=u32::try_from(batch.total).unwrap_or(u32::MAX))
             .filter(|p| !batch.items.contains_key(p))
             .collect();

@@ -2,7 +2,7 @@
 //! handler once: bounded in memory by default ([`MemorySeen`]), or in
 //! MongoDB so that it survives restarts (`MongoSeen`, feature `mongodb`).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -23,6 +23,23 @@ pub trait SeenStore: Send + Sync {
     /// When the memory cannot be written (the messages are not
     /// acknowledged, so they come again and are handled again).
     async fn remember(&self, keys: &[String]) -> anyhow::Result<()>;
+
+    /// Which of `keys` were handled. Asked again when a batch is handed
+    /// over: another client may have handled some of its items since they
+    /// came here (an ordering key that moved between clients). Stores that
+    /// can answer in one read should.
+    ///
+    /// # Errors
+    /// When the memory cannot be read.
+    async fn seen_of(&self, keys: &[String]) -> anyhow::Result<BTreeSet<String>> {
+        let mut seen = BTreeSet::new();
+        for key in keys {
+            if self.seen(key).await? {
+                seen.insert(key.clone());
+            }
+        }
+        Ok(seen)
+    }
 }
 
 /// The last `capacity` handled items, in memory. A duplicate that comes
@@ -127,6 +144,24 @@ mod mongo {
                 .find_one(doc! { "_id": key })
                 .await?
                 .is_some())
+        }
+
+        async fn seen_of(
+            &self,
+            keys: &[String],
+        ) -> anyhow::Result<std::collections::BTreeSet<String>> {
+            let mut cursor = self
+                .collection
+                .find(doc! { "_id": { "$in": keys } })
+                .projection(doc! { "_id": 1 })
+                .await?;
+            let mut seen = std::collections::BTreeSet::new();
+            while cursor.advance().await? {
+                if let Ok(id) = cursor.current().get_str("_id") {
+                    seen.insert(id.to_owned());
+                }
+            }
+            Ok(seen)
         }
 
         async fn remember(&self, keys: &[String]) -> anyhow::Result<()> {

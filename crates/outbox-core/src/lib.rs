@@ -16,6 +16,7 @@
 //! - [`replay`]: replay jobs (a range of committed batches published again).
 //! - [`memory`]: in-memory implementations of the store traits, used by tests
 //!   to show properties the MongoDB stand-in cannot (conflicting transactions).
+//! - [`world`]: random numbers and the wall clock, which the simulator replaces.
 
 pub mod ingest;
 pub mod memory;
@@ -24,6 +25,7 @@ pub mod publish;
 pub mod replay;
 pub mod store;
 pub mod stream;
+pub mod world;
 
 pub use model::{
     BatchId, BatchStatus, BatchSummary, ItemId, ItemSequence, ItemStatus, NewBatch, NewItem,

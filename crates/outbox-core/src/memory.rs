@@ -28,7 +28,7 @@ use crate::stream::{StreamDefinition, StreamName};
 
 mod replays;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct StoredBatch {
     summary: BatchSummary,
     status: BatchStatus,
@@ -93,7 +93,7 @@ impl Default for TransactionModel {
 }
 
 /// One stream's part of the store.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct StreamState {
     last_sequence: u64,
     /// Commits of the counter so far: its version, for snapshot checks.
@@ -105,7 +105,7 @@ struct StreamState {
     paused: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct State {
     streams: BTreeMap<StreamName, StreamState>,
     by_id: HashMap<BatchId, (StreamName, Sequence)>,
@@ -146,6 +146,19 @@ impl MemoryStore {
             model,
             ..Self::default()
         }
+    }
+
+    /// A copy of the committed data, as a replica that applied every write
+    /// so far has it: the copy shares nothing with this store (writes to
+    /// one do not reach the other). A transaction's uncommitted hold on a
+    /// counter is not copied. The simulator's replica set keeps its
+    /// majority-committed state this way.
+    pub fn copy_data_from(&self, other: &MemoryStore) {
+        let mut data = other.lock().clone();
+        for stream in data.streams.values_mut() {
+            stream.counter_holder = None;
+        }
+        *self.lock() = data;
     }
 
     /// Item writes lost to aborted insert transactions.
@@ -499,7 +512,7 @@ impl Drop for CounterRelease<'_> {
 
 /// Milliseconds since `since`, for `processing_time_ms`.
 pub fn elapsed_ms(since: DateTime<Utc>) -> u64 {
-    u64::try_from((Utc::now() - since).num_milliseconds()).unwrap_or(0)
+    u64::try_from((crate::world::now() - since).num_milliseconds()).unwrap_or(0)
 }
 
 impl State {
@@ -538,16 +551,11 @@ impl StoredBatch {
             .iter()
             .filter(|i| (first..=last).contains(&u64::from(i.item.item_sequence.0)))
             .collect();
-        if let Some(missing) = (first..=last)
-            .zip(
-                window
-                    .iter()
-                    .map(|i| u64::from(i.item.item_sequence.0))
-                    .chain(std::iter::repeat(0)),
-            )
-            .find(|(expected, found)| expected != found)
-            .map(|(expected, _)| expected)
-        {
+        if let Some(missing) = crate::store::first_missing(
+            first,
+            last,
+            window.iter().map(|i| u64::from(i.item.item_sequence.0)),
+        ) {
             return Err(StoreError::Incomplete(format!(
                 "batch {} has no item {missing}",
                 self.summary.batch_id
@@ -675,10 +683,10 @@ impl LeaseStore for MemoryStore {
     async fn now_ms(&self) -> Result<i64, StoreError> {
         self.check_available()?;
         let (base_ms, base) = *self.clock.get_or_init(|| {
-            let wall = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-            (wall, tokio::time::Instant::now())
+            (
+                crate::world::now().timestamp_millis(),
+                tokio::time::Instant::now(),
+            )
         });
         Ok(base_ms + i64::try_from(base.elapsed().as_millis()).unwrap_or(i64::MAX))
     }
@@ -802,7 +810,7 @@ impl StreamStore for MemoryStore {
     async fn put_stream(&self, definition: &StreamDefinition) -> Result<bool, StoreError> {
         self.check_available()?;
         let mut state = self.lock();
-        let now = Utc::now();
+        let now = crate::world::now();
         let created = !state.definitions.contains_key(&definition.name);
         let created_at = state
             .definitions
@@ -951,7 +959,7 @@ impl OutboxStore for MemoryStore {
             lease.published += marks.len() as u64;
         }
         let batch = state.batch_mut(batch_id)?;
-        let now = Utc::now();
+        let now = crate::world::now();
         for mark in marks {
             let index = mark.item_sequence.0 as usize - 1;
             let item = batch
@@ -992,7 +1000,7 @@ impl OutboxStore for MemoryStore {
             )));
         }
         batch.status = BatchStatus::Committed;
-        batch.committed_at = Some(Utc::now());
+        batch.committed_at = Some(crate::world::now());
         if let Some(lease) = state.stream(&fence.stream).lease.as_mut() {
             lease.committed = lease.committed.max(Some(sequence));
         }
@@ -1056,7 +1064,7 @@ impl OutboxStore for MemoryStore {
         }
         state
             .dead_letters
-            .push((item.clone(), error.to_owned(), Utc::now()));
+            .push((item.clone(), error.to_owned(), crate::world::now()));
         Ok(())
     }
 

@@ -5,7 +5,6 @@ use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -25,7 +24,7 @@ impl BatchId {
 
     /// A new random id.
     pub fn random() -> Self {
-        let value: u64 = rand::rng().random();
+        let value = crate::world::random_u64();
         Self(format!("{value:016x}"))
     }
 
@@ -83,7 +82,7 @@ const ITEM_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1d_0b6e_4a8e_4c5b_9b2c_3e7a_
 
 impl ItemId {
     pub fn random() -> Self {
-        Self(Uuid::new_v4())
+        Self(uuid::Builder::from_random_bytes(crate::world::random_bytes()).into_uuid())
     }
 
     /// The id of the item at `sequence` in `batch`: a name-based UUID

@@ -29,7 +29,11 @@ pub struct ReplayId(String);
 
 impl ReplayId {
     pub fn random() -> Self {
-        Self(Uuid::new_v4().to_string())
+        Self(
+            uuid::Builder::from_random_bytes(crate::world::random_bytes())
+                .into_uuid()
+                .to_string(),
+        )
     }
 
     pub fn as_str(&self) -> &str {

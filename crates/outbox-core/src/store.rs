@@ -66,6 +66,38 @@ impl StoreError {
     }
 }
 
+/// How current a read outside a transaction is: which writes it may see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadLevel {
+    /// What the node answering has applied, including writes that a
+    /// failover later rolls back (MongoDB's `local`).
+    Local,
+    /// What a majority of the replica set has acknowledged: never rolled
+    /// back (MongoDB's `majority`).
+    Majority,
+}
+
+/// The level of every read outside a transaction that the relay, the
+/// lease, the registry, replays and the writer's lookups make. A decision
+/// taken on a write that later rolls back (an item published, a batch
+/// shown as stored, a commit point followed) would break the promises, so
+/// it is [`ReadLevel::Majority`]. The MongoDB adapter sends it as the read
+/// concern; the simulator's replica set serves each read by it.
+pub const READS: ReadLevel = ReadLevel::Majority;
+
+/// The first position of the window `first ..= last` that `present` (the
+/// positions a read found, in ascending order) lacks: where what the relay
+/// publishes must stop (see [`StoreError::Incomplete`]). Publishing past
+/// it would put a later item before an earlier one. Every adapter decides
+/// by it.
+pub fn first_missing(first: u64, last: u64, present: impl IntoIterator<Item = u64>) -> Option<u64> {
+    let mut present = present.into_iter().peekable();
+    (first..=last).find(|expected| {
+        while present.next_if(|p| p < expected).is_some() {}
+        present.next_if_eq(expected).is_none()
+    })
+}
+
 /// How long a conflicting transaction is run again before giving up.
 /// Every conflict means a competitor committed, so the system as a whole
 /// progresses; the budget bounds how long one unlucky request can lose.
@@ -118,7 +150,7 @@ impl ConflictRetry {
         }
         let cap_ms = (2u64 << self.attempts.min(6)).min(100);
         self.attempts += 1;
-        let pause = Duration::from_millis(rand::random_range(0..=cap_ms));
+        let pause = Duration::from_millis(crate::world::random_range(0..=cap_ms));
         tokio::time::sleep(pause.min(self.deadline - now)).await;
         tokio::time::Instant::now() < self.deadline
     }
@@ -657,6 +689,15 @@ pub trait ReplayStore: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_missing_position_is_where_a_window_stops() {
+        assert_eq!(first_missing(1, 4, [1, 2, 3, 4]), None);
+        assert_eq!(first_missing(1, 4, [1, 2, 4]), Some(3));
+        assert_eq!(first_missing(5, 6, []), Some(5));
+        assert_eq!(first_missing(3, 4, [1, 3, 4]), None);
+        assert_eq!(first_missing(1, 3, [2, 3]), Some(1));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn conflicts_are_retried_within_the_budget_and_nothing_else_is() {

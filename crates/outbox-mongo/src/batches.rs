@@ -8,60 +8,24 @@ use async_trait::async_trait;
 use chrono::Utc;
 use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
-use mongodb::options::{
-    Acknowledgment, ReadConcern, ReadPreference, ReturnDocument, SelectionCriteria,
-    TransactionOptions, WriteConcern,
-};
+use mongodb::options::{Acknowledgment, ReturnDocument, WriteConcern};
 use outbox_core::memory::elapsed_ms;
 use outbox_core::model::{BatchId, BatchProgress, BatchSummary, NewBatch, Sequence};
 use outbox_core::store::{BatchStore, ConflictRetry, StoreError};
 use tokio::time::Instant;
-use tracing::{debug, instrument, warn};
+use tracing::{debug, instrument};
 
 use crate::documents::{
     batch_document, batch_progress, batch_summary, bson_datetime, get_u64, item_document,
 };
-use crate::errors::{classify, is_duplicate_key, is_unknown_commit_result};
+use crate::errors::{classify, is_duplicate_key};
+use crate::transaction::{Attempt, deadline_passed, server_budget, transaction_options};
 use outbox_core::stream::StreamName;
 
 use crate::{MongoStore, ids};
 
 /// MongoDB's limit on one document (`maxBsonObjectSize`).
 pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
-/// Taken off the deadline for the server-side limits (`maxTimeMS`), so the
-/// server's answer arrives before the client gives up.
-const SERVER_MARGIN: Duration = Duration::from_millis(100);
-
-/// Majority write concern; `timeout` bounds the wait for the majority
-/// (`wtimeout`) and the commit (`maxCommitTimeMS`). Transactions always run
-/// on the primary.
-pub(crate) fn transaction_options(timeout: Duration) -> TransactionOptions {
-    TransactionOptions::builder()
-        .write_concern(
-            WriteConcern::builder()
-                .w(Acknowledgment::Majority)
-                .w_timeout(timeout)
-                .build(),
-        )
-        .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
-        .max_commit_time(timeout)
-        .build()
-}
-
-/// What is left until `deadline`, less the margin, at least 1 ms.
-fn server_budget(deadline: Instant) -> Duration {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .saturating_sub(SERVER_MARGIN)
-        .max(Duration::from_millis(1))
-}
-
-fn deadline_passed(what: &str) -> StoreError {
-    StoreError::Unavailable(format!(
-        "MongoDB did not {what} within the request deadline"
-    ))
-}
-
 /// Counts bytes written: a document's encoded size without keeping it.
 #[derive(Default)]
 struct ByteCount(usize);
@@ -109,116 +73,7 @@ enum Items<'a> {
 const STAGE_CHUNK_ITEMS: usize = 1000;
 const STAGE_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 
-/// How a transaction attempt that did not commit ended.
-enum Attempt {
-    /// Nothing was committed; the error says whether to run again.
-    Failed(StoreError),
-    /// The commit was sent; its outcome is unknown.
-    Unknown(String),
-    /// The deadline cut a step off; the transaction may be open on the
-    /// server.
-    Abandoned,
-}
-
 impl MongoStore {
-    /// Commits, retrying while the outcome is unknown, until `deadline`.
-    /// A transient failure of the commit itself means the whole transaction
-    /// should run again; an outcome still unknown at the deadline is
-    /// [`Attempt::Unknown`].
-    async fn commit_until(session: &mut ClientSession, deadline: Instant) -> Result<(), Attempt> {
-        let mut attempt = 0_u32;
-        loop {
-            attempt += 1;
-            let result = tokio::time::timeout_at(deadline, session.commit_transaction()).await;
-            match result {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) if is_unknown_commit_result(&e) => {
-                    if Instant::now() >= deadline {
-                        return Err(Attempt::Unknown(e.to_string()));
-                    }
-                    debug!(message = "commit outcome unknown, retrying", error = %e, attempt);
-                    let pause = Duration::from_millis(10 << attempt.min(5));
-                    tokio::time::sleep(
-                        pause.min(deadline.saturating_duration_since(Instant::now())),
-                    )
-                    .await;
-                }
-                Ok(Err(e)) => return Err(Attempt::Failed(classify(e))),
-                Err(_) => {
-                    return Err(Attempt::Unknown(
-                        "no answer to commitTransaction before the deadline".to_owned(),
-                    ));
-                }
-            }
-        }
-    }
-
-    /// Commits with the relay's commit timeout (fenced writes).
-    pub(crate) async fn commit(&self, session: &mut ClientSession) -> Result<(), StoreError> {
-        let deadline = Instant::now() + self.config.commit_timeout;
-        match Self::commit_until(session, deadline).await {
-            Ok(()) => Ok(()),
-            Err(Attempt::Failed(e)) => Err(e),
-            Err(Attempt::Unknown(message)) => Err(StoreError::OutcomeUnknown(message)),
-            Err(Attempt::Abandoned) => Err(deadline_passed("commit")),
-        }
-    }
-
-    /// Aborts after a failed step. The step's error is what matters; an
-    /// abort failure only means the server will time the transaction out.
-    pub(crate) async fn abort(session: &mut ClientSession) {
-        Self::abort_until(session, Instant::now() + Duration::from_secs(1)).await;
-    }
-
-    /// [`abort`](Self::abort), giving up at `until`. A transaction left open
-    /// is aborted by the session's next transaction, or by MongoDB's
-    /// transaction lifetime limit.
-    async fn abort_until(session: &mut ClientSession, until: Instant) {
-        let abort = tokio::time::timeout_at(until, session.abort_transaction());
-        match abort.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(message = "abort failed", error = %e),
-            Err(_) => debug!(message = "abort timed out"),
-        }
-    }
-
-    /// Ends whatever the session may still have open on the server: after a
-    /// step or a commit was given up on, the transaction may be running
-    /// there, holding the sequence counter. Best effort, briefly.
-    /// Ends the session's transaction in the background, so the client's
-    /// answer does not wait for it: abort, then kill (the abort cannot end
-    /// a transaction whose commit was sent).
-    ///
-    /// When the store is unreachable (frozen, partitioned) the statements we
-    /// gave up on may still be queued on the way to it and open a
-    /// transaction once it is back, holding the sequence counter until
-    /// `transactionLifetimeLimitSeconds`. So the kill is retried until it
-    /// lands (for up to a minute), and repeated twice shortly after, for a
-    /// statement that arrives after the first kill.
-    fn end_in_background(&self, mut session: ClientSession) {
-        let store = self.clone();
-        tokio::spawn(async move {
-            Self::abort(&mut session).await;
-            let id = session.id().clone();
-            let started = Instant::now();
-            let mut pause = Duration::from_millis(200);
-            while !store.kill_once(&id).await {
-                if started.elapsed() > Duration::from_secs(60) {
-                    warn!(
-                        message = "cannot end our abandoned transaction; MongoDB aborts it after transactionLifetimeLimitSeconds"
-                    );
-                    return;
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
-            for after in [Duration::from_secs(1), Duration::from_secs(3)] {
-                tokio::time::sleep(after).await;
-                store.kill_once(&id).await;
-            }
-        });
-    }
-
     /// Stores a large batch's items before its transaction: first a staging
     /// record (so that a sweep finds what a writer that dies leaves behind),
     /// then the items, a chunk per command, each within `budget` and
@@ -369,13 +224,6 @@ impl MongoStore {
             first = last.saturating_add(1);
         }
         Ok(())
-    }
-
-    async fn kill_once(&self, id: &mongodb::bson::Document) -> bool {
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), self.kill_session(id)).await,
-            Ok(Ok(()))
-        )
     }
 
     async fn insert_once(
@@ -583,7 +431,7 @@ impl MongoStore {
     async fn find_batch(&self, batch_id: &BatchId) -> Result<Option<Document>, StoreError> {
         self.batches()
             .find_one(doc! { "batch_id": batch_id.as_str() })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)
     }
@@ -671,7 +519,7 @@ impl BatchStore for MongoStore {
         let record = self
             .idempotency()
             .find_one(doc! { "_id": ids::idempotency(stream, key), "expires_at": { "$gt": bson_datetime(Utc::now()) } })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)?;
         let Some(record) = record else {

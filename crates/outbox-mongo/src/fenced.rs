@@ -22,9 +22,9 @@ use outbox_core::store::{
     StoreError,
 };
 
-use crate::batches::transaction_options;
 use crate::documents::{bson_datetime, get_u64};
 use crate::errors::classify;
+use crate::transaction::transaction_options;
 use crate::{MongoStore, ids};
 
 fn to_i64(n: u64) -> i64 {

@@ -18,7 +18,6 @@
 
 use async_trait::async_trait;
 use mongodb::bson::{Bson, Document, doc};
-use mongodb::options::ReadConcern;
 use outbox_core::model::Sequence;
 use outbox_core::store::{Fence, Lease, LeaseStore, StoreError};
 use tracing::{info, warn};
@@ -117,7 +116,7 @@ impl MongoStore {
         let result = self
             .lease()
             .find_one(doc! { "_id": ids::lease(stream) })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .max_time(self.config.lease_timeout)
             .await;
         match result {
@@ -376,7 +375,7 @@ impl LeaseStore for MongoStore {
         let read = async {
             self.lease()
                 .find(doc! {})
-                .read_concern(ReadConcern::majority())
+                .read_concern(crate::read_concern())
                 .max_time(self.config.lease_timeout)
                 .await?
                 .try_collect::<Vec<Document>>()

@@ -31,13 +31,16 @@ pub mod monitor;
 mod outbox;
 mod registry;
 mod replays;
+mod transaction;
 
 use std::sync::Arc;
 
 use mongodb::bson::{Binary, Document, doc};
-use mongodb::options::{ClientOptions, IndexOptions, ReadPreference, SelectionCriteria};
+use mongodb::options::{
+    ClientOptions, IndexOptions, ReadConcern, ReadPreference, SelectionCriteria,
+};
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
-use outbox_core::store::StoreError;
+use outbox_core::store::{ReadLevel, StoreError};
 use outbox_core::stream::StreamName;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -118,6 +121,14 @@ pub(crate) mod ids {
     }
 }
 
+/// The read concern of every read outside a transaction: the domain's
+/// [`outbox_core::store::READS`].
+pub(crate) fn read_concern() -> ReadConcern {
+    match outbox_core::store::READS {
+        ReadLevel::Local => ReadConcern::local(),
+        ReadLevel::Majority => ReadConcern::majority(),
+    }
+}
 /// A handle on the store; cheap to clone (the driver pools connections).
 #[derive(Clone)]
 pub struct MongoStore {

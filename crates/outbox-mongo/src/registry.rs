@@ -4,7 +4,6 @@ use async_trait::async_trait;
 use chrono::Utc;
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
-use mongodb::options::ReadConcern;
 use outbox_core::store::{LeaseStore, Member, MemberStore, StoreError, StreamStore};
 use outbox_core::stream::{StreamDefinition, StreamName};
 
@@ -21,7 +20,7 @@ impl StreamStore for MongoStore {
             .streams()
             .find(doc! {})
             .sort(doc! { "_id": 1 })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .max_time(self.config().lease_timeout)
             .await
             .map_err(classify)?
@@ -34,7 +33,7 @@ impl StreamStore for MongoStore {
     async fn stream(&self, name: &StreamName) -> Result<Option<StreamDefinition>, StoreError> {
         self.streams()
             .find_one(doc! { "_id": name.as_str() })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)?
             .as_ref()
@@ -73,7 +72,7 @@ impl MongoStore {
         let documents: Vec<Document> = self
             .members()
             .find(filter)
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .max_time(self.config().lease_timeout)
             .await
             .map_err(classify)?

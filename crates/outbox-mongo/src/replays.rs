@@ -8,7 +8,6 @@ use chrono::Utc;
 use futures::TryStreamExt;
 use mongodb::ClientSession;
 use mongodb::bson::{Bson, Document, doc};
-use mongodb::options::ReadConcern;
 use outbox_core::model::{BatchId, BatchStatus, ItemSequence, ItemStatus, Sequence};
 use outbox_core::replay::{
     HeldRange, ReplayAction, ReplayId, ReplayJob, ReplayPosition, ReplayProgress, ReplayState,
@@ -142,7 +141,7 @@ impl ReplayStore for MongoStore {
             .find_one(doc! { "stream": ids::field(stream) })
             .sort(doc! { "batch_sequence": 1 })
             .projection(doc! { "batch_sequence": 1 })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)?;
         Ok(HeldRange {
@@ -167,7 +166,7 @@ impl ReplayStore for MongoStore {
                 "batch_sequence": { "$gte": to_i64(from.0), "$lte": to_i64(to.0) },
             })
             .projection(doc! { "total_items": 1 })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)?
             .try_collect()
@@ -191,7 +190,7 @@ impl ReplayStore for MongoStore {
     async fn replay(&self, id: &ReplayId) -> Result<Option<ReplayJob>, StoreError> {
         self.replays()
             .find_one(doc! { "_id": id.as_str() })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)?
             .as_ref()
@@ -210,7 +209,7 @@ impl ReplayStore for MongoStore {
             .find(filter)
             .sort(doc! { "created_at": -1 })
             .limit(i64::from(limit))
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)?;
         self.collect(cursor, job).await
@@ -221,7 +220,7 @@ impl ReplayStore for MongoStore {
             .replays()
             .find(doc! { "stream": stream.as_str(), "state": ReplayState::Running.as_str() })
             .sort(doc! { "created_at": 1 })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)?;
         self.collect(cursor, job).await
@@ -292,7 +291,7 @@ impl ReplayStore for MongoStore {
             .sort(doc! { "batch_sequence": 1 })
             .limit(i64::from(limit))
             .projection(doc! { "vendor_counts": 0 })
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)?;
         let batches = self.collect(cursor, pending_batch).await?;
@@ -320,7 +319,7 @@ impl ReplayStore for MongoStore {
             .items()
             .find(doc! { "_id": { "$in": &ids } })
             .batch_size(u32::try_from(ids.len()).unwrap_or(u32::MAX))
-            .read_concern(ReadConcern::majority())
+            .read_concern(crate::read_concern())
             .await
             .map_err(classify)?
             .try_collect()

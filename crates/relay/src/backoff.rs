@@ -28,7 +28,7 @@ impl Backoff {
             .saturating_mul(1 << self.attempt.min(20))
             .min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
-        bound.mul_f64(rand::random::<f64>())
+        bound.mul_f64(outbox_core::world::random_fraction())
     }
 
     /// After a success: start small again.

@@ -420,10 +420,11 @@ impl Cluster {
                 if reached {
                     *since = None;
                 } else if since.is_none() {
-                    *since = Some(chrono::Utc::now());
+                    *since = Some(outbox_core::world::now());
                 }
             }
             tokio::select! {
+                biased;
                 () = shutdown.cancelled() => {}
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
@@ -450,6 +451,7 @@ impl Cluster {
                 Err(_) => warn!(message = "cannot announce this replica: MongoDB did not answer"),
             }
             tokio::select! {
+                biased;
                 () = stop.cancelled() => {}
                 () = tokio::time::sleep(self.settings.ttl / 3) => {}
             }

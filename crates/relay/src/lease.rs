@@ -161,6 +161,7 @@ impl LeaseKeeper {
         loop {
             let wait = self.round().await;
             tokio::select! {
+                biased;
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }

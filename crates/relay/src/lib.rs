@@ -158,7 +158,10 @@ impl Application {
         let admin_addr = listener.local_addr().context("reading the bound address")?;
         let cluster = Arc::new(Cluster::new(
             ClusterSettings {
-                relay_id: outbox_core::store::instance_id(&config.relay_id, rand::random()),
+                relay_id: outbox_core::store::instance_id(
+                    &config.relay_id,
+                    outbox_core::world::random_u64() as u32,
+                ),
                 admin_url: config.admin_url(admin_addr),
                 page_size: config.page_size,
                 ttl: config.lease_ttl(),

@@ -88,6 +88,7 @@ pub async fn run(
         let mut wait = settings.poll_interval;
         if worker.leadership.is_leader() {
             let result = tokio::select! {
+                biased;
                 result = worker.run_jobs() => result,
                 () = stop.cancelled() => Ok(()),
             };
@@ -100,6 +101,7 @@ pub async fn run(
             }
         }
         tokio::select! {
+            biased;
             () = stop.cancelled() => {}
             () = wake.notified() => {}
             () = changes.changed() => {}

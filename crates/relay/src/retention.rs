@@ -13,7 +13,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use outbox_core::store::{OutboxStore, Removed, StoreError};
 use outbox_core::stream::StreamName;
 use tokio_util::sync::CancellationToken;
@@ -50,8 +49,9 @@ pub async fn run(
 ) {
     loop {
         tokio::select! {
-            () = tokio::time::sleep(settings.interval) => {}
+            biased;
             () = token.cancelled() => return,
+            () = tokio::time::sleep(settings.interval) => {}
         }
         if !leadership.is_leader() {
             continue;
@@ -78,7 +78,7 @@ pub async fn sweep(
     stream: &StreamName,
     settings: &RetentionSettings,
 ) -> Result<Removed, StoreError> {
-    let now = Utc::now();
+    let now = outbox_core::world::now();
     let before = |keep: Option<Duration>| {
         keep.and_then(|d| chrono::Duration::from_std(d).ok())
             .map(|d| now - d)

@@ -90,6 +90,7 @@ impl Runner {
                 tokio::time::sleep(self.settings.shutdown_grace).await;
             };
             tokio::select! {
+                biased;
                 () = self.drain_loop(&shutdown) => {}
                 () = gave_up => warn!(
                     message = "the page in flight did not finish in time; stopping anyway (unmarked items are published again)",
@@ -151,6 +152,7 @@ impl Runner {
                 }
             };
             tokio::select! {
+                biased;
                 () = shutdown.cancelled() => {}
                 () = self.wake.notified() => {}
                 () = leadership.changed() => {}
@@ -232,7 +234,7 @@ impl Runner {
         let backlog = self.store.backlog(&self.stream).await?;
         let age = backlog
             .oldest_created_at
-            .map(|at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0);
+            .map(|at| (outbox_core::world::now() - at).num_milliseconds().max(0) as f64 / 1000.0);
         let stream = self.stream.to_string();
         ::metrics::gauge!(metrics::PENDING_BATCHES, "stream" => stream.clone())
             .set(backlog.pending_batches as f64);

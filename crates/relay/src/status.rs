@@ -81,7 +81,7 @@ impl StatusBoard {
     }
 
     pub fn record_error(&self, error: impl ToString) {
-        let (message, at) = (error.to_string(), Utc::now());
+        let (message, at) = (error.to_string(), outbox_core::world::now());
         self.update(|s| {
             s.last_error = Some(message.clone());
             s.last_error_at = Some(at);
@@ -98,7 +98,7 @@ impl StatusBoard {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         history.push_back(Sample {
-            at: Utc::now(),
+            at: outbox_core::world::now(),
             published_total: state.published_total,
             pending_batches: state.pending_batches,
             oldest_pending_age_seconds: state.oldest_pending_age_seconds,

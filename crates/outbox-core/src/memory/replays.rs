@@ -1,7 +1,6 @@
 //! The in-memory model's replay jobs.
 
 use async_trait::async_trait;
-use chrono::Utc;
 
 use super::{MemoryStore, StoredBatch};
 use crate::model::{BatchId, BatchStatus, ItemSequence, ItemStatus, Sequence};
@@ -92,7 +91,7 @@ impl ReplayStore for MemoryStore {
         };
         let (from, to) = action.transition();
         if from.contains(&job.state) {
-            let now = Utc::now();
+            let now = crate::world::now();
             job.state = to;
             job.updated_at = now;
             if action == ReplayAction::Resume {
@@ -116,7 +115,7 @@ impl ReplayStore for MemoryStore {
             job.position = progress.position;
             job.items_sent = progress.items_sent;
             job.batches_sent = progress.batches_sent;
-            job.updated_at = Utc::now();
+            job.updated_at = crate::world::now();
             if progress.done && job.state == ReplayState::Running {
                 job.state = ReplayState::Done;
             }
@@ -136,7 +135,7 @@ impl ReplayStore for MemoryStore {
         {
             job.state = ReplayState::Failed;
             job.error = Some(error.to_owned());
-            job.updated_at = Utc::now();
+            job.updated_at = crate::world::now();
         }
         Ok(())
     }

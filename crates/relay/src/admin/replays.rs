@@ -215,7 +215,7 @@ pub(crate) async fn start(
             max_items_per_second: body.max_items_per_second,
         },
         items,
-        chrono::Utc::now(),
+        outbox_core::world::now(),
     );
     store
         .create_replay(&job)

@@ -55,7 +55,7 @@ pub(crate) async fn live_state(
     let (backlog, paused) = futures::try_join!(store.backlog(name), store.paused(name))
         .map_err(|e| store_problem(&e))?;
     let head = backlog.head.clone();
-    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now_ms = outbox_core::world::now().timestamp_millis();
     let lease = leases.iter().find(|l| &l.stream == name);
     let leader = lease
         .filter(|l| l.expires_at_ms > now_ms && !l.holder.is_empty())
@@ -86,7 +86,7 @@ pub(crate) async fn live_state(
     let published = lease.map_or(0, |l| l.published);
     let age = backlog
         .oldest_created_at
-        .map(|at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0);
+        .map(|at| (outbox_core::world::now() - at).num_milliseconds().max(0) as f64 / 1000.0);
     Ok(json!({
         "leader": leader,
         "epoch": lease.map(|l| l.epoch),
@@ -117,7 +117,7 @@ const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// What the status says of a stream when MongoDB does not answer: the
 /// leader and count as the last supervision read them, the rest unknown.
 fn unknown_state(name: &StreamName, leases: &[Lease], paused: bool) -> Value {
-    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now_ms = outbox_core::world::now().timestamp_millis();
     let lease = leases.iter().find(|l| &l.stream == name);
     let leader = lease
         .filter(|l| l.expires_at_ms > now_ms && !l.holder.is_empty())
@@ -178,7 +178,7 @@ async fn stream_json(state: &AdminState, name: &StreamName) -> Result<Value, Pro
 #[get("/api/v1/cluster")]
 pub(crate) async fn cluster(state: web::Data<AdminState>) -> HttpResponse {
     let (members, leases) = seen(&state).await;
-    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now_ms = outbox_core::world::now().timestamp_millis();
     let own_token = state.cluster.settings().admin_token.as_deref();
     let replicas: Vec<Value> = members
         .iter()

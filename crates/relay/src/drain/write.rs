@@ -67,7 +67,7 @@ impl Shared {
 
     fn committed(&self, batch: &PendingBatch) {
         self.record_committed(batch.batch_sequence);
-        let age = (chrono::Utc::now() - batch.created_at)
+        let age = (outbox_core::world::now() - batch.created_at)
             .num_milliseconds()
             .max(0) as f64
             / 1000.0;

@@ -1,0 +1,45 @@
+//! The simulator in CI: a fixed set of seeds, the seeds of bugs it found
+//! (each fixed), and a seed's trace replayed exactly.
+
+const CI_SEEDS: std::ops::RangeInclusive<u64> = 1..=40;
+
+/// Seeds that found bugs, kept so the bugs stay fixed.
+const REGRESSIONS: &[u64] = &[];
+
+fn assert_passes(seed: u64) {
+    let outcome = outbox_sim::run(seed);
+    assert!(
+        outcome.passed(),
+        "seed {seed} broke a promise: {:?}\nreplay it: scripts/sim.sh --seed {seed} --trace",
+        outcome.violations
+    );
+    assert!(outcome.checks > 0);
+}
+
+#[test]
+fn the_ci_seeds_keep_every_promise() {
+    for seed in CI_SEEDS {
+        assert_passes(seed);
+    }
+}
+
+#[test]
+fn the_seeds_of_past_bugs_keep_every_promise() {
+    for &seed in REGRESSIONS {
+        assert_passes(seed);
+    }
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [3, 17] {
+        let first = outbox_sim::run(seed);
+        let second = outbox_sim::run(seed);
+        assert_eq!(first.trace.lines(), second.trace.lines(), "seed {seed}");
+        assert!(first.trace.lines().len() > 20);
+    }
+    assert_ne!(
+        outbox_sim::run(3).trace.digest(),
+        outbox_sim::run(4).trace.digest()
+    );
+}
