@@ -392,7 +392,15 @@ async fn simulate(seed: u64) -> Outcome {
         tokio::time::sleep_until(started + Duration::from_millis(at)).await;
         let victim = pick(&names);
         match kind {
-            0 | 1 => rs.step_down(ms(500..=8_000)).await,
+            0 | 1 => {
+                // Often while replication lags, so that writes wait for
+                // their majority when the primary goes: those roll back.
+                if chance(0.7) {
+                    rs.set_knobs(Knobs { lag: ms(300..=1_500), ..rs.knobs() });
+                    tokio::time::sleep(ms(100..=1_000)).await;
+                }
+                rs.step_down(ms(500..=8_000)).await;
+            }
             2 => {
                 let knobs = Knobs {
                     lag: ms(200..=2_000),
