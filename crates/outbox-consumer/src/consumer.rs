@@ -108,6 +108,12 @@ pub struct Limits {
     /// the key is released and its messages are handled again. Default 60
     /// seconds.
     pub release_blocked_after: Duration,
+    /// With whole batches: the most messages held at once, the
+    /// subscriber's `max_outstanding` (Pub/Sub leases no more). Once that
+    /// many are held, the oldest batch being collected is handed over as
+    /// it is ([`Delivery::Partial`]): its rest cannot come until something
+    /// is acknowledged. Default 1,000, [`ConsumerConfig`]'s default.
+    pub max_held: usize,
 }
 
 impl Default for Limits {
@@ -115,6 +121,7 @@ impl Default for Limits {
         Self {
             batch_wait: Duration::from_secs(300),
             release_blocked_after: Duration::from_secs(60),
+            max_held: 1000,
         }
     }
 }
@@ -302,13 +309,19 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
         // again first), or holding an earlier batch still being collected.
         let mut waiting: BTreeSet<(Lane, String)> = self.blocked.keys().cloned().collect();
         let mut ready = Vec::new();
+        // As many held as the subscriber leases: the oldest batch's rest
+        // cannot come until something is acknowledged.
+        let held: usize = self.collecting.values().map(|b| b.answers.len()).sum();
+        let mut full = held >= self.limits.max_held;
         for (slot, batch) in &self.collecting {
             let keys: Vec<(Lane, String)> = batch
                 .keys
                 .iter()
                 .map(|k| (slot.0.clone(), k.clone()))
                 .collect();
-            let due = batch.complete() || batch.since.elapsed() >= self.limits.batch_wait;
+            let due = batch.complete()
+                || batch.since.elapsed() >= self.limits.batch_wait
+                || std::mem::take(&mut full);
             if due && !keys.iter().any(|k| waiting.contains(k)) {
                 ready.push((slot.clone(), keys));
             } else {
@@ -517,8 +530,12 @@ impl Consumer {
             .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
             .build();
         let shutdown = stream.shutdown_token();
-        let mut core = Core::new(seen, handler, config.whole_batches, config.contract)
-            .with_limits(config.limits);
+        let limits = Limits {
+            max_held: usize::try_from(config.max_outstanding).unwrap_or(usize::MAX),
+            ..config.limits
+        };
+        let mut core =
+            Core::new(seen, handler, config.whole_batches, config.contract).with_limits(limits);
         let mut stop = std::pin::pin!(stop);
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
@@ -812,6 +829,55 @@ mod tests {
                 ]
             );
         }
+    }
+
+    /// A batch larger than the subscriber leases cannot come whole: once
+    /// `max_held` messages are held, what came is handed over at once,
+    /// not after `batch_wait`, and the rest follows as its own part.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_over_the_lease_limit_is_handed_over_in_parts_at_once() {
+        let answers = Answers::default();
+        let limits = Limits {
+            max_held: 3,
+            ..Limits::default()
+        };
+        let mut core = Core::new(
+            MemorySeen::default(),
+            Keeping::default(),
+            true,
+            Contract::Global,
+        )
+        .with_limits(limits);
+        let mut outcomes = Vec::new();
+        for position in 1..=5 {
+            let mut item = item(1, position, 5);
+            item.message_id = format!("m{position}");
+            outcomes.push(core.on(received(item, &answers)).await);
+        }
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Held,
+                Outcome::Held,
+                Outcome::Handled,
+                Outcome::Held,
+                Outcome::Held
+            ]
+        );
+        let acked: Vec<String> = answers
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, ack)| *ack)
+            .map(|(id, _)| id.clone())
+            .collect();
+        assert_eq!(acked, ["m1", "m2", "m3"], "the first part is acknowledged");
+        let handled = core.handler().handled.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            matches!(&handled[..], [Delivery::Partial { items, missing }] if items.len() == 3 && missing == &[4, 5]),
+            "{handled:?}"
+        );
     }
 
     /// A position that never comes (dead-lettered at its first publish) does

@@ -172,6 +172,7 @@ impl Subscription {
             .with_limits(Limits {
                 batch_wait: Duration::from_secs(20),
                 release_blocked_after: Duration::from_secs(15),
+                max_held: self.outstanding,
             });
         let task = tokio::spawn(async move {
             loop {
