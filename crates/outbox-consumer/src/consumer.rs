@@ -873,7 +873,11 @@ mod tests {
             .map(|(id, _)| id.clone())
             .collect();
         assert_eq!(acked, ["m1", "m2", "m3"], "the first part is acknowledged");
-        let handled = core.handler().handled.lock().unwrap_or_else(|e| e.into_inner());
+        let handled = core
+            .handler()
+            .handled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         assert!(
             matches!(&handled[..], [Delivery::Partial { items, missing }] if items.len() == 3 && missing == &[4, 5]),
             "{handled:?}"

@@ -79,11 +79,14 @@ fn ms(range: std::ops::RangeInclusive<u64>) -> Duration {
 
 /// Runs `seed` on a runtime of its own, on one thread, on virtual time.
 pub fn run(seed: u64) -> Outcome {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("a current-thread runtime");
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time().start_paused(true);
+    // The runtime's own random choices follow the seed too (see
+    // .cargo/config.toml); without `tokio_unstable` a seed may not replay
+    // exactly, and `a_seed_replays_exactly` says so.
+    #[cfg(tokio_unstable)]
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    let runtime = builder.build().expect("a current-thread runtime");
     let epoch: DateTime<Utc> = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
     let outcome = runtime.block_on(async move {
         world::simulate(seed, epoch);
@@ -396,7 +399,10 @@ async fn simulate(seed: u64) -> Outcome {
                 // Often while replication lags, so that writes wait for
                 // their majority when the primary goes: those roll back.
                 if chance(0.7) {
-                    rs.set_knobs(Knobs { lag: ms(300..=1_500), ..rs.knobs() });
+                    rs.set_knobs(Knobs {
+                        lag: ms(300..=1_500),
+                        ..rs.knobs()
+                    });
                     tokio::time::sleep(ms(100..=1_000)).await;
                 }
                 rs.step_down(ms(500..=8_000)).await;
