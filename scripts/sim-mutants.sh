@@ -27,13 +27,13 @@ for patch in scripts/sim-mutants/*.patch; do
   fi
   (cd "$tree" && patch -p1 --quiet --forward < "$root/$patch")
   echo "== $name: building" >&2
-  if ! (cd "$tree" && cargo build --release --locked -p outbox-sim --bin outbox-sim 2>&1 | tail -n 2 >&2); then
+  if ! (cd "$tree" && cargo build --locked -p outbox-sim --bin outbox-sim 2>&1 | tail -n 2 >&2); then
     results+=("| $name | $what | does not build |")
     continue
   fi
   echo "== $name: running up to $seeds seeds" >&2
   started=$(date +%s)
-  output=$("$CARGO_TARGET_DIR/release/outbox-sim" --seeds "$seeds" --stop-at-failure 2>/dev/null || true)
+  output=$("$CARGO_TARGET_DIR/debug/outbox-sim" --seeds "$seeds" --stop-at-failure 2>/dev/null || true)
   took=$(( $(date +%s) - started ))
   caught=$(printf '%s\n' "$output" | sed -n 's/^seed \([0-9]*\) FAILED: \(.*\)/\1|\2/p' | head -n 1)
   if [ -n "$caught" ]; then

@@ -884,6 +884,44 @@ mod tests {
         );
     }
 
+    /// Another client handled the items this one holds (their key moved
+    /// to it): when the wait is over they are not handed over again, and
+    /// their copies here are acknowledged.
+    #[tokio::test(start_paused = true)]
+    async fn items_another_client_handled_meanwhile_are_not_handed_over_again() {
+        let answers = Answers::default();
+        let seen = std::sync::Arc::new(MemorySeen::default());
+        let mut core = Core::new(
+            std::sync::Arc::clone(&seen),
+            Keeping::default(),
+            true,
+            Contract::Global,
+        );
+        let held: Vec<Item> = (1..=2).map(|p| item(1, p, 3)).collect();
+        for item in &held {
+            assert_eq!(
+                core.on(received(item.clone(), &answers)).await,
+                Outcome::Held
+            );
+        }
+        let keys: Vec<String> = held.iter().map(Item::dedup_key).collect();
+        seen.remember(&keys).await.unwrap_or_default();
+        tokio::time::advance(Limits::default().batch_wait).await;
+        assert_eq!(core.tick().await, [Outcome::Duplicate]);
+        assert!(
+            core.handler()
+                .handled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        );
+        let acks = answers.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert!(
+            acks.len() == 2 && acks.iter().all(|(_, ack)| *ack),
+            "{acks:?}"
+        );
+    }
+
     /// A position that never comes (dead-lettered at its first publish) does
     /// not hold the batch for ever: after the wait, what came is handed over
     /// as partial, with what is missing, and acknowledged once handled.

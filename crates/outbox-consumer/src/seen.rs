@@ -42,6 +42,23 @@ pub trait SeenStore: Send + Sync {
     }
 }
 
+/// A memory shared by several consumers (clients of one subscription in
+/// one process).
+#[async_trait]
+impl<S: SeenStore + ?Sized> SeenStore for std::sync::Arc<S> {
+    async fn seen(&self, key: &str) -> anyhow::Result<bool> {
+        (**self).seen(key).await
+    }
+
+    async fn remember(&self, keys: &[String]) -> anyhow::Result<()> {
+        (**self).remember(keys).await
+    }
+
+    async fn seen_of(&self, keys: &[String]) -> anyhow::Result<BTreeSet<String>> {
+        (**self).seen_of(keys).await
+    }
+}
+
 /// The last `capacity` handled items, in memory. A duplicate that comes
 /// after more than `capacity` other items, or after a restart, is handled
 /// again: size it above what can be redelivered (the subscription's
