@@ -21,6 +21,9 @@ for patch in scripts/sim-mutants/*.patch; do
   # A clean copy (mtimes kept, so only what the patch touches rebuilds).
   rm -rf "$tree" && mkdir -p "$tree"
   git ls-files -z --cached --others --exclude-standard | xargs -0 cp -a --parents -t "$tree"
+  # Copies keep their times, older than what an earlier mutant built from
+  # the same files: touched, they are rebuilt, not taken as fresh.
+  sed -n 's|^+++ b/||p' scripts/sim-mutants/*.patch | sort -u | (cd "$tree" && xargs touch)
   if ! (cd "$tree" && patch -p1 --quiet --forward --dry-run < "$root/$patch" >/dev/null 2>&1); then
     results+=("| $name | $what | patch no longer applies |")
     continue
