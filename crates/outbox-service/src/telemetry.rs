@@ -74,6 +74,12 @@ fn otlp_provider(
     service: &'static str,
 ) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
     use opentelemetry_otlp::WithExportConfig;
+    // The exporter's HTTP client takes rustls' process-wide provider: ring,
+    // the one crypto stack of the build (see
+    // `outbox_consumer::install_crypto_provider`).
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
