@@ -9,7 +9,11 @@ use chrono::{DateTime, Utc};
 use outbox_core::ingest::{self, BodyFormat, IngestRules};
 use outbox_core::model::{BatchId, Idempotency};
 use outbox_core::publish::OrderingKeyMode;
-use outbox_core::store::{BatchStore, StoreError, StreamStore};
+use outbox_core::model::Sequence;
+use outbox_core::replay::{ReplayId, ReplayJob, ReplayRequest, ReplayState};
+use outbox_core::store::{BatchStore, ReplayStore, StoreError, StreamStore};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use outbox_core::stream::{PoisonPolicy, StreamDefinition, StreamName};
 use outbox_core::world;
 use relay::retention::RetentionSettings;
@@ -378,6 +382,37 @@ async fn simulate(seed: u64) -> Outcome {
         )));
     }
 
+    // An operator replays committed ranges to the stream's topic: its own
+    // draws, so the rest of a seed's schedule does not depend on them.
+    let replays: Arc<Mutex<Vec<(String, ReplayId)>>> = Arc::default();
+    {
+        let mut operator = StdRng::seed_from_u64(seed ^ 0x0e7a_70e5_9e37_79b9);
+        let plan: Vec<(u64, usize, f64, f64)> = (0..operator.random_range(0..=2))
+            .map(|_| {
+                (
+                    operator.random_range(5_000..=FAULT_WINDOW_MS),
+                    operator.random_range(0..defined.len()),
+                    operator.random::<f64>(),
+                    operator.random::<f64>(),
+                )
+            })
+            .collect();
+        let store = SimStore::new(Arc::clone(&rs), Arc::new(Process::new("operator")));
+        let definitions: Vec<StreamDefinition> = defined.iter().map(|(d, _)| d.clone()).collect();
+        let replays = Arc::clone(&replays);
+        let trace = trace.clone();
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            for (at, stream, from, length) in plan {
+                tokio::time::sleep_until(started + Duration::from_millis(at)).await;
+                let definition = &definitions[stream];
+                if let Some(id) = start_replay(&store, definition, from, length, &trace).await {
+                    lock(&replays).push((definition.name.to_string(), id));
+                }
+            }
+        });
+    }
+
     // The fault schedule.
     let mut events: Vec<(u64, u32)> = (0..world::random_range(3..=10))
         .map(|_| {
@@ -532,8 +567,12 @@ async fn simulate(seed: u64) -> Outcome {
 
     // Everything accepted must now arrive within the bound.
     let deadline = last_fault.max(tokio::time::Instant::now()) + DELIVERY_BOUND;
+    let replays = lock(&replays).clone();
     let done = |answers: &Answers| {
         streams.iter().all(|s| s.subscription.drained())
+            && replays.iter().all(|(stream, id)| {
+                replay_finished(rs.primary(), &streams, answers, stream, id).is_some()
+            })
             && answers
                 .accepted
                 .iter()
@@ -568,6 +607,16 @@ async fn simulate(seed: u64) -> Outcome {
     let mut checks = 0;
     check(&streams, &answers, &pubsub, &mut violations, &mut checks);
     checks += 1;
+    for (stream, id) in &replays {
+        checks += 1;
+        match replay_finished(rs.primary(), &streams, &answers, stream, id) {
+            Some(Ok(state)) => trace.log(format!("replay {id}: {state:?}")),
+            Some(Err(missing)) => violations.push(format!(
+                "replay {id} is done but {missing} of its items were never handled"
+            )),
+            None => violations.push(format!("replay {id} did not finish")),
+        }
+    }
     if !delivered_in_time {
         violations.push(format!(
             "not every accepted item was delivered and handled within {} s of the last fault",
@@ -595,6 +644,113 @@ async fn simulate(seed: u64) -> Outcome {
         accepted_items: answers.accepted.values().map(|a| a.2 as usize).sum(),
         checks,
         virtual_seconds,
+    }
+}
+
+/// Starts a replay of part of what `definition`'s stream holds committed,
+/// as `POST /api/v1/outbox/replays` does: the range checked against what
+/// is held, its totals counted, the job stored. Returns the job's id when
+/// it may have been stored (an answer lost on the way back included).
+async fn start_replay(
+    store: &SimStore,
+    definition: &StreamDefinition,
+    from: f64,
+    length: f64,
+    trace: &Trace,
+) -> Option<ReplayId> {
+    for _ in 0..20 {
+        let Ok(held) = store.held_range(&definition.name).await else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let first = held.first.map_or(held.committed_through + 1, |s| s.0);
+        if held.committed_through < first {
+            return None;
+        }
+        let span = held.committed_through - first;
+        let from = first + (span as f64 * from) as u64;
+        let to = from + ((held.committed_through - from) as f64 * length) as u64;
+        held.check(Sequence(from), Sequence(to)).ok()?;
+        let Ok((batches, items)) = store
+            .range_totals(&definition.name, Sequence(from), Sequence(to))
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        if batches != to - from + 1 {
+            return None;
+        }
+        let job = ReplayJob::new(
+            ReplayRequest {
+                stream: definition.name.clone(),
+                from_sequence: Sequence(from),
+                to_sequence: Sequence(to),
+                topic: definition.topic.clone(),
+                ordering: definition.ordering.clone(),
+                max_items_per_second: None,
+            },
+            items,
+            world::now(),
+        );
+        let stored = store.create_replay(&job).await;
+        trace.log(format!(
+            "operator: replay {} of {} {from}..={to} ({items} items): {}",
+            job.replay_id,
+            definition.name,
+            if stored.is_ok() { "started" } else { "answer lost" }
+        ));
+        return Some(job.replay_id);
+    }
+    None
+}
+
+/// How a replay ended, once it did: `Ok(state)` when it is done with
+/// every copy handled, or stopped (failed, cancelled, never stored);
+/// `Err(missing)` when it is done but copies were not handled. `None`
+/// while it runs, or while its copies are still coming.
+fn replay_finished(
+    store: &outbox_core::memory::MemoryStore,
+    streams: &[SimStream],
+    answers: &Answers,
+    stream: &str,
+    id: &ReplayId,
+) -> Option<Result<ReplayState, usize>> {
+    let job = futures::executor::block_on(store.replay(id)).ok()?;
+    let Some(job) = job else {
+        return Some(Ok(ReplayState::Cancelled));
+    };
+    match job.state {
+        ReplayState::Done => {}
+        ReplayState::Failed | ReplayState::Cancelled => return Some(Ok(job.state)),
+        ReplayState::Running | ReplayState::Paused => return None,
+    }
+    let sim = streams.iter().find(|s| s.definition.name.as_str() == stream)?;
+    let handled = lock(&sim.subscription.handled);
+    let dead = sim.subscription.dead_lettered();
+    let range = job.from_sequence.0..=job.to_sequence.0;
+    let missing = answers
+        .accepted
+        .iter()
+        .filter(|(_, (name, sequence, _, _))| name == stream && range.contains(sequence))
+        .flat_map(|(batch, (_, _, total, poison))| {
+            let batch_id: BatchId = batch.parse().expect("a batch id");
+            (1..=*total)
+                .filter(|p| !poison.contains(p))
+                .map(move |p| {
+                    let item = outbox_core::model::ItemId::of(&batch_id, outbox_core::model::ItemSequence(p));
+                    format!("{id}/{item}")
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|key| !handled.times.contains_key(key) && !dead.contains(key))
+        .count();
+    if missing == 0 {
+        Some(Ok(ReplayState::Done))
+    } else if sim.subscription.drained() {
+        Some(Err(missing))
+    } else {
+        None
     }
 }
 
