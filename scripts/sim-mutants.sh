@@ -38,7 +38,8 @@ for patch in scripts/sim-mutants/*.patch; do
   started=$(date +%s)
   output=$("$CARGO_TARGET_DIR/debug/outbox-sim" --seeds "$seeds" --stop-at-failure 2>/dev/null || true)
   took=$(( $(date +%s) - started ))
-  caught=$(printf '%s\n' "$output" | sed -n 's/^seed \([0-9]*\) FAILED: \(.*\)/\1|\2/p' | head -n 1)
+  # Seeds run two at a time: the lowest failing one is the count.
+  caught=$(printf '%s\n' "$output" | sed -n 's/^seed \([0-9]*\) FAILED: \(.*\)/\1|\2/p' | sort -t'|' -k1,1n | head -n 1)
   if [ -n "$caught" ]; then
     seed=${caught%%|*}
     why=${caught#*|}

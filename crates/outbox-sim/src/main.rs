@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -34,6 +36,10 @@ struct Cli {
     /// Stop at the first failing seed.
     #[arg(long)]
     stop_at_failure: bool,
+    /// Seeds run at once, each on a thread of its own (default: one per
+    /// core). Each run is deterministic whatever runs beside it.
+    #[arg(long)]
+    jobs: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -76,38 +82,62 @@ fn main() -> ExitCode {
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut run, mut checks, mut items) = (0u64, 0usize, 0usize);
     let mut failed = Vec::new();
-    for seed in cli.first.. {
-        if run >= count || budget.is_some_and(|b| started.elapsed() >= b) {
-            break;
-        }
-        let outcome = outbox_sim::run(seed);
-        run += 1;
-        checks += outcome.checks;
-        items += outcome.accepted_items;
-        for (kind, n) in &outcome.faults {
-            *faults.entry(kind).or_default() += n;
-        }
-        if !outcome.passed() {
-            bar.suspend(|| {
-                println!("seed {seed} FAILED: {}", outcome.violations.join("; "));
-                if cli.trace {
-                    for line in outcome.trace.lines() {
-                        println!("  {line}");
+    let jobs = cli
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let next = AtomicU64::new(cli.first);
+    let stop = AtomicBool::new(false);
+    let last = cli.first.saturating_add(count);
+    let (sender, results) = mpsc::channel();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let sender = sender.clone();
+            let (next, stop) = (&next, &stop);
+            scope.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let seed = next.fetch_add(1, Ordering::SeqCst);
+                    if seed >= last || budget.is_some_and(|b| started.elapsed() >= b) {
+                        break;
+                    }
+                    if sender.send(outbox_sim::run(seed)).is_err() {
+                        break;
                     }
                 }
-                println!("  replay it: scripts/sim.sh --seed {seed} --trace");
             });
-            failed.push(seed);
         }
-        match budget {
-            Some(_) => bar.set_position(started.elapsed().as_secs()),
-            None => bar.inc(1),
+        drop(sender);
+        for outcome in results {
+            run += 1;
+            checks += outcome.checks;
+            items += outcome.accepted_items;
+            for (kind, n) in &outcome.faults {
+                *faults.entry(*kind).or_default() += n;
+            }
+            if !outcome.passed() {
+                let seed = outcome.seed;
+                bar.suspend(|| {
+                    println!("seed {seed} FAILED: {}", outcome.violations.join("; "));
+                    if cli.trace {
+                        for line in outcome.trace.lines() {
+                            println!("  {line}");
+                        }
+                    }
+                    println!("  replay it: scripts/sim.sh --seed {seed} --trace");
+                });
+                failed.push(seed);
+                if cli.stop_at_failure {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+            match budget {
+                Some(_) => bar.set_position(started.elapsed().as_secs()),
+                None => bar.inc(1),
+            }
+            bar.set_message(format!("{} failed", failed.len()));
         }
-        bar.set_message(format!("{} failed", failed.len()));
-        if !failed.is_empty() && cli.stop_at_failure {
-            break;
-        }
-    }
+    });
+    failed.sort_unstable();
     bar.finish_and_clear();
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     println!(

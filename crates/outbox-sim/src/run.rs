@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outbox_core::ingest::{self, BodyFormat, IngestRules};
+use outbox_core::model::Sequence;
 use outbox_core::model::{BatchId, Idempotency};
 use outbox_core::publish::OrderingKeyMode;
-use outbox_core::model::Sequence;
 use outbox_core::replay::{ReplayId, ReplayJob, ReplayRequest, ReplayState};
 use outbox_core::store::{BatchStore, ReplayStore, StoreError, StreamStore};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use outbox_core::stream::{PoisonPolicy, StreamDefinition, StreamName};
 use outbox_core::world;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use relay::retention::RetentionSettings;
 use relay::{Cluster, ClusterSettings, ClusterStores};
 use serde_json::{Value, json};
@@ -698,7 +698,11 @@ async fn start_replay(
             "operator: replay {} of {} {from}..={to} ({items} items): {}",
             job.replay_id,
             definition.name,
-            if stored.is_ok() { "started" } else { "answer lost" }
+            if stored.is_ok() {
+                "started"
+            } else {
+                "answer lost"
+            }
         ));
         return Some(job.replay_id);
     }
@@ -725,7 +729,9 @@ fn replay_finished(
         ReplayState::Failed | ReplayState::Cancelled => return Some(Ok(job.state)),
         ReplayState::Running | ReplayState::Paused => return None,
     }
-    let sim = streams.iter().find(|s| s.definition.name.as_str() == stream)?;
+    let sim = streams
+        .iter()
+        .find(|s| s.definition.name.as_str() == stream)?;
     let handled = lock(&sim.subscription.handled);
     let dead = sim.subscription.dead_lettered();
     let range = job.from_sequence.0..=job.to_sequence.0;
@@ -738,7 +744,10 @@ fn replay_finished(
             (1..=*total)
                 .filter(|p| !poison.contains(p))
                 .map(move |p| {
-                    let item = outbox_core::model::ItemId::of(&batch_id, outbox_core::model::ItemSequence(p));
+                    let item = outbox_core::model::ItemId::of(
+                        &batch_id,
+                        outbox_core::model::ItemSequence(p),
+                    );
                     format!("{id}/{item}")
                 })
                 .collect::<Vec<_>>()
