@@ -212,13 +212,15 @@ async fn run_one(
         )
         .await?;
     let now_ms = chrono::Utc::now().timestamp_millis();
+    let stream = outbox_core::stream::StreamName::default();
+    // The relay held the lease as its instance (`RELAY_ID#suffix`):
+    // renewed as that holder, under the epoch it wrote with.
+    let holder = store
+        .current(&stream)
+        .await?
+        .map_or_else(|| crate::process::RELAY_ID.to_owned(), |lease| lease.holder);
     let fence = store
-        .acquire_or_renew(
-            &outbox_core::stream::StreamName::default(),
-            crate::process::RELAY_ID,
-            now_ms,
-            3_600_000,
-        )
+        .acquire_or_renew(&stream, &holder, now_ms, 3_600_000)
         .await?
         .ok_or_else(|| anyhow::anyhow!("the relay's lease could not be renewed"))?
         .fence();
