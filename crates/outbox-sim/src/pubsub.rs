@@ -200,13 +200,6 @@ impl SimPublisher {
         in_flight: watch::Sender<usize>,
         key: String,
     ) {
-        let lock = |lanes: &Mutex<BTreeMap<String, Lane>>| {
-            lanes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&key)
-                .unwrap_or_default()
-        };
         loop {
             let next = {
                 let mut all = lanes
@@ -230,14 +223,15 @@ impl SimPublisher {
             in_flight.send_modify(|n| *n = n.saturating_sub(1));
             if failed {
                 // The key pauses: what is queued behind fails too.
-                let mut lane = lock(&lanes);
-                lane.paused = true;
-                let queued = std::mem::take(&mut lane.queue);
-                lane.sending = false;
-                lanes
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(key.clone(), lane);
+                let queued = {
+                    let mut all = lanes
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let lane = all.entry(key.clone()).or_default();
+                    lane.paused = true;
+                    lane.sending = false;
+                    std::mem::take(&mut lane.queue)
+                };
                 for (_, _, answer) in queued {
                     let _ = answer.send(Err(PublishError::Transient(
                         "the ordering key is paused after a failed publish".to_owned(),

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_consumer::{
-    Answer, Contract, Core, Delivery, Handler, Item, Limits, Received, SeenStore,
+    Answer, Contract, Core, Delivery, Handler, Item, Limits, MemorySeen, Received,
 };
 use outbox_core::world;
 use tokio::sync::mpsc;
@@ -87,7 +87,9 @@ pub struct Subscription {
     outstanding: usize,
     state: Mutex<SubState>,
     pub handled: Arc<Mutex<Handled>>,
-    seen: SharedSeen,
+    /// The memory of handled items all clients share (as `MongoSeen` is
+    /// shared in production).
+    seen: Arc<MemorySeen>,
     trace: Trace,
     me: Weak<Subscription>,
 }
@@ -125,7 +127,7 @@ impl Subscription {
                 faults: FaultCounts::new(),
             }),
             handled: Arc::default(),
-            seen: SharedSeen::default(),
+            seen: Arc::default(),
             trace,
             me: me.clone(),
         });
@@ -168,12 +170,17 @@ impl Subscription {
         } else {
             Contract::PerKey
         };
-        let mut core = Core::new(self.seen.clone(), handler, self.whole_batches, contract)
-            .with_limits(Limits {
-                batch_wait: Duration::from_secs(20),
-                release_blocked_after: Duration::from_secs(15),
-                max_held: self.outstanding,
-            });
+        let mut core = Core::new(
+            Arc::clone(&self.seen),
+            handler,
+            self.whole_batches,
+            contract,
+        )
+        .with_limits(Limits {
+            batch_wait: Duration::from_secs(20),
+            release_blocked_after: Duration::from_secs(15),
+            max_held: self.outstanding,
+        });
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -382,29 +389,6 @@ impl Answer for SimAnswer {
         if let Some(sub) = self.sub.upgrade() {
             sub.answer(&self.key, self.position, self.delivery, &self.item, false);
         }
-    }
-}
-
-/// The handled-items memory all clients share (as `MongoSeen` is shared).
-#[derive(Clone, Default)]
-pub struct SharedSeen(Arc<Mutex<BTreeSet<String>>>);
-
-#[async_trait]
-impl SeenStore for SharedSeen {
-    async fn seen(&self, key: &str) -> anyhow::Result<bool> {
-        Ok(self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(key))
-    }
-
-    async fn remember(&self, keys: &[String]) -> anyhow::Result<()> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(keys.iter().cloned());
-        Ok(())
     }
 }
 
