@@ -375,14 +375,7 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
             Ok(_) => {}
             Err(e) => {
                 // As a failed handler: the batch comes again, its keys wait.
-                for item in batch.items.values() {
-                    self.blocked
-                        .entry((item.lane(), item.ordering_key.clone()))
-                        .or_insert_with(|| Blocked {
-                            awaited: item.dedup_key(),
-                            since: Instant::now(),
-                        });
-                }
+                self.block_keys(batch.items.values());
                 for answer in batch.answers {
                     answer.nack();
                 }
@@ -420,16 +413,7 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
                 self.note(item);
             }
         } else {
-            // Until the batch comes again, the rest of each of its keys
-            // waits (for the key's first item of the batch).
-            for item in &items {
-                self.blocked
-                    .entry((item.lane(), item.ordering_key.clone()))
-                    .or_insert_with(|| Blocked {
-                        awaited: item.dedup_key(),
-                        since: Instant::now(),
-                    });
-            }
+            self.block_keys(items.iter());
         }
         for answer in batch.answers {
             if handled {
@@ -439,6 +423,19 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
             }
         }
         outcome
+    }
+
+    /// Until the batch of `items` comes again, the rest of each of their
+    /// keys waits (for the key's first item of the batch).
+    fn block_keys<'a>(&mut self, items: impl Iterator<Item = &'a Item>) {
+        for item in items {
+            self.blocked
+                .entry((item.lane(), item.ordering_key.clone()))
+                .or_insert_with(|| Blocked {
+                    awaited: item.dedup_key(),
+                    since: Instant::now(),
+                });
+        }
     }
 
     fn note(&mut self, item: &Item) {
