@@ -10,6 +10,8 @@
 //! - [`ingest`]: request bodies to a validated [`model::NewBatch`].
 //! - [`store`]: the writer's [`store::BatchStore`], the relay's
 //!   [`store::OutboxStore`] and [`store::LeaseStore`], and their errors.
+//! - [`lease`]: the lease rules every lease store follows (take, renew,
+//!   and when to kill a predecessor's session).
 //! - [`publish`]: the [`publish::Publisher`] the relay sends items through,
 //!   and Pub/Sub's limits on a message.
 //! - [`stream`]: streams (name, topic, ordering, schema, writers).
@@ -19,6 +21,7 @@
 //! - [`world`]: random numbers and the wall clock, which the simulator replaces.
 
 pub mod ingest;
+pub mod lease;
 pub mod memory;
 pub mod model;
 pub mod publish;

@@ -19,6 +19,7 @@ use crate::model::{
     BatchId, BatchProgress, BatchStatus, BatchSummary, ItemCounts, ItemSequence, ItemStatus,
     NewBatch, Sequence,
 };
+use crate::lease::LeaseStep;
 use crate::replay::{ReplayId, ReplayJob};
 use crate::store::{
     Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease, LeaseStore, Member, MemberStore,
@@ -159,6 +160,31 @@ impl MemoryStore {
             stream.counter_holder = None;
         }
         *self.lock() = data;
+    }
+
+    /// Writes `next` as the stream's lease only if the lease is still as
+    /// `read` (the same holder, epoch and expiry, or still absent): the
+    /// compare-and-swap a lease store that reads first and decides with
+    /// [`lease::step`](crate::lease::step) writes with. Returns whether it
+    /// was written.
+    pub fn swap_lease(
+        &self,
+        stream: &StreamName,
+        read: Option<&Lease>,
+        next: &Lease,
+    ) -> Result<bool, StoreError> {
+        self.check_available()?;
+        let mut state = self.lock();
+        let stream_state = state.stream(stream);
+        let key = |l: &Lease| (l.holder.clone(), l.epoch, l.expires_at_ms);
+        if stream_state.lease.as_ref().map(key) != read.map(key) {
+            return Ok(false);
+        }
+        let lease = stream_state.lease.get_or_insert_with(|| next.clone());
+        lease.holder.clone_from(&next.holder);
+        lease.epoch = next.epoch;
+        lease.expires_at_ms = next.expires_at_ms;
+        Ok(true)
     }
 
     /// Item writes lost to aborted insert transactions.
@@ -701,20 +727,10 @@ impl LeaseStore for MemoryStore {
         self.check_available()?;
         let mut state = self.lock();
         let stream_state = state.stream(stream);
-        let next = match &stream_state.lease {
-            Some(lease) if lease.holder == holder => Lease {
-                expires_at_ms: now_ms + ttl_ms,
-                ..lease.clone()
-            },
-            Some(lease) if lease.expires_at_ms > now_ms => return Ok(None),
-            current => Lease {
-                stream: stream.clone(),
-                holder: holder.to_owned(),
-                epoch: current.as_ref().map_or(0, |l| l.epoch) + 1,
-                expires_at_ms: now_ms + ttl_ms,
-                committed: current.as_ref().and_then(|l| l.committed),
-                published: current.as_ref().map_or(0, |l| l.published),
-            },
+        let next = match crate::lease::step(stream, stream_state.lease.as_ref(), holder, now_ms, ttl_ms)
+        {
+            LeaseStep::Renew(next) | LeaseStep::Take { next, .. } => next,
+            LeaseStep::Held => return Ok(None),
         };
         stream_state.lease = Some(next.clone());
         Ok(Some(next))

@@ -19,6 +19,7 @@
 use async_trait::async_trait;
 use mongodb::bson::{Bson, Document, doc};
 use outbox_core::model::Sequence;
+use outbox_core::lease::{self, LeaseStep};
 use outbox_core::store::{Fence, Lease, LeaseStore, StoreError};
 use tracing::{info, warn};
 
@@ -139,7 +140,14 @@ impl MongoStore {
     /// tell whether the document is free.
     async fn kill_orphan(&self, stream: &StreamName, lease: &Document, holder: &str, now_ms: i64) {
         let current = lease_from(stream, lease);
-        if current.holder == holder || current.expires_at_ms > now_ms {
+        let step = lease::step(stream, Some(&current), holder, now_ms, 0);
+        if !matches!(
+            step,
+            LeaseStep::Take {
+                kill_predecessor: true,
+                ..
+            }
+        ) {
             return;
         }
         let Ok(session) = lease.get_document("txn_session") else {
@@ -236,7 +244,6 @@ impl LeaseStore for MongoStore {
         now_ms: i64,
         ttl_ms: i64,
     ) -> Result<Option<Lease>, StoreError> {
-        let expires_at_ms = now_ms + ttl_ms;
         let document = match self.read_lease(stream).await {
             Ok(document) => document,
             Err(None) => {
@@ -246,7 +253,7 @@ impl LeaseStore for MongoStore {
                 // that makes reads wait for transactions (the development
                 // stand-in) opts in: there, a read blocked past its time
                 // limit means the lease's holder left a transaction open.
-                if self.config.kill_on_blocked_lease_read {
+                if lease::kill_after_unanswered_read(self.config.kill_on_blocked_lease_read) {
                     let seen = self
                         .last_lease
                         .lock()
@@ -264,15 +271,18 @@ impl LeaseStore for MongoStore {
             }
             Err(Some(error)) => return Err(error),
         };
-        let Some(document) = document else {
-            let lease = Lease {
-                stream: stream.clone(),
-                holder: holder.to_owned(),
-                epoch: 1,
-                expires_at_ms,
-                committed: None,
-                published: 0,
+        let current = document.as_ref().map(|d| lease_from(stream, d));
+        let (next, kill_predecessor) =
+            match lease::step(stream, current.as_ref(), holder, now_ms, ttl_ms) {
+                LeaseStep::Held => return Ok(None),
+                LeaseStep::Renew(next) => (next, false),
+                LeaseStep::Take {
+                    next,
+                    kill_predecessor,
+                } => (next, kill_predecessor),
             };
+        let Some(document) = document else {
+            let lease = next;
             let mut claim = self.session_for(stream).await?;
             let session = claim
                 .as_ref()
@@ -283,8 +293,8 @@ impl LeaseStore for MongoStore {
                 .run_command(doc! {
                     "insert": &self.config.lease_collection,
                     "documents": [{
-                        "_id": ids::lease(stream), "holder": holder, "epoch": 1_i64,
-                        "expires_at_ms": expires_at_ms, "txn_session": session,
+                        "_id": ids::lease(stream), "holder": holder, "epoch": to_i64(lease.epoch),
+                        "expires_at_ms": lease.expires_at_ms, "txn_session": session,
                     }],
                     "maxTimeMS": ms,
                     "writeConcern": { "w": "majority", "wtimeout": ms },
@@ -306,25 +316,10 @@ impl LeaseStore for MongoStore {
                 Err(e) => Err(classify(e)),
             };
         };
-        let current = lease_from(stream, &document);
-        let next = if current.holder == holder {
-            Lease {
-                expires_at_ms,
-                ..current.clone()
-            }
-        } else if current.expires_at_ms > now_ms {
-            return Ok(None);
-        } else {
+        if kill_predecessor {
             self.kill_orphan(stream, &document, holder, now_ms).await;
-            Lease {
-                stream: stream.clone(),
-                holder: holder.to_owned(),
-                epoch: current.epoch + 1,
-                expires_at_ms,
-                committed: current.committed,
-                published: current.published,
-            }
-        };
+        }
+        let current = lease_from(stream, &document);
         // Only if nobody changed the lease since we read it. A renewal
         // leaves the recorded session alone (the fenced write records it
         // when it changes); a new holder records its own, or clears its
@@ -386,7 +381,7 @@ impl LeaseStore for MongoStore {
             Err(e) if code(&e) == Some(MAX_TIME_MS_EXPIRED) => {
                 // As in `acquire_or_renew`: only where reads wait for open
                 // transactions, the sessions of the expired leases last read.
-                if self.config.kill_on_blocked_lease_read {
+                if lease::kill_after_unanswered_read(self.config.kill_on_blocked_lease_read) {
                     let seen: Vec<(StreamName, Document)> = self
                         .last_lease
                         .lock()
