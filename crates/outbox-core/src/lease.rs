@@ -100,7 +100,10 @@ mod tests {
         else {
             panic!("expected a take, got {step:?}");
         };
-        assert_eq!((next.epoch, next.expires_at_ms, next.committed), (1, 1_500, None));
+        assert_eq!(
+            (next.epoch, next.expires_at_ms, next.committed),
+            (1, 1_500, None)
+        );
         assert!(!kill_predecessor);
     }
 

@@ -15,11 +15,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::lease::LeaseStep;
 use crate::model::{
     BatchId, BatchProgress, BatchStatus, BatchSummary, ItemCounts, ItemSequence, ItemStatus,
     NewBatch, Sequence,
 };
-use crate::lease::LeaseStep;
 use crate::replay::{ReplayId, ReplayJob};
 use crate::store::{
     Backlog, BatchStore, ConflictRetry, Fence, ItemView, Lease, LeaseStore, Member, MemberStore,
@@ -160,6 +160,15 @@ impl MemoryStore {
             stream.counter_holder = None;
         }
         *self.lock() = data;
+    }
+
+    /// The stream's lease as stored (what [`LeaseStore::current`] answers),
+    /// for callers that must not wait.
+    pub fn lease_of(&self, stream: &StreamName) -> Option<Lease> {
+        self.lock()
+            .streams
+            .get(stream)
+            .and_then(|s| s.lease.clone())
     }
 
     /// Writes `next` as the stream's lease only if the lease is still as
@@ -727,11 +736,11 @@ impl LeaseStore for MemoryStore {
         self.check_available()?;
         let mut state = self.lock();
         let stream_state = state.stream(stream);
-        let next = match crate::lease::step(stream, stream_state.lease.as_ref(), holder, now_ms, ttl_ms)
-        {
-            LeaseStep::Renew(next) | LeaseStep::Take { next, .. } => next,
-            LeaseStep::Held => return Ok(None),
-        };
+        let next =
+            match crate::lease::step(stream, stream_state.lease.as_ref(), holder, now_ms, ttl_ms) {
+                LeaseStep::Renew(next) | LeaseStep::Take { next, .. } => next,
+                LeaseStep::Held => return Ok(None),
+            };
         stream_state.lease = Some(next.clone());
         Ok(Some(next))
     }

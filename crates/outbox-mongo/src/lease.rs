@@ -18,8 +18,8 @@
 
 use async_trait::async_trait;
 use mongodb::bson::{Bson, Document, doc};
-use outbox_core::model::Sequence;
 use outbox_core::lease::{self, LeaseStep};
+use outbox_core::model::Sequence;
 use outbox_core::store::{Fence, Lease, LeaseStore, StoreError};
 use tracing::{info, warn};
 

@@ -81,6 +81,7 @@ fn main() -> ExitCode {
     };
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut run, mut checks, mut items) = (0u64, 0usize, 0usize);
+    let mut longest_unled = (std::time::Duration::ZERO, 0u64);
     let mut failed = Vec::new();
     let jobs = cli
         .jobs
@@ -111,6 +112,9 @@ fn main() -> ExitCode {
             run += 1;
             checks += outcome.checks;
             items += outcome.accepted_items;
+            if outcome.longest_unled > longest_unled.0 {
+                longest_unled = (outcome.longest_unled, outcome.seed);
+            }
             for (kind, n) in &outcome.faults {
                 *faults.entry(*kind).or_default() += n;
             }
@@ -146,6 +150,12 @@ fn main() -> ExitCode {
         run as f64 / minutes.max(1e-9),
         run - failed.len() as u64,
         failed.len()
+    );
+    println!(
+        "longest a stream went unled while a replica could lead it: {:.1} s (seed {}; bound {} s)",
+        longest_unled.0.as_secs_f64(),
+        longest_unled.1,
+        outbox_sim::run::TAKEOVER_BOUND.as_secs()
     );
     println!("faults injected:");
     for (kind, n) in &faults {

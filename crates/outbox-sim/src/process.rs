@@ -81,6 +81,11 @@ impl Process {
         });
     }
 
+    /// Alive and not frozen: it can act now.
+    pub fn is_active(&self) -> bool {
+        *self.life.borrow() == Life::Alive
+    }
+
     pub fn is_dead(&self) -> bool {
         *self.life.borrow() == Life::Dead
     }

@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::process::Process;
 use crate::pubsub::{PubSub, PubSubKnobs, SimPublishers};
-use crate::replica_set::{FaultCounts, Knobs, ReplicaSet, SimStore};
+use crate::replica_set::{FaultCounts, Knobs, ReplicaSet};
+use crate::sim_store::SimStore;
 use crate::subscription::{ConsumerKnobs, Subscription};
 use crate::trace::Trace;
 
@@ -33,6 +34,16 @@ use crate::trace::Trace;
 /// and the ack deadline (10 s), with room.
 pub const DELIVERY_BOUND: Duration = Duration::from_secs(120);
 const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How long a stream may go without a live lease while a replica could
+/// take it (a primary is up, and a replica is alive, not frozen, and reads
+/// its leases): a standby's poll (0.5 s), the relay's backoff cap (2 s), a
+/// lease read's and a lease write's time limits (1 s each), with room for
+/// lost answers and a lagging majority. An orphaned transaction left
+/// holding the lease lasts the lifetime limit, 60 to 90 s.
+pub const TAKEOVER_BOUND: Duration = Duration::from_secs(20);
+/// How long after delivery every live replica must lead its floor share:
+/// a TTL for a dead replica's record to expire, a few polls, with room.
+const SHARE_BOUND: Duration = Duration::from_secs(30);
 /// The window faults are scheduled in; the workload is submitted in its
 /// first half.
 const FAULT_WINDOW_MS: u64 = 60_000;
@@ -46,6 +57,9 @@ pub struct Outcome {
     pub accepted_items: usize,
     pub checks: usize,
     pub virtual_seconds: u64,
+    /// The longest a stream went without a live lease while a replica
+    /// could take it.
+    pub longest_unled: Duration,
 }
 
 impl Outcome {
@@ -105,6 +119,58 @@ pub fn run(seed: u64) -> Outcome {
 struct Replica {
     process: Arc<Process>,
     stop: CancellationToken,
+}
+
+/// The process name of a random stream's leader, if any stream has one.
+fn leader_of_some_stream(rs: &ReplicaSet, streams: &[SimStream]) -> Option<String> {
+    let leaders: Vec<String> = streams
+        .iter()
+        .filter_map(|s| rs.primary().lease_of(&s.definition.name))
+        .map(|l| outbox_core::store::instance_name(&l.holder).to_owned())
+        .collect();
+    (!leaders.is_empty()).then(|| pick(&leaders))
+}
+
+/// Watches every stream's lease on the store's clock: how long each goes
+/// without a live lease while some replica could take it.
+async fn watch_leases(
+    rs: Arc<ReplicaSet>,
+    streams: Vec<StreamName>,
+    replicas: Arc<Mutex<Vec<Arc<Process>>>>,
+    longest: Arc<Mutex<(Duration, Vec<String>)>>,
+) {
+    let mut unled_since: BTreeMap<StreamName, tokio::time::Instant> = BTreeMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = tokio::time::Instant::now();
+        let can_lead = !rs.is_down()
+            && lock(&replicas)
+                .iter()
+                .any(|p| p.is_active() && !rs.reads_are_slow(p.name()));
+        let Ok(now_ms) = outbox_core::store::LeaseStore::now_ms(rs.primary()).await else {
+            continue;
+        };
+        for stream in &streams {
+            let led = rs
+                .primary()
+                .lease_of(stream)
+                .is_some_and(|l| l.expires_at_ms > now_ms);
+            if led || !can_lead {
+                unled_since.remove(stream);
+                continue;
+            }
+            let since = *unled_since.entry(stream.clone()).or_insert(now);
+            let unled = now - since;
+            let mut longest = lock(&longest);
+            longest.0 = longest.0.max(unled);
+            if unled > TAKEOVER_BOUND && !longest.1.iter().any(|v| v.starts_with(stream.as_str())) {
+                longest.1.push(format!(
+                    "{stream} had no live lease for over {} s while a replica could take it",
+                    TAKEOVER_BOUND.as_secs()
+                ));
+            }
+        }
+    }
 }
 
 fn start_replica(name: &str, rs: &Arc<ReplicaSet>, pubsub: &Arc<PubSub>, trace: &Trace) -> Replica {
@@ -333,6 +399,16 @@ async fn simulate(seed: u64) -> Outcome {
         });
     }
 
+    {
+        let rs = Arc::clone(&rs);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::sessions::REAPER_PERIOD).await;
+                rs.reap();
+            }
+        });
+    }
+
     let names: Vec<String> = (1..=world::random_range(2..=3))
         .map(|i| format!("relay-{i}"))
         .collect();
@@ -340,6 +416,16 @@ async fn simulate(seed: u64) -> Outcome {
         .iter()
         .map(|name| (name.clone(), start_replica(name, &rs, &pubsub, &trace)))
         .collect();
+    let processes: Arc<Mutex<Vec<Arc<Process>>>> = Arc::new(Mutex::new(
+        replicas.values().map(|r| Arc::clone(&r.process)).collect(),
+    ));
+    let unled: Arc<Mutex<(Duration, Vec<String>)>> = Arc::default();
+    let watcher = tokio::spawn(watch_leases(
+        Arc::clone(&rs),
+        streams.iter().map(|s| s.definition.name.clone()).collect(),
+        Arc::clone(&processes),
+        Arc::clone(&unled),
+    ));
 
     // The writers' clients.
     let answers = Arc::new(Mutex::new(Answers::default()));
@@ -418,7 +504,7 @@ async fn simulate(seed: u64) -> Outcome {
         .map(|_| {
             (
                 world::random_range(0..=FAULT_WINDOW_MS),
-                world::random_range(0..=12) as u32,
+                world::random_range(0..=13) as u32,
             )
         })
         .collect();
@@ -470,16 +556,36 @@ async fn simulate(seed: u64) -> Outcome {
                 rs.set_knobs(knobs);
             }
             5 => {
+                // Half the kills land inside a fenced transaction of a
+                // leader, the moment that leaves an orphan holding a lease.
+                let inside = chance(0.5);
+                let victim = if inside {
+                    leader_of_some_stream(&rs, &streams).unwrap_or(victim)
+                } else {
+                    victim
+                };
                 if let Some(replica) = replicas.get(&victim) {
-                    replica.process.kill();
+                    if inside {
+                        rs.doom(&victim);
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                        while !replica.process.is_dead() && tokio::time::Instant::now() < deadline {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        rs.pardon(&victim);
+                    }
+                    if !replica.process.is_dead() {
+                        replica.process.kill();
+                        trace.log(format!("relay: {victim} killed"));
+                    }
                     *own.entry("relay killed").or_default() += 1;
-                    trace.log(format!("relay: {victim} killed"));
                     let rs = Arc::clone(&rs);
                     let pubsub = Arc::clone(&pubsub);
                     let trace2 = trace.clone();
                     let name = victim.clone();
                     tokio::time::sleep(ms(1_000..=8_000)).await;
-                    replicas.insert(name.clone(), start_replica(&name, &rs, &pubsub, &trace2));
+                    let replica = start_replica(&name, &rs, &pubsub, &trace2);
+                    lock(&processes).push(Arc::clone(&replica.process));
+                    replicas.insert(name.clone(), replica);
                 }
             }
             6 => {
@@ -529,6 +635,14 @@ async fn simulate(seed: u64) -> Outcome {
                     });
                 }
                 trace.log("consumer: handlers fail at 0.20 and take up to 12 s");
+            }
+            12 => {
+                let until = tokio::time::Instant::now() + LEASE_TTL + ms(2_000..=15_000);
+                trace.log(format!(
+                    "mongo: {victim}'s lease reads exceed their time limit for {} ms",
+                    (until - tokio::time::Instant::now()).as_millis()
+                ));
+                rs.slow_lease_reads(&victim, until);
             }
             _ => {
                 let latest = lock(&answers)
@@ -597,6 +711,46 @@ async fn simulate(seed: u64) -> Outcome {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let delivered_in_time = done(&lock(&answers));
+    watcher.abort();
+    // The share rule's promise once the cluster is stable: every replica
+    // leads at least its floor share, within a few polls and a TTL for the
+    // records of the replicas that died.
+    let mut every_stream: Vec<StreamName> =
+        streams.iter().map(|s| s.definition.name.clone()).collect();
+    every_stream.push(StreamName::default_stream());
+    every_stream.sort();
+    every_stream.dedup();
+    let balanced = || {
+        let active: Vec<String> = replicas
+            .iter()
+            .filter(|(_, r)| r.process.is_active())
+            .map(|(name, _)| name.clone())
+            .collect();
+        let floor = every_stream.len() / active.len().max(1);
+        let leaders: Vec<String> = every_stream
+            .iter()
+            .filter_map(|s| rs.primary().lease_of(s))
+            .filter(|l| l.expires_at_ms > 0)
+            .map(|l| outbox_core::store::instance_name(&l.holder).to_owned())
+            .collect();
+        active
+            .iter()
+            .all(|name| leaders.iter().filter(|l| *l == name).count() >= floor)
+    };
+    let settle = tokio::time::Instant::now() + SHARE_BOUND;
+    while tokio::time::Instant::now() < settle && !balanced() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if !balanced() {
+        for stream in &every_stream {
+            let holder = rs.primary().lease_of(stream).map(|l| l.holder);
+            trace.log(format!("at the end {stream} is led by {holder:?}"));
+        }
+        violations.push(format!(
+            "a replica did not lead its share of the streams within {} s of the end",
+            SHARE_BOUND.as_secs()
+        ));
+    }
     let virtual_seconds = started.elapsed().as_secs();
     for replica in replicas.values() {
         replica.stop.cancel();
@@ -623,6 +777,10 @@ async fn simulate(seed: u64) -> Outcome {
             DELIVERY_BOUND.as_secs()
         ));
     }
+    checks += 3;
+    violations.extend(rs.session_violations());
+    let (longest_unled, unled) = lock(&unled).clone();
+    violations.extend(unled);
     for violation in &violations {
         trace.log(format!("VIOLATION {violation}"));
     }
@@ -644,6 +802,7 @@ async fn simulate(seed: u64) -> Outcome {
         accepted_items: answers.accepted.values().map(|a| a.2 as usize).sum(),
         checks,
         virtual_seconds,
+        longest_unled,
     }
 }
 

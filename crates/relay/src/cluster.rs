@@ -50,6 +50,14 @@ use crate::retention::RetentionSettings;
 use crate::runner::{Runner, RunnerSettings};
 use crate::status::StatusBoard;
 
+/// How many polls a replica leaves a stream it handed over to the others
+/// before it may take it back (if none of them took it).
+const HAND_OVER_POLLS: u32 = 3;
+
+/// How many TTLs a replica keeps a stream it took because no one led it,
+/// before the share rule may hand it over again.
+const KEEP_TTLS: u32 = 2;
+
 /// What the cluster runs each stream with.
 #[derive(Clone, Debug)]
 pub struct ClusterSettings {
@@ -100,6 +108,19 @@ struct Slot {
     /// A runner handing the stream over (settling its page, releasing the
     /// lease): a new one starts only after it ended.
     stopping: Option<JoinHandle<()>>,
+    /// When this replica last handed the stream over to make room for
+    /// another: for [`HAND_OVER_POLLS`] polls it does not take the stream
+    /// back while it is free, or two replicas whose rounds fall together
+    /// could hand it back and forth without the other ever leading it (the
+    /// simulator's seed 9 did, every second).
+    handed_over_at: Option<tokio::time::Instant>,
+    /// Since when this replica's rounds have seen the stream without a
+    /// live leader: after a TTL of that, it takes the stream even above its
+    /// share (its owner by the share rule is alive but cannot lead it).
+    free_since: Option<tokio::time::Instant>,
+    /// Taken that way: not handed over again before then, so a stream whose
+    /// owner cannot lead it is not handed to it each round.
+    keep_until: Option<tokio::time::Instant>,
 }
 
 /// One stream as this replica sees it, for the admin API.
@@ -274,6 +295,9 @@ impl Cluster {
                         wake: Arc::new(Notify::new()),
                         running: None,
                         stopping: None,
+                        handed_over_at: None,
+                        free_since: None,
+                        keep_until: None,
                     },
                 );
             }
@@ -539,7 +563,16 @@ impl Cluster {
                 .collect();
             // Over the ceiling, or above the floor while another is under
             // it: hand the least preferred over (`to_hand_over`).
-            let mut excess = leading.clone();
+            let mut excess: Vec<StreamName> = leading
+                .iter()
+                .filter(|name| {
+                    slots
+                        .get(*name)
+                        .and_then(|s| s.keep_until)
+                        .is_none_or(|until| tokio::time::Instant::now() >= until)
+                })
+                .cloned()
+                .collect();
             excess.sort_by_key(|name| preference(name, me));
             let others: Vec<usize> = members
                 .iter()
@@ -551,8 +584,16 @@ impl Cluster {
                         .count()
                 })
                 .collect();
-            let over = to_hand_over(leading.len(), names.len(), &others);
+            // Streams kept because no one else led them count for neither
+            // the share nor the streams to share.
+            let kept_unled = leading.len() - excess.len();
+            let over = to_hand_over(excess.len(), names.len() - kept_unled, &others);
             let handed: Vec<StreamName> = excess.into_iter().take(over).collect();
+            for name in &handed {
+                if let Some(slot) = slots.get_mut(name) {
+                    slot.handed_over_at = Some(tokio::time::Instant::now());
+                }
+            }
             // Standing by for a stream a live member leads: stop.
             for (name, slot) in slots.iter() {
                 let Some(running) = &slot.running else {
@@ -580,10 +621,44 @@ impl Cluster {
                 .iter()
                 .filter(|name| slots.get(*name).is_some_and(|s| s.running.is_none()))
                 .filter(|name| holder(name).is_none_or(|h| !live(h)))
+                .filter(|name| {
+                    slots
+                        .get(*name)
+                        .and_then(|s| s.handed_over_at)
+                        .is_none_or(|at| {
+                            at.elapsed() >= self.settings.poll_interval * HAND_OVER_POLLS
+                        })
+                })
                 .cloned()
                 .collect();
             free.sort_by_key(|name| std::cmp::Reverse(preference(name, me)));
-            to_start.extend(free.into_iter().take(room));
+            // A stream no one has led for a TTL is taken whatever the share:
+            // the replica whose share it is may be alive (announcing itself)
+            // and still unable to lead it, and a stream must not wait for
+            // that to end. The share rule hands it back once it can.
+            let now = tokio::time::Instant::now();
+            for (name, slot) in slots.iter_mut() {
+                let unled = holder(name).is_none_or(|h| !live(h));
+                slot.free_since = if unled {
+                    Some(slot.free_since.unwrap_or(now))
+                } else {
+                    None
+                };
+            }
+            let (overdue, rest): (Vec<StreamName>, Vec<StreamName>) =
+                free.into_iter().partition(|name| {
+                    slots
+                        .get(name)
+                        .and_then(|s| s.free_since)
+                        .is_some_and(|since| now - since >= self.settings.ttl)
+                });
+            to_start.extend(rest.into_iter().take(room.saturating_sub(overdue.len())));
+            for name in &overdue {
+                if let Some(slot) = slots.get_mut(name) {
+                    slot.keep_until = Some(now + self.settings.ttl * KEEP_TTLS);
+                }
+            }
+            to_start.extend(overdue);
         }
         // Hand-overs run in the background: one waiting for its page in
         // flight delays neither the other streams nor the heartbeat.

@@ -24,5 +24,6 @@ mod otlp;
 mod pipeline;
 mod replay_worker;
 mod replays;
+mod share;
 mod store_rules;
 mod streams;
