@@ -162,6 +162,28 @@ impl MemoryStore {
         *self.lock() = data;
     }
 
+    /// The store's clock ([`LeaseStore::now_ms`]): wall-clock milliseconds
+    /// at its first reading, advanced by tokio's clock (tests pause tokio's
+    /// clock to expire leases).
+    pub fn clock_ms(&self) -> i64 {
+        let (base_ms, base) = *self.clock.get_or_init(|| {
+            (
+                crate::world::now().timestamp_millis(),
+                tokio::time::Instant::now(),
+            )
+        });
+        base_ms + i64::try_from(base.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Every stream's lease as stored, for callers that must not wait.
+    pub fn all_leases(&self) -> Vec<Lease> {
+        self.lock()
+            .streams
+            .values()
+            .filter_map(|s| s.lease.clone())
+            .collect()
+    }
+
     /// The stream's lease as stored (what [`LeaseStore::current`] answers),
     /// for callers that must not wait.
     pub fn lease_of(&self, stream: &StreamName) -> Option<Lease> {
@@ -717,13 +739,7 @@ impl LeaseStore for MemoryStore {
     /// tokio's clock: tests pause tokio's clock to expire leases.
     async fn now_ms(&self) -> Result<i64, StoreError> {
         self.check_available()?;
-        let (base_ms, base) = *self.clock.get_or_init(|| {
-            (
-                crate::world::now().timestamp_millis(),
-                tokio::time::Instant::now(),
-            )
-        });
-        Ok(base_ms + i64::try_from(base.elapsed().as_millis()).unwrap_or(i64::MAX))
+        Ok(self.clock_ms())
     }
 
     async fn acquire_or_renew(

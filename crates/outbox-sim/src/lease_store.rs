@@ -114,7 +114,7 @@ impl SimStore {
 impl LeaseStore for SimStore {
     async fn now_ms(&self) -> Result<i64, StoreError> {
         let _op = self.rs.begin(&self.process, Kind::Read, "now").await?;
-        self.rs.primary.now_ms().await
+        self.rs.clock_ms().await
     }
 
     async fn acquire_or_renew(
@@ -155,7 +155,6 @@ impl LeaseStore for SimStore {
             .lease_write(stream, "acquire_or_renew", |rs| {
                 let written = rs.primary.swap_lease(stream, current.as_ref(), &next)?;
                 if written {
-                    rs.lease_written(current.as_ref(), &next, now_ms);
                     if let Some(session) = session {
                         rs.record(stream, session);
                     }
@@ -186,7 +185,6 @@ impl LeaseStore for SimStore {
                 };
                 rs.primary
                     .swap_lease(&fence.stream, current.as_ref(), &released)?;
-                rs.lease_released(&fence.stream);
             }
             Ok(())
         })
@@ -222,7 +220,7 @@ impl LeaseStore for SimStore {
             }
             Err(Unanswered) => {
                 let streams: Vec<StreamName> = lock(&self.own.views).keys().cloned().collect();
-                if let Ok(now_ms) = self.rs.primary.now_ms().await {
+                if let Ok(now_ms) = self.rs.clock_ms().await {
                     self.after_unanswered(&streams, "", now_ms).await;
                 }
                 Err(StoreError::Unavailable(

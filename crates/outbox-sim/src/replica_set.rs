@@ -39,12 +39,20 @@ use outbox_core::memory::MemoryStore;
 use outbox_core::model::{BatchId, ItemSequence};
 use outbox_core::store::{READS, ReadLevel, StoreError};
 use outbox_core::world;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock, watch};
 use tokio::time::Instant;
 
 use crate::process::Process;
 use crate::sessions::Sessions;
 use crate::trace::Trace;
+
+/// How far apart two members' clocks are: the primary's clock steps by up
+/// to this at each election. NTP keeps servers within milliseconds; a
+/// second is generous, and below the TTL/5 margin a leader keeps
+/// (invariant 5), which is what makes a step harmless.
+pub const CLOCK_STEP_BOUND: Duration = Duration::from_millis(1_000);
 
 /// What the fault schedule turns.
 #[derive(Clone, Copy, Debug)]
@@ -83,6 +91,10 @@ pub(crate) struct State {
     /// Items a majority read does not see yet.
     invisible: BTreeSet<(BatchId, u32)>,
     faults: FaultCounts,
+    /// How far this term's primary's clock is from the first's.
+    clock_offset_ms: i64,
+    /// Its own draws, so the rest of a seed does not depend on them.
+    clocks: StdRng,
 }
 
 pub struct ReplicaSet {
@@ -125,7 +137,7 @@ fn lost(kind: Kind, what: &str) -> StoreError {
 }
 
 impl ReplicaSet {
-    pub fn new(trace: Trace) -> Arc<Self> {
+    pub fn new(trace: Trace, seed: u64) -> Arc<Self> {
         Arc::new(Self {
             primary: MemoryStore::new(),
             majority: MemoryStore::new(),
@@ -138,6 +150,8 @@ impl ReplicaSet {
                 knobs: Knobs::default(),
                 invisible: BTreeSet::new(),
                 faults: FaultCounts::new(),
+                clock_offset_ms: 0,
+                clocks: StdRng::seed_from_u64(seed ^ 0xc10c_c10c_5eed_0001),
             }),
             sessions: Mutex::new(Sessions::default()),
             released: watch::Sender::new(0),
@@ -157,6 +171,17 @@ impl ReplicaSet {
         self.sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The primary's clock (`hello`'s `localTime`), Unix milliseconds: the
+    /// one clock leases are judged by. It steps at each election.
+    pub async fn clock_ms(&self) -> Result<i64, StoreError> {
+        Ok(self.clock_now_ms())
+    }
+
+    pub(crate) fn clock_now_ms(&self) -> i64 {
+        let offset = self.state().clock_offset_ms;
+        self.primary.clock_ms() + offset
     }
 
     /// Whether an election is under way (no primary).
@@ -194,7 +219,10 @@ impl ReplicaSet {
         if state.down_until.is_some_and(|until| Instant::now() < until) {
             return;
         }
+        let offset = state.clock_offset_ms;
+        let before = self.majority.all_leases();
         self.majority.copy_data_from(&self.primary);
+        self.majority_leases_moved(&before, self.primary.clock_ms() + offset);
         for (batch_id, item) in &state.invisible {
             self.majority.hide_item(batch_id, ItemSequence(*item));
         }
@@ -217,6 +245,10 @@ impl ReplicaSet {
         state.term += 1;
         state.applied = state.majority;
         state.down_until = Some(Instant::now() + election);
+        // The new primary's clock is another machine's.
+        let bound = CLOCK_STEP_BOUND.as_millis() as i64;
+        state.clock_offset_ms = state.clocks.random_range(-bound..=bound);
+        let offset = state.clock_offset_ms;
         Self::count(&mut state, "step-down");
         if rolled_back > 0 {
             Self::count(&mut state, "rollback");
@@ -225,7 +257,7 @@ impl ReplicaSet {
         self.abort_all();
         drop(state);
         self.trace.log(format!(
-            "mongo: step-down of term {term}, {rolled_back} writes rolled back, election {} ms",
+            "mongo: step-down of term {term}, {rolled_back} writes rolled back, election {} ms, the new primary's clock {offset:+} ms",
             election.as_millis()
         ));
         self.changed.send_modify(|v| *v += 1);
@@ -243,6 +275,12 @@ impl ReplicaSet {
     pub fn reveal(&self) {
         self.state().invisible.clear();
         self.majority.restore_items();
+    }
+
+    /// The lease documents as a majority has them (what kills are judged
+    /// against).
+    pub(crate) fn majority(&self) -> &MemoryStore {
+        &self.majority
     }
 
     pub(crate) fn reader(&self) -> &MemoryStore {

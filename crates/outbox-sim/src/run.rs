@@ -147,7 +147,7 @@ async fn watch_leases(
             && lock(&replicas)
                 .iter()
                 .any(|p| p.is_active() && !rs.reads_are_slow(p.name()));
-        let Ok(now_ms) = outbox_core::store::LeaseStore::now_ms(rs.primary()).await else {
+        let Ok(now_ms) = rs.clock_ms().await else {
             continue;
         };
         for stream in &streams {
@@ -348,7 +348,7 @@ fn workload(trace: &Trace) -> Vec<(StreamDefinition, bool)> {
 async fn simulate(seed: u64) -> Outcome {
     let trace = Trace::new();
     trace.log(format!("seed {seed}"));
-    let rs = ReplicaSet::new(trace.clone());
+    let rs = ReplicaSet::new(trace.clone(), seed);
     let pubsub = PubSub::new(trace.clone());
     let admin = SimStore::new(Arc::clone(&rs), Arc::new(Process::new("setup")));
     let mut streams = Vec::new();

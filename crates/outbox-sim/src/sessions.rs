@@ -20,16 +20,16 @@
 //!
 //! The model also checks the lease rules' promise about kills
 //! ([`outbox_core::lease`]): a kill never hits the session of a leader
-//! whose lease has been live, without a break, for [`KILL_GRACE`]. A kill
-//! decided on a fresh read can meet a lease renewed a moment ago (the
-//! majority read lags the primary, by up to the replication lag); one
-//! decided on a view read long ago can meet a leader that has led
-//! undisturbed for seconds.
+//! whose lease, as a majority has it, has been live without a break for
+//! [`KILL_GRACE`]. A kill decided on a fresh majority read can meet a lease
+//! whose renewal a moment ago has not reached the majority yet, or reached
+//! it a moment ago; one decided on a view read long ago meets a leader that
+//! has led undisturbed for seconds.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use outbox_core::store::{Lease, LeaseStore, StoreError};
+use outbox_core::store::{Lease, StoreError};
 use outbox_core::stream::StreamName;
 use tokio::time::Instant;
 
@@ -63,7 +63,8 @@ pub(crate) struct Sessions {
     /// majority has it.
     recorded: BTreeMap<StreamName, SessionId>,
     recorded_majority: BTreeMap<StreamName, SessionId>,
-    /// Per stream: since when its lease has been live without a break.
+    /// Per stream: since when its lease, as a majority has it, has been
+    /// live without a break.
     live_since: BTreeMap<StreamName, Instant>,
     /// Processes killed inside their next transaction, once it holds the
     /// lease document.
@@ -172,11 +173,11 @@ impl ReplicaSet {
         session: SessionId,
     ) -> Result<(), StoreError> {
         let _op = self.begin(process, Kind::Read, "killSessions").await?;
-        let lease = self.primary.current(stream).await?;
-        let now_ms = self.primary.now_ms().await?;
+        let lease = self.majority().lease_of(stream);
+        let now_ms = self.clock_ms().await?;
         let mut sessions = self.sessions();
         if let Some(lease) = lease
-            && sessions.recorded.get(stream) == Some(&session)
+            && sessions.recorded_majority.get(stream) == Some(&session)
             && lease.expires_at_ms > now_ms
             && let Some(since) = sessions.live_since.get(stream)
             && since.elapsed() >= KILL_GRACE
@@ -278,26 +279,25 @@ impl ReplicaSet {
         self.sessions().recorded.insert(stream.clone(), session);
     }
 
-    /// Notes a lease write: a lease taken, or renewed after it expired,
-    /// starts a new unbroken stretch of life; a release ends it.
-    pub(crate) fn lease_written(&self, before: Option<&Lease>, after: &Lease, now_ms: i64) {
+    /// The commit point moved: the leases a majority had (`before`) gave
+    /// way to the ones it has now. A lease that expired on the way, or
+    /// changed holder, starts a new unbroken stretch of life.
+    pub(crate) fn majority_leases_moved(&self, before: &[Lease], now_ms: i64) {
+        let after = self.majority().all_leases();
         let mut sessions = self.sessions();
-        if after.expires_at_ms <= now_ms {
-            sessions.live_since.remove(&after.stream);
-            return;
+        for lease in &after {
+            let earlier = before.iter().find(|b| b.stream == lease.stream);
+            let unbroken = earlier.is_some_and(|b| {
+                b.holder == lease.holder && b.epoch == lease.epoch && b.expires_at_ms > now_ms
+            });
+            if lease.expires_at_ms <= now_ms {
+                sessions.live_since.remove(&lease.stream);
+            } else if !unbroken || !sessions.live_since.contains_key(&lease.stream) {
+                sessions
+                    .live_since
+                    .insert(lease.stream.clone(), Instant::now());
+            }
         }
-        let unbroken = before.is_some_and(|b| {
-            b.holder == after.holder && b.epoch == after.epoch && b.expires_at_ms > now_ms
-        });
-        if !unbroken || !sessions.live_since.contains_key(&after.stream) {
-            sessions
-                .live_since
-                .insert(after.stream.clone(), Instant::now());
-        }
-    }
-
-    pub(crate) fn lease_released(&self, stream: &StreamName) {
-        self.sessions().live_since.remove(stream);
     }
 
     /// `process` is killed inside its next transaction, once it holds a
