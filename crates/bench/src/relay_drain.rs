@@ -151,7 +151,7 @@ async fn run_one(
     let topic = format!("bench-relay-{suffix}");
     pubsub::ensure_topic(&pubsub_config(env, &topic)).await?;
     let spawned = Instant::now();
-    let (relay, _admin) =
+    let (relay, admin) =
         crate::process::relay(env, &database, &topic, &ordering.to_string(), &http).await?;
     let leading = Instant::now();
     let batches_collection = mongodb::Client::with_uri_str(&env.mongodb_url)
@@ -164,6 +164,7 @@ async fn run_one(
     })
     .await?;
     let drained = leading.elapsed();
+    let waits = drain_waits(&http, &admin).await.unwrap_or_default();
     let rss_mib = crate::process::peak_rss_mib(&relay);
     let rss = crate::process::peak_rss(&relay);
     drop(relay);
@@ -257,6 +258,16 @@ async fn run_one(
         "relay/min(ceilings) = {:.2}; relay peak RSS {rss}",
         relay_rate / ceiling
     );
+    let share = |phase: &str| waits.get(phase).copied().unwrap_or(0.0);
+    let own = (drained.as_secs_f64() - share("read") - share("publish") - share("write")).max(0.0);
+    println!(
+        "where the drain's {:.1} s went: waiting on reads {:.1} s, on Pub/Sub {:.1} s, on writes {:.1} s; its own work {:.1} s",
+        drained.as_secs_f64(),
+        share("read"),
+        share("publish"),
+        share("write"),
+        own
+    );
     crate::results::record(serde_json::json!({
         "part": "relay",
         "items": items,
@@ -268,6 +279,43 @@ async fn run_one(
         "relay_items_s": relay_rate,
         "relay_rss_mib": rss_mib,
         "store_items_s": per_second(items, load),
+        "drain_s": drained.as_secs_f64(),
+        "wait_read_s": share("read"),
+        "wait_publish_s": share("publish"),
+        "wait_write_s": share("write"),
     }));
     Ok(())
+}
+
+/// What the relay's drain loop waited on, by phase, in seconds
+/// (`outbox_relay_drain_wait_microseconds_total` on its admin port).
+async fn drain_waits(
+    http: &reqwest::Client,
+    admin: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let text = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mut waits = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("outbox_relay_drain_wait_microseconds_total{"))
+    {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some(phase) = labels
+            .split("phase=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        let micros: f64 = value.parse().unwrap_or(0.0);
+        *waits.entry(phase.to_owned()).or_default() += micros / 1e6;
+    }
+    Ok(waits)
 }

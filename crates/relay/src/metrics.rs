@@ -24,10 +24,21 @@ pub const REPLAYED: &str = "outbox_relay_replayed_total";
 pub const ADMIN_TOKEN_MISMATCHES: &str = "outbox_relay_admin_token_mismatches";
 pub const ADMIN_OPEN: &str = "outbox_relay_admin_open";
 pub const DUPLICATE_NAMES: &str = "outbox_relay_duplicate_names";
+/// Microseconds a stream's drain loop spent waiting, by `phase`: `read` (the
+/// next group from MongoDB, when the read-ahead had not finished),
+/// `publish` (Pub/Sub's answers for a group), `write` (room among the
+/// writes in flight, when MongoDB falls behind). The rest of its time is
+/// its own work. A profile of where a drain's time goes.
+pub const DRAIN_WAIT: &str = "outbox_relay_drain_wait_microseconds_total";
 
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(PUBLISHED, "Items acknowledged by Pub/Sub and marked sent");
+    describe_counter!(
+        DRAIN_WAIT,
+        Unit::Microseconds,
+        "Microseconds the drain loop waited, by phase (read, publish, write)"
+    );
     describe_counter!(REPLAYED, "Copies published by replay jobs and acknowledged");
     describe_histogram!(
         PUBLISH_LATENCY,

@@ -311,6 +311,7 @@ impl Drainer {
                 return Err(self.settle().await.err().unwrap_or(DrainError::NotLeader));
             }
             // The group: read ahead during the last one, or read now.
+            let waited = tokio::time::Instant::now();
             let read = match ahead.prefetch.take() {
                 Some(prefetch) => prefetch.await.map_err(|e| {
                     DrainError::Store(StoreError::Other(format!("read-ahead task: {e}")))
@@ -321,6 +322,7 @@ impl Drainer {
                         .await?
                 }
             };
+            self.waited("read", waited);
             let pieces = match read.next {
                 Next::Idle => {
                     self.writes.settle().await.map_err(DrainError::from_store)?;
@@ -375,6 +377,12 @@ impl Drainer {
         Ok(last.map_or(Pass::Idle, Pass::Committed))
     }
 
+    /// Counts what the drain loop waited on since `since` (`DRAIN_WAIT`).
+    fn waited(&self, phase: &'static str, since: tokio::time::Instant) {
+        ::metrics::counter!(metrics::DRAIN_WAIT, "stream" => self.label(), "phase" => phase)
+            .increment(since.elapsed().as_micros() as u64);
+    }
+
     /// Resumes every ordering key a failed publish paused.
     fn resume_keys(&self, settings: &PassSettings) {
         let paused =
@@ -426,7 +434,9 @@ impl Drainer {
         // Checked right before publishing: a replica whose lease lapsed
         // publishes nothing more.
         let fence = leadership.fence().ok_or(Err(DrainError::NotLeader))?;
+        let waited = tokio::time::Instant::now();
         let published = self.publish_group(settings, pieces).await;
+        self.waited("publish", waited);
         drop(spans);
         let failed_piece = published.failure.as_ref().map(|(p, _, _)| *p);
         let mut pages = Vec::with_capacity(pieces.len());
@@ -458,7 +468,9 @@ impl Drainer {
                     .max(pieces.last().map_or(0, |p| u64::from(p.window_end.0)));
             }
         });
+        let waited = tokio::time::Instant::now();
         self.writes.record(fence.clone(), pages).await;
+        self.waited("write", waited);
         let Some((p, index, error)) = published.failure else {
             return Ok(());
         };
