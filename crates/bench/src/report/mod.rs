@@ -144,6 +144,7 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
             tables::writer_table as fn(&[Value]) -> String,
         ),
         ("relay", &relay, tables::relay_table),
+        ("relay-profile", &relay, tables::relay_profile_table),
         ("latency", &latency, tables::latency_table),
         ("conflicts", &conflicts, tables::conflicts_table),
         ("streams", &streams, tables::streams_table),

@@ -52,6 +52,35 @@ pub fn relay_table(rows: &[Value]) -> String {
     t
 }
 
+/// Where each relay run's drain time went (`outbox_relay_drain_wait_microseconds_total`).
+pub fn relay_profile_table(rows: &[Value]) -> String {
+    let mut t = String::from(
+        "| backlog items | ordering key | drain s | waiting on reads | waiting on Pub/Sub | waiting on writes | its own work |\n\
+         |---:|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows.iter().filter(|r| r.get("drain_s").is_some()) {
+        let drain = f(r, "drain_s");
+        let share = |key: &str| {
+            let s = f(r, key);
+            format!("{s:.1} s ({:.0}%)", 100.0 * s / drain.max(1e-9))
+        };
+        let own =
+            (drain - f(r, "wait_read_s") - f(r, "wait_publish_s") - f(r, "wait_write_s")).max(0.0);
+        t += &format!(
+            "| {} | `{}` | {:.1} | {} | {} | {} | {:.1} s ({:.0}%) |\n",
+            thousands(f(r, "items")),
+            r["ordering"].as_str().unwrap_or("?"),
+            drain,
+            share("wait_read_s"),
+            share("wait_publish_s"),
+            share("wait_write_s"),
+            own,
+            100.0 * own / drain.max(1e-9),
+        );
+    }
+    t
+}
+
 pub fn latency_table(rows: &[Value]) -> String {
     let mut t = String::from(
         "| rate items/s | batches | wake-up | p50 ms | p95 ms | p99 ms | writer peak RSS | relay peak RSS |\n\
