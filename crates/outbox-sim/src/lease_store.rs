@@ -18,7 +18,9 @@ use crate::replica_set::Kind;
 use crate::sessions::SessionId;
 use crate::sim_store::{SimStore, lock};
 
-/// `maxTimeMS` of every lease operation (`MongoConfig::lease_timeout`).
+/// `maxTimeMS` of every lease operation: `MongoConfig::lease_timeout`'s
+/// default (the relay sets TTL/4, kept between 250 ms and 5 s; a shorter
+/// limit here only makes a held lease answer sooner).
 pub const LEASE_TIME_LIMIT: Duration = Duration::from_secs(1);
 
 /// MongoDB's reads never wait for an open transaction.
