@@ -16,10 +16,13 @@
 //!   and Pub/Sub's limits on a message.
 //! - [`stream`]: streams (name, topic, ordering, schema, writers).
 //! - [`replay`]: replay jobs (a range of committed batches published again).
+//! - [`claim_check`]: items too large for a Pub/Sub message, stored in an
+//!   object store by digest and published by reference.
 //! - [`memory`]: in-memory implementations of the store traits, used by tests
 //!   to show properties the MongoDB stand-in cannot (conflicting transactions).
 //! - [`world`]: random numbers and the wall clock, which the simulator replaces.
 
+pub mod claim_check;
 pub mod ingest;
 pub mod lease;
 pub mod memory;
