@@ -106,6 +106,16 @@ impl Location {
         Err(unsupported())
     }
 
+    /// The store's URL, as a setting names it.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Gcs { bucket, prefix } if prefix.is_empty() => format!("gs://{bucket}"),
+            Self::Gcs { bucket, prefix } => format!("gs://{bucket}/{prefix}"),
+            Self::File { path } => format!("file://{path}"),
+            Self::Memory => "memory://".to_owned(),
+        }
+    }
+
     /// The object's key within the store: `[prefix/]sha256/<hex>`.
     pub fn key(&self, sha256: &str) -> String {
         match self {
@@ -303,6 +313,13 @@ mod tests {
             }
         );
         assert_eq!(Location::parse("memory://").unwrap(), Location::Memory);
+        for url in ["gs://b/p/q", "gs://b", "file:///tmp/cc", "memory://"] {
+            assert_eq!(
+                Location::parse(url).unwrap().url(),
+                url,
+                "{url} round-trips"
+            );
+        }
         for bad in [
             "s3://bucket",
             "gs://",
