@@ -21,7 +21,9 @@ use mongodb::bson::{Bson, Document, doc};
 use outbox_core::lease::{self, LeaseStep};
 use outbox_core::model::Sequence;
 use outbox_core::store::{Fence, Lease, LeaseStore, StoreError};
-use tracing::{info, warn};
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
 
 use crate::errors::{MAX_TIME_MS_EXPIRED, classify, code, is_duplicate_key};
 use std::sync::Arc;
@@ -162,6 +164,26 @@ impl MongoStore {
             ),
             Err(error) => warn!(message = "cannot kill the expired leader's session", %error),
         }
+    }
+
+    /// Kills the predecessor's session twice more after a takeover, 1 s and
+    /// 3 s later, in the background. A statement the dead leader sent before
+    /// it died may reach the server after the first kill and open a
+    /// transaction there: on MongoDB its lease update matches nothing and it
+    /// holds nothing, but on a server that runs one transaction at a time
+    /// (the development stand-in) it holds every write until the lifetime
+    /// limit (a fresh clone's run saw a takeover wait 17.9 s behind one). The
+    /// writer's `end_in_background` repeats its kills for the same reason.
+    fn kill_late_statements(&self, session: Document) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            for pause in [Duration::from_secs(1), Duration::from_secs(2)] {
+                tokio::time::sleep(pause).await;
+                if let Err(error) = store.kill_session(&session).await {
+                    debug!(message = "cannot kill the predecessor's session again", %error);
+                }
+            }
+        });
     }
 
     /// The fenced session to record with a lease this replica is taking
@@ -342,6 +364,9 @@ impl LeaseStore for MongoStore {
             .await?;
         if matched == 1 {
             Self::recorded(&mut claim, next.epoch);
+            if kill_predecessor && let Ok(session) = document.get_document("txn_session") {
+                self.kill_late_statements(session.clone());
+            }
         }
         Ok((matched == 1).then_some(next))
     }
