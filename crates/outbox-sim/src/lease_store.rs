@@ -156,10 +156,8 @@ impl LeaseStore for SimStore {
         let written = self
             .lease_write(stream, "acquire_or_renew", |rs| {
                 let written = rs.primary.swap_lease(stream, current.as_ref(), &next)?;
-                if written {
-                    if let Some(session) = session {
-                        rs.record(stream, session);
-                    }
+                if written && let Some(session) = session {
+                    rs.record(stream, session);
                 }
                 Ok(written)
             })

@@ -297,13 +297,17 @@ impl Publisher for SimPublisher {
     }
 }
 
+/// The epoch a process believes it leads a stream under (`None` when it
+/// does not lead it), by the relay's own view; set once its cluster exists.
+pub type EpochOf = Box<dyn Fn(&str) -> Option<u64> + Send + Sync>;
+
 /// A relay process's publishers, one per topic (the topic is the stream's
 /// name in the simulation).
 pub struct SimPublishers {
     pubsub: Arc<PubSub>,
     process: Arc<Process>,
     /// The epoch this process believes it holds for a stream.
-    pub epoch_of: Arc<OnceLock<Box<dyn Fn(&str) -> Option<u64> + Send + Sync>>>,
+    pub epoch_of: Arc<OnceLock<EpochOf>>,
     topics: Mutex<BTreeMap<String, Arc<SimPublisher>>>,
 }
 
