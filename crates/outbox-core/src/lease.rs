@@ -34,6 +34,21 @@ pub enum LeaseStep {
     },
 }
 
+impl LeaseStep {
+    /// The lease to write and whether to kill the predecessor's session
+    /// first; `None` when another holder's live lease is left alone.
+    pub fn write(self) -> Option<(Lease, bool)> {
+        match self {
+            Self::Held => None,
+            Self::Renew(next) => Some((next, false)),
+            Self::Take {
+                next,
+                kill_predecessor,
+            } => Some((next, kill_predecessor)),
+        }
+    }
+}
+
 /// The step for `holder` at `now_ms` (the store's clock), given the lease as
 /// read (`None`: never taken).
 pub fn step(

@@ -15,7 +15,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::lease::LeaseStep;
 use crate::model::{
     BatchId, BatchProgress, BatchStatus, BatchSummary, ItemCounts, ItemSequence, ItemStatus,
     NewBatch, Sequence,
@@ -752,11 +751,11 @@ impl LeaseStore for MemoryStore {
         self.check_available()?;
         let mut state = self.lock();
         let stream_state = state.stream(stream);
-        let next =
-            match crate::lease::step(stream, stream_state.lease.as_ref(), holder, now_ms, ttl_ms) {
-                LeaseStep::Renew(next) | LeaseStep::Take { next, .. } => next,
-                LeaseStep::Held => return Ok(None),
-            };
+        let Some((next, _)) =
+            crate::lease::step(stream, stream_state.lease.as_ref(), holder, now_ms, ttl_ms).write()
+        else {
+            return Ok(None);
+        };
         stream_state.lease = Some(next.clone());
         Ok(Some(next))
     }

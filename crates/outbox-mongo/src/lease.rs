@@ -294,15 +294,11 @@ impl LeaseStore for MongoStore {
             Err(Some(error)) => return Err(error),
         };
         let current = document.as_ref().map(|d| lease_from(stream, d));
-        let (next, kill_predecessor) =
-            match lease::step(stream, current.as_ref(), holder, now_ms, ttl_ms) {
-                LeaseStep::Held => return Ok(None),
-                LeaseStep::Renew(next) => (next, false),
-                LeaseStep::Take {
-                    next,
-                    kill_predecessor,
-                } => (next, kill_predecessor),
-            };
+        let Some((next, kill_predecessor)) =
+            lease::step(stream, current.as_ref(), holder, now_ms, ttl_ms).write()
+        else {
+            return Ok(None);
+        };
         let Some(document) = document else {
             let lease = next;
             let mut claim = self.session_for(stream).await?;

@@ -137,15 +137,11 @@ impl LeaseStore for SimStore {
             }
         };
         let current = view.as_ref().map(|(lease, _)| lease.clone());
-        let (next, kill_predecessor) =
-            match lease::step(stream, current.as_ref(), holder, now_ms, ttl_ms) {
-                LeaseStep::Held => return Ok(None),
-                LeaseStep::Renew(next) => (next, false),
-                LeaseStep::Take {
-                    next,
-                    kill_predecessor,
-                } => (next, kill_predecessor),
-            };
+        let Some((next, kill_predecessor)) =
+            lease::step(stream, current.as_ref(), holder, now_ms, ttl_ms).write()
+        else {
+            return Ok(None);
+        };
         if kill_predecessor && let Some(seen) = &view {
             self.kill_orphan(stream, seen, holder, now_ms).await;
         }
