@@ -112,7 +112,7 @@ struct Slot {
     /// another: for [`HAND_OVER_POLLS`] polls it does not take the stream
     /// back while it is free, or two replicas whose rounds fall together
     /// could hand it back and forth without the other ever leading it (the
-    /// simulator's seed 9 did, every second).
+    /// simulator's seeds 15 to 17 did, every second).
     handed_over_at: Option<tokio::time::Instant>,
     /// Since when this replica's rounds have seen the stream without a
     /// live leader: after a TTL of that, it takes the stream even above its
@@ -563,13 +563,14 @@ impl Cluster {
                 .collect();
             // Over the ceiling, or above the floor while another is under
             // it: hand the least preferred over (`to_hand_over`).
+            let now = tokio::time::Instant::now();
             let mut excess: Vec<StreamName> = leading
                 .iter()
                 .filter(|name| {
                     slots
                         .get(*name)
                         .and_then(|s| s.keep_until)
-                        .is_none_or(|until| tokio::time::Instant::now() >= until)
+                        .is_none_or(|until| now >= until)
                 })
                 .cloned()
                 .collect();
@@ -591,7 +592,7 @@ impl Cluster {
             let handed: Vec<StreamName> = excess.into_iter().take(over).collect();
             for name in &handed {
                 if let Some(slot) = slots.get_mut(name) {
-                    slot.handed_over_at = Some(tokio::time::Instant::now());
+                    slot.handed_over_at = Some(now);
                 }
             }
             // Standing by for a stream a live member leads: stop.
@@ -625,9 +626,7 @@ impl Cluster {
                     slots
                         .get(*name)
                         .and_then(|s| s.handed_over_at)
-                        .is_none_or(|at| {
-                            at.elapsed() >= self.settings.poll_interval * HAND_OVER_POLLS
-                        })
+                        .is_none_or(|at| now - at >= self.settings.poll_interval * HAND_OVER_POLLS)
                 })
                 .cloned()
                 .collect();
@@ -636,7 +635,6 @@ impl Cluster {
             // the replica whose share it is may be alive (announcing itself)
             // and still unable to lead it, and a stream must not wait for
             // that to end. The share rule hands it back once it can.
-            let now = tokio::time::Instant::now();
             for (name, slot) in slots.iter_mut() {
                 let unled = holder(name).is_none_or(|h| !live(h));
                 slot.free_since = if unled {
