@@ -181,6 +181,7 @@ async fn drain(
         writers: None,
         created_at: None,
         updated_at: None,
+        claim_check: None,
     };
     let settings = RunnerSettings {
         lease: LeaseSettings {

@@ -220,6 +220,7 @@ async fn drain_setting(
                     writers: None,
                     created_at: None,
                     updated_at: None,
+                    claim_check: None,
                 })
                 .await?;
             store.set_paused(&name, true).await?;

@@ -195,6 +195,7 @@ async fn drain(
                 writers: None,
                 created_at: None,
                 updated_at: None,
+                claim_check: None,
             })
             .await?;
         store.set_paused(name, true).await?;
@@ -276,6 +277,7 @@ async fn writer(env: &Env, clients: usize, items: usize) -> anyhow::Result<()> {
                 writers: None,
                 created_at: None,
                 updated_at: None,
+                claim_check: None,
             })
             .await?;
     }

@@ -11,12 +11,14 @@
 //! - [`Objects::delete`] removes an object (retention); one already gone
 //!   is not an error.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
-use outbox_core::claim_check::{ClaimCheckError, Location, Reference};
+use outbox_core::claim_check::{ClaimCheckError, Location, ObjectRefStore, Reference};
+use outbox_core::store::StoreError;
 
 /// Why an object operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +175,101 @@ impl Objects {
             Err(e) => Err(ObjectError::Unavailable(e.to_string())),
         }
     }
+}
+
+/// The claim-check stores a process has opened, by URL: each opened once
+/// (a `memory://` store is one per process, shared by all who name it).
+#[derive(Clone, Default)]
+pub struct Stores {
+    opened: Arc<Mutex<HashMap<String, Objects>>>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let opened = self.opened.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_list().entries(opened.keys()).finish()
+    }
+}
+
+impl Stores {
+    /// The store at `location`, opened the first time it is asked for.
+    ///
+    /// # Errors
+    /// [`ObjectError::Unavailable`] when it cannot be opened.
+    pub fn open(&self, location: &Location) -> Result<Objects, ObjectError> {
+        let url = location.url();
+        let mut opened = self.opened.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(objects) = opened.get(&url) {
+            return Ok(objects.clone());
+        }
+        let objects = Objects::open(location)?;
+        opened.insert(url, objects.clone());
+        Ok(objects)
+    }
+
+    /// Uses `objects` for its location (tests inject a store that fails).
+    pub fn insert(&self, objects: Objects) {
+        self.opened
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(objects.location().url(), objects);
+    }
+
+    /// Deletes the object a full URL names.
+    ///
+    /// # Errors
+    /// [`ObjectError::Invalid`] for a URL that names no object, or the
+    /// store's failure.
+    pub async fn delete(&self, url: &str) -> Result<(), ObjectError> {
+        let (location, sha256) = Location::of_object(url).ok_or_else(|| {
+            ObjectError::Invalid(ClaimCheckError::BadReference(format!(
+                "{url} names no claim-check object"
+            )))
+        })?;
+        self.open(&location)?.delete(&sha256).await
+    }
+}
+
+/// Retention's side of claim-check: releases the references the removed
+/// items made and deletes each object none is left to, then finishes the
+/// deletions begun over [`STALE_DELETION_MS`] ago that never ended (their
+/// relay died). Returns how many objects it deleted.
+///
+/// # Errors
+/// The first store that fails; what is left is finished by the next pass.
+pub async fn release_and_delete(
+    refs: &dyn ObjectRefStore,
+    stores: &Stores,
+    removed: &BTreeMap<String, u64>,
+    now_ms: i64,
+) -> Result<u64, ReleaseError> {
+    let mut deleted = 0;
+    for (url, count) in removed {
+        if refs.release(url, *count).await? {
+            stores.delete(url).await?;
+            refs.forget(url).await?;
+            deleted += 1;
+        }
+    }
+    for url in refs.being_deleted(now_ms - STALE_DELETION_MS).await? {
+        stores.delete(&url).await?;
+        refs.forget(&url).await?;
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
+/// How long a deletion may stay begun before another pass finishes it: far
+/// longer than one pass takes, so two passes never delete one object.
+pub const STALE_DELETION_MS: i64 = 10 * 60 * 1000;
+
+/// Why [`release_and_delete`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Object(#[from] ObjectError),
 }
 
 #[cfg(test)]

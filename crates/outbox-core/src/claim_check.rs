@@ -10,6 +10,7 @@
 //! same object once, and two items with the same payload share it.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::publish::limits;
@@ -124,6 +125,21 @@ impl Location {
         }
     }
 
+    /// The store and digest an object's full URL names (the inverse of
+    /// [`Location::object_url`]); `None` for a URL that names no object.
+    pub fn of_object(url: &str) -> Option<(Self, String)> {
+        let (store, sha256) = url.rsplit_once("/sha256/")?;
+        let hex_digest = sha256.len() == 64
+            && sha256
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+        if !hex_digest {
+            return None;
+        }
+        let location = Self::parse(store).ok()?;
+        (location.object_url(sha256) == url).then(|| (location, sha256.to_owned()))
+    }
+
     /// The object's full URL, as a message's [`URL_ATTRIBUTE`] names it.
     pub fn object_url(&self, sha256: &str) -> String {
         match self {
@@ -170,6 +186,54 @@ impl ClaimCheck {
 /// A payload's SHA-256, in lowercase hex: its object's name.
 pub fn sha256_hex(payload: &[u8]) -> String {
     hex::encode(Sha256::digest(payload))
+}
+
+/// The bytes of a request object as stored and published: its JSON text
+/// (the canonical form docs/CONSUMING.md describes).
+pub fn payload_text(payload: &Map<String, Value>) -> Vec<u8> {
+    let mut text = Vec::with_capacity(usize::try_from(payload_bytes(payload)).unwrap_or(0));
+    // Serializing a map of JSON values cannot fail.
+    let _ = serde_json::to_writer(&mut text, payload);
+    text
+}
+
+/// How long [`payload_text`] is, without writing it.
+pub fn payload_bytes(payload: &Map<String, Value>) -> u64 {
+    let mut counting = Digesting::default();
+    let _ = serde_json::to_writer(&mut counting, payload);
+    counting.bytes
+}
+
+/// The SHA-256 and length of [`payload_text`], without writing it.
+pub fn digest_of(payload: &Map<String, Value>) -> (String, u64) {
+    let mut digesting = Digesting {
+        sha256: Some(Sha256::new()),
+        bytes: 0,
+    };
+    let _ = serde_json::to_writer(&mut digesting, payload);
+    let sha256 = digesting.sha256.map(|h| hex::encode(h.finalize())).unwrap_or_default();
+    (sha256, digesting.bytes)
+}
+
+/// Counts, and digests when asked, what is written to it.
+#[derive(Default)]
+struct Digesting {
+    sha256: Option<Sha256>,
+    bytes: u64,
+}
+
+impl std::io::Write for Digesting {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(sha256) = &mut self.sha256 {
+            sha256.update(buf);
+        }
+        self.bytes += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a message carries in place of a stored payload.
@@ -285,9 +349,81 @@ impl Reference {
     }
 }
 
+/// An item whose payload is in a claim-check store: what its item document
+/// keeps in place of the payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredPayload {
+    pub reference: Reference,
+    /// Its ordering key in a `field:` mode, taken from the payload when it
+    /// was written (the relay does not fetch the object to key it). `None`
+    /// in the other modes, where the key does not depend on the payload.
+    pub field_key: Option<String>,
+}
+
+/// The references a set of retained items makes to claim-check objects, and
+/// the protocol that keeps an object while anything may still refer to it.
+///
+/// Each object has a count of references (`pin`): a writer pins before it
+/// puts the object, so a count above zero always precedes the object's
+/// use; retention `release`s what it removed, and only a count that reached
+/// zero lets the object be deleted (`release` answers true and marks it
+/// being deleted). While it is being deleted a pin waits, so a writer never
+/// finds an object that is about to go; `forget` ends the deletion once the
+/// object is gone. A count a crashed writer left behind keeps its object
+/// for good: harmless, only storage.
+#[async_trait::async_trait]
+pub trait ObjectRefStore: Send + Sync + 'static {
+    /// Counts `count` more references to the object at `url`, before it is
+    /// put. Waits (until `deadline`) while the object is being deleted.
+    ///
+    /// # Errors
+    /// `StoreError::Unavailable` when the store cannot be reached or the
+    /// deletion does not end by `deadline`.
+    async fn pin(
+        &self,
+        url: &str,
+        count: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), crate::store::StoreError>;
+
+    /// Takes back a pin whose batch was not stored.
+    async fn unpin(&self, url: &str, count: u64) -> Result<(), crate::store::StoreError>;
+
+    /// `count` references were removed (retention). True when none is
+    /// left: the object is now being deleted, and must be deleted, then
+    /// [`ObjectRefStore::forget`]ed.
+    async fn release(&self, url: &str, count: u64) -> Result<bool, crate::store::StoreError>;
+
+    /// The objects whose deletion began before `marked_before_ms` (Unix
+    /// milliseconds) and did not end (a relay died between the two):
+    /// retention finishes them. Only deletions older than any pass takes:
+    /// a pass that is still running would otherwise delete an object that
+    /// another finished, forgot, and a writer put again.
+    async fn being_deleted(
+        &self,
+        marked_before_ms: i64,
+    ) -> Result<Vec<String>, crate::store::StoreError>;
+
+    /// The object is gone from its store: pins may create it again.
+    async fn forget(&self, url: &str) -> Result<(), crate::store::StoreError>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_url_names_its_store_and_digest_back() {
+        let digest = sha256_hex(b"x");
+        for store in ["gs://b", "gs://b/some/prefix", "file:///var/objects", "memory://"] {
+            let location = Location::parse(store).unwrap();
+            let url = location.object_url(&digest);
+            assert_eq!(Location::of_object(&url), Some((location, digest.clone())), "{url}");
+        }
+        for bad in ["gs://b/sha256/short", "http://h/sha256/aa", "file:///x/y"] {
+            assert_eq!(Location::of_object(bad), None, "{bad}");
+        }
+    }
     use std::collections::BTreeMap;
 
     #[test]

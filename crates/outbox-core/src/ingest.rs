@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::claim_check::{self, ClaimCheck, Location, Reference, StoredPayload};
 use crate::model::{
     BatchId, Idempotency, ItemId, ItemSequence, NewBatch, NewItem, Sequence, StreamName,
     VendorCounts,
@@ -33,6 +34,18 @@ pub struct IngestRules {
     pub ordering: OrderingKeyMode,
     /// The stream the batch is for.
     pub stream: StreamName,
+    /// The stream's claim-check store, when it has one: items too large for
+    /// a message (or above its threshold) go there.
+    pub claim_check: Option<ClaimCheckRules>,
+}
+
+/// Which items go to a claim-check store, and how large one may be.
+#[derive(Clone, Debug)]
+pub struct ClaimCheckRules {
+    pub setting: ClaimCheck,
+    pub location: Location,
+    /// The largest payload accepted (`MAX_ITEM_BYTES`).
+    pub max_item_bytes: u64,
 }
 
 impl Default for IngestRules {
@@ -43,6 +56,7 @@ impl Default for IngestRules {
             max_items: 10_000,
             ordering: OrderingKeyMode::Global,
             stream: StreamName::default_stream(),
+            claim_check: None,
         }
     }
 }
@@ -684,14 +698,22 @@ pub fn build_batch(
             )));
         }
         let item_sequence = ItemSequence(u32::try_from(index + 1).unwrap_or(u32::MAX));
-        let item = NewItem {
+        let mut item = NewItem {
             item_id: ItemId::of(&batch_id, item_sequence),
             item_sequence,
             request_id,
             vendor_name,
             request_data: object,
+            stored: None,
         };
-        check_message(index, &batch_id, &item, total_items, rules)?;
+        let inline = check_message(index, &batch_id, &item, total_items, rules);
+        match &rules.claim_check {
+            Some(claim_check) if to_store(&inline, &item, claim_check) => {
+                item.stored = Some(stored_payload(index, &batch_id, &item, rules, claim_check)?);
+                check_message(index, &batch_id, &item, total_items, rules)?;
+            }
+            _ => inline?,
+        }
         *vendor_counts.entry(item.vendor_name.clone()).or_default() += 1;
         items.push(item);
     }
@@ -704,6 +726,51 @@ pub fn build_batch(
         idempotency,
         submitted_by: None,
         traceparent: None,
+    })
+}
+
+/// Whether an item goes to the claim-check store: its message would be
+/// over Pub/Sub's size limit, or its payload is above the threshold.
+fn to_store(inline: &Result<(), IngestError>, item: &NewItem, claim_check: &ClaimCheckRules) -> bool {
+    match inline {
+        Err(IngestError::ItemTooLarge { .. }) => true,
+        Err(_) => false,
+        Ok(()) => {
+            claim_check.setting.above_bytes.is_some()
+                && claim_check
+                    .setting
+                    .stores(claim_check::payload_bytes(&item.request_data), true)
+        }
+    }
+}
+
+/// The reference an item's payload will be stored under (its digest is
+/// taken here, as the payload is serialized, without a copy of it).
+fn stored_payload(
+    index: usize,
+    batch_id: &BatchId,
+    item: &NewItem,
+    rules: &IngestRules,
+    claim_check: &ClaimCheckRules,
+) -> Result<StoredPayload, IngestError> {
+    let (sha256, bytes) = claim_check::digest_of(&item.request_data);
+    if bytes > claim_check.max_item_bytes {
+        return Err(IngestError::ItemTooLarge {
+            index,
+            bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+            max: usize::try_from(claim_check.max_item_bytes).unwrap_or(usize::MAX),
+        });
+    }
+    let field_key = matches!(rules.ordering, OrderingKeyMode::Field { .. })
+        .then(|| rules.ordering.key_for_payload(batch_id, &item.request_data))
+        .flatten();
+    Ok(StoredPayload {
+        reference: Reference {
+            url: claim_check.location.object_url(&sha256),
+            sha256,
+            bytes,
+        },
+        field_key,
     })
 }
 
@@ -741,6 +808,7 @@ fn check_message(
         request_id: item.request_id.as_deref(),
         vendor_name: &item.vendor_name,
         payload: &item.request_data,
+        stored: item.stored.as_ref(),
         total_items,
         traceparent: Some(&traceparent),
     };

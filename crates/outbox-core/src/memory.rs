@@ -26,6 +26,7 @@ use crate::store::{
 };
 use crate::stream::{StreamDefinition, StreamName};
 
+mod objects;
 mod replays;
 
 #[derive(Clone, Debug)]
@@ -117,6 +118,9 @@ struct State {
     definitions: BTreeMap<StreamName, StreamDefinition>,
     members: BTreeMap<String, Member>,
     replays: BTreeMap<ReplayId, ReplayJob>,
+    /// Claim-check objects: references counted, and when their deletion
+    /// began (Unix milliseconds).
+    objects: BTreeMap<String, (u64, Option<i64>)>,
 }
 
 /// An in-memory store; clones share the same data.
@@ -515,6 +519,7 @@ impl MemoryStore {
                     request_id: i.request_id.clone(),
                     vendor_name: i.vendor_name.clone(),
                     request_data: i.request_data.clone(),
+                    stored: i.stored.clone(),
                 },
                 status: ItemStatus::Pending,
                 publish_id: None,
@@ -1144,6 +1149,12 @@ impl OutboxStore for MemoryStore {
             for sequence in expired {
                 if let Some(batch) = state.stream(stream).batches.remove(&sequence) {
                     state.by_id.remove(&batch.summary.batch_id);
+                    for stored in batch.items.iter().filter_map(|i| i.item.stored.as_ref()) {
+                        *removed
+                            .object_refs
+                            .entry(stored.reference.url.clone())
+                            .or_default() += 1;
+                    }
                     removed.batches += 1;
                     removed.items += batch.items.len() as u64;
                 }

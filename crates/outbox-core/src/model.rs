@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::claim_check::StoredPayload;
+
 /// A batch id: 16 lowercase hexadecimal characters (64 random bits).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -189,8 +191,11 @@ pub struct NewItem {
     pub request_id: Option<String>,
     /// The object's vendor; [`crate::ingest::UNKNOWN_VENDOR`] when absent.
     pub vendor_name: String,
-    /// The request object exactly as received.
+    /// The request object exactly as received; empty once it is `stored`.
     pub request_data: Map<String, Value>,
+    /// Set when the payload goes to (or went to) a claim-check store: the
+    /// message carries this reference in place of it.
+    pub stored: Option<StoredPayload>,
 }
 
 /// A validated batch, ready for one atomic write. The store assigns the
@@ -371,7 +376,10 @@ pub struct OutboxItem {
     pub item_sequence: ItemSequence,
     pub request_id: Option<String>,
     pub vendor_name: String,
+    /// The request object; empty when the payload is `stored`.
     pub request_data: Map<String, Value>,
+    /// The reference published in place of a payload in a claim-check store.
+    pub stored: Option<StoredPayload>,
 }
 
 #[cfg(test)]

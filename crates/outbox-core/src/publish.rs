@@ -8,6 +8,7 @@ use futures_core::future::BoxFuture;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::claim_check::StoredPayload;
 use crate::model::{BatchId, ItemId, ItemSequence, OutboxItem, PendingBatch, Sequence, StreamName};
 
 /// How messages are grouped for Pub/Sub's per-key ordering.
@@ -220,7 +221,9 @@ struct MessageBody<'a> {
     item_id: &'a ItemId,
     request_id: Option<&'a str>,
     vendor_name: &'a str,
-    payload: &'a Map<String, Value>,
+    /// Absent when the payload is in a claim-check store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a Map<String, Value>>,
 }
 
 /// What one item's message is made of, borrowed from wherever it is kept:
@@ -236,6 +239,8 @@ pub struct ItemMessage<'a> {
     pub request_id: Option<&'a str>,
     pub vendor_name: &'a str,
     pub payload: &'a Map<String, Value>,
+    /// The claim-check reference published in place of `payload`.
+    pub stored: Option<&'a StoredPayload>,
     pub total_items: u64,
     pub traceparent: Option<&'a str>,
 }
@@ -252,6 +257,7 @@ impl<'a> ItemMessage<'a> {
             request_id: item.request_id.as_deref(),
             vendor_name: &item.vendor_name,
             payload: &item.request_data,
+            stored: item.stored.as_ref(),
             total_items: batch.total_items,
             traceparent: batch.traceparent.as_deref(),
         }
@@ -263,7 +269,7 @@ impl<'a> ItemMessage<'a> {
             item_id: self.item_id,
             request_id: self.request_id,
             vendor_name: self.vendor_name,
-            payload: self.payload,
+            payload: self.stored.is_none().then_some(self.payload),
         }
     }
 
@@ -286,6 +292,11 @@ impl<'a> ItemMessage<'a> {
         if let Some(traceparent) = self.traceparent {
             attributes.insert("traceparent".to_owned(), traceparent.to_owned());
         }
+        if let Some(stored) = self.stored {
+            for (name, value) in stored.reference.attributes() {
+                attributes.insert(name.to_owned(), value);
+            }
+        }
         attributes
     }
 
@@ -294,8 +305,17 @@ impl<'a> ItemMessage<'a> {
     /// for the default stream as before streams: two streams never share
     /// a key, so one's failure never pauses the other's.
     fn ordering_key(&self, mode: &OrderingKeyMode) -> Option<String> {
-        mode.key_for_payload(self.batch_id, self.payload)
-            .map(|key| {
+        let key = match (self.stored, mode) {
+            // A stored payload's field key was taken when it was written.
+            (Some(stored), OrderingKeyMode::Field { default_key, .. }) => Some(
+                stored
+                    .field_key
+                    .clone()
+                    .unwrap_or_else(|| default_key.clone()),
+            ),
+            _ => mode.key_for_payload(self.batch_id, self.payload),
+        };
+        key.map(|key| {
                 if key == OrderingKeyMode::GLOBAL_KEY && !self.stream.is_default() {
                     self.stream.to_string()
                 } else {
@@ -464,6 +484,7 @@ mod tests {
                 .as_object()
                 .unwrap()
                 .clone(),
+            stored: None,
         }
     }
 

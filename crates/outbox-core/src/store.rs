@@ -366,7 +366,7 @@ pub trait StreamStore: Send + Sync + 'static {
 }
 
 /// What one retention pass removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Removed {
     pub batches: u64,
     pub items: u64,
@@ -375,6 +375,9 @@ pub struct Removed {
     /// made them visible (a writer that died or gave up), removed with
     /// their items.
     pub abandoned_batches: u64,
+    /// References to claim-check objects the removed items made, by object
+    /// URL: retention releases them (`ObjectRefStore::release`).
+    pub object_refs: std::collections::BTreeMap<String, u64>,
 }
 
 /// An item as the admin API shows it.

@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::claim_check::ClaimCheck;
 use crate::publish::OrderingKeyMode;
 
 pub use crate::model::{InvalidStreamName, StreamName};
@@ -73,6 +74,9 @@ pub struct StreamDefinition {
     pub writers: Option<Vec<String>>,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// Where payloads too large for a message go (`claim_check`); `None`:
+    /// the writers' `CLAIM_CHECK_URL`, if they have one.
+    pub claim_check: Option<ClaimCheck>,
 }
 
 /// Why a definition cannot be used.
@@ -128,6 +132,11 @@ impl StreamDefinition {
             return Err(InvalidDefinition(
                 "schema must be a JSON Schema (an object or a boolean)".to_owned(),
             ));
+        }
+        if let Some(claim_check) = &self.claim_check {
+            claim_check
+                .validate()
+                .map_err(|e| InvalidDefinition(e.to_string()))?;
         }
         self.compile_schema().map(drop)
     }
@@ -256,6 +265,7 @@ mod tests {
             writers: None,
             created_at: None,
             updated_at: None,
+            claim_check: None,
         }
     }
 

@@ -30,6 +30,8 @@ pub struct MongoConfig {
     pub members_collection: String,
     /// Replay jobs.
     pub replays_collection: String,
+    /// Claim-check objects' reference counts.
+    pub objects_collection: String,
     /// How long an operation waits for a usable server before failing.
     /// Short, so clients get a 503 quickly instead of hanging for the
     /// driver's default 30 s.
@@ -101,6 +103,7 @@ impl MongoConfig {
             streams_collection: "outbox_streams".to_owned(),
             members_collection: "relay_members".to_owned(),
             replays_collection: "replay_jobs".to_owned(),
+            objects_collection: "claim_check_objects".to_owned(),
             server_selection_timeout: Duration::from_secs(2),
             idempotency_ttl: Duration::from_secs(24 * 60 * 60),
             transaction_concurrency: DEFAULT_TRANSACTION_CONCURRENCY,

@@ -10,6 +10,7 @@ use outbox_core::model::{
     BatchId, BatchProgress, BatchStatus, BatchSummary, ItemCounts, ItemId, ItemSequence,
     ItemStatus, NewBatch, NewItem, Sequence, VendorCounts,
 };
+use outbox_core::claim_check::{ClaimCheck, Reference, StoredPayload};
 use outbox_core::publish::OrderingKeyMode;
 use outbox_core::store::{ItemView, Member, OutboxItem, PendingBatch, StoreError};
 #[cfg(test)]
@@ -167,7 +168,11 @@ pub(crate) fn read_payload(doc: &Document) -> Result<Map<String, Value>, StoreEr
 
 /// An item document; `batch_sequence` is filled in per attempt.
 pub fn item_document(batch: &NewBatch, item: &NewItem) -> Document {
-    let request_data = stored_payload(&item.request_data);
+    // A payload in a claim-check store is not in MongoDB: its reference is.
+    let request_data = match &item.stored {
+        Some(_) => Bson::Null,
+        None => stored_payload(&item.request_data),
+    };
     let item_id = item.item_id.0.to_string();
     let mut document = doc! {
         // The item id is the primary key too, so the relay's marks are
@@ -190,7 +195,39 @@ pub fn item_document(batch: &NewBatch, item: &NewItem) -> Document {
     if !batch.stream.is_default() {
         document.insert("stream", batch.stream.as_str());
     }
+    if let Some(stored) = &item.stored {
+        document.insert("claim_check", claim_check_document(stored));
+    }
     document
+}
+
+/// A claim-check reference as an item document keeps it.
+pub(crate) fn claim_check_document(stored: &StoredPayload) -> Document {
+    let mut document = doc! {
+        "url": &stored.reference.url,
+        "sha256": &stored.reference.sha256,
+        "bytes": i64::try_from(stored.reference.bytes).unwrap_or(i64::MAX),
+    };
+    if let Some(key) = &stored.field_key {
+        document.insert("field_key", key.as_str());
+    }
+    document
+}
+
+/// The claim-check reference of an item document, when it has one.
+pub(crate) fn stored_of(doc: &Document) -> Result<Option<StoredPayload>, StoreError> {
+    let Ok(reference) = doc.get_document("claim_check") else {
+        return Ok(None);
+    };
+    let bad = || malformed("claim_check", doc);
+    Ok(Some(StoredPayload {
+        reference: Reference {
+            url: get_string(reference, "url").map_err(|_| bad())?,
+            sha256: get_string(reference, "sha256").map_err(|_| bad())?,
+            bytes: get_u64(reference, "bytes").map_err(|_| bad())?,
+        },
+        field_key: get_opt_string(reference, "field_key"),
+    }))
 }
 
 pub(crate) fn batch_summary(doc: &Document) -> Result<BatchSummary, StoreError> {
@@ -270,7 +307,11 @@ fn item_sequence(doc: &Document) -> Result<ItemSequence, StoreError> {
 }
 
 pub(crate) fn outbox_item(doc: &Document) -> Result<OutboxItem, StoreError> {
-    let request_data = read_payload(doc)?;
+    let stored = stored_of(doc)?;
+    let request_data = match stored {
+        Some(_) => Map::new(),
+        None => read_payload(doc)?,
+    };
     Ok(OutboxItem {
         item_id: item_id(doc)?,
         batch_id: get_batch_id(doc)?,
@@ -281,6 +322,7 @@ pub(crate) fn outbox_item(doc: &Document) -> Result<OutboxItem, StoreError> {
         request_id: get_opt_string(doc, "request_id"),
         vendor_name: get_string(doc, "vendor_name")?,
         request_data,
+        stored,
     })
 }
 
@@ -317,8 +359,20 @@ pub(crate) fn stream_document(definition: &StreamDefinition, now: DateTime<Utc>)
     if let Some(writers) = &definition.writers {
         document.insert("writers", writers.clone());
     }
+    if let Some(claim_check) = &definition.claim_check {
+        let mut setting = doc! { "url": &claim_check.url };
+        if let Some(above) = claim_check.above_bytes {
+            setting.insert("above_bytes", i64::try_from(above).unwrap_or(i64::MAX));
+        }
+        document.insert("claim_check", setting);
+    }
     document
 }
+
+/// The optional fields of a stream document: a definition without one
+/// removes it.
+pub(crate) const STREAM_OPTIONAL_FIELDS: [&str; 4] =
+    ["ordering_key_default", "schema", "writers", "claim_check"];
 
 pub(crate) fn stream_definition(doc: &Document) -> Result<StreamDefinition, StoreError> {
     let name: StreamName = get_string(doc, "_id")?
@@ -343,6 +397,13 @@ pub(crate) fn stream_definition(doc: &Document) -> Result<StreamDefinition, Stor
         ),
         Err(_) => None,
     };
+    let claim_check = match doc.get_document("claim_check") {
+        Ok(setting) => Some(ClaimCheck {
+            url: get_string(setting, "url").map_err(|_| malformed("claim_check", doc))?,
+            above_bytes: get_u64(setting, "above_bytes").ok(),
+        }),
+        Err(_) => None,
+    };
     Ok(StreamDefinition {
         name,
         topic: get_string(doc, "topic")?,
@@ -354,6 +415,7 @@ pub(crate) fn stream_definition(doc: &Document) -> Result<StreamDefinition, Stor
         writers,
         created_at: get_opt_datetime(doc, "created_at"),
         updated_at: get_opt_datetime(doc, "updated_at"),
+        claim_check,
     })
 }
 
@@ -429,6 +491,7 @@ mod tests {
             writers: Some(vec!["billing".into()]),
             created_at: None,
             updated_at: None,
+            claim_check: None,
         };
         let now = Utc::now();
         let read = stream_definition(&stream_document(&definition, now)).unwrap();

@@ -377,7 +377,10 @@ impl MongoStore {
                     .session(&mut *session)
                     .await
                     .map_err(classify)?;
-                let request_data = crate::documents::stored_payload(&item.request_data);
+                let request_data = match &item.stored {
+                    Some(_) => Bson::Null,
+                    None => crate::documents::stored_payload(&item.request_data),
+                };
                 let mut letter = doc! {
                         "item_id": item.item_id.to_string(),
                         "batch_id": item.batch_id.as_str(),
@@ -389,6 +392,12 @@ impl MongoStore {
                         "error": error,
                         "dead_lettered_at": now,
                 };
+                if let Some(stored) = &item.stored {
+                    letter.insert(
+                        "claim_check",
+                        crate::documents::claim_check_document(stored),
+                    );
+                }
                 if !fence.stream.is_default() {
                     letter.insert("stream", fence.stream.as_str());
                 }

@@ -22,6 +22,7 @@
 //! [`StoreError`]: outbox_core::store::StoreError
 
 mod batches;
+mod claim_checks;
 pub mod config;
 pub mod documents;
 mod errors;
@@ -588,6 +589,10 @@ impl MongoStore {
 
     fn replays(&self) -> Collection<Document> {
         self.db.collection(&self.config.replays_collection)
+    }
+
+    fn objects(&self) -> Collection<Document> {
+        self.db.collection(&self.config.objects_collection)
     }
 
     fn staged(&self) -> Collection<Document> {

@@ -9,7 +9,8 @@ use outbox_core::stream::{StreamDefinition, StreamName};
 
 use crate::MongoStore;
 use crate::documents::{
-    bson_datetime, member, member_document, stream_definition, stream_document,
+    STREAM_OPTIONAL_FIELDS, bson_datetime, member, member_document, stream_definition,
+    stream_document,
 };
 use crate::errors::classify;
 
@@ -48,14 +49,24 @@ impl StreamStore for MongoStore {
         let now = Utc::now();
         let mut document = stream_document(definition, now);
         document.remove("_id");
+        let mut unset = Document::new();
+        for field in STREAM_OPTIONAL_FIELDS {
+            if !document.contains_key(field) {
+                unset.insert(field, "");
+            }
+        }
+        let mut update = doc! {
+            "$set": document,
+            "$setOnInsert": { "created_at": bson_datetime(now) },
+        };
+        if !unset.is_empty() {
+            update.insert("$unset", unset);
+        }
         let result = self
             .streams()
             .update_one(
                 doc! { "_id": definition.name.as_str() },
-                doc! {
-                    "$set": document,
-                    "$setOnInsert": { "created_at": bson_datetime(now) },
-                },
+                update,
             )
             .upsert(true)
             .await

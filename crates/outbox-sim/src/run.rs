@@ -194,6 +194,7 @@ fn start_replica(name: &str, rs: &Arc<ReplicaSet>, pubsub: &Arc<PubSub>, trace: 
                 dead_letters: Some(Duration::from_secs(40)),
                 interval: Duration::from_secs(5),
                 abandoned: Duration::from_secs(60),
+                objects: Default::default(),
             },
             default_stream: StreamDefinition {
                 name: StreamName::default_stream(),
@@ -204,11 +205,21 @@ fn start_replica(name: &str, rs: &Arc<ReplicaSet>, pubsub: &Arc<PubSub>, trace: 
                 writers: None,
                 created_at: None,
                 updated_at: None,
+                claim_check: None,
             },
             max_streams: 10,
             admin_token: None,
         },
-        ClusterStores::all(store),
+        ClusterStores {
+            outbox: Arc::new(store.clone()),
+            leases: Arc::new(store.clone()),
+            streams: Arc::new(store.clone()),
+            members: Arc::new(store.clone()),
+            replays: Arc::new(store),
+            // The simulated writers store no payload by reference, so
+            // retention has no object to release.
+            objects: Arc::new(outbox_core::memory::MemoryStore::new()),
+        },
         publishers,
     ));
     let weak = Arc::downgrade(&cluster);
@@ -338,6 +349,7 @@ fn workload(trace: &Trace) -> Vec<(StreamDefinition, bool)> {
                     writers: None,
                     created_at: None,
                     updated_at: None,
+                    claim_check: None,
                 },
                 poison,
             )

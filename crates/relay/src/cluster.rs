@@ -31,6 +31,7 @@
 //! own runner, lease, status and backoff: a halted, paused or slow stream
 //! never delays another.
 
+use outbox_core::claim_check::ObjectRefStore;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,6 +91,8 @@ pub struct ClusterStores {
     pub streams: Arc<dyn StreamStore>,
     pub members: Arc<dyn MemberStore>,
     pub replays: Arc<dyn ReplayStore>,
+    /// Claim-check objects' references, which retention releases.
+    pub objects: Arc<dyn ObjectRefStore>,
 }
 
 /// A runner this replica runs.
@@ -710,6 +713,7 @@ impl Cluster {
         let stop = CancellationToken::new();
         let retention = tokio::spawn(crate::retention::run(
             Arc::clone(&self.stores.outbox),
+            Arc::clone(&self.stores.objects),
             name.clone(),
             runner.leadership(),
             self.settings.retention.clone(),

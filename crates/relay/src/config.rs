@@ -276,6 +276,7 @@ impl Config {
             writers: None,
             created_at: None,
             updated_at: None,
+            claim_check: None,
         }
     }
 
@@ -318,6 +319,7 @@ impl Config {
             dead_letters: keep(self.dead_letter_retention_seconds),
             interval: Duration::from_secs(self.retention_interval_seconds),
             abandoned: Duration::from_secs(self.staged_abandoned_after_seconds),
+            objects: outbox_claim_check::Stores::default(),
         }
     }
 

@@ -77,9 +77,16 @@ impl ClusterStores {
     /// adapter, the in-memory model).
     pub fn all<S>(store: S) -> Self
     where
-        S: OutboxStore + LeaseStore + StreamStore + MemberStore + ReplayStore + Clone,
+        S: OutboxStore
+            + LeaseStore
+            + StreamStore
+            + MemberStore
+            + ReplayStore
+            + outbox_core::claim_check::ObjectRefStore
+            + Clone,
     {
         Self {
+            objects: Arc::new(store.clone()),
             outbox: Arc::new(store.clone()),
             leases: Arc::new(store.clone()),
             streams: Arc::new(store.clone()),
@@ -123,6 +130,7 @@ impl Application {
             streams: Arc::new(mongo.clone()),
             members: Arc::new(mongo.clone()),
             replays: Arc::new(mongo.clone()),
+            objects: Arc::new(mongo.clone()),
         };
         let mut app = Self::with_parts(&config, stores, Arc::new(client))?;
         app.mongo = Some(mongo);

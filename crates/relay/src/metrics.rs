@@ -16,6 +16,7 @@ pub const HALTED: &str = "outbox_relay_halted";
 pub const PAUSED: &str = "outbox_relay_paused";
 pub const RETENTION_REMOVED_BATCHES: &str = "outbox_relay_retention_removed_batches_total";
 pub const RETENTION_REMOVED_ITEMS: &str = "outbox_relay_retention_removed_items_total";
+pub const RETENTION_REMOVED_OBJECTS: &str = "outbox_relay_retention_removed_objects_total";
 pub const RETENTION_REMOVED_DEAD_LETTERS: &str =
     "outbox_relay_retention_removed_dead_letters_total";
 
@@ -59,6 +60,10 @@ pub fn describe() {
         "Committed batches removed by retention"
     );
     describe_counter!(RETENTION_REMOVED_ITEMS, "Items removed by retention");
+    describe_counter!(
+        RETENTION_REMOVED_OBJECTS,
+        "Claim-check objects deleted by retention (no retained item referred to them)"
+    );
     describe_counter!(
         RETENTION_REMOVED_DEAD_LETTERS,
         "Dead letters removed by retention"

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use outbox_core::claim_check::ObjectRefStore;
 use outbox_core::store::{OutboxStore, Removed, StoreError};
 use outbox_core::stream::StreamName;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +22,7 @@ use tracing::{info, warn};
 use crate::lease::Leadership;
 use crate::metrics::{
     RETENTION_REMOVED_BATCHES, RETENTION_REMOVED_DEAD_LETTERS, RETENTION_REMOVED_ITEMS,
+    RETENTION_REMOVED_OBJECTS,
 };
 
 /// Batches one store call removes at most.
@@ -37,11 +39,15 @@ pub struct RetentionSettings {
     /// A large batch staged this long ago whose transaction never made it
     /// visible was abandoned by its writer: its items are removed.
     pub abandoned: Duration,
+    /// The claim-check stores objects are deleted from (opened as the
+    /// references retention releases name them).
+    pub objects: outbox_claim_check::Stores,
 }
 
 /// Sweeps every `interval` while this replica leads, until `token` is cancelled.
 pub async fn run(
     store: Arc<dyn OutboxStore>,
+    objects: Arc<dyn ObjectRefStore>,
     stream: StreamName,
     leadership: Leadership,
     settings: RetentionSettings,
@@ -56,12 +62,13 @@ pub async fn run(
         if !leadership.is_leader() {
             continue;
         }
-        match sweep(store.as_ref(), &stream, &settings).await {
+        match sweep(store.as_ref(), objects.as_ref(), &stream, &settings).await {
             Ok(removed) if removed != Removed::default() => info!(
                 message = "retention removed expired data",
                 batches = removed.batches,
                 items = removed.items,
-                dead_letters = removed.dead_letters
+                dead_letters = removed.dead_letters,
+                claim_check_objects = removed.object_refs.len()
             ),
             Ok(_) => {}
             Err(error) => warn!(message = "retention sweep failed; trying again later", %error),
@@ -75,6 +82,7 @@ pub async fn run(
 /// The store's, when a call fails; what was removed before stays removed.
 pub async fn sweep(
     store: &dyn OutboxStore,
+    objects: &dyn ObjectRefStore,
     stream: &StreamName,
     settings: &RetentionSettings,
 ) -> Result<Removed, StoreError> {
@@ -98,6 +106,21 @@ pub async fn sweep(
             )
             .await?;
         total.abandoned_batches += removed.abandoned_batches;
+        // The objects the removed items referred to, once nothing refers
+        // to them any more; a failure here leaves them for the next pass
+        // (or for good, if the relay dies now: kept, never lost).
+        let deleted = outbox_claim_check::release_and_delete(
+            objects,
+            &settings.objects,
+            &removed.object_refs,
+            outbox_core::world::now().timestamp_millis(),
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("claim-check retention: {e}")))?;
+        metrics::counter!(RETENTION_REMOVED_OBJECTS).increment(deleted);
+        for (url, count) in &removed.object_refs {
+            *total.object_refs.entry(url.clone()).or_default() += count;
+        }
         metrics::counter!(RETENTION_REMOVED_BATCHES).increment(removed.batches);
         metrics::counter!(RETENTION_REMOVED_ITEMS).increment(removed.items);
         metrics::counter!(RETENTION_REMOVED_DEAD_LETTERS).increment(removed.dead_letters);

@@ -23,6 +23,26 @@ pub struct Config {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 31))]
     pub max_body_bytes: u64,
+    /// A claim-check store for every stream without its own
+    /// (`claim_check` in its definition): `gs://bucket/prefix`,
+    /// `file:///path` or `memory://`. An item whose Pub/Sub message would
+    /// be too large (or whose payload is over CLAIM_CHECK_ABOVE_BYTES) is
+    /// stored there, and its message carries a reference.
+    #[arg(long, env = "CLAIM_CHECK_URL")]
+    pub claim_check_url: Option<String>,
+    /// Payloads above this many bytes go to the claim-check store; unset:
+    /// only those whose message Pub/Sub would refuse.
+    #[arg(long, env = "CLAIM_CHECK_ABOVE_BYTES")]
+    pub claim_check_above_bytes: Option<u64>,
+    /// The largest item accepted for a stream with a claim-check store, in
+    /// bytes (its body may be this large and 1 MiB more, whatever
+    /// MAX_BODY_BYTES says).
+    #[arg(long, env = "MAX_ITEM_BYTES", default_value_t = outbox_core::claim_check::DEFAULT_MAX_ITEM_BYTES, value_parser = clap::value_parser!(u64).range(1024..=1 << 31))]
+    pub max_item_bytes: u64,
+    /// How long a batch's claim-check objects may take to store, in seconds
+    /// (then 503 `claim_check_unavailable`, nothing stored).
+    #[arg(long, env = "CLAIM_CHECK_TIMEOUT_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub claim_check_timeout_seconds: u64,
     /// Field of each object holding its request id.
     #[arg(long, env = "REQUEST_ID_FIELD", default_value = "request_id")]
     pub request_id_field: String,
@@ -100,6 +120,16 @@ impl Config {
         }
     }
 
+    /// The claim-check setting of streams without their own.
+    pub fn claim_check(&self) -> Option<outbox_core::claim_check::ClaimCheck> {
+        self.claim_check_url
+            .as_ref()
+            .map(|url| outbox_core::claim_check::ClaimCheck {
+                url: url.clone(),
+                above_bytes: self.claim_check_above_bytes,
+            })
+    }
+
     pub fn request_deadline(&self) -> Duration {
         Duration::from_secs_f64(self.request_deadline_seconds)
     }
@@ -126,6 +156,13 @@ impl Config {
     /// # Errors
     /// A one-line description of the first problem.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(claim_check) = self.claim_check() {
+            claim_check
+                .validate()
+                .map_err(|e| format!("CLAIM_CHECK_URL / CLAIM_CHECK_ABOVE_BYTES: {e}"))?;
+        } else if self.claim_check_above_bytes.is_some() {
+            return Err("CLAIM_CHECK_ABOVE_BYTES needs CLAIM_CHECK_URL".to_owned());
+        }
         if self.request_id_field.is_empty() || self.vendor_field.is_empty() {
             return Err("REQUEST_ID_FIELD and VENDOR_FIELD must not be empty".to_owned());
         }

@@ -5,12 +5,14 @@
 //! - [`config`]: command-line flags and environment variables.
 //! - [`routes`]: the HTTP handlers.
 //! - [`auth`]: optional API keys and per-key rate limits.
+//! - [`claim_check`]: large payloads put in an object store before their batch.
 //! - [`metrics`]: metric names.
 //! - [`openapi`]: the OpenAPI document (`/openapi.json`, `/docs/`).
 //! - [`Application`]: binds the listener and runs the server; tests start
 //!   it in-process on port 0, with MongoDB or the in-memory store.
 
 pub mod auth;
+pub mod claim_check;
 pub mod config;
 pub mod metrics;
 pub mod openapi;
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 use actix_web::dev::{Server, Service};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
+use outbox_core::claim_check::ObjectRefStore;
 use outbox_core::store::{BatchStore, StreamStore};
 use outbox_mongo::MongoStore;
 use tracing::{info, warn};
@@ -83,7 +86,7 @@ impl Application {
         schema_ready: Arc<AtomicBool>,
     ) -> anyhow::Result<Self>
     where
-        S: BatchStore + StreamStore,
+        S: BatchStore + StreamStore + ObjectRefStore,
     {
         crate::metrics::describe();
         let listener =
@@ -95,6 +98,13 @@ impl Application {
         }
         let state = web::Data::new(AppState {
             catalog: streams::Catalog::new(Arc::clone(&store) as Arc<dyn StreamStore>),
+            claim_checks: claim_check::ClaimChecks {
+                default: config.claim_check(),
+                max_item_bytes: config.max_item_bytes,
+                timeout: Duration::from_secs(config.claim_check_timeout_seconds),
+                stores: outbox_claim_check::Stores::default(),
+                refs: Arc::clone(&store) as Arc<dyn ObjectRefStore>,
+            },
             store,
             rules: config.ingest_rules(),
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),

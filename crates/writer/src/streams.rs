@@ -89,6 +89,7 @@ impl Catalog {
                 writers: None,
                 created_at: None,
                 updated_at: None,
+                claim_check: None,
             }),
             None => None,
         };

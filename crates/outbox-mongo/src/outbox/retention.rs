@@ -62,6 +62,22 @@ impl MongoStore {
                     let ids: Vec<String> = (first..=last)
                         .map(|n| ItemId::of(&batch_id, ItemSequence(n)).to_string())
                         .collect();
+                    // The claim-check references these items make, released
+                    // once they are gone (`ObjectRefStore::release`).
+                    let referring: Vec<Document> = self
+                        .items()
+                        .find(doc! { "_id": { "$in": &ids }, "claim_check": { "$exists": true } })
+                        .projection(doc! { "claim_check.url": 1 })
+                        .await
+                        .map_err(classify)?
+                        .try_collect()
+                        .await
+                        .map_err(classify)?;
+                    for item in &referring {
+                        if let Ok(url) = item.get_document("claim_check").and_then(|c| c.get_str("url")) {
+                            *removed.object_refs.entry(url.to_owned()).or_default() += 1;
+                        }
+                    }
                     let deleted = self
                         .items()
                         .delete_many(doc! { "_id": { "$in": ids } })

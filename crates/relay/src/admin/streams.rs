@@ -347,6 +347,7 @@ impl DefinitionBody {
             writers: self.writers,
             created_at: None,
             updated_at: None,
+            claim_check: None,
         };
         definition.validate().map_err(|e| invalid(e.0))?;
         Ok(definition)

@@ -336,6 +336,7 @@ impl Stack {
                         .unwrap_or("unknown")
                         .to_owned(),
                     request_data: object.as_object().unwrap().clone(),
+                    stored: None,
                 }
             })
             .collect();

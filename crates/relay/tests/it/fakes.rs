@@ -225,6 +225,7 @@ pub fn definition(on_poison: PoisonPolicy) -> StreamDefinition {
         writers: None,
         created_at: None,
         updated_at: None,
+        claim_check: None,
     }
 }
 

@@ -25,6 +25,7 @@ fn stream(name: &str) -> StreamDefinition {
         writers: None,
         created_at: None,
         updated_at: None,
+        claim_check: None,
     }
 }
 
@@ -44,6 +45,7 @@ fn replica(id: &str, store: &MemoryStore) -> Arc<Cluster> {
                 dead_letters: None,
                 interval: Duration::from_secs(60),
                 abandoned: Duration::from_secs(3600),
+                objects: Default::default(),
             },
             default_stream: stream("default"),
             max_streams: 10,

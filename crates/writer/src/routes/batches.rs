@@ -329,9 +329,34 @@ pub(crate) async fn process(
     let submitted_by = access.name(caller).to_owned();
     let format = body_format(req)?;
     let key = idempotency_key(req)?;
+    // The definition first: whether the stream has a claim-check store
+    // decides how large a body it takes.
+    let lookup = tokio::time::Instant::now() + state.request_deadline;
+    let stream = tokio::time::timeout_at(lookup, state.catalog.get(stream_name))
+        .await
+        .map_err(|_| {
+            store_problem(&StoreError::Unavailable(
+                "the stream's definition could not be read within the request deadline".to_owned(),
+            ))
+        })?
+        .map_err(|e| store_problem(&e))?;
+    let Some(stream) = stream else {
+        let names = tokio::time::timeout_at(lookup, state.catalog.names())
+            .await
+            .unwrap_or_default();
+        return Err(Problem::not_found(
+            "stream_not_found",
+            outbox_core::stream::unknown_stream(stream_name, names.iter().map(String::as_str)),
+        ));
+    };
+    let claim_check = state.claim_checks.rules_for(&stream.definition)?;
+    let max_body_bytes = match claim_check {
+        Some(_) => state.claim_checks.max_body_bytes(state.max_body_bytes),
+        None => state.max_body_bytes,
+    };
     let body = tokio::time::timeout(
         state.body_read_timeout,
-        read_body(req, payload, state.max_body_bytes),
+        read_body(req, payload, max_body_bytes),
     )
     .await
     .map_err(|_| {
@@ -358,26 +383,8 @@ pub(crate) async fn process(
     if !state.schema_ready.load(Ordering::Acquire) {
         return Err(schema_not_ready());
     }
-    // Everything the store does for this request fits in one deadline,
-    // reading the stream's definition included.
+    // Everything the store does for this request fits in one deadline.
     let deadline = tokio::time::Instant::now() + state.request_deadline;
-    let stream = tokio::time::timeout_at(deadline, state.catalog.get(stream_name))
-        .await
-        .map_err(|_| {
-            store_problem(&StoreError::Unavailable(
-                "the stream's definition could not be read within the request deadline".to_owned(),
-            ))
-        })?
-        .map_err(|e| store_problem(&e))?;
-    let Some(stream) = stream else {
-        let names = tokio::time::timeout_at(deadline, state.catalog.names())
-            .await
-            .unwrap_or_default();
-        return Err(Problem::not_found(
-            "stream_not_found",
-            outbox_core::stream::unknown_stream(stream_name, names.iter().map(String::as_str)),
-        ));
-    };
     if let Some(error) = &stream.schema_error {
         return Err(Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -414,6 +421,7 @@ pub(crate) async fn process(
     let rules = IngestRules {
         ordering: stream.definition.ordering.clone(),
         stream: stream_name.clone(),
+        claim_check,
         ..state.rules.clone()
     };
     let schema = stream.schema.clone();
@@ -437,10 +445,24 @@ pub(crate) async fn process(
     if batch.items.len() > 1 {
         access.admit(caller, batch.items.len() - 1)?;
     }
-    let batch = NewBatch {
+    let mut batch = NewBatch {
         submitted_by: access.required().then(|| submitted_by.clone()),
         traceparent: Some(traceparent.to_string()),
         ..batch
+    };
+    // Large payloads go to their store before the batch is stored: a batch
+    // is never visible before the objects it refers to.
+    let span = info_span!("claim_check", batch_id = %batch.batch_id);
+    let pinned = state
+        .claim_checks
+        .store_payloads(&mut batch)
+        .instrument(span)
+        .await?;
+    // The objects may have taken a while: the store gets its own deadline.
+    let deadline = if pinned.is_empty() {
+        deadline
+    } else {
+        deadline.max(tokio::time::Instant::now() + state.request_deadline)
     };
 
     let span = info_span!("store_batch", batch_id = %batch.batch_id, items = batch.items.len());
@@ -458,6 +480,11 @@ pub(crate) async fn process(
     let stored = task
         .await
         .unwrap_or_else(|e| Err(StoreError::Other(format!("the store task failed: {e}"))));
+    // A batch surely not stored takes its pins back; one whose outcome is
+    // unknown keeps them (its objects are kept, never lost).
+    if matches!(&stored, Err(e) if !matches!(e, StoreError::OutcomeUnknown(_))) {
+        state.claim_checks.unpin(pinned).await;
+    }
     match stored {
         Ok(summary) => {
             metrics::counter!(BATCHES_ACCEPTED, "submitted_by" => submitted_by.clone())

@@ -47,6 +47,8 @@ pub struct AppState {
     pub store: Arc<dyn BatchStore>,
     /// The streams' definitions (schema, writers, ordering).
     pub catalog: crate::streams::Catalog,
+    /// Where large payloads go.
+    pub claim_checks: crate::claim_check::ClaimChecks,
     pub rules: IngestRules,
     pub max_body_bytes: usize,
     /// How long one request may spend on the store.

@@ -93,6 +93,34 @@ struct LateLoser {
 }
 
 #[async_trait::async_trait]
+impl outbox_core::claim_check::ObjectRefStore for LateLoser {
+    async fn pin(
+        &self,
+        url: &str,
+        count: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), StoreError> {
+        self.inner.pin(url, count, deadline).await
+    }
+
+    async fn unpin(&self, url: &str, count: u64) -> Result<(), StoreError> {
+        self.inner.unpin(url, count).await
+    }
+
+    async fn release(&self, url: &str, count: u64) -> Result<bool, StoreError> {
+        self.inner.release(url, count).await
+    }
+
+    async fn being_deleted(&self, marked_before_ms: i64) -> Result<Vec<String>, StoreError> {
+        self.inner.being_deleted(marked_before_ms).await
+    }
+
+    async fn forget(&self, url: &str) -> Result<(), StoreError> {
+        self.inner.forget(url).await
+    }
+}
+
+#[async_trait::async_trait]
 impl BatchStore for LateLoser {
     async fn insert_batch(
         &self,

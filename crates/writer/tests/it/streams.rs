@@ -26,6 +26,7 @@ fn definition(name: &str, schema: Option<Value>, writers: Option<Vec<&str>>) -> 
         writers: writers.map(|w| w.into_iter().map(str::to_owned).collect()),
         created_at: None,
         updated_at: None,
+        claim_check: None,
     }
 }
 
