@@ -16,6 +16,7 @@ use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use tokio::time::Instant;
 use tracing::warn;
 
+use crate::claim_check::ClaimCheckResolver;
 use crate::item::{Item, Lane, NotAnItem};
 use crate::seen::SeenStore;
 use crate::verify::{Contract, Report, Verdict, Verifier};
@@ -165,6 +166,8 @@ pub struct Core<S, H> {
     /// Copies of items held for their batch (the verifier sees an item
     /// once its batch is handled).
     held_copies: u64,
+    /// Fetches claim-checked payloads; without one such an item fails.
+    claim_checks: Option<ClaimCheckResolver>,
 }
 
 impl<S: SeenStore, H: Handler> Core<S, H> {
@@ -178,7 +181,15 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
             blocked: BTreeMap::new(),
             verifier: Verifier::new(contract),
             held_copies: 0,
+            claim_checks: None,
         }
+    }
+
+    /// The same, resolving claim-checked items with `resolver`.
+    #[must_use]
+    pub fn with_claim_checks(mut self, resolver: ClaimCheckResolver) -> Self {
+        self.claim_checks = Some(resolver);
+        self
     }
 
     /// The same, with other [`Limits`].
@@ -238,6 +249,30 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
                 answer.nack();
                 return Outcome::Failed(format!("reading what was seen: {e:#}"));
             }
+        }
+        // A payload stored by reference is fetched and verified before the
+        // item goes anywhere: one that cannot be is never handed over, and
+        // the rest of its key waits for it, as after a handler's failure.
+        let mut item = item;
+        let resolved = match (&self.claim_checks, &item.claim_check) {
+            (_, None) => Ok(()),
+            (Some(resolver), Some(_)) => resolver.resolve(&mut item).await,
+            (None, Some(reference)) => Err(format!(
+                "the payload is in a claim-check store ({}) and this consumer has no ClaimCheckResolver",
+                reference.url
+            )),
+        };
+        if let Err(reason) = resolved {
+            warn!(message = "a claim-checked item could not be resolved; it comes again", %reason);
+            self.blocked.insert(
+                ordering,
+                Blocked {
+                    awaited: key,
+                    since: Instant::now(),
+                },
+            );
+            answer.nack();
+            return Outcome::Failed(reason);
         }
         if !self.whole_batches {
             let outcome = match self.handler.handle(Delivery::Item(item.clone())).await {
@@ -470,6 +505,9 @@ pub struct ConsumerConfig {
     pub contract: Contract,
     /// How long to wait for what may never come to this client.
     pub limits: Limits,
+    /// Resolves items whose payload is in a claim-check store; `None`:
+    /// such an item is never handed over (it fails, and comes again).
+    pub claim_checks: Option<ClaimCheckResolver>,
 }
 
 impl ConsumerConfig {
@@ -483,6 +521,7 @@ impl ConsumerConfig {
             whole_batches: false,
             contract: Contract::Global,
             limits: Limits::default(),
+            claim_checks: None,
         }
     }
 
@@ -533,6 +572,9 @@ impl Consumer {
         };
         let mut core =
             Core::new(seen, handler, config.whole_batches, config.contract).with_limits(limits);
+        if let Some(resolver) = &config.claim_checks {
+            core = core.with_claim_checks(resolver.clone());
+        }
         let mut stop = std::pin::pin!(stop);
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
@@ -642,6 +684,72 @@ mod tests {
             answer: Box::new(Answering(item.message_id.clone(), answers.clone())),
             item: Ok(item),
         }
+    }
+
+    /// A claim-checked copy of item `i` of batch 1: its payload in `objects`.
+    async fn claim_checked(objects: &outbox_claim_check::Objects, i: u32, total: u64) -> Item {
+        let mut item = item(1, i, total);
+        let payload = serde_json::json!({ "n": i, "document": "x".repeat(200_000) });
+        let reference = objects
+            .put(bytes_of(&payload))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        item.payload = serde_json::Value::Null;
+        item.claim_check = Some(reference);
+        item
+    }
+
+    fn bytes_of(value: &serde_json::Value) -> bytes::Bytes {
+        bytes::Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_claim_checked_item_is_handed_over_resolved_and_a_changed_one_never() {
+        let dir = std::env::temp_dir().join(format!("outbox-consumer-{}", std::process::id()));
+        let location =
+            outbox_core::claim_check::Location::parse(&format!("file://{}", dir.display())).unwrap();
+        let objects = outbox_claim_check::Objects::open(&location).unwrap();
+        let answers = Answers::default();
+        let mut core = Core::new(MemorySeen::new(100), Keeping::default(), false, Contract::Global)
+            .with_claim_checks(crate::ClaimCheckResolver::new(1 << 20).with_objects(objects.clone()));
+        let first = claim_checked(&objects, 1, 3).await;
+        assert_eq!(core.on(received(first, &answers)).await, Outcome::Handled);
+        // Item 2's object changed in the store after it was written: same
+        // size, another digest.
+        let changed = claim_checked(&objects, 2, 3).await;
+        let reference = changed.claim_check.clone().unwrap();
+        let file = dir.join(location.key(&reference.sha256));
+        let mut text = std::fs::read(&file).unwrap();
+        text[10] ^= 1;
+        std::fs::write(&file, text).unwrap();
+        let outcome = core.on(received(changed, &answers)).await;
+        assert!(
+            matches!(&outcome, Outcome::Failed(why) if why.contains("SHA-256")),
+            "{outcome:?}"
+        );
+        // What follows on its key waits for it, as after any failure.
+        let third = claim_checked(&objects, 3, 3).await;
+        assert_eq!(core.on(received(third, &answers)).await, Outcome::Blocked);
+        // Over the consumer's limit: refused before it is fetched.
+        let mut small = Core::new(MemorySeen::new(100), Keeping::default(), false, Contract::Global)
+            .with_claim_checks(crate::ClaimCheckResolver::new(1000).with_objects(objects.clone()));
+        let big = claim_checked(&objects, 1, 1).await;
+        assert!(matches!(small.on(received(big, &answers)).await, Outcome::Failed(why) if why.contains("over the limit")));
+        // No resolver: never handed over.
+        let mut blind = Core::new(MemorySeen::new(100), Keeping::default(), false, Contract::Global);
+        let unresolved = claim_checked(&objects, 1, 1).await;
+        assert!(matches!(blind.on(received(unresolved, &answers)).await, Outcome::Failed(_)));
+        let handled = core.handler().handled.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(handled.len(), 1);
+        let Delivery::Item(item) = &handled[0] else {
+            panic!("{:?}", handled[0]);
+        };
+        assert_eq!(item.payload["n"], 1);
+        assert_eq!(item.payload["document"].as_str().map(str::len), Some(200_000));
+        assert!(small.handler().handled.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        assert!(blind.handler().handled.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        let acks: Vec<bool> = answers.0.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, ack)| *ack).collect();
+        assert_eq!(acks, [true, false, false, false, false], "only the resolved item is acknowledged");
     }
 
     /// Deliveries with a duplicate, and a failure whose redelivery brings

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use outbox_core::claim_check::Reference;
 use serde_json::Value;
 
 /// Why a message is not one of batch-outbox's.
@@ -38,8 +39,12 @@ pub struct Item {
     pub replay_id: Option<String>,
     pub request_id: Option<String>,
     pub vendor_name: String,
-    /// The JSON object the client submitted.
+    /// The JSON object the client submitted (`Null` for a claim-checked
+    /// item until it is resolved; [`crate::Core`] resolves before it hands
+    /// an item over).
     pub payload: Value,
+    /// Where the payload is when the message carries a reference instead.
+    pub claim_check: Option<Reference>,
     /// Every attribute, as received.
     pub attributes: BTreeMap<String, String>,
 }
@@ -69,6 +74,9 @@ impl Item {
         };
         let body: Value = serde_json::from_slice(data)
             .map_err(|e| NotAnItem(format!("the body is not JSON: {e}")))?;
+        let claim_check = Reference::from_attributes(|name| attributes.get(name).map(String::as_str))
+            .transpose()
+            .map_err(|e| NotAnItem(e.to_string()))?;
         let item_sequence = u32::try_from(number("item_sequence")?)
             .map_err(|_| NotAnItem("item_sequence is out of range".to_owned()))?;
         Ok(Self {
@@ -91,6 +99,7 @@ impl Item {
             request_id: attributes.get("request_id").cloned(),
             vendor_name: attributes.get("vendor_name").cloned().unwrap_or_default(),
             payload: body.get("payload").cloned().unwrap_or(Value::Null),
+            claim_check,
             attributes: attributes
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))

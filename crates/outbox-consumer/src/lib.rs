@@ -10,6 +10,9 @@
 //!   `MongoSeen` with the `mongodb` feature, kept across restarts).
 //! - [`Consumer`] and [`Core`]: read an ordered subscription with Google's
 //!   subscriber client and call a [`Handler`].
+//! - [`ClaimCheckResolver`]: a payload stored by reference (claim-check) is
+//!   fetched, its size and SHA-256 checked, and handed over in place; never
+//!   an item whose object is missing or changed.
 //!
 //! ```no_run
 //! use outbox_consumer::{Consumer, ConsumerConfig, Delivery, Handler, MemorySeen};
@@ -30,12 +33,14 @@
 //! # Ok(()) }
 //! ```
 
+mod claim_check;
 mod consumer;
 mod crypto;
 mod item;
 mod seen;
 mod verify;
 
+pub use claim_check::ClaimCheckResolver;
 pub use consumer::{
     Answer, Consumer, ConsumerConfig, Core, Delivery, Handler, Limits, Outcome, Received,
 };

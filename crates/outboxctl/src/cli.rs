@@ -207,6 +207,18 @@ pub struct DefinitionArgs {
     /// Let any writer in.
     #[arg(long, conflicts_with = "writers")]
     pub any_writer: bool,
+    /// A claim-check store for the stream's large items: `gs://bucket/prefix`,
+    /// `file:///path` or `memory://`.
+    #[arg(long)]
+    pub claim_check_url: Option<String>,
+    /// With a claim-check store: payloads above this many bytes go there
+    /// (default: only those too large for a Pub/Sub message).
+    #[arg(long, requires = "claim_check_url")]
+    pub claim_check_above_bytes: Option<u64>,
+    /// Drop the stream's claim-check store (the writers' CLAIM_CHECK_URL
+    /// applies, if set).
+    #[arg(long, conflicts_with = "claim_check_url")]
+    pub no_claim_check: bool,
 }
 
 #[derive(Args, Debug)]

@@ -11,13 +11,14 @@ use crate::cli::DefinitionArgs;
 use crate::client::{Client, Failure, Service};
 
 /// The fields of a definition, as the admin API takes them.
-const FIELDS: [&str; 6] = [
+const FIELDS: [&str; 7] = [
     "topic",
     "ordering_key",
     "ordering_key_default",
     "on_poison",
     "schema",
     "writers",
+    "claim_check",
 ];
 
 /// A stream's stored definition (`GET`), or `None` when there is none.
@@ -94,6 +95,16 @@ fn merge(
     }
     if args.any_writer {
         base.remove("writers");
+    }
+    if let Some(url) = &args.claim_check_url {
+        let mut setting = json!({ "url": url });
+        if let Some(above) = args.claim_check_above_bytes {
+            setting["above_bytes"] = json!(above);
+        }
+        base.insert("claim_check".to_owned(), setting);
+    }
+    if args.no_claim_check {
+        base.remove("claim_check");
     }
     Ok(base)
 }

@@ -189,15 +189,43 @@ impl Received {
     fn line(&self) -> String {
         let data: Value = serde_json::from_slice(&self.data)
             .unwrap_or_else(|_| json!(String::from_utf8_lossy(&self.data)));
-        json!({
+        let mut line = json!({
             "message_id": self.message_id,
             "publish_time": self.publish_time,
             "ordering_key": self.ordering_key,
             "attributes": self.attributes,
             "data": data,
-        })
-        .to_string()
+        });
+        // A payload in a claim-check store: the reference, with its size.
+        let attribute = |name: &str| self.attributes.get(name).and_then(Value::as_str);
+        if let Some(reference) = outbox_core::claim_check::Reference::from_attributes(attribute) {
+            line["claim_check"] = match reference {
+                Ok(reference) => json!({
+                    "url": reference.url,
+                    "sha256": reference.sha256,
+                    "bytes": reference.bytes,
+                    "size": human_bytes(reference.bytes),
+                }),
+                Err(error) => json!({ "error": error.to_string() }),
+            };
+        }
+        line.to_string()
     }
+}
+
+/// A size for people: `25.0 MiB`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut size = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while size >= 1024.0 && unit + 1 < UNITS.len() {
+        size /= 1024.0;
+        unit += 1;
+    }
+    format!("{size:.1} {}", UNITS[unit])
 }
 
 /// Where printed messages go: `out`, and with `--verify` the check.
@@ -471,4 +499,36 @@ async fn tail_emulator(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_checked_message_is_shown_as_its_reference_with_its_size() {
+        let sha256 = "ab".repeat(32);
+        let received = Received {
+            message_id: "1".to_owned(),
+            publish_time: None,
+            ordering_key: "batch-outbox".to_owned(),
+            attributes: json!({
+                "item_id": "x",
+                "claim_check_url": format!("file:///objects/sha256/{sha256}"),
+                "claim_check_sha256": sha256,
+                "claim_check_bytes": (25 * 1024 * 1024).to_string(),
+            }),
+            data: br#"{"batch_id":"00000000000000aa"}"#.to_vec(),
+        };
+        let line: Value = serde_json::from_str(&received.line()).unwrap();
+        assert_eq!(line["claim_check"]["bytes"], 25 * 1024 * 1024);
+        assert_eq!(line["claim_check"]["size"], "25.0 MiB");
+        assert_eq!(line["data"]["batch_id"], "00000000000000aa");
+        let inline = Received {
+            attributes: json!({ "item_id": "x" }),
+            ..received
+        };
+        let line: Value = serde_json::from_str(&inline.line()).unwrap();
+        assert!(line.get("claim_check").is_none());
+    }
 }

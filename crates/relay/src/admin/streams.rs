@@ -39,6 +39,7 @@ pub(crate) fn definition_json(definition: &StreamDefinition) -> Value {
         "on_poison": definition.on_poison.to_string(),
         "schema": definition.schema,
         "writers": definition.writers,
+        "claim_check": definition.claim_check,
         "created_at": definition.created_at.map(time),
         "updated_at": definition.updated_at.map(time),
     })
@@ -312,6 +313,8 @@ pub(crate) struct DefinitionBody {
     schema: Option<Value>,
     #[serde(default)]
     writers: Option<Vec<String>>,
+    #[serde(default)]
+    claim_check: Option<outbox_core::claim_check::ClaimCheck>,
 }
 
 fn invalid(detail: impl Into<String>) -> Problem {
@@ -347,7 +350,7 @@ impl DefinitionBody {
             writers: self.writers,
             created_at: None,
             updated_at: None,
-            claim_check: None,
+            claim_check: self.claim_check,
         };
         definition.validate().map_err(|e| invalid(e.0))?;
         Ok(definition)
@@ -375,7 +378,7 @@ impl DefinitionBody {
         (status = 409, description = "`too_many_streams`: `MAX_STREAMS` are defined.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "`body_too_large`.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`.", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_stream`: a topic Pub/Sub would refuse, an unknown ordering-key mode or poison policy, a schema that is not a JSON Schema, an empty `writers`.", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_stream`: a topic Pub/Sub would refuse, an unknown ordering-key mode or poison policy, a schema that is not a JSON Schema, an empty `writers`, a `claim_check` whose `url` is not `gs://`, `file://` or `memory://` or whose `above_bytes` is 0 or over 9,998,976.", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`.", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))

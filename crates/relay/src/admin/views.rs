@@ -38,6 +38,24 @@ pub struct StreamDefinitionBody {
     schema: Option<serde_json::Value>,
     /// The API key names allowed to write the stream; absent: any.
     writers: Option<Vec<String>>,
+    /// Where items too large for a Pub/Sub message go (claim-check); absent:
+    /// the writers' `CLAIM_CHECK_URL`, if set.
+    claim_check: Option<ClaimCheckBody>,
+}
+
+/// A stream's claim-check store: an item whose message Pub/Sub would refuse
+/// (or whose payload is over `above_bytes`) is stored there under its
+/// SHA-256, and its message carries `claim_check_url`,
+/// `claim_check_sha256` and `claim_check_bytes` in place of the payload.
+#[derive(ToSchema)]
+pub struct ClaimCheckBody {
+    /// `gs://bucket/prefix` (Google credentials as for Pub/Sub),
+    /// `file:///absolute/path` or `memory://` (tests).
+    #[schema(example = "gs://acme-outbox/invoices")]
+    url: String,
+    /// Payloads above this many bytes go to the store (1 to 9,998,976);
+    /// absent: only those whose message Pub/Sub would refuse.
+    above_bytes: Option<u64>,
 }
 
 /// A stream: its definition and its live state.
@@ -51,6 +69,7 @@ pub struct StreamView {
     #[schema(value_type = Option<Object>)]
     schema: Option<serde_json::Value>,
     writers: Option<Vec<String>>,
+    claim_check: Option<ClaimCheckBody>,
     /// RFC 3339; null for the default stream until it is defined.
     created_at: Option<String>,
     updated_at: Option<String>,
