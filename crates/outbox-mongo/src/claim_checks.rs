@@ -23,7 +23,9 @@ use crate::MongoStore;
 use crate::errors::{classify, is_duplicate_key};
 
 /// The state of an object being deleted (a string: the development
-/// stand-in reads a boolean written with `$set` back as 1).
+/// stand-in reads a boolean written with `$set` back as 1). Filters say
+/// `$nin: [DELETING]` rather than `$ne`: the same on MongoDB, and the
+/// stand-in's updates match no document without the field on `$ne`.
 const DELETING: &str = "deleting";
 
 /// How often a pin looks again at an object being deleted.
@@ -46,7 +48,7 @@ impl ObjectRefStore for MongoStore {
                 deadline,
                 self.objects()
                     .update_one(
-                        doc! { "_id": url, "state": { "$ne": DELETING } },
+                        doc! { "_id": url, "state": { "$nin": [DELETING] } },
                         doc! { "$inc": { "refs": count(refs) } },
                     )
                     .upsert(true)
@@ -73,7 +75,7 @@ impl ObjectRefStore for MongoStore {
     async fn unpin(&self, url: &str, refs: u64) -> Result<(), StoreError> {
         self.objects()
             .update_one(
-                doc! { "_id": url, "state": { "$ne": DELETING } },
+                doc! { "_id": url, "state": { "$nin": [DELETING] } },
                 doc! { "$inc": { "refs": -count(refs) } },
             )
             .await
@@ -85,7 +87,7 @@ impl ObjectRefStore for MongoStore {
         let after = self
             .objects()
             .find_one_and_update(
-                doc! { "_id": url, "state": { "$ne": DELETING } },
+                doc! { "_id": url, "state": { "$nin": [DELETING] } },
                 doc! { "$inc": { "refs": -count(refs) } },
             )
             .return_document(ReturnDocument::After)
@@ -102,7 +104,7 @@ impl ObjectRefStore for MongoStore {
         let marked = self
             .objects()
             .update_one(
-                doc! { "_id": url, "refs": { "$lte": 0_i64 }, "state": { "$ne": DELETING } },
+                doc! { "_id": url, "refs": { "$lte": 0_i64 }, "state": { "$nin": [DELETING] } },
                 doc! { "$set": { "state": DELETING, "marked_ms": chrono::Utc::now().timestamp_millis() } },
             )
             .await

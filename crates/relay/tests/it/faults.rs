@@ -21,7 +21,7 @@ use crate::e2e::{
 };
 
 /// A MongoDB this test may inject faults into.
-struct FaultyMongo {
+pub(crate) struct FaultyMongo {
     url: String,
     standin: bool,
     client: mongodb::Client,
@@ -33,7 +33,7 @@ impl FaultyMongo {
     /// A private stand-in with MongoDB's default transaction lifetime (60 s)
     /// unless `lifetime` says otherwise, or the `MONGODB_URL` server. `None`
     /// (after saying SKIPPED) when that server has no test commands.
-    async fn start(test: &str, lifetime: Option<u32>) -> Option<Self> {
+    pub(crate) async fn start(test: &str, lifetime: Option<u32>) -> Option<Self> {
         let standin = std::env::var("MONGODB_FLAVOR").as_deref() == Ok("standin");
         let (url, process, lock) = if standin {
             let port = free_port();
@@ -97,7 +97,7 @@ impl FaultyMongo {
         Some(mongo)
     }
 
-    fn url_for(&self, app_name: &str) -> String {
+    pub(crate) fn url_for(&self, app_name: &str) -> String {
         format!("{}&appName={app_name}", self.url)
     }
 
@@ -110,7 +110,7 @@ impl FaultyMongo {
     }
 
     /// Configures `failCommand`; returns the count `waitForFailPoint` adds to.
-    async fn fail_point(&self, mode: Bson, data: Document) -> i64 {
+    pub(crate) async fn fail_point(&self, mode: Bson, data: Document) -> i64 {
         let reply = self
             .client
             .database("admin")
@@ -124,11 +124,11 @@ impl FaultyMongo {
         }
     }
 
-    async fn fail_point_off(&self) {
+    pub(crate) async fn fail_point_off(&self) {
         self.fail_point(Bson::String("off".into()), doc! {}).await;
     }
 
-    async fn wait_for_fail_point(&self, times_entered: i64) {
+    pub(crate) async fn wait_for_fail_point(&self, times_entered: i64) {
         self.client
             .database("admin")
             .run_command(doc! {
@@ -140,7 +140,7 @@ impl FaultyMongo {
             .unwrap();
     }
 
-    async fn stack(&self, writer_app: &str, writer_vars: &[(&str, String)]) -> Stack {
+    pub(crate) async fn stack(&self, writer_app: &str, writer_vars: &[(&str, String)]) -> Stack {
         let url = self.url_for(writer_app);
         start_stack_on(&url, self.standin, writer_vars).await
     }

@@ -12,6 +12,7 @@
 
 mod admin;
 mod budget;
+mod claim_check;
 mod cli;
 mod consumer;
 mod dashboard;
