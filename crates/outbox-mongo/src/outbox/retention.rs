@@ -67,7 +67,9 @@ impl MongoStore {
                     let referring: Vec<Document> = self
                         .items()
                         .find(doc! { "_id": { "$in": &ids }, "claim_check": { "$exists": true } })
-                        .projection(doc! { "claim_check.url": 1 })
+                        // The whole reference, small: the stand-in answers a
+                        // dotted projection with a flattened key.
+                        .projection(doc! { "claim_check": 1 })
                         .await
                         .map_err(classify)?
                         .try_collect()

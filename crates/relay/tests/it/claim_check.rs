@@ -67,6 +67,19 @@ impl Handler for Keep {
 /// Runs the consumer crate on `subscription`, reading the store at
 /// `store_url`, until `count` items were handed over; returns them.
 async fn consume(stack: &Stack, subscription: &str, store_url: &str, count: usize) -> Vec<Item> {
+    let (running, kept) = spawn_consumer(stack, subscription, store_url, count);
+    running.await.unwrap();
+    kept.lock().unwrap().clone()
+}
+
+/// The consumer crate in the background until `count` items were handed
+/// over, and what it handed over so far.
+fn spawn_consumer(
+    stack: &Stack,
+    subscription: &str,
+    store_url: &str,
+    count: usize,
+) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<Item>>>) {
     let mut config = ConsumerConfig::new(&stack.pubsub.project_id, subscription);
     config.emulator_host = stack.pubsub.emulator_host.clone();
     config.claim_checks = Some(
@@ -76,19 +89,23 @@ async fn consume(stack: &Stack, subscription: &str, store_url: &str, count: usiz
     );
     let keep = Keep::default();
     let kept = Arc::clone(&keep.0);
-    let stop = async move {
-        eventually(Duration::from_secs(120), "the items to be handed over", || {
-            let done = kept.lock().unwrap().len() >= count;
-            async move { done }
-        })
-        .await;
-    };
-    let report = Consumer::run(&config, outbox_consumer::MemorySeen::default(), keep.clone(), stop)
-        .await
-        .unwrap();
-    assert!(report.held(), "{report:?}");
-    let items = keep.0.lock().unwrap().clone();
-    items
+    let running = tokio::spawn({
+        let kept = Arc::clone(&kept);
+        async move {
+            let stop = async move {
+                eventually(Duration::from_secs(120), "the items to be handed over", || {
+                    let done = kept.lock().unwrap().len() >= count;
+                    async move { done }
+                })
+                .await;
+            };
+            let report = Consumer::run(&config, outbox_consumer::MemorySeen::default(), keep, stop)
+                .await
+                .unwrap();
+            assert!(report.held(), "{report:?}");
+        }
+    });
+    (running, kept)
 }
 
 async fn subscribe(stack: &Stack, name: &str) -> String {
@@ -263,5 +280,82 @@ async fn a_writer_killed_between_the_object_and_the_batch_leaves_no_batch() {
     assert_eq!(count(&stack, "batches", doc! {}).await, 1);
     assert_eq!(count(&stack, "batch_items", doc! {}).await, 1);
     // The object stays, harmless: the same payload sent again reuses it.
+    assert_eq!(objects_in(&dir).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_publishes_the_same_references_and_retention_deletes_each_object_with_its_last_item()
+ {
+    let (dir, url) = store_dir();
+    // Payloads over 1,000 bytes go to the store: small enough to be quick.
+    let stack = stack_with(&[
+        ("CLAIM_CHECK_URL", url.clone()),
+        ("CLAIM_CHECK_ABOVE_BYTES", "1000".to_owned()),
+    ])
+    .await;
+    let subscription = subscribe(&stack, "claim-check-replay").await;
+    let (mut relay, admin) = stack.relay("relay-cc-replay", &relay_vars());
+    stack.admin_ready(&admin).await;
+    // One payload in both batches (one object, two references), one only
+    // in the second, one small enough to stay inline.
+    let shared = json!({"vendor_name": "acme", "document": "s".repeat(2000)});
+    let own = json!({"vendor_name": "acme", "document": "o".repeat(3000)});
+    let small = json!({"vendor_name": "acme", "note": "inline"});
+    for body in [json!([shared, small]), json!([own, shared])] {
+        let (status, answer) = post(&stack, &body).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    assert_eq!(objects_in(&dir).len(), 2, "one object per payload");
+
+    let (consumer, kept) = spawn_consumer(&stack, &subscription, &url, 8);
+    eventually(Duration::from_secs(60), "the live items", || {
+        let live = kept.lock().unwrap().len() >= 4;
+        async move { live }
+    })
+    .await;
+    let live: Vec<Item> = kept.lock().unwrap().clone();
+    let payloads: Vec<&Value> = live.iter().map(|i| &i.payload).collect();
+    assert_eq!(payloads, [&shared, &small, &own, &shared]);
+
+    let response = stack
+        .http
+        .post(format!("{admin}/api/v1/outbox/replays"))
+        .json(&json!({"from_sequence": 1, "to_sequence": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let started: Value = response.json().await.unwrap();
+    let id = started["replay_id"].as_str().unwrap().to_owned();
+    // The copies carry the references the originals did, and resolve.
+    consumer.await.unwrap();
+    let all = kept.lock().unwrap().clone();
+    let copies: Vec<&Item> = all
+        .iter()
+        .filter(|i| i.replay_id.as_deref() == Some(id.as_str()))
+        .collect();
+    assert_eq!(copies.len(), 4, "{all:?}");
+    for (copy, original) in copies.iter().zip(&live) {
+        assert_eq!(copy.item_id, original.item_id);
+        assert_eq!(copy.claim_check, original.claim_check);
+        assert_eq!(copy.payload, original.payload);
+    }
+    assert!(copies.iter().filter(|c| c.claim_check.is_some()).count() == 3);
+
+    // Retention: a relay that keeps committed batches one second.
+    relay.kill_hard();
+    let _ = relay.child.wait().await;
+    let mut vars = relay_vars();
+    vars.extend([("RETENTION_SECONDS", "1"), ("RETENTION_INTERVAL_SECONDS", "1")]);
+    let (_retention, _) = stack.relay("relay-cc-retention", &vars);
+    eventually(Duration::from_secs(90), "retention to remove both batches and their objects", || async {
+        count(&stack, "batches", doc! {}).await == 0 && objects_in(&dir).is_empty()
+    })
+    .await;
+    assert_eq!(count(&stack, "claim_check_objects", doc! {}).await, 0);
+    // The shared payload sent again is stored again: a new batch never
+    // refers to an object retention deleted.
+    let (status, answer) = post(&stack, &json!([shared])).await;
+    assert_eq!(status, 201, "{answer}");
     assert_eq!(objects_in(&dir).len(), 1);
 }
