@@ -71,7 +71,10 @@ impl ClaimCheckResolver {
                 location.url()
             )));
         }
-        let objects = self.stores.open(&location).map_err(|e| refused(e.to_string()))?;
+        let objects = self
+            .stores
+            .open(&location)
+            .map_err(|e| refused(e.to_string()))?;
         let payload = objects
             .get(reference, self.limit)
             .await

@@ -707,11 +707,17 @@ mod tests {
     async fn a_claim_checked_item_is_handed_over_resolved_and_a_changed_one_never() {
         let dir = std::env::temp_dir().join(format!("outbox-consumer-{}", std::process::id()));
         let location =
-            outbox_core::claim_check::Location::parse(&format!("file://{}", dir.display())).unwrap();
+            outbox_core::claim_check::Location::parse(&format!("file://{}", dir.display()))
+                .unwrap();
         let objects = outbox_claim_check::Objects::open(&location).unwrap();
         let answers = Answers::default();
-        let mut core = Core::new(MemorySeen::new(100), Keeping::default(), false, Contract::Global)
-            .with_claim_checks(crate::ClaimCheckResolver::new(1 << 20).with_objects(objects.clone()));
+        let mut core = Core::new(
+            MemorySeen::new(100),
+            Keeping::default(),
+            false,
+            Contract::Global,
+        )
+        .with_claim_checks(crate::ClaimCheckResolver::new(1 << 20).with_objects(objects.clone()));
         let first = claim_checked(&objects, 1, 3).await;
         assert_eq!(core.on(received(first, &answers)).await, Outcome::Handled);
         // Item 2's object changed in the store after it was written: same
@@ -731,25 +737,71 @@ mod tests {
         let third = claim_checked(&objects, 3, 3).await;
         assert_eq!(core.on(received(third, &answers)).await, Outcome::Blocked);
         // Over the consumer's limit: refused before it is fetched.
-        let mut small = Core::new(MemorySeen::new(100), Keeping::default(), false, Contract::Global)
-            .with_claim_checks(crate::ClaimCheckResolver::new(1000).with_objects(objects.clone()));
+        let mut small = Core::new(
+            MemorySeen::new(100),
+            Keeping::default(),
+            false,
+            Contract::Global,
+        )
+        .with_claim_checks(crate::ClaimCheckResolver::new(1000).with_objects(objects.clone()));
         let big = claim_checked(&objects, 1, 1).await;
-        assert!(matches!(small.on(received(big, &answers)).await, Outcome::Failed(why) if why.contains("over the limit")));
+        assert!(
+            matches!(small.on(received(big, &answers)).await, Outcome::Failed(why) if why.contains("over the limit"))
+        );
         // No resolver: never handed over.
-        let mut blind = Core::new(MemorySeen::new(100), Keeping::default(), false, Contract::Global);
+        let mut blind = Core::new(
+            MemorySeen::new(100),
+            Keeping::default(),
+            false,
+            Contract::Global,
+        );
         let unresolved = claim_checked(&objects, 1, 1).await;
-        assert!(matches!(blind.on(received(unresolved, &answers)).await, Outcome::Failed(_)));
-        let handled = core.handler().handled.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(matches!(
+            blind.on(received(unresolved, &answers)).await,
+            Outcome::Failed(_)
+        ));
+        let handled = core
+            .handler()
+            .handled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         assert_eq!(handled.len(), 1);
         let Delivery::Item(item) = &handled[0] else {
             panic!("{:?}", handled[0]);
         };
         assert_eq!(item.payload["n"], 1);
-        assert_eq!(item.payload["document"].as_str().map(str::len), Some(200_000));
-        assert!(small.handler().handled.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
-        assert!(blind.handler().handled.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
-        let acks: Vec<bool> = answers.0.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, ack)| *ack).collect();
-        assert_eq!(acks, [true, false, false, false, false], "only the resolved item is acknowledged");
+        assert_eq!(
+            item.payload["document"].as_str().map(str::len),
+            Some(200_000)
+        );
+        assert!(
+            small
+                .handler()
+                .handled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        );
+        assert!(
+            blind
+                .handler()
+                .handled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        );
+        let acks: Vec<bool> = answers
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, ack)| *ack)
+            .collect();
+        assert_eq!(
+            acks,
+            [true, false, false, false, false],
+            "only the resolved item is acknowledged"
+        );
     }
 
     /// Deliveries with a duplicate, and a failure whose redelivery brings

@@ -74,9 +74,10 @@ impl Item {
         };
         let body: Value = serde_json::from_slice(data)
             .map_err(|e| NotAnItem(format!("the body is not JSON: {e}")))?;
-        let claim_check = Reference::from_attributes(|name| attributes.get(name).map(String::as_str))
-            .transpose()
-            .map_err(|e| NotAnItem(e.to_string()))?;
+        let claim_check =
+            Reference::from_attributes(|name| attributes.get(name).map(String::as_str))
+                .transpose()
+                .map_err(|e| NotAnItem(e.to_string()))?;
         let item_sequence = u32::try_from(number("item_sequence")?)
             .map_err(|_| NotAnItem("item_sequence is out of range".to_owned()))?;
         Ok(Self {

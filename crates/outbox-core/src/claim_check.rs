@@ -211,7 +211,10 @@ pub fn digest_of(payload: &Map<String, Value>) -> (String, u64) {
         bytes: 0,
     };
     let _ = serde_json::to_writer(&mut digesting, payload);
-    let sha256 = digesting.sha256.map(|h| hex::encode(h.finalize())).unwrap_or_default();
+    let sha256 = digesting
+        .sha256
+        .map(|h| hex::encode(h.finalize()))
+        .unwrap_or_default();
     (sha256, digesting.bytes)
 }
 
@@ -415,10 +418,19 @@ mod tests {
     #[test]
     fn an_object_url_names_its_store_and_digest_back() {
         let digest = sha256_hex(b"x");
-        for store in ["gs://b", "gs://b/some/prefix", "file:///var/objects", "memory://"] {
+        for store in [
+            "gs://b",
+            "gs://b/some/prefix",
+            "file:///var/objects",
+            "memory://",
+        ] {
             let location = Location::parse(store).unwrap();
             let url = location.object_url(&digest);
-            assert_eq!(Location::of_object(&url), Some((location, digest.clone())), "{url}");
+            assert_eq!(
+                Location::of_object(&url),
+                Some((location, digest.clone())),
+                "{url}"
+            );
         }
         for bad in ["gs://b/sha256/short", "http://h/sha256/aa", "file:///x/y"] {
             assert_eq!(Location::of_object(bad), None, "{bad}");

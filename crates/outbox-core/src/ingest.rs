@@ -93,6 +93,10 @@ pub enum IngestError {
         bytes: usize,
         max: usize,
     },
+    /// The item is over what the stream's claim-check store takes
+    /// (`MAX_ITEM_BYTES`).
+    #[error("item {index} is {bytes} bytes, over the limit of {max} bytes for one item")]
+    ItemOverLimit { index: usize, bytes: u64, max: u64 },
     /// A field the relay copies into a message attribute is longer than
     /// Pub/Sub allows an attribute value: the message could never be
     /// delivered.
@@ -731,7 +735,11 @@ pub fn build_batch(
 
 /// Whether an item goes to the claim-check store: its message would be
 /// over Pub/Sub's size limit, or its payload is above the threshold.
-fn to_store(inline: &Result<(), IngestError>, item: &NewItem, claim_check: &ClaimCheckRules) -> bool {
+fn to_store(
+    inline: &Result<(), IngestError>,
+    item: &NewItem,
+    claim_check: &ClaimCheckRules,
+) -> bool {
     match inline {
         Err(IngestError::ItemTooLarge { .. }) => true,
         Err(_) => false,
@@ -755,10 +763,10 @@ fn stored_payload(
 ) -> Result<StoredPayload, IngestError> {
     let (sha256, bytes) = claim_check::digest_of(&item.request_data);
     if bytes > claim_check.max_item_bytes {
-        return Err(IngestError::ItemTooLarge {
+        return Err(IngestError::ItemOverLimit {
             index,
-            bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
-            max: usize::try_from(claim_check.max_item_bytes).unwrap_or(usize::MAX),
+            bytes,
+            max: claim_check.max_item_bytes,
         });
     }
     let field_key = matches!(rules.ordering, OrderingKeyMode::Field { .. })
@@ -1026,6 +1034,63 @@ mod tests {
         // field: the cells after it still count (no JSON escapes in CSV).
         let tricky = format!("a,b\n{}", "\"\\\",\n".repeat(10_000));
         assert!(parse_cost(tricky.as_bytes(), BodyFormat::Csv) >= 100 * 20_000);
+    }
+
+    fn claim_checked(above_bytes: Option<u64>, ordering: OrderingKeyMode) -> IngestRules {
+        IngestRules {
+            ordering,
+            claim_check: Some(ClaimCheckRules {
+                setting: ClaimCheck {
+                    url: "gs://acme-outbox/big".to_owned(),
+                    above_bytes,
+                },
+                location: Location::parse("gs://acme-outbox/big").unwrap(),
+                max_item_bytes: 20_000_000,
+            }),
+            ..IngestRules::default()
+        }
+    }
+
+    #[test]
+    fn with_a_store_an_item_too_large_for_a_message_goes_by_reference() {
+        let big = json!({"vendor_name": "acme", "blob": "x".repeat(10_500_000)});
+        let rules = claim_checked(None, OrderingKeyMode::Global);
+        let batch =
+            build_batch(vec![json!({"a": 1}), big.clone()], &rules, None, Utc::now()).unwrap();
+        assert_eq!(batch.items[0].stored, None, "what fits stays inline");
+        let stored = batch.items[1].stored.as_ref().unwrap();
+        let text = serde_json::to_vec(&big).unwrap();
+        assert_eq!(stored.reference.bytes, text.len() as u64);
+        assert_eq!(stored.reference.sha256, claim_check::sha256_hex(&text));
+        assert_eq!(
+            stored.reference.url,
+            format!("gs://acme-outbox/big/sha256/{}", stored.reference.sha256)
+        );
+        assert_eq!(
+            claim_check::payload_text(&batch.items[1].request_data),
+            text
+        );
+        // Over MAX_ITEM_BYTES: refused, whatever the store.
+        let huge = json!({"blob": "x".repeat(20_000_000)});
+        assert!(matches!(
+            build_batch(vec![huge], &rules, None, Utc::now()),
+            Err(IngestError::ItemOverLimit {
+                index: 0,
+                max: 20_000_000,
+                ..
+            })
+        ));
+        // A threshold stores smaller payloads too; a field mode keeps the
+        // key taken from the payload.
+        let rules = claim_checked(Some(100), "field:/customer".parse().unwrap());
+        let items = vec![
+            json!({"customer": "c-1", "note": "y".repeat(200)}),
+            json!({"customer": "c-2"}),
+        ];
+        let batch = build_batch(items, &rules, None, Utc::now()).unwrap();
+        let stored = batch.items[0].stored.as_ref().unwrap();
+        assert_eq!(stored.field_key.as_deref(), Some("c-1"));
+        assert_eq!(batch.items[1].stored, None);
     }
 
     #[test]

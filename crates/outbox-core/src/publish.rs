@@ -316,12 +316,12 @@ impl<'a> ItemMessage<'a> {
             _ => mode.key_for_payload(self.batch_id, self.payload),
         };
         key.map(|key| {
-                if key == OrderingKeyMode::GLOBAL_KEY && !self.stream.is_default() {
-                    self.stream.to_string()
-                } else {
-                    key
-                }
-            })
+            if key == OrderingKeyMode::GLOBAL_KEY && !self.stream.is_default() {
+                self.stream.to_string()
+            } else {
+                key
+            }
+        })
     }
 
     /// The message.
@@ -525,6 +525,40 @@ mod tests {
         assert_eq!(attr("traceparent"), Some(traceparent));
         assert_eq!(
             message.ordering_key.as_deref(),
+            Some(OrderingKeyMode::GLOBAL_KEY)
+        );
+    }
+
+    #[test]
+    fn a_stored_payload_is_published_as_its_reference() {
+        let mut stored = item(1, Some("r-1"));
+        stored.request_data = Map::new();
+        stored.stored = Some(StoredPayload {
+            reference: crate::claim_check::Reference {
+                url: format!("gs://b/sha256/{}", "a".repeat(64)),
+                sha256: "a".repeat(64),
+                bytes: 25 << 20,
+            },
+            field_key: Some("c-9".to_owned()),
+        });
+        let message =
+            OutboxMessage::for_item(&stored, &batch_of(1, None), &OrderingKeyMode::Global);
+        let body: Value = serde_json::from_slice(&message.data).unwrap();
+        assert!(body.get("payload").is_none(), "{body}");
+        assert_eq!(body["request_id"], "r-1");
+        assert_eq!(
+            message.attributes["claim_check_bytes"],
+            (25_u64 << 20).to_string()
+        );
+        assert_eq!(message.attributes["claim_check_sha256"], "a".repeat(64));
+        assert!(message.check_limits().is_ok());
+        let field: OrderingKeyMode = "field:/customer".parse().unwrap();
+        let keyed = OutboxMessage::for_item(&stored, &batch_of(1, None), &field);
+        assert_eq!(keyed.ordering_key.as_deref(), Some("c-9"));
+        stored.stored.as_mut().unwrap().field_key = None;
+        let defaulted = OutboxMessage::for_item(&stored, &batch_of(1, None), &field);
+        assert_eq!(
+            defaulted.ordering_key.as_deref(),
             Some(OrderingKeyMode::GLOBAL_KEY)
         );
     }

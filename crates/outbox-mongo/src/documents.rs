@@ -6,11 +6,11 @@
 
 use chrono::{DateTime, Utc};
 use mongodb::bson::{self, Bson, Document, doc};
+use outbox_core::claim_check::{ClaimCheck, Reference, StoredPayload};
 use outbox_core::model::{
     BatchId, BatchProgress, BatchStatus, BatchSummary, ItemCounts, ItemId, ItemSequence,
     ItemStatus, NewBatch, NewItem, Sequence, VendorCounts,
 };
-use outbox_core::claim_check::{ClaimCheck, Reference, StoredPayload};
 use outbox_core::publish::OrderingKeyMode;
 use outbox_core::store::{ItemView, Member, OutboxItem, PendingBatch, StoreError};
 #[cfg(test)]
@@ -491,7 +491,10 @@ mod tests {
             writers: Some(vec!["billing".into()]),
             created_at: None,
             updated_at: None,
-            claim_check: None,
+            claim_check: Some(ClaimCheck {
+                url: "gs://acme/outbox".into(),
+                above_bytes: Some(4096),
+            }),
         };
         let now = Utc::now();
         let read = stream_definition(&stream_document(&definition, now)).unwrap();
@@ -500,7 +503,34 @@ mod tests {
         assert_eq!(read.on_poison, definition.on_poison);
         assert_eq!(read.schema, definition.schema);
         assert_eq!(read.writers, definition.writers);
+        assert_eq!(read.claim_check, definition.claim_check);
         assert!(read.updated_at.is_some());
+    }
+
+    #[test]
+    fn a_claim_checked_item_keeps_its_reference_and_no_payload() {
+        let rules = outbox_core::ingest::IngestRules {
+            claim_check: Some(outbox_core::ingest::ClaimCheckRules {
+                setting: ClaimCheck {
+                    url: "memory://".into(),
+                    above_bytes: Some(10),
+                },
+                location: outbox_core::claim_check::Location::Memory,
+                max_item_bytes: 1 << 20,
+            }),
+            ..outbox_core::ingest::IngestRules::default()
+        };
+        let values = vec![serde_json::json!({"request_id": "r", "text": "long enough"})];
+        let mut batch = outbox_core::ingest::build_batch(values, &rules, None, Utc::now()).unwrap();
+        batch.items[0].request_data = Map::new();
+        let document = item_document(&batch, &batch.items[0]);
+        assert_eq!(document.get("request_data"), Some(&Bson::Null));
+        let mut stored = document.clone();
+        stored.insert("batch_sequence", 1_i64);
+        let read = outbox_item(&stored).unwrap();
+        assert_eq!(read.stored, batch.items[0].stored);
+        assert!(read.request_data.is_empty());
+        assert_eq!(read.request_id.as_deref(), Some("r"));
     }
 
     #[test]

@@ -64,10 +64,7 @@ impl StreamStore for MongoStore {
         }
         let result = self
             .streams()
-            .update_one(
-                doc! { "_id": definition.name.as_str() },
-                update,
-            )
+            .update_one(doc! { "_id": definition.name.as_str() }, update)
             .upsert(true)
             .await
             .map_err(classify)?;

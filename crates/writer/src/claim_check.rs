@@ -74,7 +74,10 @@ impl ClaimChecks {
             Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "claim_check_unavailable",
-                format!("stream {}'s claim-check setting is not usable: {e}", definition.name),
+                format!(
+                    "stream {}'s claim-check setting is not usable: {e}",
+                    definition.name
+                ),
             )
         })?;
         Ok(Some(ClaimCheckRules {

@@ -74,7 +74,11 @@ impl ObjectRefStore for MemoryStore {
     async fn forget(&self, url: &str) -> Result<(), StoreError> {
         self.check_available()?;
         let mut state = self.lock();
-        if state.objects.get(url).is_some_and(|(_, marked)| marked.is_some()) {
+        if state
+            .objects
+            .get(url)
+            .is_some_and(|(_, marked)| marked.is_some())
+        {
             state.objects.remove(url);
         }
         Ok(())
@@ -94,8 +98,17 @@ mod tests {
         assert!(!store.release(url, 1).await.unwrap(), "one reference left");
         assert!(store.release(url, 1).await.unwrap(), "the last one went");
         let after = crate::world::now().timestamp_millis() + 1;
-        assert_eq!(store.being_deleted(after).await.unwrap(), vec![url.to_owned()]);
-        assert!(store.being_deleted(after - 60_000).await.unwrap().is_empty());
+        assert_eq!(
+            store.being_deleted(after).await.unwrap(),
+            vec![url.to_owned()]
+        );
+        assert!(
+            store
+                .being_deleted(after - 60_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // A writer that comes now waits until the object is gone.
         let pinning = tokio::spawn({
             let store = store.clone();

@@ -76,7 +76,10 @@ impl MongoStore {
                         .await
                         .map_err(classify)?;
                     for item in &referring {
-                        if let Ok(url) = item.get_document("claim_check").and_then(|c| c.get_str("url")) {
+                        if let Ok(url) = item
+                            .get_document("claim_check")
+                            .and_then(|c| c.get_str("url"))
+                        {
                             *removed.object_refs.entry(url.to_owned()).or_default() += 1;
                         }
                     }

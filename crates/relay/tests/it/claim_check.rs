@@ -93,10 +93,14 @@ fn spawn_consumer(
         let kept = Arc::clone(&kept);
         async move {
             let stop = async move {
-                eventually(Duration::from_secs(120), "the items to be handed over", || {
-                    let done = kept.lock().unwrap().len() >= count;
-                    async move { done }
-                })
+                eventually(
+                    Duration::from_secs(120),
+                    "the items to be handed over",
+                    || {
+                        let done = kept.lock().unwrap().len() >= count;
+                        async move { done }
+                    },
+                )
                 .await;
             };
             let report = Consumer::run(&config, outbox_consumer::MemorySeen::default(), keep, stop)
@@ -174,7 +178,12 @@ async fn a_25_mib_item_goes_by_reference_and_the_consumer_gets_it_verified() {
     assert_eq!(reference.get_str("sha256").unwrap(), sha256);
     assert_eq!(item.get("request_data"), Some(&Bson::Null));
     assert_eq!(
-        count(&stack, "batch_items", doc! { "claim_check": { "$exists": true } }).await,
+        count(
+            &stack,
+            "batch_items",
+            doc! { "claim_check": { "$exists": true } }
+        )
+        .await,
         1,
         "the small items stay inline"
     );
@@ -203,12 +212,24 @@ async fn a_store_that_is_down_gives_503_and_stores_nothing() {
     let big = json!([{"request_id": "big", "document": "x".repeat(11_000_000)}]);
     let started = Instant::now();
     let (status, problem) = post(&stack, &big).await;
-    assert_eq!((status, problem["code"].as_str()), (503, Some("claim_check_unavailable")), "{problem}");
-    assert!(started.elapsed() < Duration::from_secs(30), "within the request deadline");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (503, Some("claim_check_unavailable")),
+        "{problem}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "within the request deadline"
+    );
     assert_eq!(count(&stack, "batches", doc! {}).await, 0);
     assert_eq!(count(&stack, "batch_items", doc! {}).await, 0);
     assert_eq!(
-        count(&stack, "claim_check_objects", doc! { "refs": { "$gt": 0_i64 } }).await,
+        count(
+            &stack,
+            "claim_check_objects",
+            doc! { "refs": { "$gt": 0_i64 } }
+        )
+        .await,
         0,
         "its pin was taken back"
     );
@@ -229,7 +250,13 @@ async fn a_writer_killed_between_the_object_and_the_batch_leaves_no_batch() {
     };
     let (dir, url) = store_dir();
     let mut stack = mongo
-        .stack("cc-writer", &[("CLAIM_CHECK_URL", url.clone()), ("REQUEST_DEADLINE_SECONDS", "30".to_owned())])
+        .stack(
+            "cc-writer",
+            &[
+                ("CLAIM_CHECK_URL", url.clone()),
+                ("REQUEST_DEADLINE_SECONDS", "30".to_owned()),
+            ],
+        )
         .await;
     // The batch's transaction starts with the counter; it waits there.
     let entered = mongo
@@ -248,9 +275,16 @@ async fn a_writer_killed_between_the_object_and_the_batch_leaves_no_batch() {
         .send();
     let pending = tokio::spawn(request);
     mongo.wait_for_fail_point(entered + 1).await;
-    assert_eq!(objects_in(&dir).len(), 1, "the object is stored before the batch");
+    assert_eq!(
+        objects_in(&dir).len(),
+        1,
+        "the object is stored before the batch"
+    );
     stack.writer.kill_hard();
-    assert!(pending.await.unwrap().is_err(), "no answer from a killed writer");
+    assert!(
+        pending.await.unwrap().is_err(),
+        "no answer from a killed writer"
+    );
     mongo.fail_point_off().await;
     // Its transaction never commits: the stand-in's lifetime limit (5 s)
     // or MongoDB's ends it. Another writer on the same database stores the
@@ -346,11 +380,16 @@ async fn a_replay_publishes_the_same_references_and_retention_deletes_each_objec
     relay.kill_hard();
     let _ = relay.child.wait().await;
     let mut vars = relay_vars();
-    vars.extend([("RETENTION_SECONDS", "1"), ("RETENTION_INTERVAL_SECONDS", "1")]);
+    vars.extend([
+        ("RETENTION_SECONDS", "1"),
+        ("RETENTION_INTERVAL_SECONDS", "1"),
+    ]);
     let (_retention, _) = stack.relay("relay-cc-retention", &vars);
-    eventually(Duration::from_secs(90), "retention to remove both batches and their objects", || async {
-        count(&stack, "batches", doc! {}).await == 0 && objects_in(&dir).is_empty()
-    })
+    eventually(
+        Duration::from_secs(90),
+        "retention to remove both batches and their objects",
+        || async { count(&stack, "batches", doc! {}).await == 0 && objects_in(&dir).is_empty() },
+    )
     .await;
     assert_eq!(count(&stack, "claim_check_objects", doc! {}).await, 0);
     // The shared payload sent again is stored again: a new batch never

@@ -121,7 +121,13 @@ pub(crate) fn parse_batch(
             `request_id` and `vendor_name` (configurable) are read for the response and \
             the messages. Limits: `MAX_BATCH_ITEMS` items, `MAX_BODY_BYTES` bytes; per item, \
             what Pub/Sub accepts of its message (10 MB with envelope and attributes, 1,024 \
-            bytes for `request_id` and `vendor_name`) and 16 MiB of BSON; a key twice in one \
+            bytes for `request_id` and `vendor_name`) and 16 MiB of BSON, unless the stream \
+            has a claim-check store (its `claim_check`, or the writer's `CLAIM_CHECK_URL`): \
+            then an item whose message would be too large (or whose payload is over \
+            `above_bytes`) is stored there under its SHA-256 before the batch, up to \
+            `MAX_ITEM_BYTES` (100 MiB; the body may be that and 1 MiB more), and its message \
+            carries `claim_check_url`, `claim_check_sha256` and `claim_check_bytes` in place \
+            of the payload (docs/CONSUMING.md); a key twice in one \
             object and a NUL in a key are refused. Each object is published as the JSON value \
             sent, in its canonical form (docs/CONSUMING.md), objects shaped like MongoDB \
             extended JSON included.",
@@ -170,7 +176,8 @@ pub(crate) fn parse_batch(
         (status = 413, description = "`batch_too_large` (items or bytes; `max_items` or `max_body_bytes`), \
             `item_too_large` (`index`, `max_message_bytes`): the item's Pub/Sub message (its JSON \
             envelope, attributes and ordering key) would be over Pub/Sub's 10 MB limit, or its BSON \
-            over MongoDB's 16 MiB; `body_too_complex`: parsing the body would take more memory \
+            over MongoDB's 16 MiB, and the stream has no claim-check store; with one, the item is \
+            over `MAX_ITEM_BYTES` (`max_item_bytes`); `body_too_complex`: parsing the body would take more memory \
             than `PARSE_MEMORY_BYTES` (many small values).",
             body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`, `unsupported_charset` (only UTF-8).",
@@ -192,7 +199,9 @@ pub(crate) fn parse_batch(
             the schema is still being created; nothing was stored, retry. `writer_busy`: the \
             writer is parsing as many large bodies as `PARSE_MEMORY_BYTES` allows. `outcome_unknown` \
             (with `batch_id`): MongoDB went away during the commit; look the batch up or \
-            retry with the same Idempotency-Key.",
+            retry with the same Idempotency-Key. `claim_check_unavailable`: the claim-check \
+            store did not take the batch's large items within `CLAIM_CHECK_TIMEOUT_SECONDS` \
+            (or the stream's setting is unusable); nothing was stored, retry.",
             body = ProblemDocument, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
     ),
@@ -265,7 +274,7 @@ pub(crate) async fn process_batch(
         (status = 429, description = "`rate_limited`.", body = ProblemDocument, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds until the budget allows this batch."))),
         (status = 431, description = "`headers_too_large`.", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable`, `writer_busy`, `schema_unavailable` (the stored schema does not compile), `outcome_unknown`.", body = ProblemDocument, content_type = "application/problem+json",
+        (status = 503, description = "`store_unavailable`, `writer_busy`, `schema_unavailable` (the stored schema does not compile), `outcome_unknown`, `claim_check_unavailable` (the stream's claim-check store did not take its large items; nothing stored).", body = ProblemDocument, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
     ),
     security((), ("api_key" = []))

@@ -36,6 +36,11 @@ pub(crate) fn ingest_problem(error: IngestError) -> Problem {
                 .with("index", index)
                 .with("max_message_bytes", max)
         }
+        IngestError::ItemOverLimit { index, max, .. } => {
+            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "item_too_large", detail)
+                .with("index", index)
+                .with("max_item_bytes", max)
+        }
         IngestError::AttributeTooLong {
             index, field, max, ..
         } => Problem::new(

@@ -6,6 +6,7 @@
 mod access;
 mod availability;
 mod batches;
+mod claim_check;
 mod concurrency;
 mod csv;
 mod errors;
