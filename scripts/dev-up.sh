@@ -19,6 +19,8 @@ if [ "${MONGODB_FLAVOR:-}" = standin ]; then
   export OUTBOX_CHANGE_STREAM=false
 fi
 mkdir -p "$RUN_DIR"
+# Items too large for a Pub/Sub message go to a local claim-check store.
+export CLAIM_CHECK_URL="${CLAIM_CHECK_URL:-file://$ROOT/.cache/claim-check}"
 
 WRITER_BIND="${WRITER_BIND:-127.0.0.1:8000}" target/debug/outbox-writer >"$RUN_DIR/writer.log" 2>&1 &
 remember_pid $!
@@ -51,6 +53,7 @@ export MONGODB_URL='$MONGODB_URL'
 export PUBSUB_EMULATOR_HOST='$PUBSUB_EMULATOR_HOST'
 export PUBSUB_PROJECT_ID='$PUBSUB_PROJECT_ID'
 export PUBSUB_TOPIC='$PUBSUB_TOPIC'
+export CLAIM_CHECK_URL='$CLAIM_CHECK_URL'
 export OUTBOX_WRITER_URL='http://127.0.0.1:8000'
 export OUTBOX_ADMIN_URL='http://127.0.0.1:9090,http://127.0.0.1:9091'
 ENV

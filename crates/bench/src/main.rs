@@ -5,6 +5,7 @@
 
 mod big_batch;
 mod budget;
+mod claim_check;
 mod conflicts;
 mod latency;
 mod parse_bombs;
@@ -46,6 +47,9 @@ enum Command {
     /// designs (one transaction; one whose deadline bounds waiting only;
     /// staged items and a short transaction), on the model and the writer.
     BigBatch(big_batch::BigBatchArgs),
+    /// Claim-check: 1, 10 and 50 MiB items by reference (writer, relay,
+    /// resolution; items/s, MB/s, peak memory).
+    ClaimCheck(claim_check::ClaimCheckArgs),
     /// Drain rate against round-trip time to MongoDB and Pub/Sub (a
     /// delaying proxy), the writer's latency, the seed's algorithm beside ours.
     Rtt(rtt::RttArgs),
@@ -94,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::BigBatch(args) => big_batch::run(args).await,
+        Command::ClaimCheck(args) => claim_check::run(args).await,
         Command::Streams(args) => streams::run(args).await,
         Command::Rtt(args) => rtt::run(args).await,
         Command::Budget(args) => budget::run(args).await,

@@ -9,7 +9,9 @@
 //! The project is `PUBSUB_PROJECT_ID` (dev-up's `local-project` when unset),
 //! the subscription `batch-outbox-consume` (ordered; dev-up makes it), and
 //! the emulator `PUBSUB_EMULATOR_HOST` (without it, Google's Pub/Sub with
-//! the default credentials). Copies published by a replay job print with
+//! the default credentials). With `CLAIM_CHECK_URL` (dev-up's
+//! `.cache/claim-check`), items stored by reference are resolved and
+//! verified before they print. Copies published by a replay job print with
 //! their replay id: each replay is a lane of its own, ordered within itself.
 //!
 //! Ctrl-C stops it after the delivery in hand; what was not acknowledged
@@ -109,6 +111,16 @@ async fn main() -> anyhow::Result<()> {
     config.whole_batches = args.iter().any(|a| a == "--whole-batches");
     // A batch is handed over whole only once all of it is leased.
     config.max_outstanding = 10_000;
+    // Items stored by reference (claim-check) are fetched from the store
+    // the writers use, verified, and printed with their payload.
+    if let Ok(url) = std::env::var("CLAIM_CHECK_URL") {
+        let limit = outbox_core::claim_check::DEFAULT_MAX_ITEM_BYTES;
+        config.claim_checks = Some(
+            outbox_consumer::ClaimCheckResolver::new(limit)
+                .allow(&url)
+                .with_context(|| format!("CLAIM_CHECK_URL={url}"))?,
+        );
+    }
     let source = match &config.emulator_host {
         Some(host) => format!("the Pub/Sub emulator at {host}"),
         None => "Google's Pub/Sub with the default credentials (PUBSUB_EMULATOR_HOST is not set; \
