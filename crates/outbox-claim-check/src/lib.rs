@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
-use outbox_core::claim_check::{ClaimCheckError, Location, ObjectRefStore, Reference};
+use outbox_core::claim_check::{ClaimCheckError, Deletion, Location, ObjectRefStore, Reference};
 use outbox_core::store::StoreError;
 
 /// Why an object operation failed.
@@ -59,6 +59,13 @@ impl Objects {
             Location::Gcs { bucket, .. } => Arc::new(
                 object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
+                    // The default (30 s for a whole request) would refuse
+                    // a 100 MiB object below about 3.5 MB/s; callers bound
+                    // their own waits (`CLAIM_CHECK_TIMEOUT_SECONDS`).
+                    .with_client_options(
+                        object_store::ClientOptions::new()
+                            .with_timeout(std::time::Duration::from_secs(600)),
+                    )
                     .build()
                     .map_err(|e| unavailable(&e))?,
             ),
@@ -230,37 +237,85 @@ impl Stores {
     }
 }
 
-/// Retention's side of claim-check: releases the references the removed
-/// items made and deletes each object none is left to, then finishes the
+/// Retention's side of claim-check (and a writer's whose batch was not
+/// stored): releases the references `removed` counts and deletes each object
+/// none is left to; with `finish_stale` (retention) also finishes the
 /// deletions begun over [`STALE_DELETION_MS`] ago that never ended (their
-/// relay died). Returns how many objects it deleted.
+/// process died). Every
+/// release is tried; returns how many objects were deleted, or the first
+/// failure once all were tried (what failed keeps its object: kept, never
+/// lost).
 ///
 /// # Errors
-/// The first store that fails; what is left is finished by the next pass.
+/// The first store that failed.
 pub async fn release_and_delete(
     refs: &dyn ObjectRefStore,
     stores: &Stores,
     removed: &BTreeMap<String, u64>,
+    finish_stale: bool,
     now_ms: i64,
 ) -> Result<u64, ReleaseError> {
     let mut deleted = 0;
+    let mut first_error = None;
+    let mut deletions = Vec::new();
     for (url, count) in removed {
-        if refs.release(url, *count).await? {
-            stores.delete(url).await?;
-            refs.forget(url).await?;
-            deleted += 1;
+        match refs.release(url, *count).await {
+            Ok(Some(deletion)) => deletions.push(deletion),
+            Ok(None) => {}
+            Err(e) => {
+                first_error.get_or_insert(ReleaseError::from(e));
+            }
         }
     }
-    for url in refs.being_deleted(now_ms - STALE_DELETION_MS).await? {
-        stores.delete(&url).await?;
-        refs.forget(&url).await?;
-        deleted += 1;
+    if finish_stale {
+        match refs.being_deleted(now_ms - STALE_DELETION_MS).await {
+            Ok(stale) => deletions.extend(stale),
+            Err(e) => {
+                first_error.get_or_insert(ReleaseError::from(e));
+            }
+        }
     }
-    Ok(deleted)
+    for deletion in deletions {
+        match delete(refs, stores, &deletion).await {
+            Ok(()) => deleted += 1,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(deleted), Err)
 }
 
-/// How long a deletion may stay begun before another pass finishes it: far
-/// longer than one pass takes, so two passes never delete one object.
+/// Deletes the object of `deletion` within [`DELETE_TIMEOUT`], then ends
+/// the deletion.
+async fn delete(
+    refs: &dyn ObjectRefStore,
+    stores: &Stores,
+    deletion: &Deletion,
+) -> Result<(), ReleaseError> {
+    let deleted = tokio::time::timeout(DELETE_TIMEOUT, stores.delete(&deletion.url))
+        .await
+        .map_err(|_| ObjectError::Unavailable(format!("deleting {} timed out", deletion.url)))
+        .and_then(|deleted| deleted);
+    match deleted {
+        Ok(()) => refs.forget(deletion).await?,
+        Err(e) => {
+            // Kept rather than held: writers of this payload need not wait
+            // for a store that may stay down.
+            refs.abandon(deletion).await?;
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// How long deleting one object may take: far less than
+/// [`STALE_DELETION_MS`], so a pass never deletes an object after another
+/// pass finished its deletion and a writer put it again.
+pub const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a deletion may stay begun before another pass finishes it: ten
+/// times [`DELETE_TIMEOUT`], so two passes never delete one object.
 pub const STALE_DELETION_MS: i64 = 10 * 60 * 1000;
 
 /// Why [`release_and_delete`] stopped.

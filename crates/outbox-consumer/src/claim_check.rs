@@ -59,8 +59,10 @@ impl ClaimCheckResolver {
     /// # Errors
     /// Why the payload cannot be handed over.
     pub async fn resolve(&self, item: &mut Item) -> Result<(), String> {
-        let Some(reference) = &item.claim_check else {
-            return Ok(());
+        let reference = match &item.claim_check {
+            None => return Ok(()),
+            Some(Err(malformed)) => return Err(format!("claim-check reference: {malformed}")),
+            Some(Ok(reference)) => reference,
         };
         let refused = |why: String| format!("claim-check {}: {why}", reference.url);
         let (location, _) = Location::of_object(&reference.url)

@@ -254,13 +254,21 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
         // item goes anywhere: one that cannot be is never handed over, and
         // the rest of its key waits for it, as after a handler's failure.
         let mut item = item;
+        // A copy of an item held for its batch needs no payload: it is
+        // answered with the one held.
+        let held_copy = self.whole_batches
+            && self
+                .collecting
+                .get(&(item.lane(), item.position.batch_sequence))
+                .is_some_and(|c| c.items.contains_key(&item.position.item_sequence));
         let resolved = match (&self.claim_checks, &item.claim_check) {
             (_, None) => Ok(()),
+            _ if held_copy => Ok(()),
             (Some(resolver), Some(_)) => resolver.resolve(&mut item).await,
-            (None, Some(reference)) => Err(format!(
-                "the payload is in a claim-check store ({}) and this consumer has no ClaimCheckResolver",
-                reference.url
-            )),
+            (None, Some(_)) => Err(
+                "the payload is in a claim-check store and this consumer has no ClaimCheckResolver"
+                    .to_owned(),
+            ),
         };
         if let Err(reason) = resolved {
             warn!(message = "a claim-checked item could not be resolved; it comes again", %reason);
@@ -695,12 +703,36 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         item.payload = serde_json::Value::Null;
-        item.claim_check = Some(reference);
+        item.claim_check = Some(Ok(reference));
         item
     }
 
     fn bytes_of(value: &serde_json::Value) -> bytes::Bytes {
         bytes::Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_malformed_reference_is_not_acknowledged_as_foreign() {
+        let (mut attributes, data) = crate::item::tests::message(1, 1, 1);
+        attributes.insert("claim_check_url".to_owned(), "gs://b/sha256/x".to_owned());
+        let item = Item::parse("m", "batch-outbox", &attributes, &data).unwrap();
+        let answers = Answers::default();
+        let mut core = Core::new(
+            MemorySeen::new(10),
+            Keeping::default(),
+            false,
+            Contract::Global,
+        )
+        .with_claim_checks(crate::ClaimCheckResolver::new(100));
+        let outcome = core.on(received(item, &answers)).await;
+        assert!(
+            matches!(&outcome, Outcome::Failed(why) if why.contains("claim_check_sha256")),
+            "{outcome:?}"
+        );
+        assert!(
+            !answers.0.lock().unwrap_or_else(|e| e.into_inner())[0].1,
+            "not acknowledged"
+        );
     }
 
     #[tokio::test]
@@ -723,7 +755,7 @@ mod tests {
         // Item 2's object changed in the store after it was written: same
         // size, another digest.
         let changed = claim_checked(&objects, 2, 3).await;
-        let reference = changed.claim_check.clone().unwrap();
+        let reference = changed.claim_check.clone().unwrap().unwrap();
         let file = dir.join(location.key(&reference.sha256));
         let mut text = std::fs::read(&file).unwrap();
         text[10] ^= 1;

@@ -43,8 +43,10 @@ pub struct Item {
     /// item until it is resolved; [`crate::Core`] resolves before it hands
     /// an item over).
     pub payload: Value,
-    /// Where the payload is when the message carries a reference instead.
-    pub claim_check: Option<Reference>,
+    /// Where the payload is when the message carries a reference instead;
+    /// `Err` when its attributes are malformed (such an item is never
+    /// handed over, nor acknowledged).
+    pub claim_check: Option<Result<Reference, String>>,
     /// Every attribute, as received.
     pub attributes: BTreeMap<String, String>,
 }
@@ -76,8 +78,7 @@ impl Item {
             .map_err(|e| NotAnItem(format!("the body is not JSON: {e}")))?;
         let claim_check =
             Reference::from_attributes(|name| attributes.get(name).map(String::as_str))
-                .transpose()
-                .map_err(|e| NotAnItem(e.to_string()))?;
+                .map(|parsed| parsed.map_err(|e| e.to_string()));
         let item_sequence = u32::try_from(number("item_sequence")?)
             .map_err(|_| NotAnItem("item_sequence is out of range".to_owned()))?;
         Ok(Self {

@@ -363,17 +363,26 @@ pub struct StoredPayload {
     pub field_key: Option<String>,
 }
 
+/// A deletion of a claim-check object, begun when its last reference went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deletion {
+    pub url: String,
+    /// When it began (Unix milliseconds): it names this deletion.
+    pub marked_ms: i64,
+}
+
 /// The references a set of retained items makes to claim-check objects, and
 /// the protocol that keeps an object while anything may still refer to it.
 ///
 /// Each object has a count of references (`pin`): a writer pins before it
 /// puts the object, so a count above zero always precedes the object's
-/// use; retention `release`s what it removed, and only a count that reached
-/// zero lets the object be deleted (`release` answers true and marks it
-/// being deleted). While it is being deleted a pin waits, so a writer never
-/// finds an object that is about to go; `forget` ends the deletion once the
-/// object is gone. A count a crashed writer left behind keeps its object
-/// for good: harmless, only storage.
+/// use; retention `release`s what it removed (and a writer what its failed
+/// batch would have referred to), and only a count that reached zero lets
+/// the object be deleted (`release` answers the [`Deletion`] it began).
+/// While it is being deleted a pin waits, so a writer never finds an object
+/// that is about to go; `forget` ends that deletion once the object is
+/// gone. A count a crashed writer left behind keeps its object for good:
+/// harmless, only storage.
 #[async_trait::async_trait]
 pub trait ObjectRefStore: Send + Sync + 'static {
     /// Counts `count` more references to the object at `url`, before it is
@@ -389,13 +398,15 @@ pub trait ObjectRefStore: Send + Sync + 'static {
         deadline: tokio::time::Instant,
     ) -> Result<(), crate::store::StoreError>;
 
-    /// Takes back a pin whose batch was not stored.
-    async fn unpin(&self, url: &str, count: u64) -> Result<(), crate::store::StoreError>;
-
-    /// `count` references were removed (retention). True when none is
-    /// left: the object is now being deleted, and must be deleted, then
-    /// [`ObjectRefStore::forget`]ed.
-    async fn release(&self, url: &str, count: u64) -> Result<bool, crate::store::StoreError>;
+    /// `count` references are gone (retention removed their items, or a
+    /// writer's batch was not stored). When none is left, the object is now
+    /// being deleted: the caller deletes it, then [`ObjectRefStore::forget`]s
+    /// the deletion.
+    async fn release(
+        &self,
+        url: &str,
+        count: u64,
+    ) -> Result<Option<Deletion>, crate::store::StoreError>;
 
     /// The objects whose deletion began before `marked_before_ms` (Unix
     /// milliseconds) and did not end (a relay died between the two):
@@ -405,10 +416,17 @@ pub trait ObjectRefStore: Send + Sync + 'static {
     async fn being_deleted(
         &self,
         marked_before_ms: i64,
-    ) -> Result<Vec<String>, crate::store::StoreError>;
+    ) -> Result<Vec<Deletion>, crate::store::StoreError>;
 
-    /// The object is gone from its store: pins may create it again.
-    async fn forget(&self, url: &str) -> Result<(), crate::store::StoreError>;
+    /// The object of `deletion` is gone from its store: pins may create it
+    /// again. Ends only that deletion (not a later one of the same object).
+    async fn forget(&self, deletion: &Deletion) -> Result<(), crate::store::StoreError>;
+
+    /// The object of `deletion` could not be deleted (its store failed): the
+    /// deletion ends without it, and the object is kept with no reference
+    /// (harmless, only storage), so pins need not wait for a store that may
+    /// stay down.
+    async fn abandon(&self, deletion: &Deletion) -> Result<(), crate::store::StoreError>;
 }
 
 #[cfg(test)]

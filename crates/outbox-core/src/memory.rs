@@ -1107,6 +1107,14 @@ impl OutboxStore for MemoryStore {
             stored.status = ItemStatus::Failed;
             stored.error = Some(error.to_owned());
         }
+        if let Some(stored) = &item.stored {
+            // The dead letter refers to the object as long as it is kept.
+            state
+                .objects
+                .entry(stored.reference.url.clone())
+                .or_default()
+                .0 += 1;
+        }
         state
             .dead_letters
             .push((item.clone(), error.to_owned(), crate::world::now()));
@@ -1168,9 +1176,16 @@ impl OutboxStore for MemoryStore {
                 .filter(|(_, (s, _))| s == stream)
                 .map(|(id, _)| id.clone())
                 .collect();
-            state
-                .dead_letters
-                .retain(|(item, _, at)| *at >= cutoff || !of_stream.contains(&item.batch_id));
+            let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut state.dead_letters)
+                .into_iter()
+                .partition(|(item, _, at)| *at >= cutoff || !of_stream.contains(&item.batch_id));
+            state.dead_letters = kept;
+            for stored in gone.iter().filter_map(|(item, _, _)| item.stored.as_ref()) {
+                *removed
+                    .object_refs
+                    .entry(stored.reference.url.clone())
+                    .or_default() += 1;
+            }
             removed.dead_letters = (before - state.dead_letters.len()) as u64;
         }
         Ok(removed)

@@ -5,10 +5,13 @@
 //! - a pin is an upsert that matches only a document not being deleted; on
 //!   one being deleted the upsert's insert meets the `_id` and fails with a
 //!   duplicate key, and the pin waits;
-//! - a release decrements, then marks `state: deleting` only a document whose
-//!   count is zero and that is not marked yet: exactly one retention pass
-//!   deletes the object, and no pin can count a reference meanwhile;
-//! - `forget` removes the document once the object is gone.
+//! - a release decrements, then (a second update) marks `state: deleting`
+//!   only a document whose count is zero and that is not marked yet: one
+//!   caller deletes the object, and no pin can count a reference meanwhile;
+//!   a crash between the two leaves a count of zero unmarked, which keeps
+//!   the object (harmless);
+//! - `forget` removes the document once the object is gone, only if it is
+//!   still the deletion that caller began (`marked_ms`).
 
 use std::time::Duration;
 
@@ -16,7 +19,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use mongodb::options::ReturnDocument;
-use outbox_core::claim_check::ObjectRefStore;
+use outbox_core::claim_check::{Deletion, ObjectRefStore};
 use outbox_core::store::StoreError;
 
 use crate::MongoStore;
@@ -27,6 +30,9 @@ use crate::errors::{classify, is_duplicate_key};
 /// `$nin: [DELETING]` rather than `$ne`: the same on MongoDB, and the
 /// stand-in's updates match no document without the field on `$ne`.
 const DELETING: &str = "deleting";
+
+/// The state of an object whose deletion was abandoned (kept, counted).
+const LIVE: &str = "live";
 
 /// How often a pin looks again at an object being deleted.
 const PIN_POLL: Duration = Duration::from_millis(50);
@@ -72,18 +78,7 @@ impl ObjectRefStore for MongoStore {
         }
     }
 
-    async fn unpin(&self, url: &str, refs: u64) -> Result<(), StoreError> {
-        self.objects()
-            .update_one(
-                doc! { "_id": url, "state": { "$nin": [DELETING] } },
-                doc! { "$inc": { "refs": -count(refs) } },
-            )
-            .await
-            .map_err(classify)?;
-        Ok(())
-    }
-
-    async fn release(&self, url: &str, refs: u64) -> Result<bool, StoreError> {
+    async fn release(&self, url: &str, refs: u64) -> Result<Option<Deletion>, StoreError> {
         let after = self
             .objects()
             .find_one_and_update(
@@ -96,27 +91,33 @@ impl ObjectRefStore for MongoStore {
         let Some(after) = after else {
             // Never pinned (written before claim-check counted references)
             // or being deleted already: nothing to do here.
-            return Ok(false);
+            return Ok(None);
         };
         if crate::documents::get_u64(&after, "refs").unwrap_or(0) > 0 {
-            return Ok(false);
+            return Ok(None);
         }
+        // Marked only if still at zero and not marked: a pin in between
+        // (the count above zero again) or another pass (marked) wins.
+        let marked_ms = chrono::Utc::now().timestamp_millis();
         let marked = self
             .objects()
             .update_one(
                 doc! { "_id": url, "refs": { "$lte": 0_i64 }, "state": { "$nin": [DELETING] } },
-                doc! { "$set": { "state": DELETING, "marked_ms": chrono::Utc::now().timestamp_millis() } },
+                doc! { "$set": { "state": DELETING, "marked_ms": marked_ms } },
             )
             .await
             .map_err(classify)?;
-        Ok(marked.modified_count == 1)
+        Ok((marked.modified_count == 1).then(|| Deletion {
+            url: url.to_owned(),
+            marked_ms,
+        }))
     }
 
-    async fn being_deleted(&self, marked_before_ms: i64) -> Result<Vec<String>, StoreError> {
+    async fn being_deleted(&self, marked_before_ms: i64) -> Result<Vec<Deletion>, StoreError> {
         let documents: Vec<Document> = self
             .objects()
             .find(doc! { "state": DELETING, "marked_ms": { "$lt": marked_before_ms } })
-            .projection(doc! { "_id": 1 })
+            .projection(doc! { "_id": 1, "marked_ms": 1 })
             .limit(1000)
             .await
             .map_err(classify)?
@@ -125,13 +126,33 @@ impl ObjectRefStore for MongoStore {
             .map_err(classify)?;
         Ok(documents
             .iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .filter_map(|d| {
+                Some(Deletion {
+                    url: d.get_str("_id").ok()?.to_owned(),
+                    marked_ms: d.get_i64("marked_ms").ok()?,
+                })
+            })
             .collect())
     }
 
-    async fn forget(&self, url: &str) -> Result<(), StoreError> {
+    async fn forget(&self, deletion: &Deletion) -> Result<(), StoreError> {
         self.objects()
-            .delete_one(doc! { "_id": url, "state": DELETING })
+            .delete_one(doc! {
+                "_id": &deletion.url,
+                "state": DELETING,
+                "marked_ms": deletion.marked_ms,
+            })
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn abandon(&self, deletion: &Deletion) -> Result<(), StoreError> {
+        self.objects()
+            .update_one(
+                doc! { "_id": &deletion.url, "state": DELETING, "marked_ms": deletion.marked_ms },
+                doc! { "$set": { "state": LIVE } },
+            )
             .await
             .map_err(classify)?;
         Ok(())

@@ -397,6 +397,18 @@ impl MongoStore {
                         "claim_check",
                         crate::documents::claim_check_document(stored),
                     );
+                    // The dead letter refers to the object too, for as long
+                    // as it is kept: one more reference, released when
+                    // retention removes it. The item is retained, so the
+                    // object is not being deleted.
+                    self.objects()
+                        .update_one(
+                            doc! { "_id": &stored.reference.url },
+                            doc! { "$inc": { "refs": 1_i64 } },
+                        )
+                        .session(&mut *session)
+                        .await
+                        .map_err(classify)?;
                 }
                 if !fence.stream.is_default() {
                     letter.insert("stream", fence.stream.as_str());

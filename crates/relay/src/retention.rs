@@ -113,6 +113,7 @@ pub async fn sweep(
             objects,
             &settings.objects,
             &removed.object_refs,
+            true,
             outbox_core::world::now().timestamp_millis(),
         )
         .await

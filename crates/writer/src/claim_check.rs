@@ -152,13 +152,21 @@ impl ClaimChecks {
         }
     }
 
-    /// Takes back the pins of a batch that was not stored (best effort: a
-    /// pin left behind only keeps its object).
+    /// Gives back the references of a batch that was not stored: an object
+    /// no one else refers to is deleted, as retention would (best effort: a
+    /// reference left behind only keeps its object).
     pub async fn unpin(&self, pinned: Pinned) {
-        for (url, count) in pinned.0 {
-            if let Err(error) = self.refs.unpin(&url, count).await {
-                warn!(message = "a claim-check pin could not be taken back; its object is kept", %url, %error);
-            }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if let Err(error) = outbox_claim_check::release_and_delete(
+            self.refs.as_ref(),
+            &self.stores,
+            &pinned.0,
+            false,
+            now_ms,
+        )
+        .await
+        {
+            warn!(message = "a claim-check reference could not be given back; its object is kept", %error);
         }
     }
 }

@@ -98,13 +98,13 @@ impl Application {
         }
         let state = web::Data::new(AppState {
             catalog: streams::Catalog::new(Arc::clone(&store) as Arc<dyn StreamStore>),
-            claim_checks: claim_check::ClaimChecks {
+            claim_checks: Arc::new(claim_check::ClaimChecks {
                 default: config.claim_check(),
                 max_item_bytes: config.max_item_bytes,
                 timeout: Duration::from_secs(config.claim_check_timeout_seconds),
                 stores: outbox_claim_check::Stores::default(),
                 refs: Arc::clone(&store) as Arc<dyn ObjectRefStore>,
-            },
+            }),
             store,
             rules: config.ingest_rules(),
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),

@@ -62,27 +62,17 @@ impl MongoStore {
                     let ids: Vec<String> = (first..=last)
                         .map(|n| ItemId::of(&batch_id, ItemSequence(n)).to_string())
                         .collect();
-                    // The claim-check references these items make, released
-                    // once they are gone (`ObjectRefStore::release`).
-                    let referring: Vec<Document> = self
-                        .items()
-                        .find(doc! { "_id": { "$in": &ids }, "claim_check": { "$exists": true } })
-                        // The whole reference, small: the stand-in answers a
-                        // dotted projection with a flattened key.
-                        .projection(doc! { "claim_check": 1 })
-                        .await
-                        .map_err(classify)?
-                        .try_collect()
-                        .await
-                        .map_err(classify)?;
-                    for item in &referring {
-                        if let Ok(url) = item
-                            .get_document("claim_check")
-                            .and_then(|c| c.get_str("url"))
-                        {
-                            *removed.object_refs.entry(url.to_owned()).or_default() += 1;
-                        }
-                    }
+                    // Claim-checked items one by one, each reference counted
+                    // only by the call that deleted its item: two passes (a
+                    // leader whose lease just lapsed and its successor) never
+                    // release one reference twice.
+                    removed.items += self
+                        .delete_referring(
+                            self.items(),
+                            doc! { "_id": { "$in": &ids } },
+                            &mut removed,
+                        )
+                        .await?;
                     let deleted = self
                         .items()
                         .delete_many(doc! { "_id": { "$in": ids } })
@@ -120,6 +110,13 @@ impl MongoStore {
                 .collect();
             if !expired.is_empty() {
                 removed.dead_letters = self
+                    .delete_referring(
+                        self.dead_letters(),
+                        doc! { "_id": { "$in": &expired } },
+                        &mut removed,
+                    )
+                    .await?;
+                removed.dead_letters += self
                     .dead_letters()
                     .delete_many(doc! { "_id": { "$in": expired } })
                     .await
@@ -128,6 +125,49 @@ impl MongoStore {
             }
         }
         Ok(removed)
+    }
+
+    /// Deletes the documents of `collection` that `filter` matches and that
+    /// refer to a claim-check object, one at a time, and counts the
+    /// references of those this call deleted in `removed.object_refs`;
+    /// returns how many.
+    async fn delete_referring(
+        &self,
+        collection: mongodb::Collection<Document>,
+        mut filter: Document,
+        removed: &mut Removed,
+    ) -> Result<u64, StoreError> {
+        filter.insert("claim_check", doc! { "$exists": true });
+        let referring: Vec<Document> = collection
+            .find(filter)
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        let mut deleted = 0;
+        for document in referring {
+            let Some(id) = document.get("_id") else {
+                continue;
+            };
+            // The whole reference comes back (the stand-in answers a dotted
+            // projection with a flattened key).
+            let gone = collection
+                .find_one_and_delete(doc! { "_id": id.clone() })
+                .projection(doc! { "claim_check": 1 })
+                .await
+                .map_err(classify)?;
+            if let Some(url) = gone
+                .as_ref()
+                .and_then(|d| d.get_document("claim_check").ok())
+                .and_then(|c| c.get_str("url").ok())
+            {
+                *removed.object_refs.entry(url.to_owned()).or_default() += 1;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 
     /// Removes large batches staged before `before` that no transaction

@@ -21,6 +21,7 @@ use super::problems::{ingest_problem, schema_not_ready, schema_problem, store_pr
 use super::views::{AcceptedBatch, BatchAccepted, BatchBody, CsvRows, RequestList};
 use super::{AppState, BLOCKING_PARSE_BYTES, IDEMPOTENT_REPLAYED, counted};
 use crate::auth::{Access, Caller};
+use crate::claim_check::ClaimChecks;
 use crate::metrics::{BATCHES_ACCEPTED, IDEMPOTENT_REPLAYS, ITEMS_ACCEPTED};
 
 pub(crate) fn accepted_response(summary: &BatchSummary, replayed: bool) -> HttpResponse {
@@ -454,46 +455,32 @@ pub(crate) async fn process(
     if batch.items.len() > 1 {
         access.admit(caller, batch.items.len() - 1)?;
     }
-    let mut batch = NewBatch {
+    let batch = NewBatch {
         submitted_by: access.required().then(|| submitted_by.clone()),
         traceparent: Some(traceparent.to_string()),
         ..batch
     };
-    // Large payloads go to their store before the batch is stored: a batch
-    // is never visible before the objects it refers to.
-    let span = info_span!("claim_check", batch_id = %batch.batch_id);
-    let pinned = state
-        .claim_checks
-        .store_payloads(&mut batch)
-        .instrument(span)
-        .await?;
-    // The objects may have taken a while: the store gets its own deadline.
-    let deadline = if pinned.is_empty() {
-        deadline
-    } else {
-        deadline.max(tokio::time::Instant::now() + state.request_deadline)
-    };
-
     let span = info_span!("store_batch", batch_id = %batch.batch_id, items = batch.items.len());
+    let batch_id = batch.batch_id.clone();
+    let idempotency = batch.idempotency.clone();
     // Detached from the request: a client that disconnects drops this
-    // handler, and must not cut the transaction off half-way. The task ends
-    // by itself at the deadline.
-    let batch = Arc::new(batch);
-    let store = Arc::clone(&state.store);
-    let task = {
-        let batch = Arc::clone(&batch);
-        tokio::spawn(
-            async move { store.insert_batch(&batch, deadline).await }.instrument(span.clone()),
+    // handler, and must not cut the objects or the transaction off half-way,
+    // nor leave pins behind. The task ends by itself at its deadlines.
+    let task = tokio::spawn(
+        store_with_objects(
+            Arc::clone(&state.claim_checks),
+            Arc::clone(&state.store),
+            batch,
+            deadline,
+            state.request_deadline,
         )
-    };
-    let stored = task
-        .await
-        .unwrap_or_else(|e| Err(StoreError::Other(format!("the store task failed: {e}"))));
-    // A batch surely not stored takes its pins back; one whose outcome is
-    // unknown keeps them (its objects are kept, never lost).
-    if matches!(&stored, Err(e) if !matches!(e, StoreError::OutcomeUnknown(_))) {
-        state.claim_checks.unpin(pinned).await;
-    }
+        .instrument(span.clone()),
+    );
+    let stored = task.await.unwrap_or_else(|e| {
+        Ok(Err(StoreError::Other(format!(
+            "the store task failed: {e}"
+        ))))
+    })?;
     match stored {
         Ok(summary) => {
             metrics::counter!(BATCHES_ACCEPTED, "submitted_by" => submitted_by.clone())
@@ -513,7 +500,7 @@ pub(crate) async fn process(
             // A concurrent request with the same key won: answer with its batch.
             // Not found by a majority read yet: its commit is not majority
             // committed; the client retries shortly.
-            let idem = batch.idempotency.as_ref().ok_or_else(Problem::internal)?;
+            let idem = idempotency.as_ref().ok_or_else(Problem::internal)?;
             // A lookup of its own: a large (staged) batch may have spent
             // the request's deadline before it lost the race.
             let lookup = tokio::time::Instant::now() + state.request_deadline;
@@ -522,8 +509,36 @@ pub(crate) async fn process(
                 .ok_or_else(Problem::store_unavailable)
         }
         Err(e @ StoreError::OutcomeUnknown(_)) => {
-            Err(span.in_scope(|| store_problem(&e).with("batch_id", batch.batch_id.as_str())))
+            Err(span.in_scope(|| store_problem(&e).with("batch_id", batch_id.as_str())))
         }
         Err(e) => Err(span.in_scope(|| store_problem(&e))),
     }
+}
+
+/// Puts the batch's large payloads in their claim-check store, then stores
+/// the batch: a batch is never visible before the objects it refers to. A
+/// batch surely not stored gives its references back; one whose outcome is
+/// unknown keeps them (its objects are kept, never lost).
+async fn store_with_objects(
+    claim_checks: Arc<ClaimChecks>,
+    store: Arc<dyn BatchStore>,
+    mut batch: NewBatch,
+    deadline: tokio::time::Instant,
+    request_deadline: std::time::Duration,
+) -> Result<Result<BatchSummary, StoreError>, Problem> {
+    let pinned = claim_checks
+        .store_payloads(&mut batch)
+        .instrument(info_span!("claim_check"))
+        .await?;
+    // The objects may have taken a while: the store gets its own deadline.
+    let deadline = if pinned.is_empty() {
+        deadline
+    } else {
+        deadline.max(tokio::time::Instant::now() + request_deadline)
+    };
+    let stored = store.insert_batch(&batch, deadline).await;
+    if matches!(&stored, Err(e) if !matches!(e, StoreError::OutcomeUnknown(_))) {
+        claim_checks.unpin(pinned).await;
+    }
+    Ok(stored)
 }

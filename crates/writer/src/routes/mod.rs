@@ -48,7 +48,7 @@ pub struct AppState {
     /// The streams' definitions (schema, writers, ordering).
     pub catalog: crate::streams::Catalog,
     /// Where large payloads go.
-    pub claim_checks: crate::claim_check::ClaimChecks,
+    pub claim_checks: Arc<crate::claim_check::ClaimChecks>,
     pub rules: IngestRules,
     pub max_body_bytes: usize,
     /// How long one request may spend on the store.

@@ -103,20 +103,33 @@ impl outbox_core::claim_check::ObjectRefStore for LateLoser {
         self.inner.pin(url, count, deadline).await
     }
 
-    async fn unpin(&self, url: &str, count: u64) -> Result<(), StoreError> {
-        self.inner.unpin(url, count).await
-    }
-
-    async fn release(&self, url: &str, count: u64) -> Result<bool, StoreError> {
+    async fn release(
+        &self,
+        url: &str,
+        count: u64,
+    ) -> Result<Option<outbox_core::claim_check::Deletion>, StoreError> {
         self.inner.release(url, count).await
     }
 
-    async fn being_deleted(&self, marked_before_ms: i64) -> Result<Vec<String>, StoreError> {
+    async fn being_deleted(
+        &self,
+        marked_before_ms: i64,
+    ) -> Result<Vec<outbox_core::claim_check::Deletion>, StoreError> {
         self.inner.being_deleted(marked_before_ms).await
     }
 
-    async fn forget(&self, url: &str) -> Result<(), StoreError> {
-        self.inner.forget(url).await
+    async fn forget(
+        &self,
+        deletion: &outbox_core::claim_check::Deletion,
+    ) -> Result<(), StoreError> {
+        self.inner.forget(deletion).await
+    }
+
+    async fn abandon(
+        &self,
+        deletion: &outbox_core::claim_check::Deletion,
+    ) -> Result<(), StoreError> {
+        self.inner.abandon(deletion).await
     }
 }
 
