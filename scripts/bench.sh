@@ -42,6 +42,8 @@ else
   target/release/outbox-bench latency
   # A batch at the writer's limits beside small ones (issue 16).
   target/release/outbox-bench big-batch
+  # Items of 1, 10 and 50 MiB by reference on the file store (issue 28).
+  target/release/outbox-bench claim-check
   # The backlog over 1-8 streams and 1-3 relays; the writer on 1 or 4 streams.
   target/release/outbox-bench streams
   # Round trips: the drain against added RTT, the writer's latency, the

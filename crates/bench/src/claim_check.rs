@@ -143,7 +143,11 @@ async fn run_one(args: &ClaimCheckArgs, size_mib: usize) -> anyhow::Result<()> {
         references.push(Reference {
             url: reference.get_str("url")?.to_owned(),
             sha256: reference.get_str("sha256")?.to_owned(),
-            bytes: u64::try_from(reference.get_i64("bytes")?)?,
+            bytes: match reference.get("bytes") {
+                Some(mongodb::bson::Bson::Int32(n)) => u64::try_from(*n)?,
+                Some(mongodb::bson::Bson::Int64(n)) => u64::try_from(*n)?,
+                other => anyhow::bail!("a reference's size: {other:?}"),
+            },
         });
     }
     ensure!(
