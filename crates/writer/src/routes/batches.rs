@@ -341,7 +341,8 @@ pub(crate) async fn process(
     let key = idempotency_key(req)?;
     // The definition first: whether the stream has a claim-check store
     // decides how large a body it takes.
-    let lookup = tokio::time::Instant::now() + state.request_deadline;
+    let lookup_started = tokio::time::Instant::now();
+    let lookup = lookup_started + state.request_deadline;
     let stream = tokio::time::timeout_at(lookup, state.catalog.get(stream_name))
         .await
         .map_err(|_| {
@@ -359,6 +360,7 @@ pub(crate) async fn process(
             outbox_core::stream::unknown_stream(stream_name, names.iter().map(String::as_str)),
         ));
     };
+    let lookup_took = lookup_started.elapsed();
     let claim_check = state.claim_checks.rules_for(&stream.definition)?;
     let max_body_bytes = match claim_check {
         Some(_) => state.claim_checks.max_body_bytes(state.max_body_bytes),
@@ -393,8 +395,10 @@ pub(crate) async fn process(
     if !state.schema_ready.load(Ordering::Acquire) {
         return Err(schema_not_ready());
     }
-    // Everything the store does for this request fits in one deadline.
-    let deadline = tokio::time::Instant::now() + state.request_deadline;
+    // Everything the store does for this request fits in one deadline,
+    // reading the stream's definition included (the body's upload, between
+    // the two, is bounded on its own).
+    let deadline = tokio::time::Instant::now() + state.request_deadline.saturating_sub(lookup_took);
     if let Some(error) = &stream.schema_error {
         return Err(Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
