@@ -39,7 +39,7 @@ pub(crate) struct StartBody {
 
 /// A whole number however JSON wrote it: `4` or `4.0` (JSON Schema's
 /// `integer` takes both).
-fn whole_number(number: &serde_json::Number) -> Option<u64> {
+pub(crate) fn whole_number(number: &serde_json::Number) -> Option<u64> {
     number.as_u64().or_else(|| {
         number
             .as_f64()

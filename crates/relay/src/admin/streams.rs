@@ -314,7 +314,34 @@ pub(crate) struct DefinitionBody {
     #[serde(default)]
     writers: Option<Vec<String>>,
     #[serde(default)]
-    claim_check: Option<outbox_core::claim_check::ClaimCheck>,
+    claim_check: Option<ClaimCheckBody>,
+}
+
+/// A stream's claim-check store, as a PUT takes it (`above_bytes` a whole
+/// number however JSON wrote it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimCheckBody {
+    url: String,
+    #[serde(default)]
+    above_bytes: Option<serde_json::Number>,
+}
+
+impl ClaimCheckBody {
+    fn setting(self) -> Result<outbox_core::claim_check::ClaimCheck, Problem> {
+        let above_bytes = match self.above_bytes {
+            None => None,
+            Some(number) => Some(super::replays::whole_number(&number).ok_or_else(|| {
+                invalid(format!(
+                    "claim_check.above_bytes {number} is not a whole number"
+                ))
+            })?),
+        };
+        Ok(outbox_core::claim_check::ClaimCheck {
+            url: self.url,
+            above_bytes,
+        })
+    }
 }
 
 fn invalid(detail: impl Into<String>) -> Problem {
@@ -350,7 +377,7 @@ impl DefinitionBody {
             writers: self.writers,
             created_at: None,
             updated_at: None,
-            claim_check: self.claim_check,
+            claim_check: self.claim_check.map(ClaimCheckBody::setting).transpose()?,
         };
         definition.validate().map_err(|e| invalid(e.0))?;
         Ok(definition)

@@ -48,6 +48,7 @@ pub struct StreamDefinitionBody {
 /// SHA-256, and its message carries `claim_check_url`,
 /// `claim_check_sha256` and `claim_check_bytes` in place of the payload.
 #[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ClaimCheckBody {
     /// `gs://bucket/prefix` (Google credentials as for Pub/Sub),
     /// `file:///absolute/path` or `memory://` (tests).
@@ -55,6 +56,7 @@ pub struct ClaimCheckBody {
     url: String,
     /// Payloads above this many bytes go to the store (1 to 9,998,976);
     /// absent: only those whose message Pub/Sub would refuse.
+    #[schema(minimum = 1, maximum = 9_998_976)]
     above_bytes: Option<u64>,
 }
 
