@@ -462,6 +462,11 @@ impl MongoStore {
             ])
             .await
             .map_err(classify)?;
+        // Every retention pass looks for claim-check deletions left unfinished.
+        self.objects()
+            .create_index(index(doc! { "state": 1, "marked_ms": 1 }, None))
+            .await
+            .map_err(classify)?;
         // The counter starts at 0; `$setOnInsert` leaves an existing one alone.
         self.ensure_counter(&StreamName::default_stream()).await
     }
