@@ -272,13 +272,7 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
         };
         if let Err(reason) = resolved {
             warn!(message = "a claim-checked item could not be resolved; it comes again", %reason);
-            self.blocked.insert(
-                ordering,
-                Blocked {
-                    awaited: key,
-                    since: Instant::now(),
-                },
-            );
+            self.block(ordering, key);
             answer.nack();
             return Outcome::Failed(reason);
         }
@@ -294,14 +288,7 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
                 self.note(&item);
                 answer.ack();
             } else {
-                // Until it comes again, the rest of its key waits.
-                self.blocked.insert(
-                    ordering,
-                    Blocked {
-                        awaited: key,
-                        since: Instant::now(),
-                    },
-                );
+                self.block(ordering, key);
                 answer.nack();
             }
             return outcome;
@@ -330,6 +317,17 @@ impl<S: SeenStore, H: Handler> Core<S, H> {
             .into_iter()
             .find(|(s, _)| *s == slot)
             .map_or(Outcome::Held, |(_, outcome)| outcome)
+    }
+
+    /// Until the item `awaited` comes again, the rest of its key waits.
+    fn block(&mut self, ordering: (Lane, String), awaited: String) {
+        self.blocked.insert(
+            ordering,
+            Blocked {
+                awaited,
+                since: Instant::now(),
+            },
+        );
     }
 
     /// Hands over the batches whose time to wait for the rest is up (call
